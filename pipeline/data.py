@@ -1,0 +1,391 @@
+"""Preference data: sources, formats, validation and tokenization.
+
+A source (JSONL, Parquet, or a `datasets` name/dir) is planned once on the driver: hashed for the cache key and
+cut into shards of `shard_size` rows. Ray tasks then read one shard each (`read_shard`) and turn raw rows into
+token ids (`tokenize_rows`). A row that cannot be used becomes a `Reject` with a reason code; it never stops a run.
+
+Tokenization rules (identical prompt tokens for chosen and rejected, by construction):
+- `standard` / `implicit` text: the prompt is encoded with the tokenizer's special tokens (BOS), each response
+  without, and EOS is appended to each response.
+- `conversational`: the prompt messages are rendered with the chat template and `add_generation_prompt=True`;
+  each response is the rest of the rendering of prompt + response messages (it ends with the template's
+  end-of-turn). Nothing is added.
+- Truncation: a prompt longer than `max_prompt_length` rejects the row (`prompt_too_long`); responses are cut on
+  the right so that prompt + response <= `max_length` (a cut response loses its EOS).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import DataSource
+from pipeline.errors import UserError
+from pipeline.fingerprint import sha256_file
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+# ---------------------------------------------------------------- sources and shards
+
+
+@dataclass
+class Shard:
+    index: int
+    start: int  # first row (inclusive)
+    stop: int  # last row (exclusive)
+    byte_start: int = 0  # JSONL only: where row `start` begins
+    byte_stop: int = 0
+
+
+@dataclass
+class SourcePlan:
+    """A data source resolved to one local file, with its content hash and shards."""
+
+    kind: str  # "jsonl" | "parquet"
+    path: str
+    sha256: str
+    num_rows: int
+    shards: list[Shard] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourcePlan:
+        return cls(**{**d, "shards": [Shard(**s) for s in d["shards"]]})
+
+
+def _plan_jsonl(path: Path, shard_size: int, limit: int | None) -> SourcePlan:
+    """One pass: hash the bytes and note where every shard's first row begins. Blank lines are not rows."""
+    import hashlib
+
+    h = hashlib.sha256()
+    shards: list[Shard] = []
+    rows, offset = 0, 0
+    with open(path, "rb") as f:
+        for line in f:
+            h.update(line)
+            if line.strip() and (limit is None or rows < limit):
+                if rows % shard_size == 0:
+                    if shards:
+                        shards[-1].byte_stop = offset
+                    shards.append(Shard(len(shards), rows, rows, offset, offset))
+                rows += 1
+                shards[-1].stop = rows
+            offset += len(line)
+    if shards:
+        shards[-1].byte_stop = offset
+    return SourcePlan("jsonl", str(path), h.hexdigest(), rows, shards)
+
+
+def _plan_parquet(path: Path, shard_size: int, limit: int | None) -> SourcePlan:
+    import pyarrow.parquet as pq
+
+    try:
+        n = pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        raise UserError(f"data file {str(path)!r} is not a readable Parquet file; check the file or its "
+                        f"extension") from None
+    n = n if limit is None else min(n, limit)
+    shards = [Shard(i, s, min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
+    return SourcePlan("parquet", str(path), sha256_file(path), n, shards)
+
+
+def _export_datasets(src: DataSource, sources_dir: Path) -> Path:
+    """Load a `datasets` name or directory and export the split to Parquet (once per dataset fingerprint)."""
+    import datasets
+
+    p = Path(src.path)
+    try:
+        if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+        else:
+            ds = datasets.load_dataset(src.path, src.subset, split=src.split)
+    except Exception as e:
+        raise UserError(f"data path {src.path!r} could not be loaded as a file or a `datasets` dataset "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the path, name and "
+                        f"split") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if src.split not in ds:
+            raise UserError(f"dataset {src.path!r} has no split {src.split!r}; set data.*.split to one of "
+                            f"{sorted(ds)}")
+        ds = ds[src.split]
+    out = sources_dir / f"{ds._fingerprint}.parquet"
+    if not out.exists():
+        sources_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        ds.to_parquet(str(tmp))
+        tmp.rename(out)
+    return out
+
+
+def plan_source(src: DataSource, shard_size: int, sources_dir: Path) -> SourcePlan:
+    """Resolve a configured source to a local file, hash it and cut it into shards."""
+    p = Path(src.path)
+    suffix = p.suffix.lower()
+    if p.is_file() and suffix in (".jsonl", ".json"):
+        with open(p, "rb") as f:
+            head = f.read(1 << 16).lstrip()
+        if head.startswith(b"["):  # a JSON array: convert once to JSON Lines
+            rows = json.loads(p.read_bytes())
+            p = sources_dir / f"{sha256_file(src.path)}.jsonl"
+            sources_dir.mkdir(parents=True, exist_ok=True)
+            p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return _plan_jsonl(p, shard_size, src.limit)
+    if p.is_file() and suffix == ".parquet":
+        return _plan_parquet(p, shard_size, src.limit)
+    if p.is_file():
+        raise UserError(f"data file {src.path!r} has an unsupported extension; use .jsonl, .json or .parquet")
+    if suffix in (".jsonl", ".json", ".parquet"):
+        raise UserError(f"data file {src.path!r} not found; check data.*.path")
+    return _plan_parquet(_export_datasets(src, sources_dir), shard_size, src.limit)
+
+
+def read_shard(plan: SourcePlan, shard: Shard) -> list[tuple[int, Any]]:
+    """Rows [start, stop) as (index, record); a JSONL line that does not parse becomes a `Reject` record."""
+    if plan.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(plan.path)
+        groups, first, seen = [], None, 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if seen + n > shard.start and seen < shard.stop:
+                groups.append(g)
+                first = seen if first is None else first
+            seen += n
+        table = pf.read_row_groups(groups).slice(shard.start - first, shard.stop - shard.start)
+        return list(enumerate(table.to_pylist(), start=shard.start))
+    out: list[tuple[int, Any]] = []
+    with open(plan.path, "rb") as f:
+        f.seek(shard.byte_start)
+        data = f.read(shard.byte_stop - shard.byte_start)
+    index = shard.start
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        if index >= shard.stop:
+            break
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            record = Reject(index, None, "invalid_utf8", "line is not valid UTF-8",
+                            raw.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError as e:
+            record = Reject(index, None, "invalid_json", f"line is not JSON ({e.msg})",
+                            raw.decode("utf-8", errors="replace"))
+        out.append((index, record))
+        index += 1
+    return out
+
+
+# ---------------------------------------------------------------- formats
+
+
+@dataclass
+class Reject:
+    index: int
+    id: str | None
+    reason: str
+    detail: str
+    row: Any
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, default=repr)
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class _Texts:
+    """A row normalised to text: what to tokenize, and how."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    chat: bool  # rendered by the chat template: no special tokens added, no EOS appended
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    chosen = row.get("chosen")
+    if isinstance(chosen, list) or isinstance(row.get("prompt"), list):
+        return "conversational"
+    if "prompt" in row:
+        return "standard"
+    if "chosen" in row or "rejected" in row:
+        return "implicit"
+    raise _Bad("unrecognised_format", "expected prompt/chosen/rejected, or chosen/rejected transcripts")
+
+
+def _text(row: dict[str, Any], key: str) -> str:
+    if key not in row or row[key] is None:
+        raise _Bad("missing_field", f"field {key!r} is missing")
+    value = row[key]
+    if not isinstance(value, str):
+        raise _Bad("wrong_type", f"field {key!r} must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise _Bad("empty_field", f"field {key!r} is empty")
+    return value
+
+
+def _messages(row: dict[str, Any], key: str) -> list[dict[str, str]]:
+    if key not in row or row[key] is None:
+        raise _Bad("missing_field", f"field {key!r} is missing")
+    msgs = row[key]
+    if not isinstance(msgs, list):
+        raise _Bad("wrong_type", f"field {key!r} must be a list of messages, not {type(msgs).__name__}")
+    if not msgs:
+        raise _Bad("empty_field", f"field {key!r} has no messages")
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _Bad("bad_message", f"field {key!r} holds a message that is not {{role: str, content: str}}")
+        if m["role"] not in ROLES:
+            raise _Bad("bad_message", f"field {key!r} has unknown role {m['role']!r} (known: {sorted(ROLES)})")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _split_implicit(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    common = chosen[:n]
+    cut = common.rfind(marker)
+    if cut >= 0:
+        n = cut + len(marker)
+    else:  # no turn marker: do not split a word between prompt and response
+        while n > 0 and not chosen[n - 1].isspace():
+            n -= 1
+    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt.strip():
+        raise _Bad("no_common_prompt", "chosen and rejected share no prompt prefix")
+    if not c.strip() or not r.strip():
+        raise _Bad("empty_response", "a transcript has no response after the shared prompt")
+    return prompt, c, r
+
+
+def _chat_texts(row: dict[str, Any], tok) -> _Texts:
+    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    if isinstance(row.get("prompt"), list):
+        prompt = _messages(row, "prompt")
+        # Some datasets repeat the prompt at the start of each response list (ultrafeedback_binarized).
+        chosen = chosen[len(prompt):] if chosen[: len(prompt)] == prompt else chosen
+        rejected = rejected[len(prompt):] if rejected[: len(prompt)] == prompt else rejected
+    else:
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt:
+        raise _Bad("empty_field", "the conversation has no prompt messages")
+    if not chosen or not rejected:
+        raise _Bad("empty_response", "chosen or rejected has no messages after the prompt")
+    if chosen == rejected:
+        raise _Bad("chosen_equals_rejected", "chosen and rejected are identical")
+    for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[0]["role"] != "assistant":
+            raise _Bad("bad_message", f"{side} response must start with an assistant message, not "
+                                      f"{msgs[0]['role']!r}")
+    try:
+        p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full_c = tok.apply_chat_template(prompt + chosen, tokenize=False)
+        full_r = tok.apply_chat_template(prompt + rejected, tokenize=False)
+    except Exception as e:  # template errors are per-row data problems (e.g. role order the template refuses)
+        raise _Bad("chat_template_error", f"the chat template failed on this row: {str(e)[:200]}") from None
+    if not (full_c.startswith(p) and full_r.startswith(p)):
+        raise _Bad("chat_template_error", "the rendered conversation does not start with the rendered prompt")
+    return _Texts(p, full_c[len(p):], full_r[len(p):], chat=True)
+
+
+def normalise(row: Any, fmt: str, tok, marker: str) -> _Texts:
+    """One raw row -> prompt/chosen/rejected texts, or `_Bad` with a reason."""
+    if not isinstance(row, dict):
+        raise _Bad("not_an_object", f"row must be an object, not {type(row).__name__}")
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt == "conversational" or (fmt == "implicit" and isinstance(row.get("chosen"), list)):
+        return _chat_texts(row, tok)
+    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    if chosen == rejected:
+        raise _Bad("chosen_equals_rejected", "chosen and rejected are identical")
+    if fmt == "standard":
+        return _Texts(_text(row, "prompt"), chosen, rejected, chat=False)
+    return _Texts(*_split_implicit(chosen, rejected, marker), chat=False)
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+@dataclass
+class Pair:
+    index: int
+    id: str
+    prompt_input_ids: list[int]
+    chosen_input_ids: list[int]
+    rejected_input_ids: list[int]
+
+
+def _row_id(row: Any, index: int) -> str:
+    if isinstance(row, dict) and row.get("id") is not None:
+        rid = row["id"]
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
+            raise _Bad("bad_id", f"field 'id' must be a non-empty string or an integer, not {rid!r}"[:200])
+        return str(rid)
+    return str(index)
+
+
+def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, max_prompt_length: int,
+                  marker: str) -> tuple[list[Pair], list[Reject]]:
+    """Normalise, tokenize (batched, in the tokenizer's Rust code) and truncate; return pairs and rejects."""
+    ok: list[tuple[int, str, _Texts]] = []
+    rejects: list[Reject] = []
+    for index, row in rows:
+        if isinstance(row, Reject):
+            rejects.append(row)
+            continue
+        rid = None
+        try:
+            rid = _row_id(row, index)
+            ok.append((index, rid, normalise(row, fmt, tok, marker)))
+        except _Bad as bad:
+            rejects.append(Reject(index, rid, bad.reason, bad.detail, row))
+    if not ok:
+        return [], rejects
+
+    def encode(texts: list[str], special: bool) -> list[list[int]]:
+        return tok(texts, add_special_tokens=special)["input_ids"] if texts else []
+
+    prompts = [t.prompt for _, _, t in ok]
+    chat = [t.chat for _, _, t in ok]
+    # Two encode calls so each keeps its own special-token setting; results are put back in row order.
+    plain_ids = iter(encode([p for p, c in zip(prompts, chat) if not c], special=True))
+    chat_ids = iter(encode([p for p, c in zip(prompts, chat) if c], special=False))
+    prompt_ids = [next(chat_ids) if c else next(plain_ids) for c in chat]
+    chosen_ids = encode([t.chosen for _, _, t in ok], special=False)
+    rejected_ids = encode([t.rejected for _, _, t in ok], special=False)
+
+    pairs: list[Pair] = []
+    eos = tok.eos_token_id
+    for (index, rid, texts), p, c, r in zip(ok, prompt_ids, chosen_ids, rejected_ids):
+        if len(p) > max_prompt_length:
+            rejects.append(Reject(index, rid, "prompt_too_long",
+                                  f"prompt has {len(p)} tokens > data.max_prompt_length={max_prompt_length}",
+                                  {"prompt": texts.prompt[:1000]}))
+            continue
+        if not texts.chat and eos is not None:
+            c, r = c + [eos], r + [eos]
+        room = max_length - len(p)
+        c, r = c[:room], r[:room]
+        if c == r:
+            rejects.append(Reject(index, rid, "identical_after_truncation",
+                                  f"chosen and rejected have the same first {room} tokens", None))
+            continue
+        pairs.append(Pair(index, rid, p, c, r))
+    return pairs, rejects

@@ -1,0 +1,31 @@
+"""Per-token log-probs of given tokens under a transformers causal LM, without a [batch, seq, vocab] log-softmax.
+
+Only the positions whose next token is scored go through the LM head, in chunks of `chunk_tokens`, so peak
+memory is `chunk_tokens x vocab` floats whatever the batch. Shared by the `hf` scoring engine and training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
+                          chunk_tokens: int = 4096) -> torch.Tensor:
+    """log p(input_ids[b, t] | input_ids[b, :t]) for every (b, t) with score_mask[b, t], in row-major order.
+
+    Args:
+        input_ids, attention_mask, score_mask: [B, T]; right padding; score_mask[:, 0] must be False.
+    Returns:
+        [N] float32, N = score_mask.sum(); the log-probs of the masked tokens, row by row, left to right.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    # The token at t is predicted from the hidden state at t - 1.
+    pred_mask = score_mask[:, 1:]
+    h = hidden[:, :-1][pred_mask]  # [N, H]
+    targets = input_ids[:, 1:][pred_mask]  # [N]
+    head = model.get_output_embeddings()
+    out = []
+    for s in range(0, h.shape[0], chunk_tokens):
+        logits = head(h[s:s + chunk_tokens]).float()
+        out.append(logits.gather(-1, targets[s:s + chunk_tokens, None])[:, 0] - logits.logsumexp(-1))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)

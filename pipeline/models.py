@@ -1,0 +1,96 @@
+"""Shared helpers to resolve and load models, tokenizers and chat templates: one copy, used by every stage."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.fingerprint import model_files_hash, sha256_bytes, tokenizer_files_hash
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass(frozen=True)
+class ResolvedPath:
+    """A model or tokenizer location resolved to a local directory, with its identity for the cache key."""
+
+    local_dir: str
+    identity: dict[str, Any]
+
+
+def _resolve(path: str, revision: str | None, what: str, key: str) -> tuple[str, dict[str, Any] | None]:
+    """Local dir -> (dir, None). Hub id -> (snapshot dir, {"hub": id, "commit": sha})."""
+    if Path(path).is_dir():
+        return str(Path(path).resolve()), None
+    if not _HUB_ID.match(path) or path.startswith((".", "/")):
+        raise UserError(f"{key} {path!r} does not exist; point it at a {what} directory or a hub id like "
+                        f"org/name (the tiny one: dpo-pipeline tiny-assets {path})")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(path, revision=revision)
+    except Exception as e:  # network, auth, missing repo: all one message for the user
+        raise UserError(f"{key} {path!r} is not a local directory and could not be fetched from the hub "
+                        f"({type(e).__name__}); check the path, the network, or HF_TOKEN") from None
+    return local, {"hub": path, "commit": Path(local).name}
+
+
+def resolve_model(path: str, revision: str | None = None) -> ResolvedPath:
+    local, hub = _resolve(path, revision, "model", "model.path")
+    if not (Path(local) / "config.json").is_file():
+        raise UserError(f"model.path {path!r} has no config.json; point it at a Hugging Face model directory")
+    return ResolvedPath(local, hub or {"local_sha256": model_files_hash(local)})
+
+
+def resolve_tokenizer(path: str, revision: str | None = None) -> ResolvedPath:
+    local, _ = _resolve(path, revision, "tokenizer", "tokenizer.path")
+    # Tokenizer files are small: hash them for hub ids too, so a re-uploaded tokenizer changes the key.
+    return ResolvedPath(local, {"files_sha256": tokenizer_files_hash(local)})
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """`tokenizer.chat_template`: a path to a Jinja file, or the template text itself."""
+    if value is None:
+        return None
+    if "{{" in value or "{%" in value:
+        return value
+    p = Path(value)
+    if not p.is_file():
+        raise UserError(f"tokenizer.chat_template {value!r} is neither a file nor a Jinja template; give the "
+                        f"path of a .jinja file or the template text")
+    return p.read_text()
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(local_dir: str, chat_template: str | None = None):
+    """Load a tokenizer once per process; `chat_template` overrides the tokenizer's own."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(local_dir)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def effective_template_sha(tokenizer_dir: str, override: str | None) -> str | None:
+    """sha256 of the chat template that will be used (None when the tokenizer has none)."""
+    template = override if override is not None else load_tokenizer(tokenizer_dir).chat_template
+    if isinstance(template, dict):  # named templates
+        template = repr(sorted(template.items()))
+    return sha256_bytes(template.encode()) if template else None
+
+
+def load_hf_model(local_dir: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """A transformers causal LM in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(local_dir, dtype=getattr(torch, DTYPES[dtype]),
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device).eval()

