@@ -344,7 +344,7 @@ def _row_id(row: Any, index: int) -> str:
 def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, max_prompt_length: int,
                   marker: str) -> tuple[list[Pair], list[Reject]]:
     """Normalise, tokenize (batched, in the tokenizer's Rust code) and truncate; return pairs and rejects."""
-    ok: list[tuple[int, str, _Texts]] = []
+    ok: list[tuple[int, str, _Texts, Any]] = []
     rejects: list[Reject] = []
     for index, row in rows:
         if isinstance(row, Reject):
@@ -353,7 +353,7 @@ def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, m
         rid = None
         try:
             rid = _row_id(row, index)
-            ok.append((index, rid, normalise(row, fmt, tok, marker)))
+            ok.append((index, rid, normalise(row, fmt, tok, marker), row))
         except _Bad as bad:
             rejects.append(Reject(index, rid, bad.reason, bad.detail, row))
     if not ok:
@@ -362,22 +362,21 @@ def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, m
     def encode(texts: list[str], special: bool) -> list[list[int]]:
         return tok(texts, add_special_tokens=special)["input_ids"] if texts else []
 
-    prompts = [t.prompt for _, _, t in ok]
-    chat = [t.chat for _, _, t in ok]
+    prompts = [t.prompt for _, _, t, _ in ok]
+    chat = [t.chat for _, _, t, _ in ok]
     # Two encode calls so each keeps its own special-token setting; results are put back in row order.
     plain_ids = iter(encode([p for p, c in zip(prompts, chat) if not c], special=True))
     chat_ids = iter(encode([p for p, c in zip(prompts, chat) if c], special=False))
     prompt_ids = [next(chat_ids) if c else next(plain_ids) for c in chat]
-    chosen_ids = encode([t.chosen for _, _, t in ok], special=False)
-    rejected_ids = encode([t.rejected for _, _, t in ok], special=False)
+    chosen_ids = encode([t.chosen for _, _, t, _ in ok], special=False)
+    rejected_ids = encode([t.rejected for _, _, t, _ in ok], special=False)
 
     pairs: list[Pair] = []
     eos = tok.eos_token_id
-    for (index, rid, texts), p, c, r in zip(ok, prompt_ids, chosen_ids, rejected_ids):
+    for (index, rid, texts, row), p, c, r in zip(ok, prompt_ids, chosen_ids, rejected_ids):
         if len(p) > max_prompt_length:
             rejects.append(Reject(index, rid, "prompt_too_long",
-                                  f"prompt has {len(p)} tokens > data.max_prompt_length={max_prompt_length}",
-                                  {"prompt": texts.prompt[:1000]}))
+                                  f"prompt has {len(p)} tokens > data.max_prompt_length={max_prompt_length}", row))
             continue
         if not texts.chat and eos is not None:
             c, r = c + [eos], r + [eos]
@@ -385,7 +384,7 @@ def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, m
         c, r = c[:room], r[:room]
         if c == r:
             rejects.append(Reject(index, rid, "identical_after_truncation",
-                                  f"chosen and rejected have the same first {room} tokens", None))
+                                  f"chosen and rejected have the same first {room} tokens", row))
             continue
         pairs.append(Pair(index, rid, p, c, r))
     return pairs, rejects

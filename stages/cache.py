@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 IDS = pa.list_(pa.int32())
 TOKENIZED = pa.schema([
-    pa.field("_shard", pa.int32()), pa.field("_index", pa.int64()), pa.field("id", pa.string()),
+    pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()), pa.field("_index", pa.int64()), pa.field("id", pa.string()),
     pa.field("prompt_input_ids", IDS), pa.field("chosen_input_ids", IDS), pa.field("rejected_input_ids", IDS),
     pa.field("reject", pa.string()),  # JSON of the Reject, null for a usable pair
 ])
@@ -116,23 +116,24 @@ def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
 # ---------------------------------------------------------------- Ray tasks
 
 
-def _tokenize_shards(batch: pa.Table, plan: dict, tokenizer_dir: str, chat_template: str | None, fmt: str,
+def _tokenize_shards(batch: pa.Table, jobs: list[dict], tokenizer_dir: str, chat_template: str | None,
                      max_length: int, max_prompt_length: int, marker: str) -> pa.Table:
-    """Ray Data task: shard ids in, one row per source row out (usable pairs and rejects alike)."""
-    source = SourcePlan.from_dict(plan)
+    """Ray Data task: (job, shard) ids in, one row per source row out (usable pairs and rejects alike)."""
     tok = load_tokenizer(tokenizer_dir, chat_template)
     cols: dict[str, list] = {f.name: [] for f in TOKENIZED}
-    for shard_id in batch.column("shard").to_pylist():
+    for job_id, shard_id in zip(batch.column("job").to_pylist(), batch.column("shard").to_pylist()):
+        source = SourcePlan.from_dict(jobs[job_id]["plan"])
         rows = read_shard(source, source.shards[shard_id])
-        pairs, rejects = tokenize_rows(rows, tok, fmt, max_length, max_prompt_length, marker)
+        pairs, rejects = tokenize_rows(rows, tok, jobs[job_id]["fmt"], max_length, max_prompt_length, marker)
         for p in pairs:
-            for name, value in (("_shard", shard_id), ("_index", p.index), ("id", p.id),
+            for name, value in (("_job", job_id), ("_shard", shard_id), ("_index", p.index), ("id", p.id),
                                 ("prompt_input_ids", p.prompt_input_ids), ("chosen_input_ids", p.chosen_input_ids),
                                 ("rejected_input_ids", p.rejected_input_ids), ("reject", None)):
                 cols[name].append(value)
         for r in rejects:
-            for name, value in (("_shard", shard_id), ("_index", r.index), ("id", r.id), ("prompt_input_ids", []),
-                                ("chosen_input_ids", []), ("rejected_input_ids", []), ("reject", r.to_json())):
+            for name, value in (("_job", job_id), ("_shard", shard_id), ("_index", r.index), ("id", r.id),
+                                ("prompt_input_ids", []), ("chosen_input_ids", []), ("rejected_input_ids", []),
+                                ("reject", r.to_json())):
                 cols[name].append(value)
     return pa.table(cols, schema=TOKENIZED)
 
@@ -140,42 +141,54 @@ def _tokenize_shards(batch: pa.Table, plan: dict, tokenizer_dir: str, chat_templ
 # ---------------------------------------------------------------- writing (driver)
 
 
-class _ShardWriter:
-    """Collects scored rows per shard; when a shard is whole, writes its Parquet, rejects and marker."""
+@dataclass
+class _Job:
+    """One cache to complete: its inputs, directory, shard plan and unfinished shards."""
 
-    def __init__(self, store: Store, shards: list[Shard]):
-        self.store = store
-        self.expected = {s.index: s.stop - s.start for s in shards}
-        self.parts: dict[int, list[pa.Table]] = {}
-        self.seen: Counter[int] = Counter()
+    prep: Prepared
+    store: Store
+    plan: SourcePlan
+    todo: list[Shard]
+
+
+class _ShardWriter:
+    """Collects scored rows per (job, shard); when a shard is whole, writes its Parquet, rejects and marker."""
+
+    def __init__(self, jobs: list[_Job]):
+        self.jobs = jobs
+        self.expected = {(j, s.index): s.stop - s.start for j, job in enumerate(jobs) for s in job.todo}
+        self.parts: dict[tuple[int, int], list[pa.Table]] = {}
+        self.seen: Counter[tuple[int, int]] = Counter()
 
     def add(self, table: pa.Table) -> None:
-        shard_col = table.column("_shard")
-        for sid in pc.unique(shard_col).to_pylist():
-            part = table.filter(pc.equal(shard_col, sid))
-            self.parts.setdefault(sid, []).append(part)
-            self.seen[sid] += len(part)
-            if self.seen[sid] == self.expected[sid]:
-                self._write(sid, pa.concat_tables(self.parts.pop(sid)))
+        # One int64 per row naming its (job, shard), to split the batch with vectorised filters.
+        tag = pc.add(pc.multiply(table.column("_job").cast(pa.int64()), 1 << 32), table.column("_shard"))
+        for t in pc.unique(tag).to_pylist():
+            key = (t >> 32, t & 0xFFFFFFFF)
+            part = table.filter(pc.equal(tag, t))
+            self.parts.setdefault(key, []).append(part)
+            self.seen[key] += len(part)
+            if self.seen[key] == self.expected[key]:
+                self._write(self.jobs[key[0]].store, key[1], pa.concat_tables(self.parts.pop(key)))
 
-    def _write(self, sid: int, table: pa.Table) -> None:
+    @staticmethod
+    def _write(store: Store, sid: int, table: pa.Table) -> None:
         table = table.sort_by("_index")
         bad = table.column("reject").is_valid()
         good = table.filter(pc.invert(bad)).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
         reject_lines = table.filter(bad).column("reject").to_pylist()
-        rejects_rel = f".work/rejects-{sid:05d}.jsonl"
-        self.store.write_bytes(rejects_rel, "".join(line + "\n" for line in reject_lines).encode())
+        store.write_bytes(f".work/rejects-{sid:05d}.jsonl", "".join(line + "\n" for line in reject_lines).encode())
         data_rel = f"data/part-{sid:05d}.parquet"
-        digest = self.store.write_parquet(data_rel, good)
+        digest = store.write_parquet(data_rel, good)
         reasons = Counter(json.loads(line)["reason"] for line in reject_lines)
         tokens = sum(pc.sum(pc.list_value_length(good.column(c))).as_py() or 0
                      for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
-        self.store.write_json(f".work/shard-{sid:05d}.json", {
+        store.write_json(f".work/shard-{sid:05d}.json", {
             "shard": sid, "file": data_rel, "sha256": digest, "rows": len(table), "pairs": len(good),
             "rejected": len(reject_lines), "reasons": dict(reasons), "tokens": tokens})
 
     @property
-    def incomplete(self) -> list[int]:
+    def incomplete(self) -> list[tuple[int, int]]:
         return sorted(self.parts)
 
 
@@ -227,16 +240,18 @@ def _pending(store: Store, prep: Prepared) -> tuple[SourcePlan, list[Shard]]:
     return plan, [s for s in plan.shards if f"shard-{s.index:05d}.json" not in done]
 
 
-def _score(cfg: Config, prep: Prepared, plan: SourcePlan, todo: list[Shard], writer: _ShardWriter,
-           progress) -> None:
+def _score(cfg: Config, jobs: list[_Job], writer: _ShardWriter, progress) -> None:
+    """One Ray Data pipeline over the unfinished shards of every job: the scorer engines start once."""
     import ray
 
-    ref = cfg.reference
-    ds = ray.data.from_items([{"shard": s.index} for s in todo], override_num_blocks=len(todo))
+    ref, prep = cfg.reference, jobs[0].prep
+    items = [{"job": j, "shard": s.index} for j, job in enumerate(jobs) for s in job.todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=1,
-        fn_kwargs=dict(plan=plan.to_dict(), tokenizer_dir=prep.tokenizer_dir, chat_template=prep.chat_template,
-                       fmt=prep.fmt, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+        fn_kwargs=dict(jobs=[{"plan": job.plan.to_dict(), "fmt": job.prep.fmt} for job in jobs],
+                       tokenizer_dir=prep.tokenizer_dir, chat_template=prep.chat_template,
+                       max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                        marker=cfg.data.implicit_prompt_marker))
     scorer_kwargs = dict(model_dir=prep.model_dir, dtype=cfg.model.dtype, max_length=cfg.data.max_length)
     if ref.engine == "vllm":
@@ -253,33 +268,37 @@ def _score(cfg: Config, prep: Prepared, plan: SourcePlan, todo: list[Shard], wri
         writer.add(batch)
         progress.update(len(batch))
     if writer.incomplete:
-        raise RuntimeError(f"shards {writer.incomplete} did not receive all their rows")
+        raise RuntimeError(f"(job, shard)s {writer.incomplete} did not receive all their rows")
 
 
-def run_split(cfg: Config, split: str, src: DataSource, progress_factory=None) -> CacheResult:
-    prep = prepare(cfg, split, src)
-    store = Store(cfg.cache_dir).child(prep.key)
-    if store.exists("manifest.json"):
-        manifest = store.read_json("manifest.json")
-        return CacheResult(split, prep.key, store.uri, True, 0, len(manifest["files"]), manifest["counts"])
-    plan, todo = _pending(store, prep)
-    if todo:
-        from pipeline.runtime import init_ray, progress_bar
-
-        init_ray(cfg.ray)
-        writer = _ShardWriter(store, todo)
-        with (progress_factory or progress_bar)(total=sum(s.stop - s.start for s in todo),
-                                                desc=f"scoring {split} ({cfg.reference.engine})") as bar:
-            _score(cfg, prep, plan, todo, writer, bar)
-    counts = _finalize(store, prep, plan, cfg.reference.engine)
-    return CacheResult(split, prep.key, store.uri, False, len(todo), len(plan.shards), counts)
-
-
-def run(cfg: Config) -> list[CacheResult]:
+def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
     """Build (or reuse) the cache of every configured split; record the resolved config in the run dir."""
     run_store = Store(cfg.run_dir)
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     splits = [("train", cfg.data.train)] + ([("eval", cfg.data.eval)] if cfg.data.eval else [])
-    results = [run_split(cfg, name, src) for name, src in splits]
+    preps = [prepare(cfg, name, src) for name, src in splits]
+    jobs: dict[str, _Job] = {}  # by key: two splits with the same inputs share one cache
+    for prep in preps:
+        store = Store(cfg.cache_dir).child(prep.key)
+        if prep.key not in jobs and not store.exists("manifest.json"):
+            jobs[prep.key] = _Job(prep, store, *_pending(store, prep))
+    todo = [job for job in jobs.values() if job.todo]
+    if todo:
+        from pipeline.runtime import init_ray, progress_bar
+
+        init_ray(cfg.ray)
+        total = sum(s.stop - s.start for job in todo for s in job.todo)
+        with (progress_factory or progress_bar)(total=total, desc=f"scoring ({cfg.reference.engine})") as bar:
+            _score(cfg, todo, _ShardWriter(todo), bar)
+    for job in jobs.values():
+        _finalize(job.store, job.prep, job.plan, cfg.reference.engine)
+    results = []
+    for prep in preps:
+        store = Store(cfg.cache_dir).child(prep.key)
+        manifest = store.read_json("manifest.json")
+        job = jobs.get(prep.key)
+        computed = len(job.todo) if job else 0
+        results.append(CacheResult(prep.split, prep.key, store.uri, job is None, computed, len(manifest["files"]),
+                                   manifest["counts"]))
     run_store.write_json("cache.json", {r.split: asdict(r) for r in results})
     return results
