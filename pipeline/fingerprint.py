@@ -21,6 +21,7 @@ TOKENIZER_FILES = {
     "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
 }
 TEMPLATE_FILES = {"chat_template.jinja", "chat_template.json"}
+TEMPLATE_DIR = "additional_chat_templates"  # named templates (transformers): `<dir>/<name>.jinja`
 IGNORED_FILES = {"README.md", "LICENSE", "LICENSE.txt", ".gitattributes", "generation_config.json",
                  "TINY_ASSETS.json"}
 
@@ -54,7 +55,8 @@ def model_files_hash(model_dir: str | Path) -> str:
     h = hashlib.sha256()
     for p in _files(root):
         rel = p.relative_to(root).as_posix()
-        if p.name in TOKENIZER_FILES or p.name in TEMPLATE_FILES or p.name in IGNORED_FILES:
+        if p.name in TOKENIZER_FILES or p.name in TEMPLATE_FILES or p.name in IGNORED_FILES or \
+                rel.startswith(f"{TEMPLATE_DIR}/"):
             continue
         h.update(f"{rel}\0{sha256_file(p)}\n".encode())
     return h.hexdigest()

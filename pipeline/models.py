@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.fingerprint import model_files_hash, sha256_bytes, tokenizer_files_hash
+from pipeline.fingerprint import TEMPLATE_DIR, TEMPLATE_FILES, TOKENIZER_FILES, _files, model_files_hash, \
+    sha256_bytes, tokenizer_files_hash
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -67,9 +68,26 @@ def read_chat_template(value: str | None) -> str | None:
     return p.read_text()
 
 
-@functools.lru_cache(maxsize=4)
+def _tokenizer_files_stamp(local_dir: str) -> tuple:
+    """(path, size, mtime) of the tokenizer and template files: a file edited in place gets a fresh load."""
+    root = Path(local_dir)
+    stamp = []
+    for p in _files(root):
+        rel = p.relative_to(root).as_posix()
+        if p.name in TOKENIZER_FILES or p.name in TEMPLATE_FILES or rel.startswith(f"{TEMPLATE_DIR}/"):
+            st = p.stat()
+            stamp.append((rel, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
 def load_tokenizer(local_dir: str, chat_template: str | None = None):
-    """Load a tokenizer once per process; `chat_template` overrides the tokenizer's own."""
+    """Load a tokenizer once per process (again if its files change); `chat_template` overrides the tokenizer's
+    own."""
+    return _load_tokenizer(local_dir, chat_template, _tokenizer_files_stamp(local_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(local_dir: str, chat_template: str | None, _stamp: tuple):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(local_dir)

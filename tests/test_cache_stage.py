@@ -1,0 +1,169 @@
+"""Integration tier: the cache stage on Ray, with the vLLM and hf engines, on the tiny model.
+
+The reference values are checked against an independent computation written here: a plain transformers fp32
+forward with a full log-softmax, nothing shared with the pipeline's code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.fingerprint import sha256_file
+from stages import cache
+from tests.conftest import DATA, make_config
+
+pytestmark = pytest.mark.ray
+TOL = 1e-4
+
+
+def read_cache(result) -> pa.Table:
+    manifest = json.loads(open(f"{result.uri}/manifest.json").read())
+    return pa.concat_tables(pq.read_table(f"{result.uri}/{f['path']}") for f in manifest["files"])
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+
+
+def independent_token_logps(model, prompt: list[int], response: list[int]) -> np.ndarray:
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    return logp[len(prompt) - 1:-1].gather(-1, ids[0, len(prompt):, None])[:, 0].numpy()
+
+
+def assert_matches_transformers(table: pa.Table, model) -> None:
+    rows = table.to_pylist()
+    assert rows
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            expected = independent_token_logps(model, row["prompt_input_ids"], row[f"{side}_input_ids"])
+            tokens = np.asarray(row[f"ref_{side}_token_logps"])
+            assert len(tokens) == len(row[f"{side}_input_ids"])
+            np.testing.assert_allclose(tokens, expected, atol=TOL)
+            assert abs(row[f"ref_{side}_logps"] - expected.astype(np.float64).sum()) < TOL
+            assert abs(row[f"ref_{side}_logps"] - tokens.astype(np.float64).sum()) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tiny_model, tmp_path_factory, ray_local):
+    """One vLLM engine for the module: train = standard, eval = conversational."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    cfg = make_config(tiny_model, tmp, "reference.engine=vllm", f"data.eval.path={DATA / 'conversational.jsonl'}")
+    return cfg, {r.split: r for r in cache.run(cfg)}
+
+
+@pytest.mark.vllm
+def test_vllm_cache_equals_transformers_fp32(vllm_run, hf_model):
+    _, results = vllm_run
+    for split in ("train", "eval"):
+        assert not results[split].reused and results[split].shards_computed == results[split].shards_total
+        assert_matches_transformers(read_cache(results[split]), hf_model)
+
+
+@pytest.mark.vllm
+def test_hf_engine_equals_vllm_engine(vllm_run, tiny_model, tmp_path):
+    cfg, vllm_results = vllm_run
+    cfg_hf = cfg.model_copy(update={"cache_dir": str(tmp_path / "hf-cache"), "run_dir": str(tmp_path / "run")})
+    cfg_hf.reference.engine = "hf"
+    for r in cache.run(cfg_hf):
+        v = read_cache(vllm_results[r.split])
+        h = read_cache(r)
+        assert r.key == vllm_results[r.split].key  # the engine is not part of the key
+        assert h.column("id").to_pylist() == v.column("id").to_pylist()
+        for side in ("chosen", "rejected"):
+            np.testing.assert_allclose(h.column(f"ref_{side}_logps").to_numpy(),
+                                       v.column(f"ref_{side}_logps").to_numpy(), atol=TOL)
+
+
+@pytest.mark.vllm
+def test_schema_manifest_and_checksums(vllm_run):
+    _, results = vllm_run
+    r = results["train"]
+    table = read_cache(r)
+    assert table.schema.names == ["id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+                                  "ref_chosen_logps", "ref_rejected_logps", "ref_chosen_token_logps",
+                                  "ref_rejected_token_logps"]
+    types = {f.name: f.type for f in table.schema}
+    assert types["id"] == pa.string()
+    for c in ("prompt", "chosen", "rejected"):
+        assert types[f"{c}_input_ids"] == pa.list_(pa.int32())
+    for s in ("chosen", "rejected"):
+        assert types[f"ref_{s}_logps"] == pa.float64()
+        assert types[f"ref_{s}_token_logps"] == pa.list_(pa.float32())
+    manifest = json.loads(open(f"{r.uri}/manifest.json").read())
+    assert manifest["key"] == r.key and manifest["engine"] == "vllm"
+    assert manifest["counts"]["pairs"] == table.num_rows == 24
+    assert manifest["counts"]["rows"] == manifest["counts"]["pairs"] + manifest["counts"]["rejected"]
+    for f in manifest["files"] + [manifest["rejects"]]:
+        assert sha256_file(f"{r.uri}/{f['path']}") == f["sha256"]
+    assert {"torch", "transformers", "ray", "pyarrow"} <= set(manifest["versions"])
+    assert not any(p.name.startswith(".") for p in Path(r.uri).rglob("*"))  # no work or temp files left
+
+
+@pytest.mark.vllm
+def test_second_run_computes_nothing(vllm_run):
+    cfg, first = vllm_run
+    files = {p: p.stat().st_mtime_ns for r in first.values()
+             for p in Path(r.uri).rglob("*") if p.is_file()}
+    again = {r.split: r for r in cache.run(cfg)}
+    for split, r in again.items():
+        assert r.reused and r.shards_computed == 0 and r.key == first[split].key
+    assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing rewritten
+
+
+@pytest.mark.parametrize("name", ["standard", "conversational", "implicit"])
+def test_each_format_hf_engine(name, tiny_model, tmp_path, ray_local, hf_model, tokenizer):
+    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf", "data.max_prompt_length=100",
+                      data=DATA / f"{name}.jsonl")
+    (r,) = cache.run(cfg)
+    table = read_cache(r)
+    assert r.counts["pairs"] == table.num_rows == 24 and r.counts["rejected"] == 0
+    assert_matches_transformers(table, hf_model)
+    rows = [json.loads(line) for line in open(DATA / f"{name}.jsonl")]
+    for row, got in zip(rows, table.to_pylist()):
+        prompt = tokenizer.decode(got["prompt_input_ids"])
+        if name == "standard":
+            assert prompt == "<|bos|>" + row["prompt"]
+        elif name == "implicit":
+            assert prompt.startswith("<|bos|>") and prompt.endswith("\n\nAssistant:")
+        else:
+            assert prompt.startswith("<|bos|>") and prompt.endswith("<|assistant|>")
+        for side in ("chosen", "rejected"):
+            assert tokenizer.decode(got[f"{side}_input_ids"]).endswith("<|endoftext|>")
+
+
+def test_parquet_source_gives_same_cache_values(tiny_model, tmp_path, ray_local):
+    rows = [json.loads(line) for line in open(DATA / "standard.jsonl")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "standard.parquet", row_group_size=5)
+    (from_jsonl,) = cache.run(make_config(tiny_model, tmp_path / "a", "reference.engine=hf"))
+    (from_parquet,) = cache.run(make_config(tiny_model, tmp_path / "b", "reference.engine=hf",
+                                            data=tmp_path / "standard.parquet"))
+    assert from_jsonl.key != from_parquet.key  # different data bytes
+    a, b = read_cache(from_jsonl), read_cache(from_parquet)
+    assert a.select(["id", "prompt_input_ids", "chosen_input_ids"]) == b.select(["id", "prompt_input_ids",
+                                                                                 "chosen_input_ids"])
+    np.testing.assert_allclose(a.column("ref_chosen_logps").to_numpy(), b.column("ref_chosen_logps").to_numpy(),
+                               atol=1e-6)
+
+
+def test_bad_rows_are_rejected_with_reasons_and_the_run_goes_on(tiny_model, tmp_path, ray_local):
+    expected = json.loads((DATA / "bad_rows.expected.json").read_text())
+    (r,) = cache.run(make_config(tiny_model, tmp_path, "reference.engine=hf", "reference.shard_size=4",
+                                 data=DATA / "bad_rows.jsonl"))
+    rejects = [json.loads(line) for line in open(r.rejects_uri)]
+    assert {x["index"]: x["reason"] for x in rejects} == {i: e for i, e in enumerate(expected) if e}
+    assert r.counts["rows"] == len(expected)
+    assert r.counts["pairs"] == read_cache(r).num_rows == sum(e is None for e in expected)
+    assert sum(r.counts["reasons"].values()) == r.counts["rejected"] == len(rejects)
+    assert read_cache(r).column("id").to_pylist() == [str(i) for i, e in enumerate(expected) if e is None]
