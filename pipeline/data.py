@@ -128,12 +128,17 @@ def plan_source(src: DataSource, shard_size: int, sources_dir: Path) -> SourcePl
     suffix = p.suffix.lower()
     if p.is_file() and suffix in (".jsonl", ".json"):
         with open(p, "rb") as f:
-            head = f.read(1 << 16).lstrip()
+            head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").lstrip()
         if head.startswith(b"["):  # a JSON array: convert once to JSON Lines
-            rows = json.loads(p.read_bytes())
+            try:
+                rows = json.loads(p.read_bytes())
+            except ValueError as e:  # not JSON, or not UTF-8: the whole file is unusable
+                raise UserError(f"data file {src.path!r} starts with '[' but is not a valid JSON array "
+                                f"({str(e).splitlines()[0][:200]}); fix it or convert it to JSON Lines") from None
             p = sources_dir / f"{sha256_file(src.path)}.jsonl"
             sources_dir.mkdir(parents=True, exist_ok=True)
-            p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            # ASCII JSON: independent of the locale, and lone surrogate escapes (\ud800) stay escapes
+            p.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return _plan_jsonl(p, shard_size, src.limit)
     if p.is_file() and suffix == ".parquet":
         return _plan_parquet(p, shard_size, src.limit)
@@ -170,7 +175,7 @@ def read_shard(plan: SourcePlan, shard: Shard) -> list[tuple[int, Any]]:
         if index >= shard.stop:
             break
         try:
-            record = json.loads(raw.decode("utf-8"))
+            record = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))  # a UTF-8 BOM is not content
         except UnicodeDecodeError:
             record = Reject(index, None, "invalid_utf8", "line is not valid UTF-8",
                             raw.decode("utf-8", errors="replace"))
@@ -194,7 +199,12 @@ class Reject:
     row: Any
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, default=repr)
+        text = json.dumps(asdict(self), ensure_ascii=False, default=repr)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (valid JSON escapes, not UTF-8): keep them escaped
+            text = json.dumps(asdict(self), default=repr)
+        return text
 
 
 class _Bad(Exception):
@@ -332,11 +342,22 @@ class Pair:
     rejected_input_ids: list[int]
 
 
+def _is_text(s: str) -> bool:
+    """False for strings with lone surrogates: valid JSON escapes, but no tokenizer (or Arrow) accepts them."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _row_id(row: Any, index: int) -> str:
     if isinstance(row, dict) and row.get("id") is not None:
         rid = row["id"]
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
             raise _Bad("bad_id", f"field 'id' must be a non-empty string or an integer, not {rid!r}"[:200])
+        if not _is_text(str(rid)):
+            raise _Bad("bad_id", "field 'id' holds a lone surrogate escape (\\ud800-\\udfff), which is not text")
         return str(rid)
     return str(index)
 
@@ -353,7 +374,11 @@ def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, m
         rid = None
         try:
             rid = _row_id(row, index)
-            ok.append((index, rid, normalise(row, fmt, tok, marker), row))
+            texts = normalise(row, fmt, tok, marker)
+            if not all(map(_is_text, (texts.prompt, texts.chosen, texts.rejected))):
+                raise _Bad("invalid_utf8", "the row's text holds a lone surrogate escape (\\ud800-\\udfff), "
+                                           "which is not text")
+            ok.append((index, rid, texts, row))
         except _Bad as bad:
             rejects.append(Reject(index, rid, bad.reason, bad.detail, row))
     if not ok:

@@ -44,7 +44,7 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def _files(root: Path) -> list[Path]:
+def list_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
                                                                         p.relative_to(root).parts))
 
@@ -53,7 +53,7 @@ def model_files_hash(model_dir: str | Path) -> str:
     """Hash of the files that define a local model's computation: config and weights, not tokenizer or docs."""
     root = Path(model_dir)
     h = hashlib.sha256()
-    for p in _files(root):
+    for p in list_files(root):
         rel = p.relative_to(root).as_posix()
         if p.name in TOKENIZER_FILES or p.name in TEMPLATE_FILES or p.name in IGNORED_FILES or \
                 rel.startswith(f"{TEMPLATE_DIR}/"):
@@ -66,7 +66,7 @@ def tokenizer_files_hash(tokenizer_dir: str | Path) -> str:
     """Hash of a local tokenizer's files, without its chat template (the template is keyed on its own)."""
     root = Path(tokenizer_dir)
     h = hashlib.sha256()
-    for p in _files(root):
+    for p in list_files(root):
         if p.name not in TOKENIZER_FILES:
             continue
         if p.name == "tokenizer_config.json":

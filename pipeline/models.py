@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.fingerprint import TEMPLATE_DIR, TEMPLATE_FILES, TOKENIZER_FILES, _files, model_files_hash, \
-    sha256_bytes, tokenizer_files_hash
+from pipeline.fingerprint import (TEMPLATE_DIR, TEMPLATE_FILES, TOKENIZER_FILES, list_files, model_files_hash,
+                                  sha256_bytes, tokenizer_files_hash)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -72,7 +72,7 @@ def _tokenizer_files_stamp(local_dir: str) -> tuple:
     """(path, size, mtime) of the tokenizer and template files: a file edited in place gets a fresh load."""
     root = Path(local_dir)
     stamp = []
-    for p in _files(root):
+    for p in list_files(root):
         rel = p.relative_to(root).as_posix()
         if p.name in TOKENIZER_FILES or p.name in TEMPLATE_FILES or rel.startswith(f"{TEMPLATE_DIR}/"):
             st = p.stat()

@@ -79,7 +79,7 @@ class VllmScorer(_Scorer):
 
         self.llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, max_model_len=max_length + 1,
                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                       seed=seed, **(engine_kwargs or {}))
+                       seed=seed, **{"logprobs_mode": "raw_logprobs", **(engine_kwargs or {})})
         # max_tokens=1: vLLM must generate something; the sampled token is ignored. flat_logprobs keeps the
         # output as flat lists (no per-position dicts), which we slice without a per-token Python loop.
         self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
