@@ -28,6 +28,18 @@ def _cache(args) -> None:
     print(f"resolved config: {cfg.run_dir}/config.yaml")
 
 
+def _train(args) -> None:
+    from pipeline.config import load_config
+    from stages import train
+
+    cfg = load_config(args.config, args.overrides)
+    r = train.run(cfg)
+    shown = " ".join(f"{k}={v:.4g}" for k, v in r.final_metrics.items() if isinstance(v, float))
+    print(f"trained {r.steps} step(s); final: {shown}")
+    print(f"checkpoints (Hugging Face format): {', '.join(r.checkpoints) or 'none'}")
+    print(f"metrics: {r.run_dir}/metrics.jsonl, TensorBoard: {r.run_dir}/tensorboard")
+
+
 def _tiny_assets(args) -> None:
     from pipeline.tiny import build_tiny_assets
 
@@ -50,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-pipeline", description="DPO with a cached reference, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("cache", _cache, "build (or reuse) the reference log-prob cache"),
+                            ("train", _train, "DPO training from the cache (resumes in the same run_dir)"),
                             ("config", _config, "print the resolved config")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")

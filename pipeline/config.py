@@ -85,6 +85,57 @@ class ReferenceConfig(_Strict):
                                           description="Extra keyword arguments for `vllm.LLM`.")
 
 
+class LossConfig(_Strict):
+    type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="`sigmoid`: DPO; `ipo`; `hinge`: SLiC; `robust`: robust DPO (see pipeline/losses.py).")
+    beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint to the reference.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: assumed label-noise rate (`sigmoid`: "
+                                                                   "conservative DPO; `robust`).")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an SFT (mean token NLL) term on chosen responses.")
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one process each; FSDP2 shards across them).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16 mixed precision; else CPU, gloo.")
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (its torch threads).")
+    reference: Literal["cached", "in_loop"] = Field(
+        "cached", description="`cached`: reference log-probs from the stage-1 cache, no reference model in memory; "
+                              "`in_loop`: load the reference and compute them per batch (to measure the gain).")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The preference loss.")
+    cache_path: str | None = Field(None, description="Train-split cache directory to use; default: found by key "
+                                                     "in cache_dir. Refused if built for other inputs.")
+    micro_batch_pairs: int = Field(2, gt=0, description="Pairs per forward pass on each worker.")
+    global_batch_pairs: int = Field(8, gt=0, description="Pairs per optimizer step over all workers; a multiple of "
+                                                         "micro_batch_pairs × num_workers (gradient accumulation).")
+    epochs: int = Field(1, gt=0, description="Passes over the training pairs.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (default: epochs).")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR after warm-up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    seed: int = Field(0, description="Seed of the per-epoch shuffle.")
+    shuffle: bool = Field(True, description="Shuffle pairs each epoch (seeded; identical for any worker count).")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="FSDP2 mixed precision: dtype of parameters in compute (gradients reduce in fp32).")
+    activation_checkpointing: bool = Field(False, description="Recompute decoder-block activations in backward.")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state on CPU (GPU runs).")
+    log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
+    eval_every: int | None = Field(None, gt=0, description="Eval loss/accuracy on the cached eval split every N steps.")
+    checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
+    keep_checkpoints: int | None = Field(None, gt=0, description="Keep only the N newest checkpoints.")
+    max_failures: int = Field(0, ge=-1, description="Restarts from the last checkpoint after a worker failure "
+                                                    "(-1: unlimited).")
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> TrainConfig:
+        per_step = self.micro_batch_pairs * self.num_workers
+        if self.global_batch_pairs % per_step:
+            raise ValueError(f"global_batch_pairs ({self.global_batch_pairs}) must be a multiple of "
+                             f"micro_batch_pairs × num_workers ({per_step}); change train.global_batch_pairs")
+        return self
+
+
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster to join (`auto`, `ray://...`); default: the "
                                                   "`RAY_ADDRESS` variable, else a local Ray instance.")
@@ -97,6 +148,7 @@ class Config(_Strict):
     data: DataConfig = Field(description="Preference data and truncation.")
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig,
                                        description="Reference log-prob scoring (stage 1).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="DPO training (stage 2).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
     cache_dir: str = Field("cache", description="Root of the content-addressed reference cache.")
     run_dir: str = Field("runs/default", description="This run's directory: resolved config, logs, outputs.")

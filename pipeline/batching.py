@@ -1,0 +1,72 @@
+"""Pairs from the cache -> one padded batch holding chosen and rejected sequences, and per-sequence sums."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B right-padded sequences: rows [0, B) are prompt+chosen, rows [B, 2B) prompt+rejected."""
+
+    input_ids: torch.Tensor  # [2B, T] int64
+    attention_mask: torch.Tensor  # [2B, T]
+    score_mask: torch.Tensor  # [2B, T] bool: response tokens
+    response_lengths: torch.Tensor  # [2B] float32
+    ref_chosen: torch.Tensor  # [B] float64 sums from the cache (zeros if absent)
+    ref_rejected: torch.Tensor  # [B]
+
+    @property
+    def pairs(self) -> int:
+        return self.ref_chosen.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def sequence_sums(self, token_logps: torch.Tensor) -> torch.Tensor:
+        """[N] scored-token log-probs (row-major, as `selective_token_logps` returns) -> [2B] per-sequence sums."""
+        rows = self.score_mask.nonzero()[:, 0]
+        return torch.zeros(self.score_mask.shape[0], dtype=token_logps.dtype,
+                           device=token_logps.device).index_add_(0, rows, token_logps)
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.score_mask,
+                                                   self.response_lengths, self.ref_chosen, self.ref_rejected)))
+
+
+def _lists(col) -> list[np.ndarray]:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy() - arr.offsets[0].as_py()
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+
+
+def collate(table: pa.Table, pad_id: int = 0) -> PairBatch:
+    """Cache rows (pyarrow) -> PairBatch. One forward then scores chosen and rejected together."""
+    prompts = _lists(table.column("prompt_input_ids"))
+    seqs, starts = [], []
+    for side in ("chosen", "rejected"):
+        for p, r in zip(prompts, _lists(table.column(f"{side}_input_ids"))):
+            seqs.append(np.concatenate([p, r]))
+            starts.append(len(p))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(seqs), width, dtype=torch.long)
+    score = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        ids[i, :len(s)] = torch.from_numpy(s.astype(np.int64))
+        attn[i, :len(s)] = 1
+        score[i, start:len(s)] = True
+    lengths = score.sum(1).float()
+
+    def ref(name: str) -> torch.Tensor:
+        if name in table.column_names:
+            return torch.from_numpy(table.column(name).to_numpy().astype(np.float64))
+        return torch.zeros(table.num_rows, dtype=torch.float64)
+
+    return PairBatch(ids, attn, score, lengths, ref("ref_chosen_logps"), ref("ref_rejected_logps"))

@@ -1,0 +1,75 @@
+"""Training metrics: summed per step over all ranks, written by rank 0 to stdout, JSONL and TensorBoard.
+
+Stable names (README "Training metrics"): loss, rewards/chosen, rewards/rejected, rewards/margins,
+rewards/accuracies, logps/chosen, logps/rejected, grad_norm, lr, tokens_per_s, pairs_per_s; eval/loss,
+eval/rewards/accuracies, eval/rewards/margins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.losses import PairOutputs
+
+# Order of the per-step sums all-reduced across ranks.
+_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
+         "pairs", "tokens")
+
+
+class StepSums:
+    """Accumulates per-pair values of the micro-batches of one step on one rank."""
+
+    def __init__(self):
+        self.values = torch.zeros(len(_SUMS), dtype=torch.float64)
+
+    def add(self, out: PairOutputs, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, tokens: int):
+        v = [out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+             (out.chosen_rewards > out.rejected_rewards).float().sum(), policy_chosen.detach().sum(),
+             policy_rejected.detach().sum(), out.losses.shape[0], tokens]
+        self.values += torch.tensor([float(x) for x in v], dtype=torch.float64)
+
+    def reduce(self, device) -> dict[str, float]:
+        """All-reduce (sum) across ranks, then means per pair. A collective: every rank must call it."""
+        import torch.distributed as dist
+
+        total = self.values.to(device)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        s = dict(zip(_SUMS, total.cpu().tolist()))
+        n = max(s["pairs"], 1)
+        out = {k: s[k] / n for k in _SUMS[:6]}
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        out["pairs"], out["tokens"] = s["pairs"], s["tokens"]
+        return out
+
+
+class MetricsLogger:
+    """Rank 0 only: one stdout line per logged step, `metrics.jsonl`, and TensorBoard event files."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float], echo=print) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("pairs", "tokens"))
+        echo(f"step {step}: {shown}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()

@@ -1,0 +1,404 @@
+"""Stage 2: DPO training on Ray Train with FSDP2, reading reference log-probs from the stage-1 cache.
+
+Driver: find the cache of the configured inputs (refusing one built for other inputs), build one Ray dataset per
+epoch, and run a `TorchTrainer`. Workers: load the policy, shard it (`apply_fsdp`), and for each optimizer step
+take their slice of the global batch, accumulate micro-batch gradients, step, log, evaluate and checkpoint.
+
+Batches are world-size invariant: every worker streams the epoch's pairs in the same seeded order and keeps
+positions [r·G/W, (r+1)·G/W) of each global batch of G pairs, so W workers compute exactly the steps one worker
+would (tested). Every worker gets the same number of batches; a last partial global batch is dropped.
+
+Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory (moved into place when
+complete); the sharded training state (model, optimizer, scheduler, data position) is a Ray Train checkpoint
+under `<run_dir>/ray/`, which Ray lists only once every worker has reported it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, to_yaml
+from pipeline.errors import UserError
+from pipeline.storage import Store
+
+# ---------------------------------------------------------------- driver
+
+
+@dataclass
+class CacheRef:
+    split: str
+    uri: str
+    files: list[str]
+    pairs: int
+    model_dir: str
+    tokenizer_dir: str
+    chat_template: str | None
+
+
+def _inputs_without_paths(inputs: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(inputs))
+    for part in ("model", "tokenizer", "data"):
+        out[part].pop("path", None)
+    return out
+
+
+def find_cache(cfg: Config, split: str) -> CacheRef:
+    """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs."""
+    from stages.cache import prepare
+
+    src = cfg.data.train if split == "train" else cfg.data.eval
+    prep = prepare(cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"engine": "hf"})}),
+                   split, src)
+    explicit = cfg.train.cache_path if split == "train" else None
+    store = Store(explicit) if explicit else Store(cfg.cache_dir).child(prep.key)
+    if not store.exists("manifest.json"):
+        where = explicit or f"{cfg.cache_dir}/{prep.key}"
+        raise UserError(f"no complete reference cache for the {split} split at {where}; build it with "
+                        f"`dpo-pipeline cache CONFIG` (same config) first")
+    manifest = store.read_json("manifest.json")
+    got, want = _inputs_without_paths(manifest.get("inputs", {})), _inputs_without_paths(prep.inputs)
+    for part in ("model", "tokenizer", "chat_template_sha256", "data", "truncation", "dtype"):
+        if got.get(part) != want.get(part):
+            raise UserError(f"the cache at {store.uri} was built for a different {part.replace('_sha256', '')} "
+                            f"({got.get(part)!r} != {want.get(part)!r}); rebuild it with `dpo-pipeline cache "
+                            f"CONFIG` or fix the config")
+    return CacheRef(split, store.uri, [f"{store.uri}/{f['path']}" for f in manifest["files"]],
+                    manifest["counts"]["pairs"], prep.model_dir, prep.tokenizer_dir, prep.chat_template)
+
+
+def _epoch_dataset(files: list[str], seed: int, epoch: int, shuffle: bool):
+    """The epoch's pairs in an order fixed by (seed, epoch): cache files in a seeded order, rows within each
+    file block sorted by a seeded hash of their id. Deterministic, so every worker sees the same stream."""
+    import random
+
+    import ray
+
+    files = list(files)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(files)
+    ds = ray.data.read_parquet(files, override_num_blocks=len(files))
+    if shuffle:
+        ds = ds.map_batches(_shuffle_block, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="pyarrow",
+                            batch_size=None)
+    return ds
+
+
+def _check_cpus(cfg: Config) -> None:
+    """Ray Data streams the cache to the workers only with at least one CPU the workers do not hold; without it
+    the run would wait forever (measured with Ray 2.60)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    held = cfg.train.num_workers * cfg.train.num_cpus_per_worker
+    if total - held < 1:
+        raise UserError(f"train.num_workers × train.num_cpus_per_worker = {held:g} CPUs leaves less than 1 of the "
+                        f"cluster's {total:g} for data loading; lower train.num_cpus_per_worker (e.g. "
+                        f"{max(0.25, (total - 1) / cfg.train.num_workers):g}) or add CPUs")
+
+
+def _shuffle_block(batch, seed: int, epoch: int):
+    import hashlib
+
+    import pyarrow as pa
+
+    keys = [hashlib.blake2b(f"{seed}:{epoch}:{i}".encode(), digest_size=8).digest()
+            for i in batch.column("id").to_pylist()]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return batch.take(pa.array(order, pa.int64()))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    checkpoints: list[str]
+    final_metrics: dict[str, Any]
+    run_dir: str
+
+
+def plan_steps(cfg: Config, pairs: int) -> tuple[int, int]:
+    """(steps per epoch, total steps)."""
+    per_epoch = pairs // cfg.train.global_batch_pairs
+    if per_epoch == 0:
+        raise UserError(f"the cache has {pairs} pairs, fewer than train.global_batch_pairs="
+                        f"{cfg.train.global_batch_pairs}; lower the global batch")
+    total = per_epoch * cfg.train.epochs
+    return per_epoch, min(total, cfg.train.max_steps or total)
+
+
+def run(cfg: Config) -> TrainResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.runtime import init_ray
+
+    train_cache = find_cache(cfg, "train")
+    eval_cache = find_cache(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
+    per_epoch, total = plan_steps(cfg, train_cache.pairs)
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    init_ray(cfg.ray)
+    _check_cpus(cfg)
+    epochs = math.ceil(total / per_epoch)
+    datasets = {f"train_{e}": _epoch_dataset(train_cache.files, cfg.train.seed, e, cfg.train.shuffle)
+                for e in range(epochs)}
+    if eval_cache:
+        datasets["eval"] = _epoch_dataset(eval_cache.files, 0, 0, shuffle=False)
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_loop,
+        # Paths resolved here: Ray Train workers run in another working directory.
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "per_epoch": per_epoch, "total": total,
+                           "run_dir": str(run_dir), "model_dir": train_cache.model_dir,
+                           "tokenizer_dir": train_cache.tokenizer_dir, "chat_template": train_cache.chat_template},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.num_cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name="ray", storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+        datasets=datasets,
+        # Not split: every worker streams the whole epoch in the same order and keeps its slice of each batch.
+        # (Ray Train replaces each dataset's execution options with these: preserve_order must be set here.)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    ckpts = sorted(str(p) for p in (run_dir / "checkpoints").glob("step_*") if (p / "config.json").exists())
+    return TrainResult(total, ckpts, dict(result.metrics or {}), str(run_dir))
+
+
+# ---------------------------------------------------------------- workers
+
+
+def _lr_lambda(warmup: int, total: int, schedule: str):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point."""
+    _Worker(Config.model_validate(config["cfg"]), config).run()
+
+
+class _Worker:
+    """setup -> run (steps, eval, checkpoints) -> cleanup, on one Ray Train worker."""
+
+    def __init__(self, cfg: Config, paths: dict[str, Any]):
+        import ray.train
+        import torch
+
+        from pipeline.metrics import MetricsLogger
+        from pipeline.models import load_hf_model, load_tokenizer
+        from pipeline.parallel import PolicyLogps, apply_fsdp
+
+        self.cfg, self.t, self.run_dir = cfg, cfg.train, Path(paths["run_dir"])
+        self.per_epoch, self.total = paths["per_epoch"], paths["total"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.t.use_gpu else torch.device("cpu")
+        torch.set_num_threads(max(1, int(self.t.num_cpus_per_worker)))
+        torch.manual_seed(self.t.seed)
+        model_dir = paths["model_dir"]
+        self.tokenizer = load_tokenizer(paths["tokenizer_dir"], paths["chat_template"])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        param_dtype = getattr(torch, self.t.param_dtype)
+        # Every rank loads the same weights in fp32 (the master copy); fully_shard then keeps each rank's shard.
+        self.lm = load_hf_model(model_dir, "float32", str(self.device), cfg.model.trust_remote_code)
+        self.lm.train()
+        self.policy = apply_fsdp(PolicyLogps(self.lm), param_dtype, self.t.activation_checkpointing,
+                                 self.t.cpu_offload)
+        self.reference = None
+        if self.t.reference == "in_loop":
+            ref = load_hf_model(model_dir, cfg.model.dtype, str(self.device), cfg.model.trust_remote_code)
+            ref.requires_grad_(False)
+            self.reference = apply_fsdp(PolicyLogps(ref), getattr(torch, cfg.model.dtype))
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.t.warmup_steps, self.total,
+                                                                            self.t.schedule))
+        self.step = 0
+        self.logger = MetricsLogger(paths["run_dir"], enabled=self.rank == 0)
+        self._restore()
+
+    # ------------------------------------------------------------ state
+
+    def _restore(self) -> None:
+        import ray.train
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            model_sd, optim_sd = get_state_dict(self.policy, self.opt)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(Path(d) / "state"))
+            set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            meta = json.loads((Path(d) / "trainer_state.json").read_text())
+        self.step = meta["step"]
+        self.sched.load_state_dict(meta["scheduler"])
+        if self.rank == 0:
+            print(f"resumed from step {self.step} ({ckpt.path})")
+
+    def _checkpoint(self, metrics: dict[str, float]) -> None:
+        import ray.train
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_state_dict)
+
+        name = f"step_{self.step:06d}"
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            export_hf({k.removeprefix("lm."): v for k, v in full.items()}, self.lm, self.tokenizer,
+                      self.run_dir / "checkpoints" / name)
+        with tempfile.TemporaryDirectory() as local:
+            model_sd, optim_sd = get_state_dict(self.policy, self.opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(local) / "state"))
+            if self.rank == 0:
+                Path(local, "trainer_state.json").write_text(json.dumps(
+                    {"step": self.step, "scheduler": self.sched.state_dict(), "hf_checkpoint": name}))
+            ray.train.report({**metrics, "step": self.step, "hf_checkpoint": name},
+                             checkpoint=ray.train.Checkpoint.from_directory(local),
+                             checkpoint_dir_name=f"checkpoint_{self.step:06d}")
+
+    # ------------------------------------------------------------ compute
+
+    def _forward(self, table):
+        """Per-pair outputs and policy log-prob sums of one micro-batch (one forward for chosen + rejected)."""
+        import torch
+
+        from pipeline.batching import collate
+        from pipeline.losses import preference_loss
+
+        batch = collate(table, self.pad_id).to(self.device)
+        sums = batch.sequence_sums(self.policy(batch.input_ids, batch.attention_mask, batch.score_mask).float())
+        b = batch.pairs
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = batch.sequence_sums(
+                    self.reference(batch.input_ids, batch.attention_mask, batch.score_mask).float())
+            ref_c, ref_r = ref[:b], ref[b:]
+        else:
+            ref_c, ref_r = batch.ref_chosen.float(), batch.ref_rejected.float()
+        loss = self.t.loss
+        out = preference_loss(loss.type, sums[:b], sums[b:], ref_c, ref_r, loss.beta, loss.label_smoothing,
+                              loss.sft_weight, batch.response_lengths[:b])
+        return out, sums[:b], sums[b:], batch.tokens
+
+    def _slices(self, global_batch):
+        """This rank's micro-batches of a global batch (positions [r·G/W, (r+1)·G/W))."""
+        per_rank = self.t.global_batch_pairs // self.world
+        mine = global_batch.slice(self.rank * per_rank, per_rank)
+        m = self.t.micro_batch_pairs
+        return [mine.slice(i, m) for i in range(0, per_rank, m)], per_rank
+
+    def _train_step(self, global_batch) -> dict[str, float]:
+        import torch
+
+        from pipeline.metrics import StepSums
+
+        t0 = now()
+        sums = StepSums()
+        micro, per_rank = self._slices(global_batch)
+        for table in micro:
+            out, pc, pr, tokens = self._forward(table)
+            # Sum over this rank's pairs / pairs per rank; FSDP averages over ranks -> the mean over G pairs.
+            (out.losses.sum() / per_rank).backward()
+            sums.add(out, pc, pr, tokens)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.t.max_grad_norm or float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        metrics = sums.reduce(self.device)
+        elapsed = now() - t0
+        metrics.update({"grad_norm": float(norm), "lr": lr, "tokens_per_s": metrics.pop("tokens") / elapsed,
+                        "pairs_per_s": metrics.pop("pairs") / elapsed})
+        return metrics
+
+    def _evaluate(self) -> dict[str, float]:
+        import ray.train
+        import torch
+
+        from pipeline.metrics import StepSums
+
+        sums = StepSums()
+        chunk = self.t.micro_batch_pairs * self.world
+        with torch.no_grad():
+            for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=chunk, batch_format="pyarrow",
+                                                                          drop_last=True):
+                out, pc, pr, tokens = self._forward(batch.slice(self.rank * self.t.micro_batch_pairs,
+                                                                self.t.micro_batch_pairs))
+                sums.add(out, pc, pr, tokens)
+        m = sums.reduce(self.device)
+        return {"eval/loss": m["loss"], "eval/rewards/accuracies": m["rewards/accuracies"],
+                "eval/rewards/margins": m["rewards/margins"]}
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        import ray.train
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
+        G, last_saved = self.t.global_batch_pairs, -1
+        metrics: dict[str, float] = {}
+        while self.step < self.total:
+            epoch, skip = divmod(self.step, self.per_epoch)
+            batches = ray.train.get_dataset_shard(f"train_{epoch}").iter_batches(
+                batch_size=G, batch_format="pyarrow", drop_last=True)
+            for i, global_batch in enumerate(batches):
+                if i < skip:  # resuming mid-epoch: these steps are in the restored state
+                    continue
+                if i >= self.per_epoch or self.step >= self.total:
+                    break
+                metrics = self._train_step(global_batch)
+                self.step += 1
+                bar.update(1)
+                if self.t.eval_every and self.step % self.t.eval_every == 0 and self.cfg.data.eval:
+                    metrics.update(self._evaluate())
+                if self.step % self.t.log_every == 0 or self.step == self.total:
+                    self.logger.log(self.step, metrics, echo=bar.write)
+                if self.t.checkpoint_every and self.step % self.t.checkpoint_every == 0:
+                    self._checkpoint(metrics)
+                    last_saved = self.step
+        if last_saved != self.step:
+            self._checkpoint(metrics)
+        bar.close()
+        self.logger.close()
+
+
+def export_hf(full_state: dict, lm, tokenizer, out_dir: Path) -> None:
+    """Write a Hugging Face model directory atomically (temp dir, then rename)."""
+    from huggingface_hub import save_torch_state_dict
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    lm.config.save_pretrained(tmp)
+    if getattr(lm, "generation_config", None) is not None:
+        lm.generation_config.save_pretrained(tmp)
+    save_torch_state_dict(full_state, tmp)
+    tokenizer.save_pretrained(str(tmp))
+    if out_dir.exists():  # a step redone after a resume: replace the earlier export
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,142 @@
+"""Integration tier: DPO training on Ray Train + FSDP2 (gloo, CPU, fp32) from the stage-1 cache."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import UserError
+from stages import cache, train
+from tests.conftest import DATA, make_config
+
+pytestmark = pytest.mark.ray
+
+STEPS = ("train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.lr=1e-3", "train.max_steps=4",
+         "train.checkpoint_every=2", "train.log_every=1", "train.num_cpus_per_worker=1")
+
+
+def params(ckpt: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def metrics(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_params(a: Path, b: Path, atol: float) -> None:
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys() and pa
+    worst = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    assert worst <= atol, f"max parameter difference {worst}"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model, tmp_path_factory, ray_local):
+    """A cache (hf engine) for standard.jsonl (+ conversational eval), and a config factory over it."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = make_config(tiny_model, root, "reference.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}")
+    cache.run(cfg)
+
+    def config(name: str, *overrides: str):
+        return make_config(tiny_model, root, "reference.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
+                           *STEPS, f"run_dir={root / name}", *overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def one_worker(base):
+    cfg = base("w1", "train.eval_every=2")
+    return cfg, train.run(cfg)
+
+
+def test_step0_loss_is_ln2_and_metrics_are_logged(one_worker):
+    cfg, result = one_worker
+    rows = metrics(cfg.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # Step 1's metrics are computed before its update: policy == reference.
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-4
+    assert abs(rows[0]["rewards/margins"]) < 1e-4
+    # It learns: held-out loss falls below ln 2 and keeps falling (each step sees other pairs: train loss is noisy).
+    assert rows[3]["eval/loss"] < rows[1]["eval/loss"] < math.log(2)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
+                "grad_norm", "lr", "tokens_per_s", "pairs_per_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert "eval/loss" in rows[1] and "eval/rewards/accuracies" in rows[3]
+    assert any(Path(cfg.run_dir, "tensorboard").iterdir())
+    assert [Path(c).name for c in result.checkpoints] == ["step_000002", "step_000004"]
+
+
+def test_checkpoints_load_in_transformers_and_match_training_state(one_worker, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, result = one_worker
+    ckpt = Path(result.checkpoints[-1])
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.chat_template and len(tok) == model.config.vocab_size
+    start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), start.parameters()))
+    assert moved > 1e-4  # the checkpoint holds trained weights, not the initial ones
+    assert not list(ckpt.parent.glob(".tmp-*"))  # no half-written export left behind
+
+
+@pytest.mark.vllm
+def test_checkpoint_loads_in_vllm(one_worker):
+    from transformers import AutoModelForCausalLM
+
+    from stages.scoring import VllmScorer
+
+    ckpt = one_worker[1].checkpoints[-1]
+    import numpy as np
+
+    seq = np.array([1, 40, 41, 42, 43, 44, 45, 46, 2])
+    scorer = VllmScorer(ckpt, "float32", max_length=64)
+    got = scorer.token_logps([seq], [3])[0]
+    del scorer
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
+    want = logp[2:-1].gather(-1, torch.tensor(seq[3:])[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_two_workers_equal_one_worker(base, one_worker):
+    cfg = base("w2", "train.num_workers=2", "train.num_cpus_per_worker=0.5")  # 1 CPU left for Ray Data
+    result = train.run(cfg)
+    assert_same_params(Path(result.checkpoints[-1]), Path(one_worker[1].checkpoints[-1]), atol=1e-5)
+    for a, b in zip(metrics(cfg.run_dir), metrics(one_worker[0].run_dir)):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def test_cached_and_in_loop_reference_give_the_same_losses(base, one_worker):
+    cfg = base("in_loop", "train.reference=in_loop", "train.max_steps=2")
+    train.run(cfg)
+    for a, b in zip(metrics(cfg.run_dir), metrics(one_worker[0].run_dir)[:2]):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+        assert abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-4
+
+
+def test_resume_two_plus_two_steps_equals_four_straight(base, one_worker):
+    first = train.run(base("resumed", "train.max_steps=2"))
+    assert [Path(c).name for c in first.checkpoints] == ["step_000002"]
+    second = train.run(base("resumed"))  # same run_dir, 4 steps: resumes at step 2
+    assert [Path(c).name for c in second.checkpoints] == ["step_000002", "step_000004"]
+    assert_same_params(Path(second.checkpoints[-1]), Path(one_worker[1].checkpoints[-1]), atol=1e-6)
+    steps = [r["step"] for r in metrics(second.run_dir)]
+    assert steps == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 after resuming: none redone
+
+
+def test_mismatched_cache_is_refused(base):
+    eval_cache = train.find_cache(base("x"), "eval")
+    with pytest.raises(UserError, match="was built for a different data"):
+        train.find_cache(base("x", f"train.cache_path={eval_cache.uri}"), "train")
+    with pytest.raises(UserError, match="no complete reference cache"):
+        train.find_cache(base("x", "data.max_length=100"), "train")
