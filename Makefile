@@ -31,9 +31,11 @@ $(TINY_MODEL)/config.json: | install
 
 demo: install $(TINY_MODEL)/config.json
 	$(BIN)/dpo-pipeline cache configs/tiny.yaml
+	$(BIN)/dpo-pipeline train configs/tiny.yaml
 
 bench: install
 	$(BIN)/python benchmarks/bench_cache.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf build cache runs

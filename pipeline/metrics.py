@@ -1,7 +1,7 @@
 """Training metrics: summed per step over all ranks, written by rank 0 to stdout, JSONL and TensorBoard.
 
 Stable names (README "Training metrics"): loss, rewards/chosen, rewards/rejected, rewards/margins,
-rewards/accuracies, logps/chosen, logps/rejected, grad_norm, lr, tokens_per_s, pairs_per_s; eval/loss,
+rewards/accuracies, logps/chosen, logps/rejected, grad_norm, lr, tokens_per_s, pairs_per_s, peak_rss_mb; eval/loss,
 eval/rewards/accuracies, eval/rewards/margins.
 """
 

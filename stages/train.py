@@ -329,8 +329,21 @@ class _Worker:
         metrics = sums.reduce(self.device)
         elapsed = now() - t0
         metrics.update({"grad_norm": float(norm), "lr": lr, "tokens_per_s": metrics.pop("tokens") / elapsed,
-                        "pairs_per_s": metrics.pop("pairs") / elapsed})
+                        "pairs_per_s": metrics.pop("pairs") / elapsed, "peak_rss_mb": self._peak_rss_mb()})
         return metrics
+
+    def _peak_rss_mb(self) -> float:
+        """The largest peak resident memory of any worker process so far (a collective)."""
+        import resource
+
+        import torch
+        import torch.distributed as dist
+
+        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+        if dist.is_initialized():
+            rss = rss.to(self.device)
+            dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        return float(rss.item())
 
     def _evaluate(self) -> dict[str, float]:
         import ray.train
@@ -357,7 +370,8 @@ class _Worker:
         from tqdm import tqdm
 
         bar = tqdm(total=self.total, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
-        G, last_saved = self.t.global_batch_pairs, -1
+        G = self.t.global_batch_pairs
+        last_saved = self.step if self.step else -1  # a resumed step is already in a checkpoint
         metrics: dict[str, float] = {}
         while self.step < self.total:
             epoch, skip = divmod(self.step, self.per_epoch)
