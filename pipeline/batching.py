@@ -39,7 +39,8 @@ class PairBatch:
                                                    self.response_lengths, self.ref_chosen, self.ref_rejected)))
 
 
-def _lists(col) -> list[np.ndarray]:
+def list_column(col) -> list[np.ndarray]:
+    """list<int> Arrow column -> one numpy array per row, via offsets (no per-element Python objects)."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     flat = arr.flatten().to_numpy(zero_copy_only=False)
     offsets = arr.offsets.to_numpy() - arr.offsets[0].as_py()
@@ -48,10 +49,10 @@ def _lists(col) -> list[np.ndarray]:
 
 def collate(table: pa.Table, pad_id: int = 0) -> PairBatch:
     """Cache rows (pyarrow) -> PairBatch. One forward then scores chosen and rejected together."""
-    prompts = _lists(table.column("prompt_input_ids"))
+    prompts = list_column(table.column("prompt_input_ids"))
     seqs, starts = [], []
     for side in ("chosen", "rejected"):
-        for p, r in zip(prompts, _lists(table.column(f"{side}_input_ids"))):
+        for p, r in zip(prompts, list_column(table.column(f"{side}_input_ids"))):
             seqs.append(np.concatenate([p, r]))
             starts.append(len(p))
     width = max(len(s) for s in seqs)

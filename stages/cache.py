@@ -41,7 +41,8 @@ from stages.scoring import ENGINES, SCORE_FIELDS
 
 IDS = pa.list_(pa.int32())
 TOKENIZED = pa.schema([
-    pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()), pa.field("_index", pa.int64()), pa.field("id", pa.string()),
+    pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()), pa.field("_index", pa.int64()),
+    pa.field("id", pa.string()),
     pa.field("prompt_input_ids", IDS), pa.field("chosen_input_ids", IDS), pa.field("rejected_input_ids", IDS),
     pa.field("reject", pa.string()),  # JSON of the Reject, null for a usable pair
 ])
@@ -107,12 +108,17 @@ def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
         "truncation": {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length},
         "dtype": cfg.model.dtype,
     }
-    # Paths are recorded for people, not hashed: moving a file must not invalidate the cache.
+    return Prepared(split, cache_key(keyed_inputs(inputs)), inputs, plan, model.local_dir, tokenizer.local_dir,
+                    template, src.format)
+
+
+def keyed_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs without their paths: paths are recorded for people, not hashed (moving a file must not
+    invalidate the cache)."""
     keyed = json.loads(json.dumps(inputs))
     for part in ("model", "tokenizer", "data"):
-        keyed[part].pop("path")
-    return Prepared(split, cache_key(keyed), inputs, plan, model.local_dir, tokenizer.local_dir, template,
-                    src.format)
+        keyed[part].pop("path", None)
+    return keyed
 
 
 # ---------------------------------------------------------------- Ray tasks

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.batching import list_column
+
 REQUIRED = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "reject")
 SCORE_FIELDS = [
     pa.field("ref_chosen_logps", pa.float64()),
@@ -21,14 +23,6 @@ SCORE_FIELDS = [
     pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
     pa.field("ref_rejected_token_logps", pa.list_(pa.float32())),
 ]
-
-
-def _lists(col: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
-    """list<int32> column -> list of int arrays, via offsets (no per-element Python objects)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    offsets = arr.offsets.to_numpy() - arr.offsets[0].as_py()
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
 
 
 class _Scorer:
@@ -43,8 +37,8 @@ class _Scorer:
         if missing:
             raise ValueError(f"scorer input lacks column(s) {missing}; it needs {list(REQUIRED)}")
         ok = np.flatnonzero(batch.column("reject").is_null().to_numpy(zero_copy_only=False))
-        prompts = _lists(batch.column("prompt_input_ids"))
-        sides = {s: _lists(batch.column(f"{s}_input_ids")) for s in ("chosen", "rejected")}
+        prompts = list_column(batch.column("prompt_input_ids"))
+        sides = {s: list_column(batch.column(f"{s}_input_ids")) for s in ("chosen", "rejected")}
         seqs, starts = [], []
         for side in ("chosen", "rejected"):
             for i in ok:

@@ -43,16 +43,9 @@ class CacheRef:
     chat_template: str | None
 
 
-def _inputs_without_paths(inputs: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(inputs))
-    for part in ("model", "tokenizer", "data"):
-        out[part].pop("path", None)
-    return out
-
-
 def find_cache(cfg: Config, split: str) -> CacheRef:
     """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs."""
-    from stages.cache import prepare
+    from stages.cache import keyed_inputs, prepare
 
     src = cfg.data.train if split == "train" else cfg.data.eval
     prep = prepare(cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"engine": "hf"})}),
@@ -64,7 +57,7 @@ def find_cache(cfg: Config, split: str) -> CacheRef:
         raise UserError(f"no complete reference cache for the {split} split at {where}; build it with "
                         f"`dpo-pipeline cache CONFIG` (same config) first")
     manifest = store.read_json("manifest.json")
-    got, want = _inputs_without_paths(manifest.get("inputs", {})), _inputs_without_paths(prep.inputs)
+    got, want = keyed_inputs(manifest.get("inputs", {})), keyed_inputs(prep.inputs)
     for part in ("model", "tokenizer", "chat_template_sha256", "data", "truncation", "dtype"):
         if got.get(part) != want.get(part):
             raise UserError(f"the cache at {store.uri} was built for a different {part.replace('_sha256', '')} "

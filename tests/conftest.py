@@ -46,6 +46,17 @@ def ray_local():
     ray.shutdown()
 
 
+def read_cache(result):
+    """All rows of a finished cache, in manifest order (a CacheResult or anything with `.uri`)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = json.loads(Path(result.uri, "manifest.json").read_text())
+    return pa.concat_tables(pq.read_table(f"{result.uri}/{f['path']}") for f in manifest["files"])
+
+
 def make_config(tiny_model: Path, tmp_path: Path, *overrides: str, data: str | Path = DATA / "standard.jsonl"):
     """A config for the tiny model with cache/run dirs under tmp_path; extra dotted overrides win."""
     from pipeline.config import load_config

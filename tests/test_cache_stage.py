@@ -17,15 +17,10 @@ import torch
 
 from pipeline.fingerprint import sha256_file
 from stages import cache
-from tests.conftest import DATA, make_config
+from tests.conftest import DATA, make_config, read_cache
 
 pytestmark = pytest.mark.ray
 TOL = 1e-4
-
-
-def read_cache(result) -> pa.Table:
-    manifest = json.loads(open(f"{result.uri}/manifest.json").read())
-    return pa.concat_tables(pq.read_table(f"{result.uri}/{f['path']}") for f in manifest["files"])
 
 
 @pytest.fixture(scope="module")

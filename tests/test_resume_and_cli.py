@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,13 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from stages import cache
-from tests.conftest import DATA, make_config
+from tests.conftest import DATA, make_config, read_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +34,6 @@ def _reap_session(sid: int) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def read_cache(result) -> pa.Table:
-    manifest = json.loads(Path(result.uri, "manifest.json").read_text())
-    return pa.concat_tables(pq.read_table(f"{result.uri}/{f['path']}") for f in manifest["files"])
 
 
 @pytest.mark.ray
