@@ -203,7 +203,9 @@ class _Worker:
         self.per_epoch, self.total = paths["per_epoch"], paths["total"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.t.use_gpu else torch.device("cpu")
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()  # this worker's GPU under train.use_gpu, else the CPU
         torch.set_num_threads(max(1, int(self.t.num_cpus_per_worker)))
         torch.manual_seed(self.t.seed)
         model_dir = paths["model_dir"]
