@@ -261,6 +261,9 @@ class _Worker:
         if self.rank == 0:
             export_hf({k.removeprefix("lm."): v for k, v in full.items()}, self.lm, self.tokenizer,
                       self.run_dir / "checkpoints" / name)
+            if self.t.keep_checkpoints:  # the same rule as Ray's num_to_keep for the training state
+                for old in sorted((self.run_dir / "checkpoints").glob("step_*"))[:-self.t.keep_checkpoints]:
+                    shutil.rmtree(old)
         with tempfile.TemporaryDirectory() as local:
             model_sd, optim_sd = get_state_dict(self.policy, self.opt)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(local) / "state"))
