@@ -27,6 +27,18 @@ def init_ray(cfg: RayConfig) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def quiet_worker_logs() -> None:
+    """In Ray workers and actors: keep library chatter (per-dataset execution lines, weight-loading bars) out of
+    the driver's output, where the per-step metric lines and errors are what a user needs to see."""
+    import ray.data
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for name in ("ray.data", "ray.train", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def progress_bar(total: int, desc: str):
     from tqdm import tqdm
 

@@ -111,7 +111,9 @@ class HfScorer(_Scorer):
         import torch
 
         from pipeline.models import load_hf_model
+        from pipeline.runtime import quiet_worker_logs
 
+        quiet_worker_logs()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_hf_model(model_dir, dtype, self.device, trust_remote_code)
         self.tokens_per_batch = max(tokens_per_batch, max_length)

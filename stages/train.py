@@ -205,6 +205,9 @@ class _Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         import ray.train.torch
 
+        from pipeline.runtime import quiet_worker_logs
+
+        quiet_worker_logs()
         self.device = ray.train.torch.get_device()  # this worker's GPU under train.use_gpu, else the CPU
         torch.set_num_threads(max(1, int(self.t.num_cpus_per_worker)))
         torch.manual_seed(self.t.seed)
