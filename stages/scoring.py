@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.batching import list_column
+from pipeline.batching import list_column, pad_sequences
 
 REQUIRED = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "reject")
 SCORE_FIELDS = [
@@ -132,15 +132,7 @@ class HfScorer(_Scorer):
             while j < len(order) and (j + 1 - i) * len(sequences[order[j]]) <= self.tokens_per_batch:
                 j += 1
             idx = order[i:j]
-            width = len(sequences[idx[-1]])
-            ids = torch.zeros(len(idx), width, dtype=torch.long)
-            attn = torch.zeros(len(idx), width, dtype=torch.long)
-            score = torch.zeros(len(idx), width, dtype=torch.bool)
-            for r, k in enumerate(idx):
-                n = len(sequences[k])
-                ids[r, :n] = torch.from_numpy(sequences[k].astype(np.int64))
-                attn[r, :n] = 1
-                score[r, starts[k]:n] = True
+            ids, attn, score = pad_sequences([sequences[k] for k in idx], [starts[k] for k in idx])
             with torch.inference_mode():
                 flat = selective_token_logps(self.model, ids.to(self.device), attn.to(self.device),
                                              score.to(self.device)).cpu().numpy()

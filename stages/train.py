@@ -48,8 +48,7 @@ def find_cache(cfg: Config, split: str) -> CacheRef:
     from stages.cache import keyed_inputs, prepare
 
     src = cfg.data.train if split == "train" else cfg.data.eval
-    prep = prepare(cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"engine": "hf"})}),
-                   split, src)
+    prep = prepare(cfg, split, src)
     explicit = cfg.train.cache_path if split == "train" else None
     store = Store(explicit) if explicit else Store(cfg.cache_dir).child(prep.key)
     if not store.exists("manifest.json"):

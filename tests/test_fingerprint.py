@@ -33,7 +33,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def prep(model_dir: Path, tmp_path: Path, *overrides: str, data: str | Path = DATA / "standard.jsonl"):
-    # engine=hf: `prepare` refuses engine=vllm where vLLM is not installed, and this tier must not need it
+    # engine=hf: this tier must not need vLLM
     cfg = make_config(model_dir, tmp_path, "reference.engine=hf", *overrides, data=data)
     return cache.prepare(cfg, "train", cfg.data.train)
 
