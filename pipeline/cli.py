@@ -40,6 +40,34 @@ def _train(args) -> None:
     print(f"metrics: {r.run_dir}/metrics.jsonl, TensorBoard: {r.run_dir}/tensorboard")
 
 
+def _fmt(v, se=None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4g}" + (f" ± {se:.2g}" if se is not None else "")
+
+
+def _eval(args) -> int:
+    from pipeline.config import load_config
+    from stages import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    r = evaluate.run(cfg)
+    for row in r.rows:
+        state = "evaluated" if row["name"] in r.evaluated else "unchanged, kept" if row["name"] in r.reused else \
+            "from an earlier run"
+        print(f"[{row['name']}] {state}: reward {_fmt(row['reward_mean'], row['reward_se'])}, KL "
+              f"{_fmt(row['kl_mean'], row['kl_se'])}, win rate {_fmt(row['win_rate'])}, preference accuracy "
+              f"{_fmt(row['pref_accuracy'])}")
+    for f in r.failures:
+        print(f"[{f['name']}] FAILED: {f['error']} ({f['path']})", file=sys.stderr)
+    print(f"report: {r.report}")
+    if r.failures:
+        print(f"error: {len(r.failures)} checkpoint(s) failed (above); the report covers the others",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _tiny_assets(args) -> None:
     from pipeline.tiny import build_tiny_assets
 
@@ -63,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("cache", _cache, "build (or reuse) the reference log-prob cache"),
                             ("train", _train, "DPO training from the cache (resumes in the same run_dir)"),
+                            ("eval", _eval, "evaluate checkpoints by sampling (only those not yet evaluated)"),
                             ("config", _config, "print the resolved config")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
@@ -74,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config-docs", help="print the configuration reference (Markdown)").set_defaults(fn=_config_docs)
     args = parser.parse_args(argv)
     try:
-        args.fn(args)
+        code = args.fn(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

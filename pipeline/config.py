@@ -69,20 +69,96 @@ class DataConfig(_Strict):
         return self
 
 
-class ReferenceConfig(_Strict):
-    engine: Literal["vllm", "hf"] = Field(
-        "vllm", description="`vllm`: vLLM prompt log-probs (fast); `hf`: a transformers forward (cross-check).")
-    num_actors: int = Field(1, gt=0, description="Scorer actors (one engine each) in the Ray Data actor pool.")
-    batch_size: int = Field(64, gt=0, description="Pairs handed to a scorer per call.")
-    shard_size: int = Field(512, gt=0, description="Source rows per cache file: the unit of resume after a crash.")
+class EngineSettings(_Strict):
+    """Ray actors hosting one vLLM engine each: shared by reference scoring (stage 1) and evaluation (stage 3)."""
+
+    num_actors: int = Field(1, gt=0, description="Actors (one engine each) running at once.")
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor-parallel size per actor (GPUs per actor).")
-    use_gpu: bool = Field(False, description="Give each scorer actor `tensor_parallel_size` GPUs.")
-    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor.")
+    use_gpu: bool = Field(False, description="Give each actor `tensor_parallel_size` GPUs.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor.")
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="vLLM memory fraction (of GPU memory; of host memory on CPU).")
     cpu_kv_cache_gb: int = Field(1, gt=0, description="vLLM KV-cache size in GiB on CPU (ignored on GPU).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="Extra keyword arguments for `vllm.LLM`.")
+
+
+class ReferenceConfig(EngineSettings):
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="`vllm`: vLLM prompt log-probs (fast); `hf`: a transformers forward (cross-check).")
+    batch_size: int = Field(64, gt=0, description="Pairs handed to a scorer per call.")
+    shard_size: int = Field(512, gt=0, description="Source rows per cache file: the unit of resume after a crash.")
+
+
+class RewardConfig(_Strict):
+    type: Literal["rule", "callable", "model"] = Field(
+        description="`rule`: a built-in rule (`rule`); `callable`: your Python function (`function`); `model`: a "
+                    "transformers sequence-classification reward model (`model`).")
+    rule: Literal["lexicon", "length", "regex"] | None = Field(
+        None, description="`lexicon`: count of `positive` words minus count of `negative` words; `length`: words in "
+                          "the completion; `regex`: 1 if `pattern` matches the completion, else 0.")
+    positive: list[str] = Field(default_factory=list, description="`lexicon` rule: words that add 1 each.")
+    negative: list[str] = Field(default_factory=list, description="`lexicon` rule: words that subtract 1 each.")
+    pattern: str | None = Field(None, description="`regex` rule: a Python regular expression.")
+    function: str | None = Field(
+        None, description="`callable`: `module:function`, called as f(prompts, completions, **kwargs) -> one float "
+                          "per completion; the module is imported from the working directory or PYTHONPATH.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="`callable`: extra keyword arguments.")
+    model: str | None = Field(None, description="`model`: directory or hub id of a sequence-classification model.")
+    label: int | str | None = Field(
+        None, description="`model`: the logit used as reward, by index or label name; default: the only one.")
+    text: Literal["prompt_completion", "completion"] = Field(
+        "prompt_completion", description="`model`: what the reward model reads: prompt + completion, or the "
+                                         "completion alone.")
+    batch_size: int = Field(32, gt=0, description="`model`: texts per forward pass.")
+    max_length: int = Field(512, gt=1, description="`model`: longer inputs are truncated (on the left).")
+    use_gpu: bool = Field(False, description="`model`: run the reward model on one GPU.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> RewardConfig:
+        need = {"rule": "rule", "callable": "function", "model": "model"}[self.type]
+        if getattr(self, need) is None:
+            raise ValueError(f"reward type {self.type!r} needs eval.reward.{need}; set it")
+        if self.type == "rule" and self.rule == "regex" and self.pattern is None:
+            raise ValueError("the regex rule needs eval.reward.pattern; set it")
+        if self.type == "rule" and self.rule == "lexicon" and not (self.positive or self.negative):
+            raise ValueError("the lexicon rule needs eval.reward.positive and/or eval.reward.negative word lists")
+        return self
+
+
+class EvalConfig(EngineSettings):
+    checkpoints: str | list[str] = Field(
+        "all", description="Which checkpoints of `run_dir` to evaluate: `all`, `last`, `every:K` (every K-th, "
+                           "and the last), or a list of checkpoint directories (from anywhere).")
+    include_reference: bool = Field(True, description="Also evaluate the reference model (`model.path`), the "
+                                                      "baseline at step 0.")
+    prompts: DataSource | None = Field(
+        None, description="Prompts to sample from: preference data (its prompts; `chosen` is the `chosen` "
+                          "baseline) or rows with just a `prompt`; default: `data.eval`, else `data.train`.")
+    num_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts.")
+    samples_per_prompt: int = Field(1, gt=0, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(64, gt=0, description="Max tokens per completion (generation stops at EOS).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    seed: int = Field(0, description="Sampling seed: the same seed gives the same samples, whatever the batching.")
+    batch_prompts: int = Field(64, gt=0, description="Prompts per engine call (the unit of progress).")
+    reward: RewardConfig | None = Field(None, description="How completions are scored; none: no reward or win rate.")
+    baseline: Literal["reference", "chosen"] = Field(
+        "reference", description="Win rate against the reference model's samples (same prompt and sample index) "
+                                 "or the dataset's chosen responses, by reward; ties count one half.")
+    preference_accuracy: bool = Field(True, description="Implicit-reward accuracy on the cached `data.eval` pairs "
+                                                        "(needs its cache: `dpo-pipeline cache`).")
+
+    @model_validator(mode="after")
+    def _valid_selection(self) -> EvalConfig:
+        if isinstance(self.checkpoints, str) and self.checkpoints not in ("all", "last"):
+            every = self.checkpoints.removeprefix("every:")
+            if every == self.checkpoints or not every.isdigit() or int(every) < 1:
+                raise ValueError(f"checkpoints must be all, last, every:K (K >= 1) or a list of directories, not "
+                                 f"{self.checkpoints!r}")
+        if self.baseline == "reference" and not self.include_reference and self.reward is not None:
+            raise ValueError("baseline=reference needs include_reference=true; set it, or baseline=chosen")
+        return self
 
 
 class LossConfig(_Strict):
@@ -149,6 +225,7 @@ class Config(_Strict):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig,
                                        description="Reference log-prob scoring (stage 1).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="DPO training (stage 2).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Checkpoint evaluation by sampling (stage 3).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
     cache_dir: str = Field("cache", description="Root of the content-addressed reference cache.")
     run_dir: str = Field("runs/default", description="This run's directory: resolved config, logs, outputs.")

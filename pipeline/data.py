@@ -362,6 +362,18 @@ def _row_id(row: Any, index: int) -> str:
     return str(index)
 
 
+def _encode(tok, texts: list[str], special: bool) -> list[list[int]]:
+    return tok(texts, add_special_tokens=special)["input_ids"] if texts else []
+
+
+def _encode_prompts(tok, texts: list[_Texts]) -> list[list[int]]:
+    """Prompt token ids: plain prompts get the tokenizer's special tokens (BOS); rendered chat prompts already
+    hold them. Two encode calls (batched, in Rust), results put back in row order."""
+    plain_ids = iter(_encode(tok, [t.prompt for t in texts if not t.chat], special=True))
+    chat_ids = iter(_encode(tok, [t.prompt for t in texts if t.chat], special=False))
+    return [next(chat_ids) if t.chat else next(plain_ids) for t in texts]
+
+
 def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, max_prompt_length: int,
                   marker: str) -> tuple[list[Pair], list[Reject]]:
     """Normalise, tokenize (batched, in the tokenizer's Rust code) and truncate; return pairs and rejects."""
@@ -384,17 +396,9 @@ def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, m
     if not ok:
         return [], rejects
 
-    def encode(texts: list[str], special: bool) -> list[list[int]]:
-        return tok(texts, add_special_tokens=special)["input_ids"] if texts else []
-
-    prompts = [t.prompt for _, _, t, _ in ok]
-    chat = [t.chat for _, _, t, _ in ok]
-    # Two encode calls so each keeps its own special-token setting; results are put back in row order.
-    plain_ids = iter(encode([p for p, c in zip(prompts, chat) if not c], special=True))
-    chat_ids = iter(encode([p for p, c in zip(prompts, chat) if c], special=False))
-    prompt_ids = [next(chat_ids) if c else next(plain_ids) for c in chat]
-    chosen_ids = encode([t.chosen for _, _, t, _ in ok], special=False)
-    rejected_ids = encode([t.rejected for _, _, t, _ in ok], special=False)
+    prompt_ids = _encode_prompts(tok, [t for _, _, t, _ in ok])
+    chosen_ids = _encode(tok, [t.chosen for _, _, t, _ in ok], special=False)
+    rejected_ids = _encode(tok, [t.rejected for _, _, t, _ in ok], special=False)
 
     pairs: list[Pair] = []
     eos = tok.eos_token_id
@@ -413,3 +417,64 @@ def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, m
             continue
         pairs.append(Pair(index, rid, p, c, r))
     return pairs, rejects
+
+
+# ---------------------------------------------------------------- prompts (stage 3)
+
+
+@dataclass
+class PromptItem:
+    index: int
+    id: str
+    prompt_input_ids: list[int]
+    chosen_input_ids: list[int] | None  # the dataset's chosen response, when the row has one
+
+
+def _prompt_texts(row: Any, fmt: str, tok, marker: str) -> tuple[_Texts, bool]:
+    """A preference row (its prompt and chosen response) or a prompt-only row -> (texts, has_chosen)."""
+    if isinstance(row, dict) and "prompt" in row and "chosen" not in row and "rejected" not in row:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            msgs = _messages(row, "prompt")
+            try:
+                text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            except Exception as e:
+                raise _Bad("chat_template_error", f"the chat template failed on this row: {str(e)[:200]}") from None
+            return _Texts(text, "", "", chat=True), False
+        return _Texts(_text(row, "prompt"), "", "", chat=False), False
+    return normalise(row, fmt, tok, marker), True
+
+
+def tokenize_prompts(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, max_prompt_length: int,
+                     marker: str) -> tuple[list[PromptItem], list[Reject]]:
+    """Prompts to sample from: the prompt (and chosen response, truncated like the cache) of preference rows, or
+    rows holding only a `prompt` (a string or a list of messages). Same reasons for rejects as `tokenize_rows`."""
+    ok: list[tuple[int, str, _Texts, bool, Any]] = []
+    rejects: list[Reject] = []
+    for index, row in rows:
+        if isinstance(row, Reject):
+            rejects.append(row)
+            continue
+        rid = None
+        try:
+            rid = _row_id(row, index)
+            texts, has_chosen = _prompt_texts(row, fmt, tok, marker)
+            if not all(map(_is_text, (texts.prompt, texts.chosen))):
+                raise _Bad("invalid_utf8", "the row's text holds a lone surrogate escape (\\ud800-\\udfff), "
+                                           "which is not text")
+            ok.append((index, rid, texts, has_chosen, row))
+        except _Bad as bad:
+            rejects.append(Reject(index, rid, bad.reason, bad.detail, row))
+    prompt_ids = _encode_prompts(tok, [t for _, _, t, _, _ in ok])
+    chosen_ids = _encode(tok, [t.chosen for _, _, t, _, _ in ok], special=False)
+    items: list[PromptItem] = []
+    eos = tok.eos_token_id
+    for (index, rid, texts, has_chosen, row), p, c in zip(ok, prompt_ids, chosen_ids):
+        if len(p) > max_prompt_length:
+            rejects.append(Reject(index, rid, "prompt_too_long",
+                                  f"prompt has {len(p)} tokens > data.max_prompt_length={max_prompt_length}", row))
+            continue
+        if has_chosen and not texts.chat and eos is not None:
+            c = c + [eos]
+        items.append(PromptItem(index, rid, p, c[:max_length - len(p)] if has_chosen else None))
+    return items, rejects

@@ -39,7 +39,7 @@ def quiet_worker_logs() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def progress_bar(total: int, desc: str):
+def progress_bar(total: int, desc: str, unit: str = "pair"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="pair", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import platform
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from pipeline.fingerprint import SCHEMA_VERSION, cache_key
 from pipeline.models import effective_template_sha, load_tokenizer, read_chat_template, resolve_model, \
     resolve_tokenizer
 from pipeline.storage import Store
-from stages.scoring import ENGINES, SCORE_FIELDS
+from stages.scoring import ENGINES, SCORE_FIELDS, actor_options, scorer_kwargs
 
 
 IDS = pa.list_(pa.int32())
@@ -82,7 +81,7 @@ class CacheResult:
 # ---------------------------------------------------------------- setup (driver)
 
 
-def _sources_dir(cfg: Config) -> Path:
+def sources_dir(cfg: Config) -> Path:
     return Path(cfg.cache_dir) / "sources" if "://" not in cfg.cache_dir else \
         Path.home() / ".cache" / "dpo-pipeline" / "sources"
 
@@ -93,7 +92,7 @@ def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
     tok_path = cfg.tokenizer.path or cfg.model.path
     tokenizer = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
     template = read_chat_template(cfg.tokenizer.chat_template)
-    plan = plan_source(src, cfg.reference.shard_size, _sources_dir(cfg))
+    plan = plan_source(src, cfg.reference.shard_size, sources_dir(cfg))
     if plan.num_rows == 0:
         raise UserError(f"data.{split}.path {src.path!r} has no rows; point it at a non-empty file")
     inputs = {
@@ -261,17 +260,11 @@ def _score(cfg: Config, jobs: list[_Job], writer: _ShardWriter, progress) -> Non
                        tokenizer_dir=prep.tokenizer_dir, chat_template=prep.chat_template,
                        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                        marker=cfg.data.implicit_prompt_marker))
-    scorer_kwargs = dict(model_dir=prep.model_dir, dtype=cfg.model.dtype, max_length=cfg.data.max_length)
-    if ref.engine == "vllm":
-        scorer_kwargs.update(tensor_parallel_size=ref.tensor_parallel_size, engine_kwargs=ref.engine_kwargs,
-                             gpu_memory_utilization=ref.gpu_memory_utilization, cpu_kv_cache_gb=ref.cpu_kv_cache_gb)
-    else:
-        scorer_kwargs.update(trust_remote_code=cfg.model.trust_remote_code)
     ds = ds.map_batches(
-        ENGINES[ref.engine], fn_constructor_kwargs=scorer_kwargs, batch_size=ref.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=ref.num_actors), num_cpus=ref.num_cpus_per_actor,
-        num_gpus=ref.tensor_parallel_size if ref.use_gpu else 0,
-        runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}})
+        ENGINES[ref.engine], batch_size=ref.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs=scorer_kwargs(ref.engine, ref, prep.model_dir, cfg.model.dtype, cfg.data.max_length,
+                                            cfg.model.trust_remote_code),
+        compute=ray.data.ActorPoolStrategy(size=ref.num_actors), **actor_options(ref))
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         writer.add(batch)
         progress.update(len(batch))

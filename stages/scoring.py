@@ -146,3 +146,24 @@ class HfScorer(_Scorer):
 
 
 ENGINES = {"vllm": VllmScorer, "hf": HfScorer}
+
+
+def scorer_kwargs(engine: str, settings, model_dir: str, dtype: str, max_length: int,
+                  trust_remote_code: bool = False) -> dict[str, Any]:
+    """Constructor arguments of `ENGINES[engine]` from a config's `EngineSettings` (`reference` or `eval`)."""
+    kwargs: dict[str, Any] = dict(model_dir=model_dir, dtype=dtype, max_length=max_length)
+    if engine == "vllm":
+        kwargs.update(tensor_parallel_size=settings.tensor_parallel_size, engine_kwargs=settings.engine_kwargs,
+                      gpu_memory_utilization=settings.gpu_memory_utilization,
+                      cpu_kv_cache_gb=settings.cpu_kv_cache_gb)
+    else:
+        kwargs.update(trust_remote_code=trust_remote_code)
+    return kwargs
+
+
+def actor_options(settings) -> dict[str, Any]:
+    """Ray resources and environment of one engine actor, from a config's `EngineSettings`."""
+    return dict(num_cpus=settings.num_cpus_per_actor,
+                num_gpus=settings.tensor_parallel_size if settings.use_gpu else 0,
+                # vLLM warns at length about things that do not apply here (no tokenizer: by design; CPU allocators).
+                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}})

@@ -1,0 +1,180 @@
+"""Stage 3 on the tiny model: two checkpoints and the reference, then a third added incrementally.
+
+One module-scoped scenario keeps the number of vLLM engines (one per checkpoint, each a slow start on CPU) low:
+run 1 evaluates the reference, step 1, step 2 and a broken step 3; run 2, after step 3 is removed and step 4
+(a byte copy of step 1) added, evaluates step 4 only. Values are checked against independent transformers
+forwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages import cache, evaluate
+from tests.conftest import DATA, make_config, read_cache
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+pytest.importorskip("vllm")
+
+
+def _checkpoint(tiny_model: Path, out: Path, seed: int) -> Path:
+    """The tiny model with seeded noise on every weight: a stand-in for a training checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def _seq_logps(model_dir: str, sequences: list[list[int]], starts: list[int]) -> np.ndarray:
+    """Independent computation: one unpadded forward per sequence, a full log-softmax, summed response tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for seq, start in zip(sequences, starts):
+            ids = torch.tensor([seq])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            out.append(float(logp[torch.arange(len(seq) - 1), ids[0, 1:]][start - 1:].sum()))
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_model, tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = make_config(
+        tiny_model, root, "reference.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
+        "eval.num_prompts=6", "eval.samples_per_prompt=2", "eval.max_new_tokens=8", "eval.num_actors=2",
+        "eval.batch_prompts=4", "eval.engine_kwargs={enforce_eager: true}", "eval.reward.type=callable",
+        "eval.reward.function=tests.reward_fixtures:count_char", "eval.reward.kwargs={char: e}")
+    cache.run(cfg)
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    _checkpoint(tiny_model, ckpts / "step_000001", seed=1)
+    _checkpoint(tiny_model, ckpts / "step_000002", seed=2)
+    broken = ckpts / "step_000003"
+    broken.mkdir()
+    shutil.copy(tiny_model / "config.json", broken / "config.json")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    first = evaluate.run(cfg)
+    first_report = Path(first.report).read_text()
+    ref_cache = Path(cfg.cache_dir) / "eval-reference"
+    first_ref_files = sorted(p.name for p in ref_cache.iterdir())
+    mtimes = {n: (Path(first.eval_dir) / n / "result.json").stat().st_mtime_ns
+              for n in ("reference", "step_000001", "step_000002")}
+    shutil.rmtree(broken)
+    shutil.copytree(ckpts / "step_000001", ckpts / "step_000004")
+    second = evaluate.run(cfg)
+    return dict(cfg=cfg, first=first, first_report=first_report, second=second, first_ref_files=first_ref_files, ref_cache=ref_cache,
+                mtimes=mtimes)
+
+
+def _samples(result, name: str):
+    return pq.read_table(Path(result.eval_dir) / name / "samples.parquet")
+
+
+def test_broken_checkpoint_fails_alone_with_its_reason(scenario):
+    first = scenario["first"]
+    assert [f["name"] for f in first.failures] == ["step_000003"]
+    assert "corrupt weights file model.safetensors" in first.failures[0]["error"], \
+        first.failures[0]["error"]
+    assert "\n" not in first.failures[0]["error"]
+    assert sorted(first.evaluated) == ["reference", "step_000001", "step_000002"]
+    assert "step_000003" in scenario["first_report"].split("## Failed")[1]
+
+
+def test_third_checkpoint_added_incrementally(scenario):
+    second, eval_dir = scenario["second"], Path(scenario["second"].eval_dir)
+    assert second.evaluated == ["step_000004"]
+    assert sorted(second.reused) == ["reference", "step_000001", "step_000002"]
+    assert second.failures == []
+    for name, mtime in scenario["mtimes"].items():  # not rewritten
+        assert (eval_dir / name / "result.json").stat().st_mtime_ns == mtime
+    assert [r["name"] for r in second.rows] == ["reference", "step_000001", "step_000002", "step_000004"]
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert [c["step"] for c in summary["checkpoints"]] == [0, 1, 2, 4]
+    assert summary["failures"] == []
+    for plot in ("reward_vs_kl.png", "reward_vs_step.png", "win_rate_vs_step.png", "kl_vs_step.png"):
+        assert (eval_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [ln for ln in (eval_dir / "report.md").read_text().splitlines() if ln.startswith("| step_0")]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["step_000001", "step_000002", "step_000004"]
+
+
+def test_same_seed_same_samples_and_reference_logps_reused(scenario):
+    second = scenario["second"]
+    a, b = _samples(second, "step_000001"), _samples(second, "step_000004")
+    assert a.column("completion_ids").to_pylist() == b.column("completion_ids").to_pylist()
+    np.testing.assert_allclose(a.column("logp").to_numpy(), b.column("logp").to_numpy(), atol=1e-5)
+    # Same token sequences -> the reference log-probs came from the content-addressed cache.
+    assert sorted(p.name for p in scenario["ref_cache"].iterdir()) == scenario["first_ref_files"]
+    c = _samples(second, "step_000002")
+    assert a.column("completion_ids").to_pylist() != c.column("completion_ids").to_pylist()
+
+
+def test_kl_of_the_reference_against_itself_is_zero(scenario):
+    t = _samples(scenario["first"], "reference")
+    assert len(t) == 12  # 6 prompts x 2 samples
+    np.testing.assert_allclose(t.column("kl").to_numpy(), 0.0, atol=2e-3)
+    row = scenario["second"].rows[0]
+    assert row["name"] == "reference" and abs(row["kl_mean"]) < 1e-3
+    assert row["win_rate"] == 0.5 and row["pref_accuracy"] is None
+
+
+def test_logps_and_kl_equal_independent_forwards(scenario, tiny_model):
+    from pipeline.models import load_tokenizer
+
+    cfg = scenario["cfg"]
+    t = _samples(scenario["first"], "step_000001")
+    prompts = evaluate.load_prompts(cfg, load_tokenizer(str(tiny_model)), evaluate.Store(str(Path(cfg.run_dir))))
+    seqs = [prompts.ids[p] + c for p, c in zip(t.column("prompt_index").to_pylist(),
+                                               t.column("completion_ids").to_pylist())]
+    starts = [len(prompts.ids[p]) for p in t.column("prompt_index").to_pylist()]
+    policy = _seq_logps(str(Path(cfg.run_dir) / "checkpoints" / "step_000001"), seqs, starts)
+    ref = _seq_logps(str(tiny_model), seqs, starts)
+    np.testing.assert_allclose(t.column("logp").to_numpy(), policy, atol=1e-3)
+    np.testing.assert_allclose(t.column("ref_logp").to_numpy(), ref, atol=1e-3)
+    np.testing.assert_allclose(t.column("kl").to_numpy(), policy - ref, atol=2e-3)
+    lengths = np.array([len(c) for c in t.column("completion_ids").to_pylist()])
+    assert lengths.max() <= 8 and lengths.min() >= 1
+
+
+def test_custom_reward_callable_scores_the_completions(scenario):
+    t = _samples(scenario["first"], "step_000002")
+    expected = [c.count("e") for c in t.column("completion").to_pylist()]
+    assert t.column("reward").to_pylist() == expected
+    row = next(r for r in scenario["second"].rows if r["name"] == "step_000002")
+    assert row["reward_mean"] == pytest.approx(np.mean(expected))
+    base = _samples(scenario["first"], "reference").column("reward").to_numpy()
+    wins = np.where(np.array(expected) > base, 1.0, np.where(np.array(expected) == base, 0.5, 0.0))
+    assert row["win_rate"] == pytest.approx(wins.mean())
+
+
+def test_preference_accuracy_equals_the_implicit_reward_formula(scenario, tiny_model):
+    cfg = scenario["cfg"]
+    eval_cache = cache.run(cfg)[1]
+    pairs = read_cache(eval_cache)
+    prompts = pairs.column("prompt_input_ids").to_pylist()
+    logps = {}
+    for side in ("chosen", "rejected"):
+        seqs = [p + r for p, r in zip(prompts, pairs.column(f"{side}_input_ids").to_pylist())]
+        logps[side] = _seq_logps(str(Path(cfg.run_dir) / "checkpoints" / "step_000002"), seqs,
+                                 [len(p) for p in prompts])
+    beta = cfg.train.loss.beta
+    margins = beta * ((logps["chosen"] - pairs.column("ref_chosen_logps").to_numpy())
+                      - (logps["rejected"] - pairs.column("ref_rejected_logps").to_numpy()))
+    row = next(r for r in scenario["second"].rows if r["name"] == "step_000002")
+    assert row["pref_pairs"] == len(pairs)
+    assert row["pref_accuracy"] == pytest.approx(float((margins > 0).mean()))
+    assert row["pref_margin_mean"] == pytest.approx(float(margins.mean()), abs=1e-4)
