@@ -36,12 +36,8 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.fingerprint import model_files_hash, sha256_json
 from pipeline.storage import Store
+from stages.scoring import CheckpointEngine, ReferenceEngine, RewardEngine
 
-SAMPLED = pa.schema([
-    pa.field("prompt_index", pa.int32()), pa.field("sample_index", pa.int32()),
-    pa.field("completion_ids", pa.list_(pa.int32())), pa.field("token_logps", pa.list_(pa.float32())),
-    pa.field("finish_reason", pa.string()),
-])
 
 
 @dataclass
@@ -150,95 +146,6 @@ def load_prompts(cfg: Config, tok, eval_dir: Store) -> Prompts:
 def sample_seed(seed: int, prompt_index: int) -> int:
     """Per-prompt vLLM seed: a prompt's samples depend on (seed, its index) only, not on batching or engine."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
-# ---------------------------------------------------------------- engines (Ray actors)
-
-
-def check_checkpoint(model_dir: str) -> None:
-    """Read a checkpoint's config and weight headers: a broken one fails here with its reason, rather than as
-    "engine core initialization failed" from inside vLLM's engine process."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(model_dir)
-    except Exception as e:
-        raise ValueError(f"unreadable config.json: {str(e).splitlines()[0][:200]}") from None
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files and not list(Path(model_dir).glob("*.bin")):
-        raise ValueError("no weights (*.safetensors or *.bin)")
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as st:
-                st.keys()
-        except Exception as e:
-            raise ValueError(f"corrupt weights file {f.name}: {str(e).splitlines()[0][:200]}") from None
-
-
-class CheckpointEngine:
-    """A vLLM engine for one target (Ray actor): samples completions, scores held-out pairs. Kill it to free the
-    engine; the next target gets a fresh actor."""
-
-    def __init__(self, scorer_kwargs: dict[str, Any]):
-        from pipeline.runtime import quiet_worker_logs
-        from stages.scoring import VllmScorer
-
-        quiet_worker_logs()
-        check_checkpoint(scorer_kwargs["model_dir"])
-        self.engine = VllmScorer(**scorer_kwargs)
-
-    def sample(self, prompts: list[list[int]], seeds: list[int], params: dict[str, Any], first: int) -> dict[str, Any]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        # logprobs=0: the log-prob of each sampled token only; the engine runs with raw (unprocessed) log-probs,
-        # i.e. log π at temperature 1, the π of the KL.
-        sps = [SamplingParams(**params, seed=s, logprobs=0, detokenize=False, flat_logprobs=True) for s in seeds]
-        t0 = time.perf_counter()
-        outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False)
-        seconds = time.perf_counter() - t0
-        cols: dict[str, list] = {f.name: [] for f in SAMPLED}
-        for i, out in enumerate(outs):
-            for c in out.outputs:
-                for name, value in (("prompt_index", first + i), ("sample_index", c.index),
-                                    ("completion_ids", list(c.token_ids)), ("token_logps", c.logprobs.logprobs),
-                                    ("finish_reason", c.finish_reason)):
-                    cols[name].append(value)
-        return {"table": pa.table(cols, schema=SAMPLED), "seconds": seconds}
-
-    def score_pairs(self, pairs: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """Summed log-probs of chosen and rejected under this target (stage-1 scorer code on cache rows)."""
-        out = self.engine(pairs.append_column("reject", pa.nulls(len(pairs), pa.string())))
-        return out.column("ref_chosen_logps").to_numpy(), out.column("ref_rejected_logps").to_numpy()
-
-
-class ReferenceEngine:
-    """The stage-1 scorer of the reference (Ray actor): log-probs of sampled completions under π_ref."""
-
-    def __init__(self, engine: str, scorer_kwargs: dict[str, Any]):
-        from pipeline.runtime import quiet_worker_logs
-        from stages.scoring import ENGINES
-
-        quiet_worker_logs()
-        self.scorer = ENGINES[engine](**scorer_kwargs)
-
-    def token_logps(self, sequences: list[np.ndarray], starts: list[int]) -> list[np.ndarray]:
-        return self.scorer.token_logps(sequences, starts)
-
-
-class RewardEngine:
-    """A reward model in a Ray actor (GPU if `eval.reward.use_gpu`); rules and callables run in the driver."""
-
-    def __init__(self, reward_cfg, device: str):
-        from pipeline.rewards import build_reward
-        from pipeline.runtime import quiet_worker_logs
-
-        quiet_worker_logs()
-        self.fn = build_reward(reward_cfg, device)
-
-    def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
-        return self.fn(prompts, completions)
 
 
 # ---------------------------------------------------------------- keys

@@ -3,12 +3,15 @@
 Input columns: `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (list<int32>) and `reject` (string,
 null for usable rows). Rejected rows pass through with null scores, so the writer sees every row of a shard.
 Two engines with one interface: `VllmScorer` (vLLM prompt log-probs of the exact tokens) and `HfScorer`
-(a transformers forward; the cross-check). Stage 3 reuses them to score samples under the reference.
+(a transformers forward; the cross-check). Stage 3 reuses them to score samples under the reference; its engine actors (one vLLM engine per checkpoint,
+the reference scorer, a reward model) are at the end.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,12 @@ import pyarrow as pa
 from pipeline.batching import list_column, pad_sequences
 
 REQUIRED = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "reject")
+# Stage 3: one row per sampled completion.
+SAMPLED = pa.schema([
+    pa.field("prompt_index", pa.int32()), pa.field("sample_index", pa.int32()),
+    pa.field("completion_ids", pa.list_(pa.int32())), pa.field("token_logps", pa.list_(pa.float32())),
+    pa.field("finish_reason", pa.string()),
+])
 SCORE_FIELDS = [
     pa.field("ref_chosen_logps", pa.float64()),
     pa.field("ref_rejected_logps", pa.float64()),
@@ -167,3 +176,91 @@ def actor_options(settings) -> dict[str, Any]:
                 num_gpus=settings.tensor_parallel_size if settings.use_gpu else 0,
                 # vLLM warns at length about things that do not apply here (no tokenizer: by design; CPU allocators).
                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}})
+
+
+# ---------------------------------------------------------------- stage 3: engines for evaluation (Ray actors)
+
+
+def check_checkpoint(model_dir: str) -> None:
+    """Read a checkpoint's config and weight headers: a broken one fails here with its reason, rather than as
+    "engine core initialization failed" from inside vLLM's engine process."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        raise ValueError(f"unreadable config.json: {str(e).splitlines()[0][:200]}") from None
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files and not list(Path(model_dir).glob("*.bin")):
+        raise ValueError("no weights (*.safetensors or *.bin)")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except Exception as e:
+            raise ValueError(f"corrupt weights file {f.name}: {str(e).splitlines()[0][:200]}") from None
+
+
+class CheckpointEngine:
+    """A vLLM engine for one target (Ray actor): samples completions, scores held-out pairs. Kill it to free the
+    engine; the next target gets a fresh actor."""
+
+    def __init__(self, scorer_kwargs: dict[str, Any]):
+        from pipeline.runtime import quiet_worker_logs
+
+        quiet_worker_logs()
+        check_checkpoint(scorer_kwargs["model_dir"])
+        self.engine = VllmScorer(**scorer_kwargs)
+
+    def sample(self, prompts: list[list[int]], seeds: list[int], params: dict[str, Any],
+               first: int) -> dict[str, Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # logprobs=0: the log-prob of each sampled token only; the engine runs with raw (unprocessed) log-probs,
+        # i.e. log π at temperature 1, the π of the KL.
+        sps = [SamplingParams(**params, seed=s, logprobs=0, detokenize=False, flat_logprobs=True) for s in seeds]
+        t0 = time.perf_counter()
+        outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        cols: dict[str, list] = {f.name: [] for f in SAMPLED}
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                for name, value in (("prompt_index", first + i), ("sample_index", c.index),
+                                    ("completion_ids", list(c.token_ids)), ("token_logps", c.logprobs.logprobs),
+                                    ("finish_reason", c.finish_reason)):
+                    cols[name].append(value)
+        return {"table": pa.table(cols, schema=SAMPLED), "seconds": seconds}
+
+    def score_pairs(self, pairs: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Summed log-probs of chosen and rejected under this target (stage-1 scorer code on cache rows)."""
+        out = self.engine(pairs.append_column("reject", pa.nulls(len(pairs), pa.string())))
+        return out.column("ref_chosen_logps").to_numpy(), out.column("ref_rejected_logps").to_numpy()
+
+
+class ReferenceEngine:
+    """The stage-1 scorer of the reference (Ray actor): log-probs of sampled completions under π_ref."""
+
+    def __init__(self, engine: str, scorer_kwargs: dict[str, Any]):
+        from pipeline.runtime import quiet_worker_logs
+
+        quiet_worker_logs()
+        self.scorer = ENGINES[engine](**scorer_kwargs)
+
+    def token_logps(self, sequences: list[np.ndarray], starts: list[int]) -> list[np.ndarray]:
+        return self.scorer.token_logps(sequences, starts)
+
+
+class RewardEngine:
+    """A reward model in a Ray actor (GPU if `eval.reward.use_gpu`); rules and callables run in the driver."""
+
+    def __init__(self, reward_cfg, device: str):
+        from pipeline.rewards import build_reward
+        from pipeline.runtime import quiet_worker_logs
+
+        quiet_worker_logs()
+        self.fn = build_reward(reward_cfg, device)
+
+    def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        return self.fn(prompts, completions)
