@@ -96,6 +96,18 @@ def test_user_errors_exit_2_with_one_line(overrides, needle, tiny_model):
     assert_user_error(cli("cache", "configs/tiny.yaml", f"model.path={tiny_model}", *overrides), needle)
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["eval.checkpoints=every:0"], "checkpoints must be all, last, every:K"),
+    (["eval.reward.type=callable"], "reward type 'callable' needs eval.reward.function"),
+    (["eval.preference_accuracy=false"], "no checkpoints in"),
+    ([], "no complete reference cache for the eval split"),  # preference accuracy needs the eval cache
+])
+def test_eval_user_errors_exit_2_with_one_line(overrides, needle, tiny_model, tmp_path):
+    proc = cli("eval", "configs/tiny.yaml", f"model.path={tiny_model}", f"run_dir={tmp_path / 'run'}",
+               f"cache_dir={tmp_path / 'cache'}", *overrides)
+    assert_user_error(proc, needle)
+
+
 def test_missing_config_file_exits_2():
     assert_user_error(cli("cache", "no/such/config.yaml"), "config file 'no/such/config.yaml' not found")
 

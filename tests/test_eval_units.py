@@ -1,0 +1,130 @@
+"""Stage 3 without engines: checkpoint selection, seeds, preference accuracy, error lines, prompt tokenization."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data import Reject, tokenize_prompts
+from pipeline.errors import UserError
+from stages.evaluate import error_line, preference_metrics, sample_seed, select_targets
+from tests.conftest import make_config
+
+
+@pytest.fixture
+def run(tiny_model, tmp_path):
+    """A run dir with checkpoints step 1..5, an unfinished export and a directory without config.json."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in range(1, 6):
+        (ckpts / f"step_{step:06d}").mkdir(parents=True)
+        (ckpts / f"step_{step:06d}" / "config.json").write_text("{}")
+    (ckpts / ".tmp-step_000006-x").mkdir()
+    (ckpts / "step_000007").mkdir()  # no config.json: not a complete export
+
+    def select(*overrides):
+        return select_targets(make_config(tiny_model, tmp_path, *overrides))
+    return select, ckpts
+
+
+@pytest.mark.parametrize("selection, steps", [
+    ("all", [1, 2, 3, 4, 5]),
+    ("last", [5]),
+    ("every:2", [2, 4, 5]),  # every second, and the last
+    ("every:5", [5]),
+    ("every:7", [5]),
+])
+def test_selection_of_run_checkpoints(run, selection, steps):
+    select, _ = run
+    targets = select(f"eval.checkpoints={selection}")
+    assert targets[0].name == "reference" and targets[0].is_reference and targets[0].step == 0
+    assert [t.step for t in targets[1:]] == steps
+    assert all(t.error is None for t in targets)
+
+
+def test_selection_without_reference(run):
+    select, _ = run
+    assert [t.name for t in select("eval.checkpoints=last", "eval.include_reference=false")] == ["step_000005"]
+
+
+def test_explicit_paths_from_elsewhere(run, tmp_path):
+    select, ckpts = run
+    other = tmp_path / "elsewhere" / "step_000002"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+    named = tmp_path / "my-model"
+    named.mkdir()
+    (named / "config.json").write_text("{}")
+    targets = select(f"eval.checkpoints=[{ckpts / 'step_000002'}, {other}, {named}, {tmp_path / 'nope'}, "
+                     f"{ckpts / 'step_000007'}]")
+    by_name = {t.name: t for t in targets}
+    suffix = hashlib.sha256(str(other.resolve()).encode()).hexdigest()[:8]
+    assert list(by_name) == ["reference", "step_000002", f"step_000002-{suffix}", "my-model", "nope", "step_000007"]
+    assert by_name[f"step_000002-{suffix}"].step == 2 and by_name["my-model"].step is None
+    assert "does not exist" in by_name["nope"].error
+    assert "no config.json" in by_name["step_000007"].error
+    assert by_name["step_000002"].error is None
+
+
+def test_no_checkpoints_is_a_user_error(tiny_model, tmp_path):
+    with pytest.raises(UserError, match="no checkpoints in .*train first"):
+        select_targets(make_config(tiny_model, tmp_path, "eval.checkpoints=all"))
+
+
+def test_sample_seed_depends_on_seed_and_index_only():
+    seeds = [sample_seed(0, i) for i in range(1000)]
+    assert seeds == [sample_seed(0, i) for i in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**31 for s in seeds)
+    assert sample_seed(1, 0) != sample_seed(0, 0)
+
+
+def test_preference_metrics_hand_worked():
+    # margins = β ((πc − rc) − (πr − rr)) = 0.5 * [(−1 − −2) − (−3 − −3), (−4 − −2) − (−1 − −2), (0 − 0) − (0 − 0)]
+    #         = [0.5, −1.5, 0]; a tie is not a win.
+    m = preference_metrics(np.array([-1.0, -4.0, 0.0]), np.array([-3.0, -1.0, 0.0]), np.array([-2.0, -2.0, 0.0]),
+                           np.array([-3.0, -2.0, 0.0]), beta=0.5)
+    assert m == {"pref_accuracy": pytest.approx(1 / 3), "pref_margin_mean": pytest.approx(-1 / 3), "pref_pairs": 3}
+    assert preference_metrics([], [], np.array([]), np.array([]), 0.1)["pref_accuracy"] is None
+
+
+def test_error_line_takes_the_innermost_error():
+    class Wrapped(Exception):
+        def __init__(self, cause):
+            super().__init__("the actor died\n  Traceback ...\nRuntimeError: outer\n  more\nValueError: corrupt x")
+            self.cause = None
+    assert error_line(Wrapped(None)) == "ValueError: corrupt x"
+    assert error_line(RuntimeError("boom")) == "RuntimeError: boom"
+    assert "\n" not in error_line(RuntimeError("two\nlines"))
+
+
+def _prompts(tok, rows, max_prompt_length=64):
+    return tokenize_prompts(list(enumerate(rows)), tok, "auto", 128, max_prompt_length, "\n\nAssistant:")
+
+
+def test_prompt_only_rows(tokenizer):
+    items, rejects = _prompts(tokenizer, [
+        {"prompt": "the movie was"},
+        {"prompt": [{"role": "user", "content": "why do you like the film?"}]},
+        {"id": "x", "prompt": "  "},
+        {"text": "no prompt"},
+    ])
+    assert [i.index for i in items] == [0, 1] and all(i.chosen_input_ids is None for i in items)
+    assert items[0].prompt_input_ids == tokenizer("the movie was")["input_ids"]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "why do you like the film?"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert items[1].prompt_input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert [(r.index, r.reason) for r in rejects] == [(2, "empty_field"), (3, "unrecognised_format")]
+    assert all(isinstance(r, Reject) for r in rejects)
+
+
+def test_preference_rows_give_prompt_and_chosen(tokenizer):
+    items, rejects = _prompts(tokenizer, [
+        {"prompt": "the movie was", "chosen": " great", "rejected": " bad"},
+        {"prompt": "the film " * 60, "chosen": " good", "rejected": " dull"},
+    ], max_prompt_length=16)
+    assert len(items) == 1 and [r.reason for r in rejects] == ["prompt_too_long"]
+    assert items[0].prompt_input_ids == tokenizer("the movie was")["input_ids"]
+    assert items[0].chosen_input_ids == tokenizer(" great", add_special_tokens=False)["input_ids"] + \
+        [tokenizer.eos_token_id]
