@@ -32,6 +32,7 @@ $(TINY_MODEL)/config.json: | install
 demo: install $(TINY_MODEL)/config.json
 	$(BIN)/dpo-pipeline cache configs/tiny.yaml
 	$(BIN)/dpo-pipeline train configs/tiny.yaml
+	$(BIN)/dpo-pipeline eval configs/tiny.yaml
 
 bench: install
 	$(BIN)/python benchmarks/bench_cache.py

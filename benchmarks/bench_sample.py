@@ -135,6 +135,7 @@ def main() -> None:
     import transformers
 
     args = parse_args()
+    transformers.utils.logging.disable_progress_bar()
     flops = matmul_flops()
     runners = {"vllm": run_vllm, "hf": run_hf}
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +152,7 @@ def main() -> None:
           f"{args.samples_per_prompt} samples x {args.new_tokens} new tokens")
     print(f"{'engine':<6} {'start s':>8} {'sampling s':>11} {'tokens':>8} {'tok/s':>8} {'eff.':>6}")
     for r in rows:
-        print(f"{r['engine']:<6} {r['start_s']:>8.1f} {r['sampling_s']:>11.1f} {r['tokens']:>8} "
+        print(f"{r['engine']:<6} {r['start_s']:>8.1f} {r['sampling_s']:>11.2f} {r['tokens']:>8} "
               f"{r['tokens_per_s']:>8.0f} {r['efficiency']:>6.1%}")
     by = {r["engine"]: r for r in rows}
     ratio = by["vllm"]["tokens_per_s"] / by["hf"]["tokens_per_s"] if len(by) == 2 else None

@@ -232,7 +232,7 @@ class _Sampling:
                 job = queue.pop(0)
                 kwargs = scorer_kwargs("vllm", self.e, job.target.path, self.cfg.model.dtype, max_len)
                 kwargs["seed"] = self.e.seed
-                actor = actor_cls.options(**actor_options(self.e)).remote(kwargs)
+                actor = actor_cls.options(**actor_options(self.e)).remote(kwargs, job.store.path("engine.log"))
                 state[job.target.name] = {"actor": actor, "next": 0, "parts": [], "seconds": 0.0, "pref": None,
                                           "t0": time.perf_counter()}
                 self._submit(job, state[job.target.name], running)
@@ -242,7 +242,7 @@ class _Sampling:
             try:
                 out = ray.get(done[0])
             except Exception as exc:  # this target alone fails; the others go on
-                self.failures[job.target.name] = error_line(exc)
+                self.failures[job.target.name] = f"{error_line(exc)} (engine log: {job.store.path('engine.log')})"
                 total = self.e.samples_per_prompt * len(self.prompts.ids)
                 self.progress.update(total - sum(len(p) for p in st["parts"]))  # the bar still ends at 100%
                 ray.kill(st.pop("actor"))
@@ -307,7 +307,8 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
     ref = cfg.reference
     max_len = max(cfg.data.max_length, cfg.data.max_prompt_length + cfg.eval.max_new_tokens)
     actor = ray.remote(ReferenceEngine).options(**actor_options(ref)).remote(ref.engine, scorer_kwargs(
-        ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, max_len, cfg.model.trust_remote_code))
+        ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, max_len, cfg.model.trust_remote_code),
+        str(Path(cfg.run_dir) / "eval" / "reference-scorer.log"))
     chunk = max(1, ref.batch_size * 2)  # sequences per call: a scorer batch holds 2 per pair
     try:
         with progress_factory(total=sum(len(t[2]) for t in todo), desc=f"reference log-probs ({ref.engine})") as bar:

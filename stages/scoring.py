@@ -202,13 +202,26 @@ def check_checkpoint(model_dir: str) -> None:
             raise ValueError(f"corrupt weights file {f.name}: {str(e).splitlines()[0][:200]}") from None
 
 
+def redirect_output(log_path: str | None) -> None:
+    """Send this actor's stdout/stderr, and its engine processes' (they inherit them), to a file: vLLM's start-up
+    chatter stays out of the driver's output, and the log is kept beside the results for failures."""
+    if log_path is None:
+        return
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 class CheckpointEngine:
     """A vLLM engine for one target (Ray actor): samples completions, scores held-out pairs. Kill it to free the
     engine; the next target gets a fresh actor."""
 
-    def __init__(self, scorer_kwargs: dict[str, Any]):
+    def __init__(self, scorer_kwargs: dict[str, Any], log_path: str | None = None):
         from pipeline.runtime import quiet_worker_logs
 
+        redirect_output(log_path)
         quiet_worker_logs()
         check_checkpoint(scorer_kwargs["model_dir"])
         self.engine = VllmScorer(**scorer_kwargs)
@@ -242,9 +255,10 @@ class CheckpointEngine:
 class ReferenceEngine:
     """The stage-1 scorer of the reference (Ray actor): log-probs of sampled completions under π_ref."""
 
-    def __init__(self, engine: str, scorer_kwargs: dict[str, Any]):
+    def __init__(self, engine: str, scorer_kwargs: dict[str, Any], log_path: str | None = None):
         from pipeline.runtime import quiet_worker_logs
 
+        redirect_output(log_path)
         quiet_worker_logs()
         self.scorer = ENGINES[engine](**scorer_kwargs)
 
