@@ -37,6 +37,7 @@ demo: install $(TINY_MODEL)/config.json
 bench: install
 	$(BIN)/python benchmarks/bench_cache.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_sample.py
 
 clean:
 	rm -rf build cache runs

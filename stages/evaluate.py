@@ -311,7 +311,8 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
         str(Path(cfg.run_dir) / "eval" / "reference-scorer.log"))
     chunk = max(1, ref.batch_size * 2)  # sequences per call: a scorer batch holds 2 per pair
     try:
-        with progress_factory(total=sum(len(t[2]) for t in todo), desc=f"reference log-probs ({ref.engine})") as bar:
+        with progress_factory(total=sum(len(t[2]) for t in todo), desc=f"reference log-probs ({ref.engine})",
+                              unit="sample") as bar:
             for job, key, seqs, starts in todo:
                 out: list[np.ndarray] = []
                 for i in range(0, len(seqs), chunk):

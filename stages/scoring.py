@@ -224,6 +224,13 @@ class CheckpointEngine:
         redirect_output(log_path)
         quiet_worker_logs()
         check_checkpoint(scorer_kwargs["model_dir"])
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # vLLM on CPU cannot rewind a seeded request's generator after a partial (chunked) prefill
+            # ("CPU Generator does not use offset", engine dead): schedule every prompt whole.
+            scorer_kwargs = {**scorer_kwargs, "engine_kwargs": {"enable_chunked_prefill": False,
+                                                                **scorer_kwargs.get("engine_kwargs", {})}}
         self.engine = VllmScorer(**scorer_kwargs)
 
     def sample(self, prompts: list[list[int]], seeds: list[int], params: dict[str, Any],

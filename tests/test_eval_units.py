@@ -128,3 +128,21 @@ def test_preference_rows_give_prompt_and_chosen(tokenizer):
     assert items[0].prompt_input_ids == tokenizer("the movie was")["input_ids"]
     assert items[0].chosen_input_ids == tokenizer(" great", add_special_tokens=False)["input_ids"] + \
         [tokenizer.eos_token_id]
+
+
+@pytest.mark.ray
+def test_reward_model_runs_in_a_ray_actor_with_the_same_values(tiny_model, tmp_path, ray_local):
+    from pipeline.rewards import build_reward
+    from stages.evaluate import _reward_fn
+    from tests.test_rewards import save_reward_model
+
+    rm = save_reward_model(tmp_path / "rm", tiny_model)
+    cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
+    remote, close = _reward_fn(cfg)
+    try:
+        prompts, completions = ["the movie was", "the film"], [" great", " boring and dull"]
+        got = remote(prompts, completions)
+    finally:
+        close()
+    np.testing.assert_allclose(got, build_reward(cfg.eval.reward)(prompts, completions), atol=1e-6)
+    assert got.dtype == np.float64 and len(got) == 2
