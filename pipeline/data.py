@@ -374,9 +374,9 @@ def _encode_prompts(tok, texts: list[_Texts]) -> list[list[int]]:
     return [next(chat_ids) if t.chat else next(plain_ids) for t in texts]
 
 
-def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, max_prompt_length: int,
-                  marker: str) -> tuple[list[Pair], list[Reject]]:
-    """Normalise, tokenize (batched, in the tokenizer's Rust code) and truncate; return pairs and rejects."""
+def _normalised(rows: list[tuple[int, Any]], to_texts) -> tuple[list[tuple[int, str, _Texts, Any]], list[Reject]]:
+    """Rows -> (index, id, texts, row) of the usable ones, and rejects with their reason; `to_texts(row)` raises
+    `_Bad` for an unusable row."""
     ok: list[tuple[int, str, _Texts, Any]] = []
     rejects: list[Reject] = []
     for index, row in rows:
@@ -386,13 +386,20 @@ def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, m
         rid = None
         try:
             rid = _row_id(row, index)
-            texts = normalise(row, fmt, tok, marker)
+            texts = to_texts(row)
             if not all(map(_is_text, (texts.prompt, texts.chosen, texts.rejected))):
                 raise _Bad("invalid_utf8", "the row's text holds a lone surrogate escape (\\ud800-\\udfff), "
                                            "which is not text")
             ok.append((index, rid, texts, row))
         except _Bad as bad:
             rejects.append(Reject(index, rid, bad.reason, bad.detail, row))
+    return ok, rejects
+
+
+def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, max_prompt_length: int,
+                  marker: str) -> tuple[list[Pair], list[Reject]]:
+    """Normalise, tokenize (batched, in the tokenizer's Rust code) and truncate; return pairs and rejects."""
+    ok, rejects = _normalised(rows, lambda row: normalise(row, fmt, tok, marker))
     if not ok:
         return [], rejects
 
@@ -430,8 +437,8 @@ class PromptItem:
     chosen_input_ids: list[int] | None  # the dataset's chosen response, when the row has one
 
 
-def _prompt_texts(row: Any, fmt: str, tok, marker: str) -> tuple[_Texts, bool]:
-    """A preference row (its prompt and chosen response) or a prompt-only row -> (texts, has_chosen)."""
+def _prompt_texts(row: Any, fmt: str, tok, marker: str) -> _Texts:
+    """A preference row (its prompt and chosen response) or a prompt-only row (empty chosen and rejected)."""
     if isinstance(row, dict) and "prompt" in row and "chosen" not in row and "rejected" not in row:
         prompt = row["prompt"]
         if isinstance(prompt, list):
@@ -440,36 +447,22 @@ def _prompt_texts(row: Any, fmt: str, tok, marker: str) -> tuple[_Texts, bool]:
                 text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             except Exception as e:
                 raise _Bad("chat_template_error", f"the chat template failed on this row: {str(e)[:200]}") from None
-            return _Texts(text, "", "", chat=True), False
-        return _Texts(_text(row, "prompt"), "", "", chat=False), False
-    return normalise(row, fmt, tok, marker), True
+            return _Texts(text, "", "", chat=True)
+        return _Texts(_text(row, "prompt"), "", "", chat=False)
+    return normalise(row, fmt, tok, marker)
 
 
 def tokenize_prompts(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, max_prompt_length: int,
                      marker: str) -> tuple[list[PromptItem], list[Reject]]:
     """Prompts to sample from: the prompt (and chosen response, truncated like the cache) of preference rows, or
     rows holding only a `prompt` (a string or a list of messages). Same reasons for rejects as `tokenize_rows`."""
-    ok: list[tuple[int, str, _Texts, bool, Any]] = []
-    rejects: list[Reject] = []
-    for index, row in rows:
-        if isinstance(row, Reject):
-            rejects.append(row)
-            continue
-        rid = None
-        try:
-            rid = _row_id(row, index)
-            texts, has_chosen = _prompt_texts(row, fmt, tok, marker)
-            if not all(map(_is_text, (texts.prompt, texts.chosen))):
-                raise _Bad("invalid_utf8", "the row's text holds a lone surrogate escape (\\ud800-\\udfff), "
-                                           "which is not text")
-            ok.append((index, rid, texts, has_chosen, row))
-        except _Bad as bad:
-            rejects.append(Reject(index, rid, bad.reason, bad.detail, row))
-    prompt_ids = _encode_prompts(tok, [t for _, _, t, _, _ in ok])
-    chosen_ids = _encode(tok, [t.chosen for _, _, t, _, _ in ok], special=False)
+    ok, rejects = _normalised(rows, lambda row: _prompt_texts(row, fmt, tok, marker))
+    prompt_ids = _encode_prompts(tok, [t for _, _, t, _ in ok])
+    chosen_ids = _encode(tok, [t.chosen for _, _, t, _ in ok], special=False)
     items: list[PromptItem] = []
     eos = tok.eos_token_id
-    for (index, rid, texts, has_chosen, row), p, c in zip(ok, prompt_ids, chosen_ids):
+    for (index, rid, texts, row), p, c in zip(ok, prompt_ids, chosen_ids):
+        has_chosen = bool(texts.chosen)  # prompt-only rows have none
         if len(p) > max_prompt_length:
             rejects.append(Reject(index, rid, "prompt_too_long",
                                   f"prompt has {len(p)} tokens > data.max_prompt_length={max_prompt_length}", row))

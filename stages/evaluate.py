@@ -356,6 +356,10 @@ def _reward_fn(cfg: Config):
 
     actor = ray.remote(RewardEngine).options(num_cpus=1, num_gpus=1 if r.use_gpu else 0).remote(
         r, "cuda" if r.use_gpu else "cpu")
+    error = ray.get(actor.ready.remote())
+    if error:
+        ray.kill(actor)
+        raise UserError(error)
     return (lambda p, c: ray.get(actor.score.remote(p, c))), lambda: ray.kill(actor)
 
 

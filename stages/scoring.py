@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.batching import list_column, pad_sequences
+from pipeline.errors import UserError
 
 REQUIRED = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "reject")
 # Stage 3: one row per sampled completion.
@@ -281,7 +282,15 @@ class RewardEngine:
         from pipeline.runtime import quiet_worker_logs
 
         quiet_worker_logs()
-        self.fn = build_reward(reward_cfg, device)
+        self.fn, self.error = None, None
+        try:
+            self.fn = build_reward(reward_cfg, device)
+        except UserError as e:  # the driver raises it as the one-line error it is (see `ready`)
+            self.error = str(e)
+
+    def ready(self) -> str | None:
+        """None, or the user error that kept the reward model from loading."""
+        return self.error
 
     def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         return self.fn(prompts, completions)

@@ -136,7 +136,7 @@ def test_reward_model_runs_in_a_ray_actor_with_the_same_values(tiny_model, tmp_p
     from stages.evaluate import _reward_fn
     from tests.test_rewards import save_reward_model
 
-    rm = save_reward_model(tmp_path / "rm", tiny_model)
+    rm = save_reward_model(tmp_path / "rm", tiny_model, num_labels=1)
     cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
     remote, close = _reward_fn(cfg)
     try:
@@ -146,3 +146,14 @@ def test_reward_model_runs_in_a_ray_actor_with_the_same_values(tiny_model, tmp_p
         close()
     np.testing.assert_allclose(got, build_reward(cfg.eval.reward)(prompts, completions), atol=1e-6)
     assert got.dtype == np.float64 and len(got) == 2
+
+
+@pytest.mark.ray
+def test_reward_model_config_errors_surface_as_one_line(tiny_model, tmp_path, ray_local):
+    from stages.evaluate import _reward_fn
+    from tests.test_rewards import save_reward_model
+
+    rm = save_reward_model(tmp_path / "rm2", tiny_model, id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
+    with pytest.raises(UserError, match="set eval.reward.label"):
+        _reward_fn(cfg)

@@ -92,15 +92,20 @@ def test_checkpoints_load_in_transformers_and_match_training_state(one_worker, t
 def test_checkpoint_loads_in_vllm(one_worker):
     from transformers import AutoModelForCausalLM
 
-    from stages.scoring import VllmScorer
+    import numpy as np
+    import ray
+
+    from stages.scoring import ReferenceEngine
 
     ckpt = one_worker[1].checkpoints[-1]
-    import numpy as np
-
     seq = np.array([1, 40, 41, 42, 43, 44, 45, 46, 2])
-    scorer = VllmScorer(ckpt, "float32", max_length=64)
-    got = scorer.token_logps([seq], [3])[0]
-    del scorer
+    # In a Ray actor, as the stages run it: an engine in the test process leaves vLLM threads that can abort
+    # the interpreter at exit.
+    scorer = ray.remote(ReferenceEngine).remote("vllm", {"model_dir": ckpt, "dtype": "float32", "max_length": 64})
+    try:
+        got = ray.get(scorer.token_logps.remote([seq], [3]))[0]
+    finally:
+        ray.kill(scorer)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
