@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        print("interrupted: finished work (cache shards, checkpoints, evaluated checkpoints) is kept; rerun the "
+              "same command to resume", file=sys.stderr)
         return 130
     return code or 0
 
