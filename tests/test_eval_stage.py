@@ -178,3 +178,19 @@ def test_preference_accuracy_equals_the_implicit_reward_formula(scenario, tiny_m
     assert row["pref_pairs"] == len(pairs)
     assert row["pref_accuracy"] == pytest.approx(float((margins > 0).mean()))
     assert row["pref_margin_mean"] == pytest.approx(float(margins.mean()), abs=1e-4)
+
+
+def test_changed_reward_rescores_without_sampling_again(scenario):
+    """Last in this module: it rewrites the results the tests above read. A new reward changes every target's
+    key but not its sampling key: the samples on disk are rescored, no engine starts."""
+    eval_dir = Path(scenario["second"].eval_dir)
+    names = ["reference", "step_000001", "step_000002", "step_000004"]
+    logs = {n: (eval_dir / n / "engine.log").stat().st_mtime_ns for n in names}
+    cfg = scenario["cfg"].model_copy(deep=True)
+    cfg.eval.reward.kwargs = {"char": "a"}
+    third = evaluate.run(cfg)
+    assert sorted(third.evaluated) == names and third.reused == []
+    assert {n: (eval_dir / n / "engine.log").stat().st_mtime_ns for n in names} == logs
+    t = _samples(third, "step_000002")
+    assert t.column("reward").to_pylist() == [c.count("a") for c in t.column("completion").to_pylist()]
+    assert [r["name"] for r in third.rows] == names  # the report holds the current settings' results only
