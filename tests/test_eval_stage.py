@@ -194,3 +194,24 @@ def test_changed_reward_rescores_without_sampling_again(scenario):
     t = _samples(third, "step_000002")
     assert t.column("reward").to_pylist() == [c.count("a") for c in t.column("completion").to_pylist()]
     assert [r["name"] for r in third.rows] == names  # the report holds the current settings' results only
+
+
+def test_win_rate_against_the_datasets_chosen_responses(scenario, tiny_model):
+    """After the test above (reward: count of 'a'). The baseline is not part of a target's key: switching it only
+    rewrites the report, with the chosen responses scored by the same reward."""
+    from pipeline.models import load_tokenizer
+
+    cfg = scenario["cfg"].model_copy(deep=True)
+    cfg.eval.reward.kwargs = {"char": "a"}
+    cfg.eval.baseline = "chosen"
+    result = evaluate.run(cfg)
+    assert result.evaluated == [] and len(result.reused) == 4
+    tok = load_tokenizer(str(tiny_model))
+    prompts = evaluate.load_prompts(cfg, tok, evaluate.Store(str(Path(cfg.run_dir))))
+    chosen = np.array([tok.decode(c, skip_special_tokens=True).count("a") for c in prompts.chosen])
+    for row in result.rows:
+        t = _samples(result, row["name"])
+        mine = np.array(t.column("reward").to_pylist())
+        base = chosen[t.column("prompt_index").to_numpy()]
+        expected = np.where(mine > base, 1.0, np.where(mine == base, 0.5, 0.0)).mean()
+        assert row["win_rate"] == pytest.approx(expected), row["name"]
