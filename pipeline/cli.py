@@ -52,6 +52,8 @@ def _eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     r = evaluate.run(cfg)
+    rejected = f" ({r.prompt_rejects} unusable rows: {r.eval_dir}/prompt_rejects.jsonl)" if r.prompt_rejects else ""
+    print(f"{r.prompts} prompt(s) × {cfg.eval.samples_per_prompt} sample(s){rejected}")
     for row in r.rows:
         state = "evaluated" if row["name"] in r.evaluated else "unchanged, kept" if row["name"] in r.reused else \
             "from an earlier run"

@@ -59,6 +59,8 @@ class EvalResult:
     failures: list[dict[str, str]]
     report: str
     rows: list[dict[str, Any]] = field(default_factory=list)
+    prompts: int = 0
+    prompt_rejects: int = 0  # unusable prompt rows, listed with their reason in <eval_dir>/prompt_rejects.jsonl
 
 
 # ---------------------------------------------------------------- selection (driver)
@@ -363,7 +365,7 @@ def _reward_fn(cfg: Config):
     return (lambda p, c: ray.get(actor.score.remote(p, c))), lambda: ray.kill(actor)
 
 
-def _chosen_rewards(cfg: Config, store: Store, prompts: Prompts, tok, reward, reward_id) -> np.ndarray | None:
+def _chosen_rewards(store: Store, prompts: Prompts, tok, reward, reward_id) -> np.ndarray:
     """Rewards of the dataset's chosen responses (NaN where a prompt has none); recorded under their key."""
     key = sha256_json({"prompts": prompts.sha256, "reward": reward_id})
     if store.exists("chosen_rewards.json") and store.read_json("chosen_rewards.json")["key"] == key:
@@ -537,7 +539,7 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
             _finish(job, prompts, comps, ref_logps[job.target.name], rewards, cfg.train.loss.beta, pref_ref,
                     settings_key)
         if reward is not None and e.baseline == "chosen":
-            chosen = _chosen_rewards(cfg, eval_store, prompts, tok, reward, scoring["reward"])
+            chosen = _chosen_rewards(eval_store, prompts, tok, reward, scoring["reward"])
     finally:
         close()
 
@@ -552,4 +554,5 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
                 "reward": f"{r.type}: {described}" if r else "none", "baseline": e.baseline,
                 "reference_engine": cfg.reference.engine}
     report = write_report(eval_dir, rows, failed, settings)
-    return EvalResult(str(eval_dir), [j.target.name for j in jobs], reused, failed, str(report.report), rows)
+    return EvalResult(str(eval_dir), [j.target.name for j in jobs], reused, failed, str(report.report), rows,
+                      len(prompts.ids), prompts.rejected)
