@@ -30,9 +30,7 @@ $(TINY_MODEL)/config.json: | install
 	$(BIN)/dpo-pipeline tiny-assets $(TINY_MODEL)
 
 demo: install $(TINY_MODEL)/config.json
-	$(BIN)/dpo-pipeline cache configs/tiny.yaml
-	$(BIN)/dpo-pipeline train configs/tiny.yaml
-	$(BIN)/dpo-pipeline eval configs/tiny.yaml
+	$(BIN)/dpo-pipeline run configs/tiny.yaml
 
 bench: install
 	$(BIN)/python benchmarks/bench_cache.py

@@ -70,6 +70,61 @@ def _eval(args) -> int:
     return 0
 
 
+def _plan(args) -> None:
+    from pipeline.config import load_config
+    from pipeline.orchestrate import plan
+
+    for s in plan(load_config(args.config, args.overrides)):
+        print(f"{s.stage:<12} {s.action:<7} {s.why}")
+
+
+class _Tee:
+    """Writes to a stream and a log file: the run log keeps what the driver printed."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _run(args) -> int:
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.orchestrate import run
+
+    cfg = load_config(args.config, args.overrides)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(cfg.run_dir) / "run.log", "a", encoding="utf-8") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            s = run(cfg)
+            print("\nsummary")
+            for split, uri in s.caches.items():
+                print(f"  cache ({split}): {uri}")
+            print(f"  checkpoints: {', '.join(s.checkpoints) or 'none'}")
+            for row in s.rows:
+                print(f"  [{row['name']}] reward {_fmt(row['reward_mean'], row['reward_se'])}, KL "
+                      f"{_fmt(row['kl_mean'], row['kl_se'])}, win rate {_fmt(row['win_rate'])}, preference "
+                      f"accuracy {_fmt(row['pref_accuracy'])}")
+            for f in s.failures:
+                print(f"  [{f['name']}] FAILED: {f['error']}", file=sys.stderr)
+            print(f"  report: {s.report}\n  resolved config: {cfg.run_dir}/config.yaml, log: {cfg.run_dir}/run.log")
+        finally:
+            sys.stdout, sys.stderr = out, err
+    return 1 if s.failures else 0
+
+
 def _tiny_assets(args) -> None:
     from pipeline.tiny import build_tiny_assets
 
@@ -94,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, help_ in (("cache", _cache, "build (or reuse) the reference log-prob cache"),
                             ("train", _train, "DPO training from the cache (resumes in the same run_dir)"),
                             ("eval", _eval, "evaluate checkpoints by sampling (only those not yet evaluated)"),
+                            ("run", _run, "cache -> train -> eval, skipping what is already done"),
+                            ("plan", _plan, "say what `run` would do, and why, without running anything"),
                             ("config", _config, "print the resolved config")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")

@@ -468,20 +468,36 @@ def _preference_pairs(cfg: Config):
         store.read_json("manifest.json")["key"]
 
 
-def run(cfg: Config, progress_factory=None) -> EvalResult:
-    """Evaluate the selected targets not yet evaluated with these settings; rewrite the report over all."""
-    import importlib.util
+@dataclass
+class EvalPlan:
+    """What `run` will do, resolved on the driver: targets to evaluate (`jobs`), kept ones, failed ones."""
 
+    eval_store: Store
+    tok: Any
+    prompts: Prompts
+    pairs: pa.Table | None
+    pref_ref: tuple[np.ndarray, np.ndarray] | None
+    reference: dict[str, Any]
+    scoring: dict[str, Any]
+    settings_key: str
+    targets: list[Target]
+    failures: dict[str, str]
+    jobs: list[_Job]
+    reused: list[str]
+
+    @property
+    def to_sample(self) -> list[_Job]:
+        return [j for j in self.jobs if j.sampled is None]
+
+
+def prepare(cfg: Config) -> EvalPlan:
+    """Resolve prompts, settings and targets; find which targets are already evaluated with these settings."""
     from pipeline.config import to_yaml
     from pipeline.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
-    from pipeline.report import write_report
     from pipeline.rewards import reward_identity
-    from pipeline.runtime import init_ray, progress_bar
 
-    progress_factory = progress_factory or progress_bar
     e = cfg.eval
-    eval_dir = Path(cfg.run_dir) / "eval"
-    eval_store = Store(str(eval_dir))
+    eval_store = Store(str(Path(cfg.run_dir) / "eval"))
     eval_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     tok_path = cfg.tokenizer.path or cfg.model.path
     tok = load_tokenizer(resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
@@ -512,39 +528,53 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
         if store.exists("sampled.json") and store.read_json("sampled.json")["sample_key"] == sample_key:
             job.sampled, job.meta = store.read_parquet("sampled.parquet"), store.read_json("sampled.json")
         jobs.append(job)
+    return EvalPlan(eval_store, tok, prompts, pairs, pref_ref, reference, scoring, settings_key, targets, failures,
+                    jobs, reused)
 
-    to_sample = [j for j in jobs if j.sampled is None]
+
+def run(cfg: Config, progress_factory=None) -> EvalResult:
+    """Evaluate the selected targets not yet evaluated with these settings; rewrite the report over all."""
+    import importlib.util
+
+    from pipeline.report import write_report
+    from pipeline.runtime import init_ray, progress_bar
+
+    progress_factory = progress_factory or progress_bar
+    e = cfg.eval
+    plan = prepare(cfg)
+    eval_store, tok, prompts, failures = plan.eval_store, plan.tok, plan.prompts, dict(plan.failures)
+    to_sample = plan.to_sample
     if to_sample and importlib.util.find_spec("vllm") is None:
         raise UserError("evaluation samples with vLLM, which is not installed; install the `cpu` or `gpu` extra "
                         "(see README)")
     chosen = None
-    if jobs or (e.reward is not None and e.baseline == "chosen"):
+    if plan.jobs or (e.reward is not None and e.baseline == "chosen"):
         init_ray(cfg.ray)
     if to_sample:
         total = len(to_sample) * len(prompts.ids) * e.samples_per_prompt
         with progress_factory(total=total, desc="sampling (vLLM)", unit="sample") as bar:
-            sampling_phase = _Sampling(cfg, prompts, pairs, tok.eos_token_id, bar)
+            sampling_phase = _Sampling(cfg, prompts, plan.pairs, tok.eos_token_id, bar)
             sampling_phase.run(to_sample)
         failures.update(sampling_phase.failures)
-    jobs = [j for j in jobs if j.sampled is not None]
+    jobs = [j for j in plan.jobs if j.sampled is not None]
     reward, close = _reward_fn(cfg)
     try:
-        ref_logps = _reference_logps(cfg, reference, jobs, prompts, progress_factory) if jobs else {}
+        ref_logps = _reference_logps(cfg, plan.reference, jobs, prompts, progress_factory) if jobs else {}
         for job in jobs:
             comps = tok.batch_decode(job.sampled.column("completion_ids").to_pylist(), skip_special_tokens=True)
             rewards = None
             if reward is not None:
                 texts = [prompts.texts[i] for i in job.sampled.column("prompt_index").to_pylist()]
                 rewards = np.asarray(reward(texts, comps), np.float64)
-            _finish(job, prompts, comps, ref_logps[job.target.name], rewards, cfg.train.loss.beta, pref_ref,
-                    settings_key)
+            _finish(job, prompts, comps, ref_logps[job.target.name], rewards, cfg.train.loss.beta, plan.pref_ref,
+                    plan.settings_key)
         if reward is not None and e.baseline == "chosen":
-            chosen = _chosen_rewards(eval_store, prompts, tok, reward, scoring["reward"])
+            chosen = _chosen_rewards(eval_store, prompts, tok, reward, plan.scoring["reward"])
     finally:
         close()
 
-    rows = _rows(eval_store, settings_key, e.baseline, chosen)
-    paths = {t.name: t.path for t in targets}
+    rows = _rows(eval_store, plan.settings_key, e.baseline, chosen)
+    paths = {t.name: t.path for t in plan.targets}
     failed = [{"name": n, "path": paths[n], "error": msg} for n, msg in failures.items()]
     r = e.reward
     described = "none" if r is None else (r.rule if r.type == "rule" else r.function if r.type == "callable"
@@ -553,6 +583,7 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
                 "max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "top_p": e.top_p, "seed": e.seed,
                 "reward": f"{r.type}: {described}" if r else "none", "baseline": e.baseline,
                 "reference_engine": cfg.reference.engine}
-    report = write_report(eval_dir, rows, failed, settings)
-    return EvalResult(str(eval_dir), [j.target.name for j in jobs], reused, failed, str(report.report), rows,
-                      len(prompts.ids), prompts.rejected)
+    report = write_report(Path(eval_store.uri), rows, failed, settings)
+    return EvalResult(eval_store.uri, [j.target.name for j in jobs], reused=plan.reused, failures=failed,
+                      report=str(report.report), rows=rows, prompts=len(prompts.ids),
+                      prompt_rejects=prompts.rejected)

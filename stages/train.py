@@ -35,6 +35,7 @@ from pipeline.storage import Store
 @dataclass
 class CacheRef:
     split: str
+    key: str
     uri: str
     files: list[str]
     pairs: int
@@ -62,7 +63,7 @@ def find_cache(cfg: Config, split: str) -> CacheRef:
             raise UserError(f"the cache at {store.uri} was built for a different {part.replace('_sha256', '')} "
                             f"({got.get(part)!r} != {want.get(part)!r}); rebuild it with `dpo-pipeline cache "
                             f"CONFIG` or fix the config")
-    return CacheRef(split, store.uri, [f"{store.uri}/{f['path']}" for f in manifest["files"]],
+    return CacheRef(split, manifest["key"], store.uri, [f"{store.uri}/{f['path']}" for f in manifest["files"]],
                     manifest["counts"]["pairs"], prep.model_dir, prep.tokenizer_dir, prep.chat_template)
 
 
@@ -125,6 +126,17 @@ def plan_steps(cfg: Config, pairs: int) -> tuple[int, int]:
     return per_epoch, min(total, cfg.train.max_steps or total)
 
 
+# Settings that change neither the weights nor which checkpoints are written.
+_UNKEYED = {"log_every", "eval_every", "max_failures", "keep_checkpoints", "num_cpus_per_worker", "cache_path"}
+
+
+def train_key(cfg: Config, cache_key: str) -> str:
+    """Key of a training run's outputs: the train cache's key and the settings that shape the weights."""
+    from pipeline.fingerprint import sha256_json
+
+    return sha256_json({"cache": cache_key, "train": cfg.train.model_dump(mode="json", exclude=_UNKEYED)})[:20]
+
+
 def run(cfg: Config) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -165,6 +177,10 @@ def run(cfg: Config) -> TrainResult:
     )
     result = trainer.fit()
     ckpts = sorted(str(p) for p in (run_dir / "checkpoints").glob("step_*") if (p / "config.json").exists())
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
+    # The record `dpo-pipeline run`/`plan` read to skip a finished run with the same inputs (written last).
+    Store(str(run_dir)).write_json("train.json", {"key": train_key(cfg, train_cache.key), "steps": total,
+                                                  "checkpoints": ckpts, "final_metrics": metrics})
     return TrainResult(total, ckpts, dict(result.metrics or {}), str(run_dir))
 
 

@@ -108,6 +108,16 @@ def test_eval_user_errors_exit_2_with_one_line(overrides, needle, tiny_model, tm
     assert_user_error(proc, needle)
 
 
+def test_plan_command_says_what_run_would_do(tiny_model, tmp_path):
+    proc = cli("plan", "configs/tiny.yaml", f"model.path={tiny_model}", f"run_dir={tmp_path / 'run'}",
+               f"cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [ln.split()[:2] for ln in lines] == [["cache/train", "run"], ["cache/eval", "run"], ["train", "run"],
+                                                 ["eval", "run"]]
+    assert "rows to score with vllm" in lines[0] and not (tmp_path / "cache").exists()  # nothing was run
+
+
 def test_missing_config_file_exits_2():
     assert_user_error(cli("cache", "no/such/config.yaml"), "config file 'no/such/config.yaml' not found")
 

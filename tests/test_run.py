@@ -1,0 +1,56 @@
+"""`plan` and `run`: the whole tiny pipeline in one call, then everything reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.orchestrate import plan, run
+from tests.conftest import DATA, make_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+pytest.importorskip("vllm")
+
+
+def _actions(cfg):
+    return [(s.stage, s.action) for s in plan(cfg)]
+
+
+def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
+    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
+                      "train.max_steps=2", "train.global_batch_pairs=4", "train.micro_batch_pairs=2",
+                      "eval.num_prompts=3", "eval.max_new_tokens=4", "eval.engine_kwargs={enforce_eager: true}",
+                      "eval.reward.type=rule", "eval.reward.rule=length")
+    assert _actions(cfg) == [("cache/train", "run"), ("cache/eval", "run"), ("train", "run"), ("eval", "run")]
+
+    lines: list[str] = []
+    first = run(cfg, echo=lines.append)
+    assert len(lines) == 4 and lines[0].startswith("plan: cache/train")
+    assert [Path(c).name for c in first.checkpoints] == ["step_000002"]
+    assert [r["name"] for r in first.rows] == ["reference", "step_000002"] and not first.failures
+    assert Path(first.report).is_file() and (Path(cfg.run_dir) / "train.json").is_file()
+
+    steps = plan(cfg)
+    assert [s.action for s in steps] == ["reuse"] * 4, steps
+    assert "2 steps" in steps[2].why and "2 target(s)" in steps[3].why
+    watched = [Path(first.checkpoints[0]) / "model.safetensors", Path(first.report).parent / "reference" /
+               "result.json", Path(cfg.run_dir) / "train.json"]
+    before = [p.stat().st_mtime_ns for p in watched]
+    second = run(cfg, echo=lines.append)
+    assert [p.stat().st_mtime_ns for p in watched] == before  # nothing recomputed or rewritten
+    assert second.rows == first.rows and second.checkpoints == first.checkpoints
+
+    # A training setting that shapes the weights makes training (and so evaluation) due again; one that does not,
+    # does not.
+    assert _actions(make_config(tiny_model, tmp_path, "reference.engine=hf",
+                                f"data.eval.path={DATA / 'conversational.jsonl'}", "train.max_steps=2",
+                                "train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.log_every=5",
+                                "eval.num_prompts=3", "eval.max_new_tokens=4",
+                                "eval.engine_kwargs={enforce_eager: true}", "eval.reward.type=rule",
+                                "eval.reward.rule=length"))[2] == ("train", "reuse")
+    changed = cfg.model_copy(deep=True)
+    changed.train.lr = 3e-4
+    steps = plan(changed)
+    assert [(s.stage, s.action) for s in steps[2:]] == [("train", "resume"), ("eval", "run")]
+    assert "run_dir holds a run with other inputs or settings" in steps[2].why
