@@ -141,7 +141,8 @@ class EvalConfig(EngineSettings):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     seed: int = Field(0, description="Sampling seed: the same seed gives the same samples, whatever the batching.")
-    batch_prompts: int = Field(64, gt=0, description="Prompts per engine call (the unit of progress).")
+    batch_prompts: int = Field(256, gt=0, description="Prompts per engine call: the unit of progress; larger calls "
+                                                      "keep a GPU engine's batch fuller.")
     reward: RewardConfig | None = Field(None, description="How completions are scored; none: no reward or win rate.")
     baseline: Literal["reference", "chosen"] = Field(
         "reference", description="Win rate against the reference model's samples (same prompt and sample index) "

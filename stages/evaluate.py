@@ -306,25 +306,36 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
             todo.append((job, key, seqs, starts))
     if not todo:
         return result
+    from ray.util import ActorPool
+
     ref = cfg.reference
     max_len = max(cfg.data.max_length, cfg.data.max_prompt_length + cfg.eval.max_new_tokens)
-    actor = ray.remote(ReferenceEngine).options(**actor_options(ref)).remote(ref.engine, scorer_kwargs(
-        ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, max_len, cfg.model.trust_remote_code),
-        str(Path(cfg.run_dir) / "eval" / "reference-scorer.log"))
-    chunk = max(1, ref.batch_size * 2)  # sequences per call: a scorer batch holds 2 per pair
+    kwargs = scorer_kwargs(ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, max_len,
+                           cfg.model.trust_remote_code)
+    actors = [ray.remote(ReferenceEngine).options(**actor_options(ref)).remote(
+        ref.engine, kwargs, str(Path(cfg.run_dir) / "eval" / f"reference-scorer-{i}.log"))
+        for i in range(min(ref.num_actors, sum(len(t[2]) for t in todo)))]
+    size = max(1, ref.batch_size * 2)  # sequences per call: a scorer batch holds 2 per pair
+    chunks = [(j, i) for j, t in enumerate(todo) for i in range(0, len(t[2]), size)]
+    parts: list[list[np.ndarray]] = [[] for _ in todo]
     try:
         with progress_factory(total=sum(len(t[2]) for t in todo), desc=f"reference log-probs ({ref.engine})",
                               unit="sample") as bar:
-            for job, key, seqs, starts in todo:
-                out: list[np.ndarray] = []
-                for i in range(0, len(seqs), chunk):
-                    out += ray.get(actor.token_logps.remote(seqs[i:i + chunk], starts[i:i + chunk]))
-                    bar.update(min(chunk, len(seqs) - i))
-                cache.write_parquet(f"{key}.parquet", pa.table({"ref_token_logps": pa.array(
-                    out, pa.list_(pa.float32()))}))
-                result[job.target.name] = out
+            # The pool keeps every actor busy and yields results in submission order.
+            results = ActorPool(actors).map(
+                lambda a, c: a.token_logps.remote(todo[c[0]][2][c[1]:c[1] + size], todo[c[0]][3][c[1]:c[1] + size]),
+                chunks)
+            for (j, _), out in zip(chunks, results):
+                parts[j] += out
+                bar.update(len(out))
+                job, key, seqs, _ = todo[j]
+                if len(parts[j]) == len(seqs):
+                    cache.write_parquet(f"{key}.parquet", pa.table({"ref_token_logps": pa.array(
+                        parts[j], pa.list_(pa.float32()))}))
+                    result[job.target.name] = parts[j]
     finally:
-        ray.kill(actor)
+        for actor in actors:
+            ray.kill(actor)
     return result
 
 
@@ -380,7 +391,8 @@ def _chosen_rewards(store: Store, prompts: Prompts, tok, reward, reward_id) -> n
 
 
 def _finish(job: _Job, prompts: Prompts, completions: list[str], ref_logps: list[np.ndarray],
-            rewards: np.ndarray | None, beta: float, pref_ref: tuple[np.ndarray, np.ndarray] | None, settings_key: str) -> None:
+            rewards: np.ndarray | None, beta: float, pref_ref: tuple[np.ndarray, np.ndarray] | None,
+            settings_key: str) -> None:
     """Phase 4 for one target: per-sample Parquet, then result.json (its commit point)."""
     from pipeline.report import standard_error
 

@@ -3,8 +3,8 @@
 Input columns: `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (list<int32>) and `reject` (string,
 null for usable rows). Rejected rows pass through with null scores, so the writer sees every row of a shard.
 Two engines with one interface: `VllmScorer` (vLLM prompt log-probs of the exact tokens) and `HfScorer`
-(a transformers forward; the cross-check). Stage 3 reuses them to score samples under the reference; its engine actors (one vLLM engine per checkpoint,
-the reference scorer, a reward model) are at the end.
+(a transformers forward; the cross-check). Stage 3 reuses them to score samples under the reference; its engine
+actors (one vLLM engine per checkpoint, the reference scorer, a reward model) are at the end.
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ def scenario(tiny_model, tmp_path_factory, ray_local):
     shutil.rmtree(broken)
     shutil.copytree(ckpts / "step_000001", ckpts / "step_000004")
     second = evaluate.run(cfg)
-    return dict(cfg=cfg, first=first, first_report=first_report, second=second, first_ref_files=first_ref_files, ref_cache=ref_cache,
-                mtimes=mtimes)
+    return dict(cfg=cfg, first=first, first_report=first_report, second=second, first_ref_files=first_ref_files,
+                ref_cache=ref_cache, mtimes=mtimes)
 
 
 def _samples(result, name: str):
