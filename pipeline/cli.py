@@ -46,6 +46,12 @@ def _fmt(v, se=None) -> str:
     return f"{v:.4g}" + (f" ± {se:.2g}" if se is not None else "")
 
 
+def _headline(row: dict) -> str:
+    """One evaluated target's figures, for the terminal."""
+    return (f"reward {_fmt(row['reward_mean'], row['reward_se'])}, KL {_fmt(row['kl_mean'], row['kl_se'])}, "
+            f"win rate {_fmt(row['win_rate'])}, preference accuracy {_fmt(row['pref_accuracy'])}")
+
+
 def _eval(args) -> int:
     from pipeline.config import load_config
     from stages import evaluate
@@ -57,9 +63,7 @@ def _eval(args) -> int:
     for row in r.rows:
         state = "evaluated" if row["name"] in r.evaluated else "unchanged, kept" if row["name"] in r.reused else \
             "from an earlier run"
-        print(f"[{row['name']}] {state}: reward {_fmt(row['reward_mean'], row['reward_se'])}, KL "
-              f"{_fmt(row['kl_mean'], row['kl_se'])}, win rate {_fmt(row['win_rate'])}, preference accuracy "
-              f"{_fmt(row['pref_accuracy'])}")
+        print(f"[{row['name']}] {state}: {_headline(row)}")
     for f in r.failures:
         print(f"[{f['name']}] FAILED: {f['error']} ({f['path']})", file=sys.stderr)
     print(f"report: {r.report}")
@@ -114,9 +118,7 @@ def _run(args) -> int:
                 print(f"  cache ({split}): {uri}")
             print(f"  checkpoints: {', '.join(s.checkpoints) or 'none'}")
             for row in s.rows:
-                print(f"  [{row['name']}] reward {_fmt(row['reward_mean'], row['reward_se'])}, KL "
-                      f"{_fmt(row['kl_mean'], row['kl_se'])}, win rate {_fmt(row['win_rate'])}, preference "
-                      f"accuracy {_fmt(row['pref_accuracy'])}")
+                print(f"  [{row['name']}] {_headline(row)}")
             for f in s.failures:
                 print(f"  [{f['name']}] FAILED: {f['error']}", file=sys.stderr)
             print(f"  report: {s.report}\n  resolved config: {cfg.run_dir}/config.yaml, log: {cfg.run_dir}/run.log")
