@@ -7,6 +7,7 @@ weights, tokenizer, chat template, data, truncation, dtype or the schema version
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -50,15 +51,28 @@ def list_files(root: Path) -> list[Path]:
 
 
 def model_files_hash(model_dir: str | Path) -> str:
-    """Hash of the files that define a local model's computation: config and weights, not tokenizer or docs."""
-    root = Path(model_dir)
-    h = hashlib.sha256()
+    """Hash of the files that define a local model's computation: config and weights, not tokenizer or docs.
+
+    Every stage resolves the model (for its key), some several times per run; reading gigabytes of weights each
+    time would dominate a run that has nothing to compute. The hash is memoised per process on the files'
+    (path, size, mtime), which any rewrite of a file changes."""
+    root = Path(model_dir).resolve()
+    stamp = []
     for p in list_files(root):
         rel = p.relative_to(root).as_posix()
         if p.name in TOKENIZER_FILES or p.name in TEMPLATE_FILES or p.name in IGNORED_FILES or \
                 rel.startswith(f"{TEMPLATE_DIR}/"):
             continue
-        h.update(f"{rel}\0{sha256_file(p)}\n".encode())
+        st = p.stat()
+        stamp.append((rel, st.st_size, st.st_mtime_ns))
+    return _hash_files(str(root), tuple(stamp))
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(root: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for rel, _, _ in stamp:
+        h.update(f"{rel}\0{sha256_file(Path(root) / rel)}\n".encode())
     return h.hexdigest()
 
 
