@@ -42,10 +42,11 @@ def _resolve(path: str, revision: str | None, what: str, key: str) -> tuple[str,
     return local, {"hub": path, "commit": Path(local).name}
 
 
-def resolve_model(path: str, revision: str | None = None) -> ResolvedPath:
-    local, hub = _resolve(path, revision, "model", "model.path")
+def resolve_model(path: str, revision: str | None = None, key: str = "model.path") -> ResolvedPath:
+    """`key` names the config key errors blame (the reference model, or e.g. a reward model)."""
+    local, hub = _resolve(path, revision, "model", key)
     if not (Path(local) / "config.json").is_file():
-        raise UserError(f"model.path {path!r} has no config.json; point it at a Hugging Face model directory")
+        raise UserError(f"{key} {path!r} has no config.json; point it at a Hugging Face model directory")
     return ResolvedPath(local, hub or {"local_sha256": model_files_hash(local)})
 
 

@@ -140,10 +140,7 @@ def _source_sha(spec: str) -> str | None:
 def _resolve(cfg: RewardConfig):
     from pipeline.models import resolve_model
 
-    try:
-        return resolve_model(cfg.model)
-    except UserError as e:  # resolve_model names model.path; here the key at fault is eval.reward.model
-        raise UserError(str(e).replace("model.path", "eval.reward.model", 1)) from None
+    return resolve_model(cfg.model, key="eval.reward.model")
 
 
 def _label_index(cfg: RewardConfig, model_config) -> int:

@@ -208,6 +208,11 @@ class _Job:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def _engine_max_length(cfg: Config) -> int:
+    """Tokens an evaluation engine must hold: a prompt and its completion, or a held-out pair's sequence."""
+    return max(cfg.data.max_length, cfg.data.max_prompt_length + cfg.eval.max_new_tokens)
+
+
 class _Sampling:
     """Phase 1: one engine actor per target, `eval.num_actors` at once; chunked calls feed the progress bar."""
 
@@ -227,7 +232,7 @@ class _Sampling:
         from stages.scoring import actor_options, scorer_kwargs
 
         actor_cls = ray.remote(CheckpointEngine)
-        max_len = max(self.cfg.data.max_length, self.cfg.data.max_prompt_length + self.e.max_new_tokens)
+        max_len = _engine_max_length(self.cfg)
         queue, running, state = list(jobs), {}, {}
         while queue or running:
             while queue and len(state) < self.e.num_actors:
@@ -309,8 +314,7 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
     from ray.util import ActorPool
 
     ref = cfg.reference
-    max_len = max(cfg.data.max_length, cfg.data.max_prompt_length + cfg.eval.max_new_tokens)
-    kwargs = scorer_kwargs(ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, max_len,
+    kwargs = scorer_kwargs(ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, _engine_max_length(cfg),
                            cfg.model.trust_remote_code)
     actors = [ray.remote(ReferenceEngine).options(**actor_options(ref)).remote(
         ref.engine, kwargs, str(Path(cfg.run_dir) / "eval" / f"reference-scorer-{i}.log"))
@@ -435,8 +439,9 @@ def _rows(eval_store: Store, settings_key: str, baseline: str, chosen: np.ndarra
     results = []
     for name in sorted(eval_store.listdir()):
         sub = eval_store.child(name)
-        if sub.exists("result.json") and sub.read_json("result.json")["settings_key"] == settings_key:
-            results.append((sub.read_json("result.json"), sub))
+        res = sub.read_json("result.json") if sub.exists("result.json") else None
+        if res is not None and res["settings_key"] == settings_key:
+            results.append((res, sub))
     base = None
     if baseline == "reference":
         ref = next((sub for res, sub in results if res["is_reference"]), None)
