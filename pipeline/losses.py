@@ -5,7 +5,8 @@ Every function takes the policy-minus-reference log-ratio margin of each pair,
     h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))        shape [B]
 
 (sums over response tokens), and returns the per-pair loss, shape [B]. `beta` and the variant's own parameter
-come from `train.loss`.
+come from `train.loss`. `sft` (Preferred-FT, the paper's baseline) is not a preference loss: it is the chosen
+response's mean token NLL, handled in `preference_loss`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def preference_loss(kind: str, policy_chosen: torch.Tensor, policy_rejected: tor
     preferred response, as in RPO, Pang et al. 2024). Inputs are summed response log-probs, shape [B]."""
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
+    if kind == "sft":
+        # Preferred-FT (Rafailov et al. 2023, §6): supervised fine-tuning on the chosen responses only, the
+        # mean token NLL of y_w. Rejected responses and the reference do not enter the loss; the implicit rewards
+        # below are still reported, to compare with DPO runs.
+        losses = -policy_chosen / chosen_lengths
+        return PairOutputs(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
     losses = LOSSES[kind](chosen_ratio - rejected_ratio, beta, label_smoothing)
     if sft_weight:
         losses = losses + sft_weight * (-policy_chosen / chosen_lengths)

@@ -48,8 +48,9 @@ def _corpus(n_lines: int = 2000) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer on a built-in corpus and save it as a Hugging Face tokenizer."""
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: list[str] | None = None):
+    """Train a byte-level BPE tokenizer on `corpus` (default: a built-in one) and save it as a Hugging Face
+    tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -63,7 +64,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _corpus(), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     # A plain-text encode starts with BOS, like Llama tokenizers; chat rendering adds it through the template.
     tok.post_processor = processors.TemplateProcessing(

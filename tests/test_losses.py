@@ -55,3 +55,14 @@ def test_policy_equal_reference_gives_ln2_for_dpo():
 def test_hinge_is_zero_beyond_margin_and_table_is_complete():
     assert LOSSES["hinge"](torch.tensor([20.0]), 0.1).item() == 0.0
     assert set(LOSSES) == {"sigmoid", "ipo", "hinge", "robust"}
+
+
+def test_preferred_ft_is_the_chosen_mean_token_nll():
+    # Preferred-FT: −log π(y_w|x) / |y_w| = 10 / 5 = 2, whatever the rejected response and the reference.
+    out = run("sft")
+    assert out.losses.item() == pytest.approx(2.0, abs=1e-12)
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    other = preference_loss("sft", t(PC), t(-1.0), t(-3.0), t(-50.0), beta=0.5, chosen_lengths=t(5.0))
+    assert other.losses.item() == pytest.approx(2.0, abs=1e-12)
+    # The implicit rewards are still reported, to compare with DPO runs: β(log π − log π_ref) = 0.1·1, 0.1·(−1).
+    assert out.chosen_rewards.item() == pytest.approx(0.1) and out.rejected_rewards.item() == pytest.approx(-0.1)
