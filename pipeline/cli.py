@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
 
 from pipeline.errors import UserError
@@ -100,15 +103,39 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def _run(args) -> int:
+@contextlib.contextmanager
+def _uploaded(store, name: str, local):
+    """On leaving: copy the local file `local` to `name` in `store` (a URI run_dir's run.log)."""
+    try:
+        yield
+    finally:
+        store.write_bytes(name, local.read_bytes())
+
+
+def _run_log(run_dir: str):
+    """(local file the run log is appended to, context manager that publishes it): the file itself in a local
+    run_dir; for a URI, a staged copy of the run's log, uploaded when `run` ends."""
     from pathlib import Path
 
+    from pipeline.storage import Store, staging_dir
+
+    store = Store(run_dir)
+    if store.local:
+        Path(store.root).mkdir(parents=True, exist_ok=True)
+        return Path(store.root) / "run.log", contextlib.nullcontext()
+    local = staging_dir() / "logs" / f"run-{os.getpid()}.log"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_bytes(store.read_bytes("run.log") if store.exists("run.log") else b"")
+    return local, _uploaded(store, "run.log", local)
+
+
+def _run(args) -> int:
     from pipeline.config import load_config
     from pipeline.orchestrate import run
 
     cfg = load_config(args.config, args.overrides)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(cfg.run_dir) / "run.log", "a", encoding="utf-8") as log:
+    log_path, upload = _run_log(cfg.run_dir)
+    with upload, open(log_path, "a", encoding="utf-8") as log:  # the log is closed, then uploaded
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
         try:
@@ -125,6 +152,23 @@ def _run(args) -> int:
         finally:
             sys.stdout, sys.stderr = out, err
     return 1 if s.failures else 0
+
+
+def _demo(args) -> int:
+    from pipeline import experiment
+
+    r = experiment.run(args.config, args.overrides)
+    c = r.checks
+    print(f"\nsentiment experiment ({r.seconds / 60:.1f} min)")
+    for row in r.rows:
+        print(f"  [{row['name']}] {_headline(row)}")
+    print(f"  DPO vs π_SFT: reward {c['sft_reward']:.3f} -> {c['best_dpo_reward']:.3f} ({c['best_dpo']}, "
+          f"{c['dpo_gain_in_se']:.1f} standard errors)")
+    if "preferred_ft_reward" in c:
+        print(f"  Preferred-FT: reward {c['preferred_ft_reward']:.3f} at KL {c['preferred_ft_kl']:.2f}; DPO frontier "
+              f"there: {c['dpo_frontier_reward_at_preferred_ft_kl']:.3f}")
+    print(f"  report (frontier plot): {r.report}")
+    return 0
 
 
 def _tiny_assets(args) -> None:
@@ -145,6 +189,10 @@ def _config_docs(args) -> None:
     print(reference_markdown(), end="")
 
 
+# Subcommands that start or join Ray take --address (and `config`, which shows its effect).
+_RAY_COMMANDS = ("cache", "train", "eval", "run", "demo", "config")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-pipeline", description="DPO with a cached reference, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,16 +201,24 @@ def main(argv: list[str] | None = None) -> int:
                             ("eval", _eval, "evaluate checkpoints by sampling (only those not yet evaluated)"),
                             ("run", _run, "cache -> train -> eval, skipping what is already done"),
                             ("plan", _plan, "say what `run` would do, and why, without running anything"),
+                            ("demo", _demo, "the sentiment experiment: π_SFT, sampled pairs, DPO at several β, "
+                                            "Preferred-FT, the reward-KL frontier (configs/sentiment.yaml)"),
                             ("config", _config, "print the resolved config")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.path=/models/x")
+        if name in _RAY_COMMANDS:
+            p.add_argument("--address", help="Ray cluster to join (`auto`, HOST:PORT, `ray://HOST:10001`); "
+                                             "overrides ray.address and RAY_ADDRESS")
         p.set_defaults(fn=fn)
     p = sub.add_parser("tiny-assets", help="build the tiny test model and tokenizer (no network)")
     p.add_argument("out", help="output directory")
     p.set_defaults(fn=_tiny_assets)
     sub.add_parser("config-docs", help="print the configuration reference (Markdown)").set_defaults(fn=_config_docs)
     args = parser.parse_args(argv)
+    if getattr(args, "address", None):
+        # JSON-quoted: a YAML scalar such as `10:20` would otherwise not stay a string.
+        args.overrides.append(f"ray.address={json.dumps(args.address)}")
     try:
         code = args.fn(args)
     except UserError as e:

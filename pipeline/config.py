@@ -81,6 +81,9 @@ class EngineSettings(_Strict):
     cpu_kv_cache_gb: int = Field(1, gt=0, description="vLLM KV-cache size in GiB on CPU (ignored on GPU).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="Extra keyword arguments for `vllm.LLM`.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor needs, e.g. `{scorer_node: 1}`: places the "
+                                          "actors only on nodes that offer them (`ray start --resources`).")
 
 
 class ReferenceConfig(EngineSettings):
@@ -127,9 +130,10 @@ class RewardConfig(_Strict):
 
 
 class EvalConfig(EngineSettings):
-    checkpoints: str | list[str] = Field(
+    checkpoints: str | list[str] | dict[str, str] = Field(
         "all", description="Which checkpoints of `run_dir` to evaluate: `all`, `last`, `every:K` (every K-th, "
-                           "and the last), or a list of checkpoint directories (from anywhere).")
+                           "and the last), a list of checkpoint directories (from anywhere), or a mapping from "
+                           "names (used in the report) to checkpoint directories.")
     include_reference: bool = Field(True, description="Also evaluate the reference model (`model.path`), the "
                                                       "baseline at step 0.")
     prompts: DataSource | None = Field(
@@ -163,8 +167,9 @@ class EvalConfig(EngineSettings):
 
 
 class LossConfig(_Strict):
-    type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
-        "sigmoid", description="`sigmoid`: DPO; `ipo`; `hinge`: SLiC; `robust`: robust DPO (see pipeline/losses.py).")
+    type: Literal["sigmoid", "ipo", "hinge", "robust", "sft"] = Field(
+        "sigmoid", description="`sigmoid`: DPO; `ipo`; `hinge`: SLiC; `robust`: robust DPO; `sft`: Preferred-FT, "
+                               "fine-tuning on the chosen responses only (see pipeline/losses.py).")
     beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint to the reference.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: assumed label-noise rate (`sigmoid`: "
                                                                    "conservative DPO; `robust`).")
@@ -217,6 +222,11 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster to join (`auto`, `ray://...`); default: the "
                                                   "`RAY_ADDRESS` variable, else a local Ray instance.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray instance; default: all.")
+    placement: Literal["default", "spread"] = Field(
+        "default", description="`default`: Ray's placement (Ray Train packs workers onto few nodes, evaluation "
+                               "actors go where resources are free); `spread`: Ray Train workers and evaluation "
+                               "actors over as many nodes as possible (SPREAD). Stage-1 scorer actors always spread "
+                               "(Ray Data's default).")
 
 
 class Config(_Strict):
@@ -228,8 +238,11 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="DPO training (stage 2).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Checkpoint evaluation by sampling (stage 3).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
-    cache_dir: str = Field("cache", description="Root of the content-addressed reference cache.")
-    run_dir: str = Field("runs/default", description="This run's directory: resolved config, logs, outputs.")
+    cache_dir: str = Field("cache", description="Root of the content-addressed reference cache: a local path or a "
+                                                "`file://`, `s3://`, `gs://` URI; shared storage on several nodes.")
+    run_dir: str = Field("runs/default", description="This run's directory (resolved config, logs, checkpoints, "
+                                                     "evaluation): a local path or a `file://`, `s3://`, `gs://` URI; "
+                                                     "shared storage on several nodes.")
 
 
 # ---------------------------------------------------------------- loading

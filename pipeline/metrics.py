@@ -47,29 +47,59 @@ class StepSums:
 
 
 class MetricsLogger:
-    """Rank 0 only: one stdout line per logged step, `metrics.jsonl`, and TensorBoard event files."""
+    """Rank 0 only: one stdout line per logged step, `metrics.jsonl`, and TensorBoard event files.
+
+    With a URI run_dir the files are written in a local staging directory and uploaded: metrics.jsonl at every
+    logged step, the TensorBoard files at every checkpoint (`sync`) and at the end."""
 
     def __init__(self, run_dir: str, enabled: bool):
         self.enabled = enabled
         if not enabled:
             return
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        import tempfile
+
+        from pipeline.storage import Store
+
+        self.store = Store(run_dir)
+        if self.store.local:
+            local = Path(self.store.root)
+            local.mkdir(parents=True, exist_ok=True)
+        else:
+            local = Path(tempfile.mkdtemp(prefix="dpo-metrics-"))
+            if self.store.exists("metrics.jsonl"):  # resuming: keep appending to the run's metrics
+                (local / "metrics.jsonl").write_bytes(self.store.read_bytes("metrics.jsonl"))
+        self.local = local
+        self.jsonl = open(local / "metrics.jsonl", "a")
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.tb = SummaryWriter(str(local / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float], echo=print) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
+        if not self.store.local:
+            self.store.write_bytes("metrics.jsonl", (self.local / "metrics.jsonl").read_bytes())
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("pairs", "tokens"))
         echo(f"step {step}: {shown}")
 
+    def sync(self) -> None:
+        """Upload the TensorBoard files (URI run_dir; nothing to do on a local disk)."""
+        if self.enabled and not self.store.local:
+            self.tb.flush()
+            self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        for f in sorted((self.local / "tensorboard").rglob("*")):
+            if f.is_file():
+                self.store.write_bytes(f.relative_to(self.local).as_posix(), f.read_bytes())
+
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            if not self.store.local:
+                self._upload_tensorboard()

@@ -10,7 +10,6 @@ evaluated when its `result.json` holds its key. `plan` reads these and says what
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
@@ -62,18 +61,17 @@ def _plan_cache(cfg: Config) -> tuple[list[Step], dict[str, Any]]:
 def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
     from stages.train import plan_steps, train_key
 
-    run_dir = Path(cfg.run_dir)
+    run = Store(cfg.run_dir)  # a local path or a URI
     other = ""
-    if (run_dir / "train.json").is_file():
-        rec = Store(str(run_dir)).read_json("train.json")
+    if run.exists("train.json"):
+        rec = run.read_json("train.json")
         if rec.get("key") == train_key(cfg, cache_key):
             return Step("train", "reuse", f"finished with these inputs: {rec['steps']} steps, "
-                                          f"{len(rec['checkpoints'])} checkpoint(s) in {run_dir / 'checkpoints'}")
+                                          f"{len(rec['checkpoints'])} checkpoint(s) in {run.uri}/checkpoints")
         other = " (warning: run_dir holds a run with other inputs or settings; use a new run_dir to start over)"
-    states = sorted(p for p in (run_dir / "ray").glob("checkpoint_*") if p.is_dir()) if (run_dir / "ray").is_dir() \
-        else []
+    states = [n for n in run.listdir("ray") if n.startswith("checkpoint_") and run.isdir(f"ray/{n}")]
     if states:
-        return Step("train", "resume", f"from the training state {states[-1].name} in {run_dir / 'ray'}{other}")
+        return Step("train", "resume", f"from the training state {states[-1]} in {run.uri}/ray{other}")
     if cache_ready:
         pairs = Store(cfg.cache_dir).child(cache_key).read_json("manifest.json")["counts"]["pairs"]
         _, total = plan_steps(cfg, pairs)
@@ -96,20 +94,23 @@ def _plan_eval(cfg: Config, after: bool) -> Step:
     return Step("eval", "run", f"{len(names)} to evaluate: {', '.join(names)}{kept}{failed}")
 
 
-def plan(cfg: Config) -> list[Step]:
+def plan(cfg: Config, evaluate: bool = True) -> list[Step]:
     """What `run` would do, stage by stage, without running anything (content hashes are computed)."""
     steps, preps = _plan_cache(cfg)
     cache_ready = steps[0].action == "reuse"
     train = _plan_train(cfg, preps["train"].key, cache_ready)
+    if not evaluate:
+        return steps + [train]
     upstream = any(s.action != "reuse" for s in steps) or train.action != "reuse"
     return steps + [train, _plan_eval(cfg, after=upstream)]
 
 
-def run(cfg: Config, echo=print) -> RunSummary:
-    """cache -> train -> eval on one Ray instance, skipping what `plan` finds done."""
-    from stages import cache, evaluate, train
+def run(cfg: Config, echo=print, evaluate: bool = True) -> RunSummary:
+    """cache -> train -> eval on one Ray instance, skipping what `plan` finds done. `evaluate=False` stops after
+    training (the sentiment experiment evaluates all its runs together)."""
+    from stages import cache, train
 
-    steps = plan(cfg)
+    steps = plan(cfg, evaluate)
     for s in steps:
         echo(f"plan: {s.stage:<12} {s.action:<7} {s.why}")
     summary = RunSummary(steps)
@@ -118,6 +119,10 @@ def run(cfg: Config, echo=print) -> RunSummary:
         summary.checkpoints = train.run(cfg).checkpoints
     else:
         summary.checkpoints = Store(cfg.run_dir).read_json("train.json")["checkpoints"]
-    result = evaluate.run(cfg)
+    if not evaluate:
+        return summary
+    from stages import evaluate as eval_stage
+
+    result = eval_stage.run(cfg)
     summary.report, summary.rows, summary.failures = result.report, result.rows, result.failures
     return summary

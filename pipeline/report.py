@@ -9,8 +9,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import numpy as np
 # the backend of whoever imports this (a notebook, a test), and keeps figures alive until closed. A bare `Figure`
 # renders PNGs with Agg, holds no global state and is freed like any object.
 from matplotlib.figure import Figure
+
+from pipeline.storage import Store
 
 # Column order of summary.csv; the keys every row passed to `write_report` must have (numbers may be None).
 SUMMARY_COLUMNS = (
@@ -36,12 +36,12 @@ NONE = "—"
 
 @dataclass
 class Report:
-    """Paths written by `write_report`; `plots` holds only the plots that had data."""
+    """Paths written by `write_report` (URIs for a remote directory); `plots` holds only the plots that had data."""
 
-    report: Path
-    csv: Path
-    json: Path
-    plots: list[Path] = field(default_factory=list)
+    report: Path | str
+    csv: Path | str
+    json: Path | str
+    plots: list[Path | str] = field(default_factory=list)
 
 
 def standard_error(values) -> float | None:
@@ -64,8 +64,9 @@ def win_rate(rewards, baseline) -> tuple[float, float | None]:
     return float(wins.mean()), standard_error(wins)
 
 
-def write_report(eval_dir: Path, rows: list[dict], failures: list[dict], settings: dict) -> Report:
-    """Writes summary.csv, summary.json, the plots and report.md into `eval_dir` (created).
+def write_report(eval_dir: Path | str | Store, rows: list[dict], failures: list[dict], settings: dict) -> Report:
+    """Writes summary.csv, summary.json, the plots and report.md into `eval_dir` (created): a local directory, or
+    any storage through a `Store` (`s3://...`).
 
     `rows`: one dict per checkpoint with exactly the keys SUMMARY_COLUMNS; `failures`: {name, path, error} dicts;
     `settings`: the evaluation settings, shown in the report and stored in the JSON. Rows are sorted by step
@@ -76,49 +77,39 @@ def write_report(eval_dir: Path, rows: list[dict], failures: list[dict], setting
         if missing or extra:
             raise ValueError(f"summary row {r.get('name')!r}: missing keys {sorted(missing)}, unknown keys "
                              f"{sorted(extra)}; rows must have exactly SUMMARY_COLUMNS")
-    eval_dir = Path(eval_dir)
-    eval_dir.mkdir(parents=True, exist_ok=True)
+    store = eval_dir if isinstance(eval_dir, Store) else Store(str(eval_dir))
+    store.makedirs()
     rows = sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["name"]))
 
     plots = []
     for name, (_, draw) in _PLOTS.items():
-        path = eval_dir / name
         fig = draw(rows, settings)
         if fig is None:
             # A plot left over from an earlier run over other checkpoints would now be wrong; the report
             # links only what this call wrote.
-            path.unlink(missing_ok=True)
+            store.delete(name)
             continue
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        _atomic_write(path, buf.getvalue())
-        plots.append(path)
+        plots.append(_atomic_write(store, name, buf.getvalue()))
 
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(SUMMARY_COLUMNS)
     writer.writerows([["" if r[c] is None else r[c] for c in SUMMARY_COLUMNS] for r in rows])
-    csv_path = _atomic_write(eval_dir / "summary.csv", out.getvalue().encode())
+    csv_path = _atomic_write(store, "summary.csv", out.getvalue().encode())
     doc = {"settings": settings, "checkpoints": rows, "failures": failures}
-    json_path = _atomic_write(eval_dir / "summary.json",
+    json_path = _atomic_write(store, "summary.json",
                               json.dumps(doc, indent=2, ensure_ascii=False, default=_json_default).encode())
     # Last, so that report.md never links a plot that is not there yet.
-    md_path = _atomic_write(eval_dir / "report.md", _markdown(rows, failures, settings, plots).encode())
+    md_path = _atomic_write(store, "report.md", _markdown(rows, failures, settings, plots).encode())
     return Report(report=md_path, csv=csv_path, json=json_path, plots=plots)
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    # Temp file in the same directory: os.replace is atomic only within one file system.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def _atomic_write(store: Store, name: str, data: bytes) -> Path | str:
+    """Written under a temporary name and moved into place (`Store.write_bytes`); the local path, or the URI."""
+    store.write_bytes(name, data)
+    return Path(store.path(name)) if store.local else f"{store.uri}/{name}"
 
 
 def _json_default(o):
@@ -149,7 +140,7 @@ def _cell(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _markdown(rows: list[dict], failures: list[dict], settings: dict, plots: list[Path]) -> str:
+def _markdown(rows: list[dict], failures: list[dict], settings: dict, plots: list[Path | str]) -> str:
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())
     lines = ["# Checkpoint evaluation", "", f"Settings: {_cell(shown)}", "",
              "| checkpoint | step | samples | reward | KL [nats] | win rate | pref. accuracy | completion tokens "
@@ -166,7 +157,8 @@ def _markdown(rows: list[dict], failures: list[dict], settings: dict, plots: lis
     if plots:
         lines += ["", "## Plots"]
         for p in plots:
-            lines += ["", f"![{_PLOTS[p.name][0]}]({p.name})"]
+            name = Path(p).name  # a local path or a URI
+            lines += ["", f"![{_PLOTS[name][0]}]({name})"]
     return "\n".join(lines) + "\n"
 
 

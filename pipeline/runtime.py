@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from pipeline.config import RayConfig
+from pipeline.config import Config, RayConfig
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -25,6 +25,14 @@ def init_ray(cfg: RayConfig) -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def connect(cfg: Config) -> None:
+    """`init_ray`, then, on a cluster of several nodes, check that every node sees the run's storage."""
+    from pipeline.cluster import check_shared_storage
+
+    init_ray(cfg.ray)
+    check_shared_storage(cfg)
 
 
 def quiet_worker_logs() -> None:

@@ -1,15 +1,23 @@
-"""Storage on any pyarrow filesystem (local path, `s3://`, `gs://`), with atomic writes.
+"""Storage on any pyarrow filesystem (local path, `file://`, `s3://`, `gs://`), with atomic writes.
 
 Every file is written under a temporary name and moved into place, so a reader (or a rerun after a crash) sees
 either the whole file or nothing. On a local disk the move is a rename; on object stores an object appears whole.
+
+Directories that programs need on a local disk (a checkpoint vLLM loads, a log a process writes) cross between
+local disk and storage whole: `Store.upload_dir` publishes one (its commit file last), `local_copy` downloads one
+into a node-local staging directory (`$DPO_PIPELINE_STAGING`, default `~/.cache/dpo-pipeline/staging`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -31,7 +39,12 @@ class Store:
                 raise UserError(f"cannot open storage {uri!r} ({e}); check the URI and its credentials") from None
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
-        self.uri = uri if "://" in uri else self.root
+        self.uri = uri.rstrip("/") if "://" in uri else self.root
+
+    @property
+    def local(self) -> bool:
+        """True on a local disk (a path or a `file://` URI): `path()` is then a local path."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -44,6 +57,9 @@ class Store:
 
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def isdir(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory
 
     def makedirs(self, rel: str = "") -> None:
         self.fs.create_dir(self.path(rel), recursive=True)
@@ -87,3 +103,69 @@ class Store:
             self.fs.delete_dir(self.path(rel))
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path(rel))
+
+    def stamp(self, rel: str = "") -> list[tuple[str, int, int]]:
+        """(relative path, size, mtime in ns) of every file under `rel`, hidden ones (`.name`) excluded: a cheap
+        fingerprint that any rewrite of a file changes."""
+        base = self.path(rel)
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        out = []
+        for i in infos:
+            relpath = i.path[len(base):].lstrip("/")
+            if i.type == pafs.FileType.File and not any(p.startswith(".") for p in relpath.split("/")):
+                out.append((relpath, i.size, i.mtime_ns or 0))
+        return sorted(out)
+
+    def upload_dir(self, local_dir: str | Path, rel: str, last: str) -> None:
+        """Publish a local directory as `rel`, replacing what is there. A reader that finds `rel/last` finds the
+        whole directory: on a local disk it is copied beside and renamed into place; elsewhere `last` is uploaded
+        after every other file."""
+        local_dir = Path(local_dir)
+        self.delete(rel)
+        if self.local:
+            final = Path(self.path(rel))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / f".tmp-{uuid.uuid4().hex}-{final.name}"
+            shutil.copytree(local_dir, tmp)
+            os.replace(tmp, final)
+            return
+        files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+        for name in sorted(files, key=lambda n: n == last):  # stable: `last` moves to the end
+            with open(local_dir / name, "rb") as src, self.fs.open_output_stream(self.path(f"{rel}/{name}")) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+
+    def download_dir(self, rel: str, local_dir: str | Path) -> None:
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.path(rel), str(local_dir), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+
+def staging_dir() -> Path:
+    """Node-local directory for copies of remote directories and files being written before upload."""
+    return Path(os.environ.get("DPO_PIPELINE_STAGING", Path.home() / ".cache" / "dpo-pipeline" / "staging"))
+
+
+def local_copy(uri: str) -> str:
+    """A local directory holding the files of directory `uri`: the directory itself on a local disk; otherwise a
+    copy in `staging_dir()`, downloaded again only when the files' sizes or times changed."""
+    store = Store(uri)
+    if store.local:
+        return store.root
+    stamp = json.dumps(store.stamp())
+    if not stamp or stamp == "[]":
+        raise FileNotFoundError(f"{uri} holds no files")
+    dest = staging_dir() / hashlib.sha256(store.uri.encode()).hexdigest()[:20] / store.uri.rsplit("/", 1)[-1]
+    marker = dest / ".stamp.json"
+    if marker.is_file() and marker.read_text() == stamp:
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    store.download_dir("", tmp)
+    (tmp / ".stamp.json").write_text(stamp)
+    if dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process on this node finished the same download first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)

@@ -187,9 +187,11 @@ class _ShardWriter:
         reasons = Counter(json.loads(line)["reason"] for line in reject_lines)
         tokens = sum(pc.sum(pc.list_value_length(good.column(c))).as_py() or 0
                      for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+        nodes = sorted(n for n in pc.unique(table.column("_node")).to_pylist() if n) if "_node" in table.column_names \
+            else []
         store.write_json(f".work/shard-{sid:05d}.json", {
             "shard": sid, "file": data_rel, "sha256": digest, "rows": len(table), "pairs": len(good),
-            "rejected": len(reject_lines), "reasons": dict(reasons), "tokens": tokens})
+            "rejected": len(reject_lines), "reasons": dict(reasons), "tokens": tokens, "nodes": nodes})
 
     @property
     def incomplete(self) -> list[tuple[int, int]]:
@@ -220,6 +222,8 @@ def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> di
     manifest = {
         "schema_version": SCHEMA_VERSION, "key": prep.key, "split": prep.split, "inputs": prep.inputs,
         "engine": engine, "versions": _versions(), "counts": counts,
+        # Ray node ids of the scorer actors that scored the shards.
+        "scored_on": sorted({n for m in markers for n in m.get("nodes", [])}),
         "files": [{"path": m["file"], "rows": m["pairs"], "sha256": m["sha256"]} for m in markers],
         "rejects": {"path": "rejects.jsonl", "rows": counts["rejected"], "sha256": rejects_sha},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -264,6 +268,8 @@ def _score(cfg: Config, jobs: list[_Job], writer: _ShardWriter, progress) -> Non
         ENGINES[ref.engine], batch_size=ref.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs=scorer_kwargs(ref.engine, ref, prep.model_dir, cfg.model.dtype, cfg.data.max_length,
                                             cfg.model.trust_remote_code),
+        # Ray Data places its actor pool with SPREAD itself (DataContext.scheduling_strategy): on a cluster the
+        # scorers spread over the nodes whatever `ray.placement` says.
         compute=ray.data.ActorPoolStrategy(size=ref.num_actors), **actor_options(ref))
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         writer.add(batch)
@@ -289,9 +295,9 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
         raise UserError("reference.engine=vllm but vLLM is not installed; install the `cpu` or `gpu` extra "
                         "(see README) or set reference.engine=hf")
     if todo:
-        from pipeline.runtime import init_ray, progress_bar
+        from pipeline.runtime import connect, progress_bar
 
-        init_ray(cfg.ray)
+        connect(cfg)
         total = sum(s.stop - s.start for job in todo for s in job.todo)
         with (progress_factory or progress_bar)(total=total, desc=f"scoring ({cfg.reference.engine})") as bar:
             _score(cfg, todo, _ShardWriter(todo), bar)

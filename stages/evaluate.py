@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cluster import spread
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.fingerprint import model_files_hash, sha256_json
@@ -61,6 +62,7 @@ class EvalResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     prompts: int = 0
     prompt_rejects: int = 0  # unusable prompt rows, listed with their reason in <eval_dir>/prompt_rejects.jsonl
+    engine_starts: int = 0  # sampling engines started (targets of one architecture share one)
 
 
 # ---------------------------------------------------------------- selection (driver)
@@ -80,8 +82,10 @@ def select_targets(cfg: Config) -> list[Target]:
     if cfg.eval.include_reference:
         targets.append(Target("reference", resolve_model(cfg.model.path, cfg.model.revision).local_dir, 0, True))
     if isinstance(sel, str):
-        root = Path(cfg.run_dir) / "checkpoints"
-        found = sorted(p for p in root.glob("step_*") if (p / "config.json").is_file())
+        from stages.train import list_checkpoints
+
+        root = f"{Store(cfg.run_dir).uri}/checkpoints"
+        found = list_checkpoints(Store(cfg.run_dir))  # local paths or URIs, like run_dir
         if not found:
             raise UserError(f"no checkpoints in {root} for eval.checkpoints={sel}; train first "
                             f"(`dpo-pipeline train CONFIG`) or list checkpoint directories in eval.checkpoints")
@@ -90,22 +94,37 @@ def select_targets(cfg: Config) -> list[Target]:
         elif sel.startswith("every:"):
             k = int(sel.removeprefix("every:"))
             found = found[k - 1::k] + ([found[-1]] if len(found) % k else [])
-        paths = [str(p.resolve()) for p in found]
+        entries = [(Path(p).name, p) for p in found]
+    elif isinstance(sel, dict):
+        entries = [(name, _target_path(p)) for name, p in sel.items()]
+        bad = next((n for n in sel if not n or "/" in n or n in (".", "..")), None)
+        if bad is not None:
+            raise UserError(f"eval.checkpoints name {bad!r} cannot name a results directory; use a plain name "
+                            f"such as beta0.1-step40")
     else:
-        paths = [str(Path(p).resolve()) for p in sel]
+        entries = [(Path(p).name, _target_path(p)) for p in sel]
     names = {t.name for t in targets}
-    for path in paths:
-        name = Path(path).name
+    for name, path in entries:
         if name in names:  # same directory name from elsewhere: disambiguate by the path
             name = f"{name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
         names.add(name)
-        error = None
-        if not Path(path).is_dir():
-            error = f"{path} does not exist"
-        elif not (Path(path) / "config.json").is_file():
-            error = f"{path} has no config.json: not a Hugging Face model directory"
-        targets.append(Target(name, path, _step_of(Path(path).name), error=error))
+        targets.append(Target(name, path, _step_of(Path(path).name), error=_checkpoint_problem(path)))
     return targets
+
+
+def _target_path(path: str) -> str:
+    """A checkpoint location as recorded: a URI as given, a local path made absolute."""
+    return path.rstrip("/") if "://" in path else str(Path(path).resolve())
+
+
+def _checkpoint_problem(path: str) -> str | None:
+    """Why a checkpoint directory (local or URI) cannot be evaluated, or None."""
+    store = Store(path)
+    if not store.exists(""):
+        return f"{path} does not exist"
+    if not store.exists("config.json"):
+        return f"{path} has no config.json: not a Hugging Face model directory"
+    return None
 
 
 # ---------------------------------------------------------------- prompts (driver)
@@ -156,16 +175,14 @@ def sample_seed(seed: int, prompt_index: int) -> int:
 def _weights_hash(target: Target, store: Store) -> str:
     """Content hash of a target's weights. Hashing a large model takes a while: the hash is recorded with the
     files' (size, mtime) and reused while they match."""
-    from pipeline.fingerprint import list_files
+    from pipeline.storage import local_copy
 
-    root = Path(target.path)
-    stamp = sha256_json([(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                         for p in list_files(root)])
+    stamp = sha256_json(Store(target.path).stamp())  # local or URI: the files' (path, size, mtime)
     if store.exists("identity.json"):
         rec = store.read_json("identity.json")
         if rec.get("stamp") == stamp:
             return rec["sha256"]
-    digest = model_files_hash(root)
+    digest = model_files_hash(local_copy(target.path))  # a checkpoint at a URI is downloaded once to hash it
     store.write_json("identity.json", {"path": target.path, "stamp": stamp, "sha256": digest})
     return digest
 
@@ -214,7 +231,9 @@ def _engine_max_length(cfg: Config) -> int:
 
 
 class _Sampling:
-    """Phase 1: one engine actor per target, `eval.num_actors` at once; chunked calls feed the progress bar."""
+    """Phase 1: `eval.num_actors` engine actors at once; chunked calls feed the progress bar. An actor that
+    finishes a target takes the next queued target of the same architecture (`engine_signature`) and swaps its
+    weights in place, so a run's checkpoints cost one engine start, not one each."""
 
     def __init__(self, cfg: Config, prompts: Prompts, pairs: pa.Table | None, eos: int | None, progress):
         import ray
@@ -225,6 +244,7 @@ class _Sampling:
         self.params = dict(n=self.e.samples_per_prompt, temperature=self.e.temperature, top_p=self.e.top_p,
                            max_tokens=self.e.max_new_tokens, stop_token_ids=[eos] if eos is not None else None)
         self.failures: dict[str, str] = {}
+        self.engine_starts = 0
 
     def run(self, jobs: list[_Job]) -> None:
         import ray
@@ -233,23 +253,25 @@ class _Sampling:
 
         actor_cls = ray.remote(CheckpointEngine)
         max_len = _engine_max_length(self.cfg)
+        signature = {j.target.name: _signature(j.target) for j in jobs}
         queue, running, state = list(jobs), {}, {}
         while queue or running:
             while queue and len(state) < self.e.num_actors:
                 job = queue.pop(0)
                 kwargs = scorer_kwargs("vllm", self.e, job.target.path, self.cfg.model.dtype, max_len)
                 kwargs["seed"] = self.e.seed
-                actor = actor_cls.options(**actor_options(self.e)).remote(kwargs, job.store.path("engine.log"))
-                state[job.target.name] = {"actor": actor, "next": 0, "parts": [], "seconds": 0.0, "pref": None,
-                                          "t0": time.perf_counter()}
+                log = f"{job.store.uri}/engine.log"
+                actor = actor_cls.options(**actor_options(self.e, spread(self.cfg))).remote(kwargs, log)
+                self.engine_starts += 1
+                state[job.target.name] = self._fresh(actor, log)
                 self._submit(job, state[job.target.name], running)
             done, _ = ray.wait(list(running), num_returns=1)
             job = running.pop(done[0])
             st = state[job.target.name]
             try:
                 out = ray.get(done[0])
-            except Exception as exc:  # this target alone fails; the others go on
-                self.failures[job.target.name] = f"{error_line(exc)} (engine log: {job.store.path('engine.log')})"
+            except Exception as exc:  # this target alone fails (its engine goes with it); the others go on
+                self.failures[job.target.name] = f"{error_line(exc)} (engine log: {st['log']})"
                 total = self.e.samples_per_prompt * len(self.prompts.ids)
                 self.progress.update(total - sum(len(p) for p in st["parts"]))  # the bar still ends at 100%
                 ray.kill(st.pop("actor"))
@@ -262,17 +284,30 @@ class _Sampling:
             else:
                 st["pref"] = out
             if not self._submit(job, st, running):
-                ray.kill(st.pop("actor"))  # frees the engine before the next target starts
                 self._save(job, state.pop(job.target.name))
+                sig = signature[job.target.name]
+                nxt = next((j for j in queue if sig is not None and signature[j.target.name] == sig), None)
+                if nxt is None:
+                    ray.kill(st.pop("actor"))  # frees the engine before the next target starts
+                    continue
+                queue.remove(nxt)
+                state[nxt.target.name] = self._fresh(st.pop("actor"), st["log"])
+                self._submit(nxt, state[nxt.target.name], running)
+
+    @staticmethod
+    def _fresh(actor, log: str) -> dict[str, Any]:
+        return {"actor": actor, "log": log, "next": 0, "parts": [], "seconds": 0.0, "pref": None,
+                "t0": time.perf_counter()}
 
     def _submit(self, job: _Job, st: dict[str, Any], running: dict) -> bool:
         n = len(self.prompts.ids)
         if st["next"] < n:
             lo, hi = st["next"], min(st["next"] + self.e.batch_prompts, n)
-            fut = st["actor"].sample.remote(self.prompts.ids[lo:hi], self.seeds[lo:hi], self.params, lo)
+            fut = st["actor"].sample.remote(self.prompts.ids[lo:hi], self.seeds[lo:hi], self.params, lo,
+                                            job.target.path)
             st["next"] = hi
         elif self.pairs is not None and not job.target.is_reference and st["pref"] is None:
-            fut = st["actor"].score_pairs.remote(self.pairs)
+            fut = st["actor"].score_pairs.remote(self.pairs, job.target.path)
         else:
             return False
         running[fut] = job
@@ -288,6 +323,19 @@ class _Sampling:
         job.store.write_parquet("sampled.parquet", table)
         job.store.write_json("sampled.json", meta)
         job.sampled, job.meta = table, meta
+
+
+def _signature(target: Target) -> str | None:
+    """The target's `engine_signature`, read on the driver (local directory or URI)."""
+    from stages.scoring import engine_signature
+
+    store = Store(target.path)
+    try:
+        config = store.read_json("config.json")
+        gen = store.read_json("generation_config.json") if store.exists("generation_config.json") else None
+    except (OSError, ValueError):
+        return None
+    return engine_signature(config, gen)
 
 
 def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], prompts: Prompts,
@@ -316,8 +364,8 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
     ref = cfg.reference
     kwargs = scorer_kwargs(ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, _engine_max_length(cfg),
                            cfg.model.trust_remote_code)
-    actors = [ray.remote(ReferenceEngine).options(**actor_options(ref)).remote(
-        ref.engine, kwargs, str(Path(cfg.run_dir) / "eval" / f"reference-scorer-{i}.log"))
+    actors = [ray.remote(ReferenceEngine).options(**actor_options(ref, spread(cfg))).remote(
+        ref.engine, kwargs, f"{Store(cfg.run_dir).uri}/eval/reference-scorer-{i}.log")
         for i in range(min(ref.num_actors, sum(len(t[2]) for t in todo)))]
     size = max(1, ref.batch_size * 2)  # sequences per call: a scorer batch holds 2 per pair
     chunks = [(j, i) for j, t in enumerate(todo) for i in range(0, len(t[2]), size)]
@@ -514,7 +562,7 @@ def prepare(cfg: Config) -> EvalPlan:
     from pipeline.rewards import reward_identity
 
     e = cfg.eval
-    eval_store = Store(str(Path(cfg.run_dir) / "eval"))
+    eval_store = Store(cfg.run_dir).child("eval")
     eval_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     tok_path = cfg.tokenizer.path or cfg.model.path
     tok = load_tokenizer(resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
@@ -554,25 +602,26 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
     import importlib.util
 
     from pipeline.report import write_report
-    from pipeline.runtime import init_ray, progress_bar
+    from pipeline.runtime import connect, progress_bar
 
     progress_factory = progress_factory or progress_bar
     e = cfg.eval
     plan = prepare(cfg)
     eval_store, tok, prompts, failures = plan.eval_store, plan.tok, plan.prompts, dict(plan.failures)
-    to_sample = plan.to_sample
+    to_sample, engine_starts = plan.to_sample, 0
     if to_sample and importlib.util.find_spec("vllm") is None:
         raise UserError("evaluation samples with vLLM, which is not installed; install the `cpu` or `gpu` extra "
                         "(see README)")
     chosen = None
     if plan.jobs or (e.reward is not None and e.baseline == "chosen"):
-        init_ray(cfg.ray)
+        connect(cfg)
     if to_sample:
         total = len(to_sample) * len(prompts.ids) * e.samples_per_prompt
         with progress_factory(total=total, desc="sampling (vLLM)", unit="sample") as bar:
             sampling_phase = _Sampling(cfg, prompts, plan.pairs, tok.eos_token_id, bar)
             sampling_phase.run(to_sample)
         failures.update(sampling_phase.failures)
+        engine_starts = sampling_phase.engine_starts
     jobs = [j for j in plan.jobs if j.sampled is not None]
     reward, close = _reward_fn(cfg)
     try:
@@ -600,7 +649,7 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
                 "max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "top_p": e.top_p, "seed": e.seed,
                 "reward": f"{r.type}: {described}" if r else "none", "baseline": e.baseline,
                 "reference_engine": cfg.reference.engine}
-    report = write_report(Path(eval_store.uri), rows, failed, settings)
+    report = write_report(eval_store, rows, failed, settings)
     return EvalResult(eval_store.uri, [j.target.name for j in jobs], reused=plan.reused, failures=failed,
                       report=str(report.report), rows=rows, prompts=len(prompts.ids),
-                      prompt_rejects=prompts.rejected)
+                      prompt_rejects=prompts.rejected, engine_starts=engine_starts)

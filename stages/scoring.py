@@ -10,6 +10,7 @@ actors (one vLLM engine per checkpoint, the reference scorer, a reward model) ar
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,14 @@ class _Scorer:
             columns[f"ref_{side}_token_logps"] = pa.array(tokens, pa.list_(pa.float32()))
         for f in SCORE_FIELDS:
             batch = batch.append_column(f, columns[f.name])
-        return batch
+        # The Ray node that scored the rows: the cache manifest records where the work ran.
+        return batch.append_column("_node", pa.array([_node_id()] * n, pa.string()))
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 class VllmScorer(_Scorer):
@@ -171,10 +179,13 @@ def scorer_kwargs(engine: str, settings, model_dir: str, dtype: str, max_length:
     return kwargs
 
 
-def actor_options(settings) -> dict[str, Any]:
-    """Ray resources and environment of one engine actor, from a config's `EngineSettings`."""
+def actor_options(settings, spread: bool = False) -> dict[str, Any]:
+    """Ray resources, placement and environment of one engine actor, from a config's `EngineSettings`; `spread`
+    (`ray.placement: spread`) places the actors on as many nodes as possible."""
     return dict(num_cpus=settings.num_cpus_per_actor,
                 num_gpus=settings.tensor_parallel_size if settings.use_gpu else 0,
+                **({"scheduling_strategy": "SPREAD"} if spread else {}),
+                **({"resources": dict(settings.resources)} if settings.resources else {}),
                 # vLLM warns at length about things that do not apply here (no tokenizer: by design; CPU allocators).
                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}})
 
@@ -203,39 +214,95 @@ def check_checkpoint(model_dir: str) -> None:
             raise ValueError(f"corrupt weights file {f.name}: {str(e).splitlines()[0][:200]}") from None
 
 
-def redirect_output(log_path: str | None) -> None:
+# config.json keys that do not change what the weights compute: checkpoints differing only in these share an engine.
+_NOT_COMPUTE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
+
+
+def engine_signature(config: dict[str, Any] | None, generation_config: dict[str, Any] | None) -> str | None:
+    """What a running engine fixes besides the weights: the model's config (shapes, norms, rope, vocabulary) and
+    generation config. Targets with equal signatures can share one engine; None (no config) never shares."""
+    import hashlib
+    import json
+
+    if not isinstance(config, dict):
+        return None
+    cfg = {k: v for k, v in config.items() if k not in _NOT_COMPUTE}
+    gen = {k: v for k, v in generation_config.items() if k != "transformers_version"} \
+        if isinstance(generation_config, dict) else None
+    return hashlib.sha256(json.dumps([cfg, gen], sort_keys=True).encode()).hexdigest()
+
+
+def redirect_output(log_uri: str | None):
     """Send this actor's stdout/stderr, and its engine processes' (they inherit them), to a file: vLLM's start-up
-    chatter stays out of the driver's output, and the log is kept beside the results for failures."""
-    if log_path is None:
-        return
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    chatter stays out of the driver's output, and the log is kept beside the results for failures.
+
+    `log_uri` is a local path or a URI; for a URI the log is written on this node and uploaded by the returned
+    function (called after each call of the actor and when its start fails)."""
+    from pipeline.storage import Store, staging_dir
+
+    if log_uri is None:
+        return lambda: None
+    parent, name = log_uri.rsplit("/", 1)
+    store = Store(parent)
+    local = Path(store.path(name)) if store.local else staging_dir() / "logs" / f"{os.getpid()}-{name}"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    if store.local:
+        return lambda: None
+
+    def upload() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        store.write_bytes(name, local.read_bytes())
+    return upload
 
 
 class CheckpointEngine:
-    """A vLLM engine for one target (Ray actor): samples completions, scores held-out pairs. Kill it to free the
-    engine; the next target gets a fresh actor."""
+    """A vLLM engine for evaluation targets (Ray actor): samples completions, scores held-out pairs. It serves a
+    series of checkpoints of one architecture: `model_dir` on a call swaps the weights in place (no engine
+    restart; see `engine_signature`). Kill it to free the engine."""
 
     def __init__(self, scorer_kwargs: dict[str, Any], log_path: str | None = None):
         from pipeline.runtime import quiet_worker_logs
+        from pipeline.storage import local_copy
 
-        redirect_output(log_path)
-        quiet_worker_logs()
-        check_checkpoint(scorer_kwargs["model_dir"])
-        from vllm.platforms import current_platform
+        self.sync_log = redirect_output(log_path)
+        self.model_dir = scorer_kwargs["model_dir"]
+        try:
+            quiet_worker_logs()
+            # A checkpoint at a URI is downloaded to this node first: vLLM loads local directories.
+            scorer_kwargs = {**scorer_kwargs, "model_dir": local_copy(scorer_kwargs["model_dir"])}
+            check_checkpoint(scorer_kwargs["model_dir"])
+            from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
-            # vLLM on CPU cannot rewind a seeded request's generator after a partial (chunked) prefill
-            # ("CPU Generator does not use offset", engine dead): schedule every prompt whole.
-            scorer_kwargs = {**scorer_kwargs, "engine_kwargs": {"enable_chunked_prefill": False,
-                                                                **scorer_kwargs.get("engine_kwargs", {})}}
-        self.engine = VllmScorer(**scorer_kwargs)
+            if current_platform.is_cpu():
+                # vLLM on CPU cannot rewind a seeded request's generator after a partial (chunked) prefill
+                # ("CPU Generator does not use offset", engine dead): schedule every prompt whole.
+                scorer_kwargs = {**scorer_kwargs, "engine_kwargs": {"enable_chunked_prefill": False,
+                                                                    **scorer_kwargs.get("engine_kwargs", {})}}
+            self.engine = VllmScorer(**scorer_kwargs)
+        finally:
+            self.sync_log()
+
+    def use(self, model_dir: str | None) -> None:
+        """Serve `model_dir` from now on: its weights are loaded into the running engine, in place. Only for a
+        checkpoint with the engine's `engine_signature`; cached KV blocks of the old weights are dropped."""
+        from pipeline.storage import local_copy
+
+        if model_dir is None or model_dir == self.model_dir:
+            return
+        local = local_copy(model_dir)
+        check_checkpoint(local)
+        self.model_dir = None  # a failed reload leaves mixed weights: the driver kills this actor
+        self.engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": local})
+        self.engine.llm.reset_prefix_cache()
+        self.model_dir = model_dir
 
     def sample(self, prompts: list[list[int]], seeds: list[int], params: dict[str, Any],
-               first: int) -> dict[str, Any]:
+               first: int, model_dir: str | None = None) -> dict[str, Any]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -243,8 +310,13 @@ class CheckpointEngine:
         # i.e. log π at temperature 1, the π of the KL.
         sps = [SamplingParams(**params, seed=s, logprobs=0, detokenize=False, flat_logprobs=True) for s in seeds]
         t0 = time.perf_counter()
-        outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False)
-        seconds = time.perf_counter() - t0
+        try:
+            self.use(model_dir)
+            outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps,
+                                            use_tqdm=False)
+            seconds = time.perf_counter() - t0
+        finally:
+            self.sync_log()
         cols: dict[str, list] = {f.name: [] for f in SAMPLED}
         for i, out in enumerate(outs):
             for c in out.outputs:
@@ -254,9 +326,13 @@ class CheckpointEngine:
                     cols[name].append(value)
         return {"table": pa.table(cols, schema=SAMPLED), "seconds": seconds}
 
-    def score_pairs(self, pairs: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def score_pairs(self, pairs: pa.Table, model_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Summed log-probs of chosen and rejected under this target (stage-1 scorer code on cache rows)."""
-        out = self.engine(pairs.append_column("reject", pa.nulls(len(pairs), pa.string())))
+        try:
+            self.use(model_dir)
+            out = self.engine(pairs.append_column("reject", pa.nulls(len(pairs), pa.string())))
+        finally:
+            self.sync_log()
         return out.column("ref_chosen_logps").to_numpy(), out.column("ref_rejected_logps").to_numpy()
 
 
@@ -266,12 +342,18 @@ class ReferenceEngine:
     def __init__(self, engine: str, scorer_kwargs: dict[str, Any], log_path: str | None = None):
         from pipeline.runtime import quiet_worker_logs
 
-        redirect_output(log_path)
-        quiet_worker_logs()
-        self.scorer = ENGINES[engine](**scorer_kwargs)
+        self.sync_log = redirect_output(log_path)
+        try:
+            quiet_worker_logs()
+            self.scorer = ENGINES[engine](**scorer_kwargs)
+        finally:
+            self.sync_log()
 
     def token_logps(self, sequences: list[np.ndarray], starts: list[int]) -> list[np.ndarray]:
-        return self.scorer.token_logps(sequences, starts)
+        try:
+            return self.scorer.token_logps(sequences, starts)
+        finally:
+            self.sync_log()
 
 
 class RewardEngine:

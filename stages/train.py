@@ -9,7 +9,7 @@ positions [r·G/W, (r+1)·G/W) of each global batch of G pairs, so W workers com
 would (tested). Every worker gets the same number of batches; a last partial global batch is dropped.
 
 Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory (moved into place when
-complete); the sharded training state (model, optimizer, scheduler, data position) is a Ray Train checkpoint
+complete; at a URI run_dir, uploaded with config.json last); the sharded training state (model, optimizer, scheduler, data position) is a Ray Train checkpoint
 under `<run_dir>/ray/`, which Ray lists only once every worker has reported it.
 """
 
@@ -137,19 +137,27 @@ def train_key(cfg: Config, cache_key: str) -> str:
     return sha256_json({"cache": cache_key, "train": cfg.train.model_dump(mode="json", exclude=_UNKEYED)})[:20]
 
 
+def list_checkpoints(run_store: Store) -> list[str]:
+    """The complete Hugging Face checkpoints of a run, oldest first: `<run_dir>/checkpoints/step_*` holding a
+    config.json (written last)."""
+    names = sorted(n for n in run_store.listdir("checkpoints")
+                   if n.startswith("step_") and run_store.exists(f"checkpoints/{n}/config.json"))
+    return [f"{run_store.uri}/checkpoints/{n}" for n in names]
+
+
 def run(cfg: Config) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runtime import init_ray
+    from pipeline.cluster import spread
+    from pipeline.runtime import connect
 
     train_cache = find_cache(cfg, "train")
     eval_cache = find_cache(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
     per_epoch, total = plan_steps(cfg, train_cache.pairs)
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    init_ray(cfg.ray)
+    run_store = Store(cfg.run_dir)  # a local path (resolved here) or a URI
+    run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
+    connect(cfg)
     _check_cpus(cfg)
     epochs = math.ceil(total / per_epoch)
     datasets = {f"train_{e}": _epoch_dataset(train_cache.files, cfg.train.seed, e, cfg.train.shuffle)
@@ -161,12 +169,14 @@ def run(cfg: Config) -> TrainResult:
         train_loop,
         # Paths resolved here: Ray Train workers run in another working directory.
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "per_epoch": per_epoch, "total": total,
-                           "run_dir": str(run_dir), "model_dir": train_cache.model_dir,
+                           "run_dir": run_store.uri, "model_dir": train_cache.model_dir,
                            "tokenizer_dir": train_cache.tokenizer_dir, "chat_template": train_cache.chat_template},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.num_cpus_per_worker}),
+                                               resources_per_worker={"CPU": t.num_cpus_per_worker},
+                                               placement_strategy="SPREAD" if spread(cfg) else "PACK"),
         run_config=ray.train.RunConfig(
-            name="ray", storage_path=str(run_dir),
+            # Ray Train writes its training state through the same pyarrow filesystem (local disk, s3, gs).
+            name="ray", storage_path=run_store.root, storage_filesystem=None if run_store.local else run_store.fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
         datasets=datasets,
@@ -176,12 +186,13 @@ def run(cfg: Config) -> TrainResult:
                                             execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
-    ckpts = sorted(str(p) for p in (run_dir / "checkpoints").glob("step_*") if (p / "config.json").exists())
+    ckpts = list_checkpoints(run_store)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     # The record `dpo-pipeline run`/`plan` read to skip a finished run with the same inputs (written last).
-    Store(str(run_dir)).write_json("train.json", {"key": train_key(cfg, train_cache.key), "steps": total,
-                                                  "checkpoints": ckpts, "final_metrics": metrics})
-    return TrainResult(total, ckpts, dict(result.metrics or {}), str(run_dir))
+    run_store.write_json("train.json", {"key": train_key(cfg, train_cache.key), "steps": total,
+                                        "checkpoints": ckpts, "final_metrics": metrics,
+                                        "worker_nodes": (result.metrics or {}).get("worker_nodes")})
+    return TrainResult(total, ckpts, dict(result.metrics or {}), run_store.uri)
 
 
 # ---------------------------------------------------------------- workers
@@ -214,7 +225,7 @@ class _Worker:
         from pipeline.models import load_hf_model, load_tokenizer
         from pipeline.parallel import PolicyLogps, apply_fsdp
 
-        self.cfg, self.t, self.run_dir = cfg, cfg.train, Path(paths["run_dir"])
+        self.cfg, self.t, self.run_store = cfg, cfg.train, Store(paths["run_dir"])
         self.per_epoch, self.total = paths["per_epoch"], paths["total"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -245,7 +256,20 @@ class _Worker:
                                                                             self.t.schedule))
         self.step = 0
         self.logger = MetricsLogger(paths["run_dir"], enabled=self.rank == 0)
+        self.nodes = self._worker_nodes()
         self._restore()
+
+    def _worker_nodes(self) -> list[str]:
+        """The Ray node id of every rank (a collective), recorded in train.json: where the training ran."""
+        import ray
+        import torch.distributed as dist
+
+        node = ray.get_runtime_context().get_node_id()
+        if not dist.is_initialized():
+            return [node]
+        nodes: list[Any] = [None] * self.world
+        dist.all_gather_object(nodes, node)
+        return nodes
 
     # ------------------------------------------------------------ state
 
@@ -277,18 +301,26 @@ class _Worker:
         name = f"step_{self.step:06d}"
         full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            export_hf({k.removeprefix("lm."): v for k, v in full.items()}, self.lm, self.tokenizer,
-                      self.run_dir / "checkpoints" / name)
+            state = {k.removeprefix("lm."): v for k, v in full.items()}
+            store = self.run_store
+            if store.local:
+                export_hf(state, self.lm, self.tokenizer, Path(store.path(f"checkpoints/{name}")))
+            else:  # written on this worker's disk, then uploaded (config.json last: the checkpoint is complete)
+                with tempfile.TemporaryDirectory() as tmp:
+                    export_hf(state, self.lm, self.tokenizer, Path(tmp) / name)
+                    store.upload_dir(Path(tmp) / name, f"checkpoints/{name}", last="config.json")
             if self.t.keep_checkpoints:  # the same rule as Ray's num_to_keep for the training state
-                for old in sorted((self.run_dir / "checkpoints").glob("step_*"))[:-self.t.keep_checkpoints]:
-                    shutil.rmtree(old)
+                olds = sorted(n for n in store.listdir("checkpoints") if n.startswith("step_"))
+                for old in olds[:-self.t.keep_checkpoints]:
+                    store.delete(f"checkpoints/{old}")
+            self.logger.sync()
         with tempfile.TemporaryDirectory() as local:
             model_sd, optim_sd = get_state_dict(self.policy, self.opt)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(local) / "state"))
             if self.rank == 0:
                 Path(local, "trainer_state.json").write_text(json.dumps(
                     {"step": self.step, "scheduler": self.sched.state_dict(), "hf_checkpoint": name}))
-            ray.train.report({**metrics, "step": self.step, "hf_checkpoint": name},
+            ray.train.report({**metrics, "step": self.step, "hf_checkpoint": name, "worker_nodes": self.nodes},
                              checkpoint=ray.train.Checkpoint.from_directory(local),
                              checkpoint_dir_name=f"checkpoint_{self.step:06d}")
 

@@ -1,0 +1,163 @@
+"""Storage URIs and multi-node checks, without Ray: `file://` and a real S3 API (a local moto server) through
+`Store`, checkpoints and reports at a URI, the shared-storage check (its per-node probe injected), `--address`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.storage import Store, local_copy
+from tests.conftest import make_config
+
+
+def _hf_dir(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"weights")
+    return path
+
+
+def test_file_uri_is_the_local_directory(tmp_path):
+    store = Store(f"file://{tmp_path}/run")
+    assert store.local and store.uri == f"file://{tmp_path}/run" and store.root == f"{tmp_path}/run"
+    store.write_json("a/b.json", {"x": 1})
+    assert json.loads((tmp_path / "run/a/b.json").read_text()) == {"x": 1}
+    assert store.child("a").uri == f"file://{tmp_path}/run/a" and store.child("a").read_json("b.json") == {"x": 1}
+    src = _hf_dir(tmp_path / "export")
+    (src / ".hidden").write_text("ignored by stamps")
+    store.upload_dir(src, "checkpoints/step_000001", last="config.json")
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_000001"]  # no temp left
+    assert [s[0] for s in store.stamp("checkpoints")] == ["step_000001/config.json",
+                                                          "step_000001/model.safetensors"]
+    assert local_copy(f"file://{tmp_path}/run/checkpoints/step_000001") == f"{tmp_path}/run/checkpoints/step_000001"
+
+
+def test_checkpoints_and_report_under_a_file_uri(tiny_model, tmp_path):
+    from pipeline.report import SUMMARY_COLUMNS, write_report
+    from stages.evaluate import select_targets
+    from stages.train import list_checkpoints
+
+    run = Store(f"file://{tmp_path}/run")
+    for step in (1, 2):
+        run.upload_dir(_hf_dir(tmp_path / f"export{step}"), f"checkpoints/step_00000{step}", last="config.json")
+    run.makedirs("checkpoints/step_000003")  # incomplete: no config.json
+    assert list_checkpoints(run) == [f"{run.uri}/checkpoints/step_000001", f"{run.uri}/checkpoints/step_000002"]
+    cfg = make_config(tiny_model, tmp_path, f"run_dir={run.uri}", "eval.include_reference=false",
+                      f"eval.checkpoints=[{run.uri}/checkpoints/step_000002, {run.uri}/checkpoints/step_000003]")
+    targets = select_targets(cfg)
+    assert [t.path for t in targets] == [f"{run.uri}/checkpoints/step_000002", f"{run.uri}/checkpoints/step_000003"]
+    assert targets[0].error is None and "no config.json" in targets[1].error
+    row = {c: None for c in SUMMARY_COLUMNS} | {"name": "step_000002", "path": targets[0].path, "step": 2}
+    rep = write_report(run.child("eval"), [row], [], {"prompts": 1})
+    assert (tmp_path / "run/eval/report.md").is_file() and rep.report == tmp_path / "run/eval/report.md"
+
+
+# ---------------------------------------------------------------- S3 API (moto server on loopback)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A bucket on a local moto S3 server; pyarrow finds it through the standard AWS_* variables."""
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3").create_bucket(Bucket="dpo-test")
+    yield "s3://dpo-test"
+    server.stop()
+
+
+def test_s3_store_checkpoints_local_copies_and_report(s3, tmp_path, monkeypatch):
+    from pipeline.metrics import MetricsLogger
+    from pipeline.report import SUMMARY_COLUMNS, write_report
+    from stages.evaluate import _checkpoint_problem
+    from stages.train import list_checkpoints
+
+    monkeypatch.setenv("DPO_PIPELINE_STAGING", str(tmp_path / "staging"))
+    run = Store(f"{s3}/runs/r1")
+    assert not run.local and run.uri == f"{s3}/runs/r1"
+    run.write_json("train.json", {"steps": 2})
+    assert run.exists("train.json") and run.read_json("train.json") == {"steps": 2} and run.listdir() == ["train.json"]
+
+    src = _hf_dir(tmp_path / "export")
+    run.upload_dir(src, "checkpoints/step_000002", last="config.json")
+    ckpt = f"{run.uri}/checkpoints/step_000002"
+    assert list_checkpoints(run) == [ckpt] and _checkpoint_problem(ckpt) is None
+    assert "does not exist" in _checkpoint_problem(f"{run.uri}/checkpoints/step_000009")
+
+    local = local_copy(ckpt)  # downloaded once, reused while the files are unchanged
+    assert local.startswith(str(tmp_path / "staging"))
+    with open(f"{local}/model.safetensors", "rb") as f:
+        assert f.read() == b"weights"
+    assert local_copy(ckpt) == local
+    (src / "model.safetensors").write_bytes(b"retrained")
+    run.upload_dir(src, "checkpoints/step_000002", last="config.json")
+    with open(f"{local_copy(ckpt)}/model.safetensors", "rb") as f:
+        assert f.read() == b"retrained"
+
+    logger = MetricsLogger(run.uri, enabled=True)
+    logger.log(1, {"loss": 0.5}, echo=lambda _: None)
+    assert json.loads(run.read_bytes("metrics.jsonl")) == {"step": 1, "loss": 0.5}
+    logger.close()
+    assert [n for n in run.listdir("tensorboard") if n.startswith("events")]
+
+    row = {c: None for c in SUMMARY_COLUMNS} | {"name": "step_000002", "path": ckpt, "step": 2}
+    rep = write_report(run.child("eval"), [row], [], {"prompts": 1})
+    assert rep.report == f"{run.uri}/eval/report.md" and run.read_bytes("eval/report.md").startswith(b"# ")
+    run.delete("checkpoints/step_000002")
+    assert list_checkpoints(run) == []
+
+
+# ---------------------------------------------------------------- shared storage on several nodes
+
+
+NODES = [{"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1", "Alive": True},
+         {"NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2", "Alive": True}]
+
+
+def test_local_storage_not_seen_by_a_node_is_a_user_error(tiny_model, tmp_path):
+    from pipeline import cluster
+
+    cfg = make_config(tiny_model, tmp_path)
+    seen = []
+
+    def node_b_lacks_the_cache(nodes, paths):
+        seen.append(list(paths))
+        return {n["NodeID"]: [p for p in paths if "/cache/" in p and n["NodeID"] == "b" * 56] for n in nodes}
+
+    with pytest.raises(UserError) as e:
+        cluster.check_shared_storage(cfg, NODES, node_b_lacks_the_cache)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("cache_dir ") and str(tmp_path / "cache") in msg
+    assert "10.0.0.2" in msg and "shared storage" in msg and "s3://" in msg
+    probed = seen[0]
+    assert any(p.startswith(str(tmp_path / "cache") + "/.dpo-pipeline-shared-check") for p in probed)
+    assert str(tiny_model.resolve()) in probed  # the model directory is probed too
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".dpo")]  # markers removed
+
+    cluster.check_shared_storage(cfg, NODES, lambda nodes, paths: {})  # every node sees everything
+    cluster.check_shared_storage(cfg, NODES[:1], lambda *_: pytest.fail("one node: nothing to check"))
+    uris = make_config(tiny_model, tmp_path, "cache_dir=s3://bucket/cache", "run_dir=gs://bucket/run")
+    assert cluster._local_paths(uris)[0] == {}  # URIs are shared by nature
+
+
+def test_address_option_overrides_ray_address(tiny_model, tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": str(tiny_model)}, "data": {"train": {"path": "x.jsonl"}},
+                                    "ray": {"address": "auto"}}))
+    assert main(["config", str(path), "--address", "10:20"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["ray"]["address"] == "10:20"
+    assert main(["config", str(path)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["ray"]["address"] == "auto"
