@@ -1,8 +1,9 @@
 """Stage 3 on the tiny model: two checkpoints and the reference, then a third added incrementally.
 
-One module-scoped scenario keeps the number of vLLM engines (one per checkpoint, each a slow start on CPU) low:
-run 1 evaluates the reference, step 1, step 2 and a broken step 3; run 2, after step 3 is removed and step 4
-(a byte copy of step 1) added, evaluates step 4 only. Values are checked against independent transformers
+One module-scoped scenario keeps the number of vLLM engines (each a slow start on CPU) low: run 1 evaluates the
+reference, step 1, step 2 and a broken step 3 on two engines (the reference and step 1 start them; step 2 and
+step 3 are swapped into whichever finishes first); run 2, after step 3 is removed and step 4 (a byte copy of
+step 1) added, evaluates step 4 only, on a fresh engine. Values are checked against independent transformers
 forwards.
 """
 
@@ -95,6 +96,12 @@ def test_broken_checkpoint_fails_alone_with_its_reason(scenario):
     assert "step_000003" in scenario["first_report"].split("## Failed")[1]
 
 
+def test_checkpoints_of_one_architecture_share_an_engine(scenario):
+    # Two actors (eval.num_actors=2) start with the first two targets; the next two are swapped into them.
+    assert scenario["first"].engine_starts == 2
+    assert scenario["second"].engine_starts == 1
+
+
 def test_third_checkpoint_added_incrementally(scenario):
     second, eval_dir = scenario["second"], Path(scenario["second"].eval_dir)
     assert second.evaluated == ["step_000004"]
@@ -132,16 +139,17 @@ def test_kl_of_the_reference_against_itself_is_zero(scenario):
     assert row["win_rate"] == 0.5 and row["pref_accuracy"] is None
 
 
-def test_logps_and_kl_equal_independent_forwards(scenario, tiny_model):
+@pytest.mark.parametrize("name", ["step_000001", "step_000002"])  # a fresh engine; weights swapped into one
+def test_logps_and_kl_equal_independent_forwards(scenario, tiny_model, name):
     from pipeline.models import load_tokenizer
 
     cfg = scenario["cfg"]
-    t = _samples(scenario["first"], "step_000001")
+    t = _samples(scenario["first"], name)
     prompts = evaluate.load_prompts(cfg, load_tokenizer(str(tiny_model)), evaluate.Store(str(Path(cfg.run_dir))))
     seqs = [prompts.ids[p] + c for p, c in zip(t.column("prompt_index").to_pylist(),
                                                t.column("completion_ids").to_pylist())]
     starts = [len(prompts.ids[p]) for p in t.column("prompt_index").to_pylist()]
-    policy = _seq_logps(str(Path(cfg.run_dir) / "checkpoints" / "step_000001"), seqs, starts)
+    policy = _seq_logps(str(Path(cfg.run_dir) / "checkpoints" / name), seqs, starts)
     ref = _seq_logps(str(tiny_model), seqs, starts)
     np.testing.assert_allclose(t.column("logp").to_numpy(), policy, atol=1e-3)
     np.testing.assert_allclose(t.column("ref_logp").to_numpy(), ref, atol=1e-3)
@@ -185,12 +193,13 @@ def test_changed_reward_rescores_without_sampling_again(scenario):
     key but not its sampling key: the samples on disk are rescored, no engine starts."""
     eval_dir = Path(scenario["second"].eval_dir)
     names = ["reference", "step_000001", "step_000002", "step_000004"]
-    logs = {n: (eval_dir / n / "engine.log").stat().st_mtime_ns for n in names}
+    sampled = {n: (eval_dir / n / "sampled.parquet").stat().st_mtime_ns for n in names}
     cfg = scenario["cfg"].model_copy(deep=True)
     cfg.eval.reward.kwargs = {"char": "a"}
     third = evaluate.run(cfg)
     assert sorted(third.evaluated) == names and third.reused == []
-    assert {n: (eval_dir / n / "engine.log").stat().st_mtime_ns for n in names} == logs
+    assert third.engine_starts == 0
+    assert {n: (eval_dir / n / "sampled.parquet").stat().st_mtime_ns for n in names} == sampled
     t = _samples(third, "step_000002")
     assert t.column("reward").to_pylist() == [c.count("a") for c in t.column("completion").to_pylist()]
     assert [r["name"] for r in third.rows] == names  # the report holds the current settings' results only
