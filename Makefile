@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 TINY_MODEL := build/tiny-model
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo tiny bench clean
 
 install: $(STAMP)
 
@@ -29,7 +29,12 @@ test: install
 $(TINY_MODEL)/config.json: | install
 	$(BIN)/dpo-pipeline tiny-assets $(TINY_MODEL)
 
-demo: install $(TINY_MODEL)/config.json
+# The DPO paper's sentiment experiment in miniature (builds its own model and data; see README).
+demo: install
+	$(BIN)/dpo-pipeline demo configs/sentiment.yaml
+
+# The quick tour: the tiny model through cache -> train -> eval (a couple of minutes).
+tiny: install $(TINY_MODEL)/config.json
 	$(BIN)/dpo-pipeline run configs/tiny.yaml
 
 bench: install

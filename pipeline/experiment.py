@@ -1,0 +1,303 @@
+"""`dpo-pipeline demo`: the DPO paper's controlled sentiment experiment (Rafailov et al. 2023, §6.1, Fig. 2) in
+miniature, end to end on a CPU, with a ground-truth reward.
+
+    π_SFT: a tiny Llama trained on generated reviews (pipeline/sentiment.py)           model.path
+    -> preference pairs the paper's way: completions sampled from π_SFT with vLLM (stage 3's engine), ranked by
+       the ground-truth reward, best vs worst per prompt                                data.train / data.eval
+    -> per variant (DPO at several β; Preferred-FT): cache -> train                    <run_dir>/<variant>/
+    -> one evaluation of π_SFT and every checkpoint of every variant                    <run_dir>/eval/
+    -> the reward-KL frontier of all runs, and reward vs step                           <run_dir>/report.md
+
+Every step is skipped when its outputs exist for the same inputs (stamps and the stages' content keys), so a
+second `demo` only reads what the first wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError
+from pipeline.sentiment import SftSpec
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """The sweep and the pair data. Pair settings are part of the pairs' stamp."""
+
+    betas: tuple[float, ...] = (0.05, 0.1, 0.5)
+    preferred_ft: bool = True
+    train_prompts: int = 512
+    heldout_prompts: int = 128
+    samples_per_prompt: int = 4  # as in the paper: several completions per prefix, ranked by the reward
+    all_pairs: bool = True  # every two completions with different rewards make a pair; else best vs worst only
+    max_new_tokens: int = 48
+    seed: int = 0
+    variants: dict[str, list[str]] = field(default_factory=dict)  # filled from the fields above
+
+    def __post_init__(self):
+        v = {f"dpo-beta{b:g}": [f"train.loss.beta={b}"] for b in self.betas}
+        if self.preferred_ft:
+            v["preferred-ft"] = ["train.loss.type=sft"]
+        object.__setattr__(self, "variants", v)
+
+
+@dataclass
+class ExperimentResult:
+    report: str
+    rows: list[dict[str, Any]]
+    checks: dict[str, Any]
+    seconds: float
+
+
+# ---------------------------------------------------------------- pairs
+
+
+def _pairs_stamp(cfg: Config, spec: ExperimentSpec) -> dict[str, Any]:
+    from pipeline.fingerprint import model_files_hash
+
+    sft = Path(cfg.model.path)
+    return {"sft": model_files_hash(sft), "tokenizer": (sft / "tokenizer.json").read_text(),
+            "pairs": {k: v for k, v in asdict(spec).items() if k not in ("betas", "preferred_ft", "variants")}}
+
+
+def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
+    """Sample `samples_per_prompt` completions per prompt from π_SFT (vLLM, in a Ray actor) and keep, per prompt,
+    the best and worst by the ground-truth reward as (chosen, rejected). Completions cut at max_new_tokens are
+    dropped: the pipeline appends EOS to a response, which must then be true."""
+    import ray
+
+    from pipeline import sentiment
+    from pipeline.fingerprint import sha256_json
+    from pipeline.models import load_tokenizer
+    from pipeline.runtime import init_ray, progress_bar
+    from stages.evaluate import sample_seed
+    from stages.scoring import CheckpointEngine, actor_options, scorer_kwargs
+
+    train_path, eval_path = Path(cfg.data.train.path), Path(cfg.data.eval.path)
+    stamp_path = train_path.parent / "PAIRS.json"
+    stamp = sha256_json(_pairs_stamp(cfg, spec))
+    if stamp_path.is_file() and json.loads(stamp_path.read_text())["stamp"] == stamp \
+            and train_path.is_file() and eval_path.is_file():
+        return
+    tok = load_tokenizer(cfg.model.path)
+    texts = {"train": sentiment.prompts(spec.train_prompts, spec.seed + 1),
+             "eval": sentiment.prompts(spec.heldout_prompts, spec.seed + 2)}
+    ids = [tok(p)["input_ids"] for split in ("train", "eval") for p in texts[split]]
+    init_ray(cfg.ray)
+    kwargs = scorer_kwargs("vllm", cfg.eval, cfg.model.path, cfg.model.dtype,
+                           cfg.data.max_prompt_length + spec.max_new_tokens)
+    kwargs["seed"] = spec.seed
+    train_path.parent.mkdir(parents=True, exist_ok=True)
+    actor = ray.remote(CheckpointEngine).options(**actor_options(cfg.eval)).remote(
+        kwargs, str(train_path.parent / "sampling-engine.log"))
+    params = dict(n=spec.samples_per_prompt, temperature=1.0, top_p=1.0, max_tokens=spec.max_new_tokens,
+                  stop_token_ids=[tok.eos_token_id])
+    t0, parts = time.perf_counter(), []
+    try:
+        with progress_bar(len(ids) * spec.samples_per_prompt, "sampling pairs from π_SFT (vLLM)", "sample") as bar:
+            for lo in range(0, len(ids), 256):
+                chunk = ids[lo:lo + 256]
+                seeds = [sample_seed(spec.seed, i) for i in range(lo, lo + len(chunk))]
+                parts.append(ray.get(actor.sample.remote(chunk, seeds, params, lo))["table"])
+                bar.update(len(parts[-1]))
+    finally:
+        ray.kill(actor)
+    import pyarrow as pa
+
+    table = pa.concat_tables(parts)
+    completions = tok.batch_decode(table.column("completion_ids").to_pylist(), skip_special_tokens=True)
+    by_prompt: dict[int, list[tuple[float, str]]] = {}
+    for pi, text, reason in zip(table.column("prompt_index").to_pylist(), completions,
+                                table.column("finish_reason").to_pylist()):
+        if reason == "stop":
+            by_prompt.setdefault(pi, []).append((sentiment.reward(text), text))
+    prompts = texts["train"] + texts["eval"]
+    rows: dict[str, list[str]] = {"train": [], "eval": []}
+    for pi in sorted(by_prompt):
+        split = "train" if pi < spec.train_prompts else "eval"
+        for k, (chosen, rejected) in enumerate(_pairs(by_prompt[pi], spec.all_pairs)):
+            rows[split].append(json.dumps({"id": f"{pi}-{k}", "prompt": prompts[pi], "chosen": chosen,
+                                           "rejected": rejected}))
+    for split, path in (("train", train_path), ("eval", eval_path)):
+        path.write_text("".join(r + "\n" for r in rows[split]))
+    rewards = [s for v in by_prompt.values() for s, _ in v]
+    record = {"stamp": stamp, "pairs": {k: len(v) for k, v in rows.items()}, "samples": len(table),
+              "finished": len(rewards), "sft_reward_mean": float(np.mean(rewards)),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    stamp_path.write_text(json.dumps(record, indent=2) + "\n")
+    log(f"pairs: {record['pairs']['train']} train, {record['pairs']['eval']} held out, from {len(table)} samples "
+        f"of π_SFT (mean reward {record['sft_reward_mean']:.3f}) in {record['seconds']} s")
+
+
+def _pairs(scored: list[tuple[float, str]], all_pairs: bool) -> list[tuple[str, str]]:
+    """(chosen, rejected) texts from one prompt's (reward, completion) samples: every two with different rewards
+    (the higher one chosen), or only the best against the worst. Equal rewards make no pair."""
+    if all_pairs:
+        return [(a[1], b[1]) if a[0] > b[0] else (b[1], a[1])
+                for i, a in enumerate(scored) for b in scored[i + 1:] if a[0] != b[0]]
+    ranked = sorted(scored, key=lambda s: s[0])  # stable: ties keep sampling order
+    return [(ranked[-1][1], ranked[0][1])] if ranked[-1][0] > ranked[0][0] else []
+
+
+# ---------------------------------------------------------------- the experiment
+
+
+def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = ExperimentSpec(),
+        sft: SftSpec = SftSpec(), echo=print) -> ExperimentResult:
+    """Build π_SFT and the pairs, train every variant, evaluate everything together, write the frontier report."""
+    from pipeline import orchestrate, sentiment
+    from stages import evaluate
+
+    t0 = time.perf_counter()
+    overrides = list(overrides or [])
+    base = load_config(config, overrides)
+    if base.data.eval is None:
+        raise UserError("the sentiment demo needs data.eval (held-out prompts); set it as in configs/sentiment.yaml")
+    if sorted(base.eval.reward.positive if base.eval.reward else []) != sorted(sentiment.POSITIVE) or \
+            sorted(base.eval.reward.negative) != sorted(sentiment.NEGATIVE):
+        raise UserError("eval.reward must be the demo's ground truth (the lexicon rule with pipeline/sentiment.py's "
+                        "POSITIVE and NEGATIVE words); keep configs/sentiment.yaml's eval.reward")
+    echo(f"π_SFT: {sentiment.build_sft_model(base.model.path, sft, log=echo)}")
+    build_pairs(base, spec, log=echo)
+    targets: dict[str, str] = {}
+    variant_of: dict[str, str] = {}
+    for name, extra in spec.variants.items():
+        cfg = load_config(config, overrides + extra + [f"run_dir={Path(base.run_dir) / name}"])
+        echo(f"\n[{name}] {' '.join(extra)}")
+        summary = orchestrate.run(cfg, echo=echo, evaluate=False)
+        for ckpt in summary.checkpoints:
+            step = int(Path(ckpt).name.removeprefix("step_"))
+            targets[f"{name}-step{step}"] = ckpt
+            variant_of[f"{name}-step{step}"] = name
+    echo(f"\nevaluation: π_SFT and {len(targets)} checkpoint(s)")
+    cfg = load_config(config, overrides)
+    cfg.eval.checkpoints = targets
+    result = evaluate.run(cfg)
+    if result.failures:
+        raise UserError(f"{len(result.failures)} checkpoint(s) failed evaluation ({result.failures[0]['name']}: "
+                        f"{result.failures[0]['error']}); see {result.report}")
+    variant_of["reference"] = "π_SFT"
+    # The eval report also keeps targets of earlier sweeps with these settings; the experiment is this sweep's.
+    rows = [{**r, "variant": variant_of[r["name"]]} for r in result.rows if r["name"] in variant_of]
+    checks = frontier_checks(rows, spec)
+    report = write_experiment_report(cfg.run_dir, rows, checks, spec)
+    return ExperimentResult(str(report), rows, checks, time.perf_counter() - t0)
+
+
+def _final(rows: list[dict[str, Any]], variant: str) -> dict[str, Any]:
+    return max((r for r in rows if r["variant"] == variant), key=lambda r: r["step"] or 0)
+
+
+def frontier_checks(rows: list[dict[str, Any]], spec: ExperimentSpec) -> dict[str, Any]:
+    """The demo's two claims, measured: DPO raises the ground-truth reward above π_SFT's, and at Preferred-FT's KL
+    the DPO frontier (best reward at no more KL, over all DPO checkpoints and π_SFT) is at least Preferred-FT's."""
+    sft = next(r for r in rows if r["variant"] == "π_SFT")
+    dpo = [v for v in spec.variants if v.startswith("dpo-")]
+    finals = {v: _final(rows, v) for v in spec.variants}
+    best = max(dpo, key=lambda v: finals[v]["reward_mean"])
+    b = finals[best]
+    se = np.hypot(b["reward_se"] or 0.0, sft["reward_se"] or 0.0)
+    checks: dict[str, Any] = {
+        "sft_reward": sft["reward_mean"], "best_dpo": best, "best_dpo_reward": b["reward_mean"],
+        "best_dpo_kl": b["kl_mean"], "dpo_gain": b["reward_mean"] - sft["reward_mean"],
+        "dpo_gain_in_se": (b["reward_mean"] - sft["reward_mean"]) / se if se else None}
+    checks["dpo_above_sft"] = bool(checks["dpo_gain_in_se"] is not None and checks["dpo_gain_in_se"] > 3)
+    if "preferred-ft" in finals:
+        p = finals["preferred-ft"]
+        pts = [r for r in rows if r["variant"] in dpo or r["variant"] == "π_SFT"]
+        at_kl = max(r["reward_mean"] for r in pts if r["kl_mean"] <= p["kl_mean"] * 1.1 + 0.05)
+        checks.update({"preferred_ft_reward": p["reward_mean"], "preferred_ft_kl": p["kl_mean"],
+                       "dpo_frontier_reward_at_preferred_ft_kl": at_kl,
+                       "dpo_at_least_preferred_ft": bool(at_kl >= p["reward_mean"])})
+    return checks
+
+
+def write_experiment_report(run_dir: str, rows: list[dict[str, Any]], checks: dict[str, Any],
+                            spec: ExperimentSpec) -> str:
+    """report.md with the frontier and reward-vs-step plots of every variant, and experiment.json; returns the
+    report's path (or URI)."""
+    import io
+
+    from pipeline.report import _num, _pm
+    from pipeline.storage import Store
+
+    store = Store(run_dir)
+    for name, fig in (("frontier.png", _frontier_plot(rows, spec)), ("reward_vs_step.png", _step_plot(rows, spec))):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        store.write_bytes(name, buf.getvalue())
+    sft = next(r for r in rows if r["variant"] == "π_SFT")
+    lines = ["# Controlled sentiment generation (DPO paper §6.1, in miniature)", "",
+             "Ground-truth reward: positive minus negative lexicon words in the completion. π_SFT = π_ref.", "",
+             "| run | β | step | reward | KL [nats] | win rate vs π_SFT | pref. accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| π_SFT | — | 0 | {_pm(sft['reward_mean'], sft['reward_se'])} | {_pm(sft['kl_mean'], sft['kl_se'])} "
+             f"| — | — |"]
+    for v in spec.variants:
+        f = _final(rows, v)
+        beta = v.removeprefix("dpo-beta") if v.startswith("dpo-") else "—"
+        lines.append(f"| {v} | {beta} | {f['step']} | {_pm(f['reward_mean'], f['reward_se'])} | "
+                     f"{_pm(f['kl_mean'], f['kl_se'])} | {_pm(f['win_rate'], f['win_rate_se'])} | "
+                     f"{_num(f['pref_accuracy'])} |")
+    c = checks
+    lines += ["", "## What it shows", "",
+              f"- DPO raises the mean reward from {c['sft_reward']:.3f} (π_SFT) to {c['best_dpo_reward']:.3f} "
+              f"({c['best_dpo']}, KL {c['best_dpo_kl']:.2f} nats): +{c['dpo_gain']:.3f}, "
+              f"{c['dpo_gain_in_se']:.1f} standard errors. "
+              + ("**Holds.**" if c["dpo_above_sft"] else "**Does not hold in this run.**")]
+    if "preferred_ft_reward" in c:
+        lines.append(f"- Preferred-FT reaches {c['preferred_ft_reward']:.3f} at KL {c['preferred_ft_kl']:.2f}; the "
+                     f"DPO frontier at that KL reaches {c['dpo_frontier_reward_at_preferred_ft_kl']:.3f}. "
+                     + ("**DPO ≥ Preferred-FT holds.**" if c["dpo_at_least_preferred_ft"] else
+                        "**DPO ≥ Preferred-FT does not hold in this run.**"))
+    lines += ["", "![reward vs KL frontier](frontier.png)", "", "![reward vs step](reward_vs_step.png)", "",
+              "Every checkpoint: [eval/report.md](eval/report.md); per-sample completions in "
+              "`eval/<checkpoint>/samples.parquet`.", ""]
+    store.write_json("experiment.json", {"checks": checks, "spec": asdict(spec), "rows": rows})
+    store.write_bytes("report.md", "\n".join(lines).encode())
+    return f"{store.uri}/report.md"
+
+
+def _series(rows, spec):
+    sft = next(r for r in rows if r["variant"] == "π_SFT")
+    for v in spec.variants:
+        yield v, [sft] + sorted((r for r in rows if r["variant"] == v), key=lambda r: r["step"] or 0)
+
+
+def _frontier_plot(rows, spec):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    for v, pts in _series(rows, spec):
+        ax.errorbar([r["kl_mean"] for r in pts], [r["reward_mean"] for r in pts],
+                    yerr=[r["reward_se"] or 0 for r in pts], marker="o", capsize=2, label=v,
+                    linestyle="--" if v == "preferred-ft" else "-")
+    sft = next(r for r in rows if r["variant"] == "π_SFT")
+    ax.plot([sft["kl_mean"]], [sft["reward_mean"]], "k*", markersize=12, label="π_SFT")
+    ax.set(xlabel="KL(π‖π_SFT) per sample [nats]", ylabel="mean ground-truth reward",
+           title="Reward vs KL frontier (each line: one run, in step order)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _step_plot(rows, spec):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    for v, pts in _series(rows, spec):
+        ax.errorbar([r["step"] or 0 for r in pts], [r["reward_mean"] for r in pts],
+                    yerr=[r["reward_se"] or 0 for r in pts], marker="o", capsize=2, label=v)
+    ax.set(xlabel="training step", ylabel="mean ground-truth reward", title="Reward vs training step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
