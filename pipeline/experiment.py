@@ -31,12 +31,12 @@ from pipeline.sentiment import SftSpec
 class ExperimentSpec:
     """The sweep and the pair data. Pair settings are part of the pairs' stamp."""
 
-    betas: tuple[float, ...] = (0.05, 0.1, 0.5)
+    betas: tuple[float, ...] = (0.1, 0.5, 2.0)
     preferred_ft: bool = True
     train_prompts: int = 512
     heldout_prompts: int = 128
     samples_per_prompt: int = 4  # as in the paper: several completions per prefix, ranked by the reward
-    all_pairs: bool = True  # every two completions with different rewards make a pair; else best vs worst only
+    all_pairs: bool = True  # train: every two completions with different rewards make a pair; else best vs worst
     max_new_tokens: int = 48
     seed: int = 0
     variants: dict[str, list[str]] = field(default_factory=dict)  # filled from the fields above
@@ -122,9 +122,13 @@ def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
     rows: dict[str, list[str]] = {"train": [], "eval": []}
     for pi in sorted(by_prompt):
         split = "train" if pi < spec.train_prompts else "eval"
-        for k, (chosen, rejected) in enumerate(_pairs(by_prompt[pi], spec.all_pairs)):
+        # Held out: one pair per prompt, so that the evaluation samples each prompt once.
+        for k, (chosen, rejected) in enumerate(_pairs(by_prompt[pi], spec.all_pairs and split == "train")):
             rows[split].append(json.dumps({"id": f"{pi}-{k}", "prompt": prompts[pi], "chosen": chosen,
                                            "rejected": rejected}))
+    if not rows["train"] or not rows["eval"]:
+        raise UserError(f"π_SFT gave no usable pairs ({len(by_prompt)} of {len(ids)} prompts had a completion that "
+                        f"ended within {spec.max_new_tokens} tokens): train π_SFT longer or raise max_new_tokens")
     for split, path in (("train", train_path), ("eval", eval_path)):
         path.write_text("".join(r + "\n" for r in rows[split]))
     rewards = [s for v in by_prompt.values() for s, _ in v]

@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 pytest.importorskip("vllm")
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "sentiment.yaml")
-SPEC = ExperimentSpec(betas=(0.5,), train_prompts=40, heldout_prompts=8, samples_per_prompt=4, max_new_tokens=32)
-SFT = SftSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1, reviews=800,
-              epochs=1)
+SPEC = ExperimentSpec(betas=(0.5,), train_prompts=24, heldout_prompts=8, samples_per_prompt=4, max_new_tokens=48)
+SFT = SftSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1, reviews=3000,
+              epochs=2)
 
 
 def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local):
@@ -38,7 +38,7 @@ def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local
     assert len(rows) >= 10
     assert all(sentiment.reward(r["chosen"]) > sentiment.reward(r["rejected"]) for r in rows)
     record = json.loads((build / "PAIRS.json").read_text())
-    assert record["samples"] == (40 + 8) * 4 and record["pairs"]["train"] == len(rows)
+    assert record["samples"] == (24 + 8) * 4 and record["pairs"]["train"] == len(rows)
 
     # π_SFT and both variants' checkpoints (steps 2 and 4), evaluated under their report names.
     names = sorted(r["name"] for r in first.rows)
