@@ -200,8 +200,9 @@ def _final(rows: list[dict[str, Any]], variant: str) -> dict[str, Any]:
 
 
 def frontier_checks(rows: list[dict[str, Any]], spec: ExperimentSpec) -> dict[str, Any]:
-    """The demo's two claims, measured: DPO raises the ground-truth reward above π_SFT's, and at Preferred-FT's KL
-    the DPO frontier (best reward at no more KL, over all DPO checkpoints and π_SFT) is at least Preferred-FT's."""
+    """The demo's two claims, measured: DPO raises the ground-truth reward above π_SFT's by more than 3 standard
+    errors, and at Preferred-FT's KL the DPO frontier (the best reward at no more KL, over every DPO checkpoint and
+    π_SFT) is at least Preferred-FT's final reward."""
     sft = next(r for r in rows if r["variant"] == "π_SFT")
     dpo = [v for v in spec.variants if v.startswith("dpo-")]
     finals = {v: _final(rows, v) for v in spec.variants}
@@ -216,7 +217,7 @@ def frontier_checks(rows: list[dict[str, Any]], spec: ExperimentSpec) -> dict[st
     if "preferred-ft" in finals:
         p = finals["preferred-ft"]
         pts = [r for r in rows if r["variant"] in dpo or r["variant"] == "π_SFT"]
-        at_kl = max(r["reward_mean"] for r in pts if r["kl_mean"] <= p["kl_mean"] * 1.1 + 0.05)
+        at_kl = max(r["reward_mean"] for r in pts if r["kl_mean"] <= p["kl_mean"])
         checks.update({"preferred_ft_reward": p["reward_mean"], "preferred_ft_kl": p["kl_mean"],
                        "dpo_frontier_reward_at_preferred_ft_kl": at_kl,
                        "dpo_at_least_preferred_ft": bool(at_kl >= p["reward_mean"])})

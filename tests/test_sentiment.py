@@ -71,7 +71,7 @@ def test_frontier_checks_measure_both_claims():
     assert c["best_dpo"] == "dpo-beta0.1" and c["best_dpo_reward"] == 1.5
     assert c["dpo_gain_in_se"] == pytest.approx(1.5 / (0.05 * 2 ** 0.5))
     assert c["dpo_above_sft"]
-    # Preferred-FT ends at KL 4.0 with 0.6; the best DPO point with KL <= 4.45 is 0.9 (β=0.5, step 20).
+    # Preferred-FT ends at KL 4.0 with 0.6; the best DPO point with KL <= 4.0 is 0.9 (β=0.5, step 20).
     assert c["dpo_frontier_reward_at_preferred_ft_kl"] == 0.9 and c["dpo_at_least_preferred_ft"]
     rows[-1] = _row("preferred-ft", 20, 1.2, 4.0)
     assert not frontier_checks(rows, spec)["dpo_at_least_preferred_ft"]
