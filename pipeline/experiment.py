@@ -68,17 +68,13 @@ def _pairs_stamp(cfg: Config, spec: ExperimentSpec) -> dict[str, Any]:
 
 
 def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
-    """Sample `samples_per_prompt` completions per prompt from π_SFT (vLLM, in a Ray actor) and keep, per prompt,
-    the best and worst by the ground-truth reward as (chosen, rejected). Completions cut at max_new_tokens are
-    dropped: the pipeline appends EOS to a response, which must then be true."""
-    import ray
-
+    """Preference pairs the paper's way: `samples_per_prompt` completions per prompt sampled from π_SFT, ranked by
+    the ground-truth reward. Training pairs: every two completions with different rewards (`all_pairs`; else the
+    best against the worst); held-out pairs: the best against the worst, one per prompt. Written to `data.train`
+    and `data.eval`, then `PAIRS.json` (the stamp, last): skipped when the stamp matches."""
     from pipeline import sentiment
     from pipeline.fingerprint import sha256_json
     from pipeline.models import load_tokenizer
-    from pipeline.runtime import init_ray, progress_bar
-    from stages.evaluate import sample_seed
-    from stages.scoring import CheckpointEngine, actor_options, scorer_kwargs
 
     train_path, eval_path = Path(cfg.data.train.path), Path(cfg.data.eval.path)
     stamp_path = train_path.parent / "PAIRS.json"
@@ -87,38 +83,18 @@ def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
             and train_path.is_file() and eval_path.is_file():
         return
     tok = load_tokenizer(cfg.model.path)
-    texts = {"train": sentiment.prompts(spec.train_prompts, spec.seed + 1),
-             "eval": sentiment.prompts(spec.heldout_prompts, spec.seed + 2)}
-    ids = [tok(p)["input_ids"] for split in ("train", "eval") for p in texts[split]]
-    init_ray(cfg.ray)
-    kwargs = scorer_kwargs("vllm", cfg.eval, cfg.model.path, cfg.model.dtype,
-                           cfg.data.max_prompt_length + spec.max_new_tokens)
-    kwargs["seed"] = spec.seed
-    train_path.parent.mkdir(parents=True, exist_ok=True)
-    actor = ray.remote(CheckpointEngine).options(**actor_options(cfg.eval)).remote(
-        kwargs, str(train_path.parent / "sampling-engine.log"))
-    params = dict(n=spec.samples_per_prompt, temperature=1.0, top_p=1.0, max_tokens=spec.max_new_tokens,
-                  stop_token_ids=[tok.eos_token_id])
-    t0, parts = time.perf_counter(), []
-    try:
-        with progress_bar(len(ids) * spec.samples_per_prompt, "sampling pairs from π_SFT (vLLM)", "sample") as bar:
-            for lo in range(0, len(ids), 256):
-                chunk = ids[lo:lo + 256]
-                seeds = [sample_seed(spec.seed, i) for i in range(lo, lo + len(chunk))]
-                parts.append(ray.get(actor.sample.remote(chunk, seeds, params, lo))["table"])
-                bar.update(len(parts[-1]))
-    finally:
-        ray.kill(actor)
-    import pyarrow as pa
-
-    table = pa.concat_tables(parts)
+    prompts = sentiment.prompts(spec.train_prompts, spec.seed + 1) + \
+        sentiment.prompts(spec.heldout_prompts, spec.seed + 2)
+    t0 = time.perf_counter()
+    table = _sample(cfg, spec, [tok(p)["input_ids"] for p in prompts], tok.eos_token_id,
+                    str(train_path.parent / "sampling-engine.log"))
     completions = tok.batch_decode(table.column("completion_ids").to_pylist(), skip_special_tokens=True)
+    # A completion cut at max_new_tokens is dropped: the pipeline appends EOS to a response, which must be true.
     by_prompt: dict[int, list[tuple[float, str]]] = {}
     for pi, text, reason in zip(table.column("prompt_index").to_pylist(), completions,
                                 table.column("finish_reason").to_pylist()):
         if reason == "stop":
             by_prompt.setdefault(pi, []).append((sentiment.reward(text), text))
-    prompts = texts["train"] + texts["eval"]
     rows: dict[str, list[str]] = {"train": [], "eval": []}
     for pi in sorted(by_prompt):
         split = "train" if pi < spec.train_prompts else "eval"
@@ -127,8 +103,9 @@ def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
             rows[split].append(json.dumps({"id": f"{pi}-{k}", "prompt": prompts[pi], "chosen": chosen,
                                            "rejected": rejected}))
     if not rows["train"] or not rows["eval"]:
-        raise UserError(f"π_SFT gave no usable pairs ({len(by_prompt)} of {len(ids)} prompts had a completion that "
-                        f"ended within {spec.max_new_tokens} tokens): train π_SFT longer or raise max_new_tokens")
+        raise UserError(f"π_SFT gave no usable pairs ({len(by_prompt)} of {len(prompts)} prompts had a completion "
+                        f"that ended within {spec.max_new_tokens} tokens): train π_SFT longer or raise "
+                        f"max_new_tokens")
     for split, path in (("train", train_path), ("eval", eval_path)):
         path.write_text("".join(r + "\n" for r in rows[split]))
     rewards = [s for v in by_prompt.values() for s, _ in v]
@@ -138,6 +115,36 @@ def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
     stamp_path.write_text(json.dumps(record, indent=2) + "\n")
     log(f"pairs: {record['pairs']['train']} train, {record['pairs']['eval']} held out, from {len(table)} samples "
         f"of π_SFT (mean reward {record['sft_reward_mean']:.3f}) in {record['seconds']} s")
+
+
+def _sample(cfg: Config, spec: ExperimentSpec, ids: list[list[int]], eos: int, log_path: str):
+    """Completions of every prompt from π_SFT: stage 3's vLLM engine in a Ray actor, per-prompt seeds."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.runtime import init_ray, progress_bar
+    from stages.evaluate import sample_seed
+    from stages.scoring import CheckpointEngine, actor_options, scorer_kwargs
+
+    init_ray(cfg.ray)
+    kwargs = scorer_kwargs("vllm", cfg.eval, cfg.model.path, cfg.model.dtype,
+                           cfg.data.max_prompt_length + spec.max_new_tokens)
+    kwargs["seed"] = spec.seed
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    actor = ray.remote(CheckpointEngine).options(**actor_options(cfg.eval)).remote(kwargs, log_path)
+    params = dict(n=spec.samples_per_prompt, temperature=1.0, top_p=1.0, max_tokens=spec.max_new_tokens,
+                  stop_token_ids=[eos])
+    parts = []
+    try:
+        with progress_bar(len(ids) * spec.samples_per_prompt, "sampling pairs from π_SFT (vLLM)", "sample") as bar:
+            for lo in range(0, len(ids), 256):
+                chunk = ids[lo:lo + 256]
+                seeds = [sample_seed(spec.seed, i) for i in range(lo, lo + len(chunk))]
+                parts.append(ray.get(actor.sample.remote(chunk, seeds, params, lo))["table"])
+                bar.update(len(parts[-1]))
+    finally:
+        ray.kill(actor)
+    return pa.concat_tables(parts)
 
 
 def _pairs(scored: list[tuple[float, str]], all_pairs: bool) -> list[tuple[str, str]]:
@@ -164,8 +171,9 @@ def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = 
     base = load_config(config, overrides)
     if base.data.eval is None:
         raise UserError("the sentiment demo needs data.eval (held-out prompts); set it as in configs/sentiment.yaml")
-    if sorted(base.eval.reward.positive if base.eval.reward else []) != sorted(sentiment.POSITIVE) or \
-            sorted(base.eval.reward.negative) != sorted(sentiment.NEGATIVE):
+    r = base.eval.reward
+    if r is None or r.type != "rule" or r.rule != "lexicon" or sorted(r.positive) != sorted(sentiment.POSITIVE) \
+            or sorted(r.negative) != sorted(sentiment.NEGATIVE):
         raise UserError("eval.reward must be the demo's ground truth (the lexicon rule with pipeline/sentiment.py's "
                         "POSITIVE and NEGATIVE words); keep configs/sentiment.yaml's eval.reward")
     echo(f"π_SFT: {sentiment.build_sft_model(base.model.path, sft, log=echo)}")

@@ -91,3 +91,11 @@ def test_engine_signature_ignores_bookkeeping_keys_only():
     assert engine_signature(base, None) != engine_signature({**base, "hidden_size": 128}, None)
     assert engine_signature(base, {"eos_token_id": 2}) != engine_signature(base, {"eos_token_id": 3})
     assert engine_signature(None, None) is None
+
+
+@pytest.mark.parametrize("override", ["eval.reward=null", "eval.reward.rule=length", "eval.reward.negative=[bad]",
+                                      "data.eval=null"])
+def test_demo_refuses_a_config_without_its_ground_truth(override, tmp_path):
+    from pipeline.cli import main
+
+    assert main(["demo", str(CONFIG), override, f"run_dir={tmp_path}"]) == 2
