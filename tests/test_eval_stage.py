@@ -67,7 +67,8 @@ def scenario(tiny_model, tmp_path_factory, ray_local):
     _checkpoint(tiny_model, ckpts / "step_000002", seed=2)
     broken = ckpts / "step_000003"
     broken.mkdir()
-    shutil.copy(tiny_model / "config.json", broken / "config.json")
+    for name in ("config.json", "generation_config.json"):  # the others' architecture: it is swapped into an engine
+        shutil.copy(tiny_model / name, broken / name)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     first = evaluate.run(cfg)
     first_report = Path(first.report).read_text()
@@ -97,7 +98,8 @@ def test_broken_checkpoint_fails_alone_with_its_reason(scenario):
 
 
 def test_checkpoints_of_one_architecture_share_an_engine(scenario):
-    # Two actors (eval.num_actors=2) start with the first two targets; the next two are swapped into them.
+    # Two actors (eval.num_actors=2) start with the first two targets; the next two are swapped into them (the
+    # broken one fails in the swap, which ends its actor).
     assert scenario["first"].engine_starts == 2
     assert scenario["second"].engine_starts == 1
 
