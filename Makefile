@@ -38,8 +38,10 @@ tiny: install $(TINY_MODEL)/config.json
 	$(BIN)/dpo-pipeline run configs/tiny.yaml
 
 bench: install
+	$(BIN)/python -m pip install --quiet "trl==1.16.0"   # benchmark-only: the peer we compare training with
 	$(BIN)/python benchmarks/bench_cache.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_trl.py
 	$(BIN)/python benchmarks/bench_sample.py
 
 clean:

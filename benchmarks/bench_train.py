@@ -23,7 +23,30 @@ from bench_cache import ROOT, build_data, build_model  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def main() -> None:
+def measure(work: Path, args, modes: tuple[str, ...]) -> list[dict]:
+    """Our stage 2 on `work/model` and `work/data.jsonl` (cache built first, hf engine), one row per mode."""
+    from pipeline.config import load_config
+    from stages import cache, train
+
+    base = [f"model.path={work / 'model'}", f"data.train.path={work / 'data.jsonl'}", "data.max_length=512",
+            "data.max_prompt_length=192", f"cache_dir={work / 'cache'}", "reference.engine=hf",
+            f"ray.num_cpus={args.ray_cpus}", f"train.max_steps={args.steps}",
+            f"train.global_batch_pairs={args.global_batch}", f"train.micro_batch_pairs={args.micro_batch}",
+            f"train.num_cpus_per_worker={args.worker_cpus}", "train.lr=1e-5", "train.shuffle=false"]
+    cache.run(load_config(None, base + [f"run_dir={work / 'cache-run'}"]))
+    rows = []
+    for mode in modes:
+        cfg = load_config(None, base + [f"run_dir={work / mode}", f"train.reference={mode}"])
+        train.run(cfg)
+        m = [json.loads(line) for line in (work / mode / "metrics.jsonl").read_text().splitlines()][2:]
+        rows.append({"mode": mode, "steps_measured": len(m),
+                     "pairs_per_s": statistics.median(r["pairs_per_s"] for r in m),
+                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in m),
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in m)})
+    return rows
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512)
@@ -34,30 +57,17 @@ def main() -> None:
     p.add_argument("--worker-cpus", type=float, default=2, help="CPUs (torch threads) of the one train worker")
     p.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs of the local Ray instance")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_train.json"))
-    args = p.parse_args()
+    return p
 
-    from pipeline.config import load_config
-    from stages import cache, train
+
+def main() -> None:
+    args = parser().parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         params = build_model(work / "model", args.hidden, args.layers)
         build_data(work / "data.jsonl", args.pairs)
-        base = [f"model.path={work / 'model'}", f"data.train.path={work / 'data.jsonl'}", "data.max_length=512",
-                "data.max_prompt_length=192", f"cache_dir={work / 'cache'}", "reference.engine=hf",
-                f"ray.num_cpus={args.ray_cpus}", f"train.max_steps={args.steps}",
-                f"train.global_batch_pairs={args.global_batch}", f"train.micro_batch_pairs={args.micro_batch}",
-                f"train.num_cpus_per_worker={args.worker_cpus}", "train.lr=1e-5", "train.shuffle=false"]
-        cache.run(load_config(None, base + [f"run_dir={work / 'cache-run'}"]))
-        rows = []
-        for mode in ("cached", "in_loop"):
-            cfg = load_config(None, base + [f"run_dir={work / mode}", f"train.reference={mode}"])
-            train.run(cfg)
-            m = [json.loads(line) for line in (work / mode / "metrics.jsonl").read_text().splitlines()][2:]
-            rows.append({"mode": mode, "steps_measured": len(m),
-                         "pairs_per_s": statistics.median(r["pairs_per_s"] for r in m),
-                         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in m),
-                         "peak_rss_mb": max(r["peak_rss_mb"] for r in m)})
+        rows = measure(work, args, ("cached", "in_loop"))
     cached, in_loop = rows
     print(f"\nmodel: {params / 1e6:.1f}M params, fp32; global batch {args.global_batch} pairs, micro "
           f"{args.micro_batch}; 1 worker with {args.worker_cpus:g} CPUs")
