@@ -76,6 +76,10 @@ def main() -> None:
         print(f"{r['mode']:<8} {r['pairs_per_s']:>8.2f} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>12.0f}")
     print(f"cached / in_loop: {cached['pairs_per_s'] / in_loop['pairs_per_s']:.2f}x pairs/s, "
           f"{cached['peak_rss_mb'] / in_loop['peak_rss_mb']:.2f}x peak RSS")
+    save(args, params, rows)
+
+
+def save(args, params: int, rows: list[dict]) -> None:
     Path(args.out).write_text(json.dumps({"params": params, "args": vars(args), "results": rows}, indent=2) + "\n")
     print(f"written: {args.out}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cache import ROOT, build_data, build_model  # noqa: E402
-from bench_train import measure, parser  # noqa: E402
+from bench_train import measure, parser, save  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -101,8 +101,7 @@ def main() -> None:
           f"{ours / by['trl_in_loop']['pairs_per_s']:.2f}x")
     print(f"TRL precompute pass: {pre['precompute_tokens']} tokens in {pre['precompute_s']:.1f} s = "
           f"{pre['precompute_tokens_per_s']:.0f} tokens/s")
-    Path(args.out).write_text(json.dumps({"params": params, "args": vars(args), "results": rows}, indent=2) + "\n")
-    print(f"written: {args.out}")
+    save(args, params, rows)
 
 
 if __name__ == "__main__":
