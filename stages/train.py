@@ -349,9 +349,11 @@ class _Worker:
         return out, sums[:b], sums[b:], batch.tokens
 
     def _slices(self, global_batch):
-        """This rank's micro-batches of a global batch (positions [r·G/W, (r+1)·G/W))."""
+        """This rank's micro-batches of a global batch (positions [r·G/W, (r+1)·G/W)), grouped by length."""
+        from pipeline.batching import by_length
+
         per_rank = self.t.global_batch_pairs // self.world
-        mine = global_batch.slice(self.rank * per_rank, per_rank)
+        mine = by_length(global_batch.slice(self.rank * per_rank, per_rank))
         m = self.t.micro_batch_pairs
         return [mine.slice(i, m) for i in range(0, per_rank, m)], per_rank
 
