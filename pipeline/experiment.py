@@ -60,10 +60,9 @@ class ExperimentResult:
 
 
 def _pairs_stamp(cfg: Config, spec: ExperimentSpec) -> dict[str, Any]:
-    from pipeline.fingerprint import model_files_hash
+    from pipeline.fingerprint import model_files_hash, tokenizer_files_hash
 
-    sft = Path(cfg.model.path)
-    return {"sft": model_files_hash(sft), "tokenizer": (sft / "tokenizer.json").read_text(),
+    return {"sft": model_files_hash(cfg.model.path), "tokenizer": tokenizer_files_hash(cfg.model.path),
             "pairs": {k: v for k, v in asdict(spec).items() if k not in ("betas", "preferred_ft", "variants")}}
 
 

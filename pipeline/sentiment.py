@@ -14,9 +14,9 @@ The experiment itself (sampling pairs from π_SFT, the DPO sweep, Preferred-FT, 
 
 from __future__ import annotations
 
+import functools
 import json
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +33,6 @@ _NOUNS = ("movie", "film", "story", "plot", "acting", "cast", "script", "ending"
 _ADVERBS = ("", "", "", "very ", "quite ", "really ", "rather ", "truly ", "so ")
 _FILM = ("movie", "film", "story")
 _VERBS = {1: ("loved", "enjoyed"), -1: ("hated", "disliked"), 0: ("watched", "remember", "saw")}
-_WORD = re.compile(r"[\w']+")
 
 
 def _adjective(rng: random.Random, mood: float, charged: float = 0.75) -> str:
@@ -87,10 +86,18 @@ def prompts(n: int, seed: int) -> list[str]:
     return [prompt_of(review(rng), rng) for _ in range(n)]
 
 
+@functools.cache
+def _lexicon():
+    from pipeline.config import RewardConfig
+    from pipeline.rewards import RULES
+
+    return RULES["lexicon"](RewardConfig(type="rule", rule="lexicon", positive=list(POSITIVE),
+                                         negative=list(NEGATIVE)))
+
+
 def reward(completion: str) -> float:
-    """Ground truth: positive minus negative lexicon words (the same score as the `lexicon` reward rule)."""
-    words = _WORD.findall(completion.lower())
-    return float(sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words))
+    """Ground truth: positive minus negative lexicon words, scored by the evaluation stage's `lexicon` rule."""
+    return float(_lexicon()(completion))
 
 
 # ---------------------------------------------------------------- π_SFT

@@ -221,15 +221,14 @@ _NOT_COMPUTE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
 def engine_signature(config: dict[str, Any] | None, generation_config: dict[str, Any] | None) -> str | None:
     """What a running engine fixes besides the weights: the model's config (shapes, norms, rope, vocabulary) and
     generation config. Targets with equal signatures can share one engine; None (no config) never shares."""
-    import hashlib
-    import json
+    from pipeline.fingerprint import sha256_json
 
     if not isinstance(config, dict):
         return None
     cfg = {k: v for k, v in config.items() if k not in _NOT_COMPUTE}
     gen = {k: v for k, v in generation_config.items() if k != "transformers_version"} \
         if isinstance(generation_config, dict) else None
-    return hashlib.sha256(json.dumps([cfg, gen], sort_keys=True).encode()).hexdigest()
+    return sha256_json([cfg, gen])
 
 
 def redirect_output(log_uri: str | None):
