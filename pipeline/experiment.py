@@ -188,9 +188,8 @@ def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = 
             targets[f"{name}-step{step}"] = ckpt
             variant_of[f"{name}-step{step}"] = name
     echo(f"\nevaluation: π_SFT and {len(targets)} checkpoint(s)")
-    cfg = load_config(config, overrides)
-    cfg.eval.checkpoints = targets
-    result = evaluate.run(cfg)
+    base.eval.checkpoints = targets
+    result = evaluate.run(base)
     if result.failures:
         raise UserError(f"{len(result.failures)} checkpoint(s) failed evaluation ({result.failures[0]['name']}: "
                         f"{result.failures[0]['error']}); see {result.report}")
@@ -198,7 +197,7 @@ def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = 
     # The eval report also keeps targets of earlier sweeps with these settings; the experiment is this sweep's.
     rows = [{**r, "variant": variant_of[r["name"]]} for r in result.rows if r["name"] in variant_of]
     checks = frontier_checks(rows, spec)
-    report = write_experiment_report(cfg.run_dir, rows, checks, spec)
+    report = write_experiment_report(base.run_dir, rows, checks, spec)
     return ExperimentResult(str(report), rows, checks, time.perf_counter() - t0)
 
 
