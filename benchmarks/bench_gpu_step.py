@@ -120,12 +120,9 @@ def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[fl
     v = VARIANTS[name]
     lm, cfg = build_model(args.preset, device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    if v.get("compile"):
-        for layer in lm.get_decoder().layers:
-            layer.compile(dynamic=True)
     policy = PolicyLogps(lm)
     if v.get("fsdp", True):
-        policy = apply_fsdp(policy, dtype)
+        policy = apply_fsdp(policy, dtype, compile_blocks=bool(v.get("compile")))  # as `train.compile: true`
         if v.get("sync_each"):
             policy.set_requires_gradient_sync = lambda *a, **k: None  # keep FSDP's default: sync every backward
     cuda = device.type == "cuda"

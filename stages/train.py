@@ -246,7 +246,7 @@ class _Worker:
         self.lm = load_hf_model(model_dir, "float32", str(self.device), cfg.model.trust_remote_code)
         self.lm.train()
         self.policy = apply_fsdp(PolicyLogps(self.lm), param_dtype, self.t.activation_checkpointing,
-                                 self.t.cpu_offload)
+                                 self.t.cpu_offload, self.t.compile)
         self.reference = None
         if self.t.reference == "in_loop":
             ref = load_hf_model(model_dir, cfg.model.dtype, str(self.device), cfg.model.trust_remote_code)
