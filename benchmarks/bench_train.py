@@ -23,8 +23,9 @@ from bench_cache import ROOT, build_data, build_model  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def measure(work: Path, args, modes: tuple[str, ...]) -> list[dict]:
-    """Our stage 2 on `work/model` and `work/data.jsonl` (cache built first, hf engine), one row per mode."""
+def measure(work: Path, args, modes: tuple[str, ...], extra: tuple[str, ...] = (), tag: str = "") -> list[dict]:
+    """Our stage 2 on `work/model` and `work/data.jsonl` (cache built first, hf engine), one row per mode;
+    `extra`: more config overrides, `tag`: a suffix of the run directories."""
     from pipeline.config import load_config
     from stages import cache, train
 
@@ -32,13 +33,14 @@ def measure(work: Path, args, modes: tuple[str, ...]) -> list[dict]:
             "data.max_prompt_length=192", f"cache_dir={work / 'cache'}", "reference.engine=hf",
             f"ray.num_cpus={args.ray_cpus}", f"train.max_steps={args.steps}",
             f"train.global_batch_pairs={args.global_batch}", f"train.micro_batch_pairs={args.micro_batch}",
-            f"train.num_cpus_per_worker={args.worker_cpus}", "train.lr=1e-5", "train.shuffle=false"]
+            f"train.num_cpus_per_worker={args.worker_cpus}", "train.lr=1e-5", "train.shuffle=false", *extra]
     cache.run(load_config(None, base + [f"run_dir={work / 'cache-run'}"]))
     rows = []
     for mode in modes:
-        cfg = load_config(None, base + [f"run_dir={work / mode}", f"train.reference={mode}"])
+        run_dir = work / f"{mode}{tag}"
+        cfg = load_config(None, base + [f"run_dir={run_dir}", f"train.reference={mode}"])
         train.run(cfg)
-        m = [json.loads(line) for line in (work / mode / "metrics.jsonl").read_text().splitlines()][2:]
+        m = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:]
         rows.append({"mode": mode, "steps_measured": len(m),
                      "pairs_per_s": statistics.median(r["pairs_per_s"] for r in m),
                      "tokens_per_s": statistics.median(r["tokens_per_s"] for r in m),

@@ -1,0 +1,362 @@
+"""The benchmark suite (`make bench`): every comparison in one run, on the same models, data and batch sizes.
+
+Prints one table and writes docs/bench.json and docs/BENCHMARKS.md. Sections:
+
+- scoring: our cache stage with the vLLM engine and the hf engine beside TRL's precompute pass, tokens/s and
+  efficiency = tokens/s x 2 x params / the machine's measured fp32 matmul FLOP/s;
+- training: our cached-reference and in-loop modes beside TRL `DPOTrainer` with and without a precomputed
+  reference: pairs/s, tokens/s, peak RSS per worker;
+- sampling: vLLM (the evaluation stage's engine) vs transformers `generate`, tokens/s;
+- scaling: whole cache + training cost against the number of pairs, and 1 vs 2 training workers.
+
+Models are built from configs (no download): the mid-size one (8 x 512 Llama, head_dim 64, ~28M params) for
+every section, the tiny one (`dpo-pipeline tiny-assets`) for scoring and training beside TRL. Data: generated
+pairs with prompts of 8-96 words and responses of 8-160 words (~20-330 tokens a sequence).
+
+    python benchmarks/suite.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+from bench_cache import ROOT, build_data, build_model, matmul_flops, run_engine  # noqa: E402
+
+TARGETS = [  # (key in `ratios`, wanted, what)
+    ("train_cached_over_trl_precomputed", 1.5, "training pairs/s, cached / TRL precomputed reference"),
+    ("train_cached_over_in_loop", 1.3, "training pairs/s, cached / our in-loop reference"),
+    ("rss_cached_over_in_loop", 0.6, "peak RSS per worker, cached / in-loop (at most)"),
+    ("scoring_over_trl_precompute", 1.5, "reference scoring tokens/s, our best engine / TRL precompute pass"),
+    ("scoring_efficiency", 0.6, "reference scoring efficiency, our best engine"),
+    ("sampling_vllm_over_generate", 5.0, "sampling tokens/s, vLLM / transformers generate"),
+]
+
+
+def _trl_child(work: str, args: dict, precompute: bool, queue) -> None:
+    from bench_trl import trl_run
+
+    row = trl_run(Path(work), SimpleNamespace(**args), precompute)
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(row)
+
+
+def trl(work: Path, args, precompute: bool) -> dict:
+    """TRL's DPOTrainer in a process of its own (so its peak RSS is its own)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_trl_child, args=(str(work), vars(args), precompute, queue))
+    proc.start()
+    row = queue.get()
+    proc.join()
+    return row
+
+
+def pairs_tokens(work: Path) -> int:
+    from bench_trl import scored_tokens
+
+    return scored_tokens(work)
+
+
+def training(work: Path, args, params: int, with_in_loop: bool) -> dict:
+    from bench_train import measure
+
+    tokens = pairs_tokens(work)
+    pairs = args.pairs
+    t_pre, t_in = trl(work, args, True), trl(work, args, False) if with_in_loop else None
+    ours = measure(work, args, ("cached", "in_loop") if with_in_loop else ("cached",))
+    rows = [*ours, t_pre] + ([t_in] if t_in else [])
+    for r in rows:
+        if r["mode"].startswith("trl"):  # the same pairs: real tokens per pair as ours count them
+            r["tokens_per_s"] = r["pairs_per_s"] * tokens / pairs
+    t_pre["precompute_s"] = t_pre["setup_s"] - (t_in or trl(work, args, False))["setup_s"]
+    t_pre["precompute_tokens"] = tokens
+    t_pre["precompute_tokens_per_s"] = tokens / t_pre["precompute_s"]
+    return {"params": params, "rows": rows}
+
+
+def scoring(work: Path, args, engines: tuple[str, ...]) -> list[dict]:
+    ns = SimpleNamespace(batch_size=64, shard_size=64, actor_cpus=2, ray_cpus=args.ray_cpus)
+    return [run_engine(e, work / "model", work / "data.jsonl", work / "scoring", ns) for e in engines]
+
+
+def sampling(work: Path, args) -> list[dict]:
+    from bench_sample import build_prompts, run_hf, run_vllm
+
+    ns = SimpleNamespace(engine_kwargs={}, prompt_len=64, new_tokens=128, samples_per_prompt=2, threads=2,
+                         hf_batch=16)
+    prompts = build_prompts(work / "sampling", work / "model", args.sample_prompts, ns.prompt_len)
+    rows = [{"engine": "vllm", **run_vllm(work / "model", prompts, ns)},
+            {"engine": "hf", **run_hf(work / "model", prompts, ns)}]
+    for r in rows:
+        r["tokens_per_s"] = r["tokens"] / r["sampling_s"]
+    return rows
+
+
+def scaling(work: Path, args) -> dict:
+    """Whole cache (hf engine) + one training epoch at several dataset sizes; 1 vs 2 training workers."""
+    from bench_train import measure
+
+    from pipeline.config import load_config
+    from stages import cache, train
+
+    sizes = []
+    for n in args.scaling_pairs:
+        d = work / f"scale-{n}"
+        d.mkdir()
+        (d / "model").symlink_to(work / "model")
+        build_data(d / "data.jsonl", n, seed=1)
+        base = [f"model.path={d / 'model'}", f"data.train.path={d / 'data.jsonl'}", "data.max_length=512",
+                "data.max_prompt_length=192", f"cache_dir={d / 'cache'}", "reference.engine=hf",
+                f"ray.num_cpus={args.ray_cpus}", f"train.global_batch_pairs={args.global_batch}",
+                f"train.micro_batch_pairs={args.micro_batch}", f"train.num_cpus_per_worker={args.worker_cpus}",
+                "train.lr=1e-5", f"train.checkpoint_every={10 ** 6}", f"run_dir={d / 'run'}"]
+        cfg = load_config(None, base)
+        t0 = time.perf_counter()
+        cache.run(cfg)
+        t1 = time.perf_counter()
+        train.run(cfg)
+        t2 = time.perf_counter()
+        sizes.append({"pairs": n, "cache_s": t1 - t0, "train_s": t2 - t1})
+    workers = []
+    for w, cpus in ((1, 2), (2, 1)):
+        ns = SimpleNamespace(**{**vars(args), "worker_cpus": cpus})
+        (row,) = measure(work, ns, ("cached",), extra=(f"train.num_workers={w}",), tag=f"-{w}w")
+        workers.append({"workers": w, "cpus_per_worker": cpus, **row})
+    return {"sizes": sizes, "workers": workers}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs (figures noisy)")
+    p.add_argument("--sections", default="scoring,training,sampling,scaling")
+    p.add_argument("--json", default=str(ROOT / "docs" / "bench.json"))
+    p.add_argument("--md", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    return p
+
+
+def settings(quick: bool) -> SimpleNamespace:
+    return SimpleNamespace(
+        pairs=64 if quick else 256, score_pairs=64 if quick else 512, steps=4 if quick else 8, global_batch=8,
+        micro_batch=4, worker_cpus=2, ray_cpus=3, sample_prompts=16 if quick else 64,
+        scaling_pairs=(16, 32) if quick else (64, 128, 256), hidden=512, layers=8)
+
+
+def main() -> None:
+    cli = parser().parse_args()
+    args = settings(cli.quick)
+    sections = set(cli.sections.split(","))
+    import torch
+    import transformers
+
+    torch.set_num_threads(2)
+    out: dict = {"machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                             "transformers": transformers.__version__, "vllm": _version("vllm"),
+                             "ray": _version("ray"), "trl": _version("trl"),
+                             "matmul_gflops": matmul_flops() / 1e9},
+                 "settings": vars(args), "quick": cli.quick, "started": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                       time.gmtime())}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        models = {}
+        for name in ("mid", "tiny"):
+            d = work / name
+            d.mkdir()
+            if name == "mid":
+                params = build_model(d / "model", args.hidden, args.layers)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                from pipeline.tiny import build_tiny_assets
+
+                build_tiny_assets(d / "model")
+                params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d / "model").parameters())
+            models[name] = {"params": params, "dir": d}
+        out["models"] = {k: v["params"] for k, v in models.items()}
+        mid, tiny = models["mid"]["dir"], models["tiny"]["dir"]
+        if "scoring" in sections:
+            build_data(mid / "data.jsonl", args.score_pairs)
+            out["scoring"] = {"mid": scoring(mid, args, ("vllm", "hf")), "tiny": None}
+            build_data(tiny / "data.jsonl", args.score_pairs)
+            out["scoring"]["tiny"] = scoring(tiny, args, ("hf",))
+        if "training" in sections:
+            for d in (mid, tiny):
+                build_data(d / "data.jsonl", args.pairs)  # the training set (TRL's precompute pass scores it too)
+            out["training"] = {"mid": training(mid, args, models["mid"]["params"], with_in_loop=True),
+                               "tiny": training(tiny, args, models["tiny"]["params"], with_in_loop=False)}
+        if "sampling" in sections:
+            (mid / "sampling").mkdir()
+            out["sampling"] = sampling(mid, args)
+        if "scaling" in sections:
+            build_data(mid / "data.jsonl", args.pairs)
+            out["scaling"] = scaling(mid, args)
+    out["seconds"] = time.perf_counter() - t_start
+    out["ratios"] = ratios(out)
+    Path(cli.json).write_text(json.dumps(out, indent=2) + "\n")
+    md = render(out)
+    Path(cli.md).write_text(md)
+    print(md)
+    print(f"written: {cli.json}, {cli.md}")
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for n in (name, f"{name}-cpu"):
+        try:
+            return version(n)
+        except PackageNotFoundError:
+            pass
+    return None
+
+
+def ratios(out: dict) -> dict:
+    r: dict[str, float] = {}
+    flops = out["machine"]["matmul_gflops"] * 1e9
+    if "training" in out:
+        by = {row["mode"]: row for row in out["training"]["mid"]["rows"]}
+        r["train_cached_over_trl_precomputed"] = by["cached"]["pairs_per_s"] / by["trl_precomputed"]["pairs_per_s"]
+        r["train_cached_over_trl_in_loop"] = by["cached"]["pairs_per_s"] / by["trl_in_loop"]["pairs_per_s"]
+        r["train_cached_over_in_loop"] = by["cached"]["pairs_per_s"] / by["in_loop"]["pairs_per_s"]
+        r["rss_cached_over_in_loop"] = by["cached"]["peak_rss_mb"] / by["in_loop"]["peak_rss_mb"]
+        tiny = {row["mode"]: row for row in out["training"]["tiny"]["rows"]}
+        r["tiny_train_cached_over_trl_precomputed"] = (tiny["cached"]["pairs_per_s"]
+                                                       / tiny["trl_precomputed"]["pairs_per_s"])
+    if "scoring" in out and "training" in out:
+        trl_rate = {row["mode"]: row for row in out["training"]["mid"]["rows"]}["trl_precomputed"]
+        best = max(out["scoring"]["mid"], key=lambda e: e["scoring_tokens_per_s"] or 0)
+        r["scoring_best_engine"] = best["engine"]
+        r["scoring_over_trl_precompute"] = best["scoring_tokens_per_s"] / trl_rate["precompute_tokens_per_s"]
+        r["scoring_stage_over_trl_precompute"] = best["stage_tokens_per_s"] / trl_rate["precompute_tokens_per_s"]
+    if "scoring" in out:
+        best = max(out["scoring"]["mid"], key=lambda e: e["scoring_tokens_per_s"] or 0)
+        r["scoring_efficiency"] = best["scoring_tokens_per_s"] * 2 * out["models"]["mid"] / flops
+    if "sampling" in out:
+        s = {row["engine"]: row for row in out["sampling"]}
+        r["sampling_vllm_over_generate"] = s["vllm"]["tokens_per_s"] / s["hf"]["tokens_per_s"]
+    if "scaling" in out:
+        w = {row["workers"]: row for row in out["scaling"]["workers"]}
+        r["two_workers_over_one"] = w[2]["pairs_per_s"] / w[1]["pairs_per_s"]
+    return r
+
+
+def _f(x, fmt="{:,.0f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def render(out: dict) -> str:
+    m = out["machine"]
+    flops = m["matmul_gflops"] * 1e9
+    L = ["# Benchmarks", "",
+         f"Measured by `make bench` (`python benchmarks/suite.py{' --quick' if out['quick'] else ''}`) on "
+         f"{out['started']}, in one run of {out['seconds'] / 60:.0f} min; raw figures in `docs/bench.json`. "
+         f"Machine: {m['cpu_count']} CPU cores, fp32 matmul **{m['matmul_gflops']:.0f} GFLOP/s** (measured, 2048² "
+         f"matmuls, 2 threads); torch {m['torch']}, transformers {m['transformers']}, vLLM {m['vllm']}, "
+         f"Ray {m['ray']}, TRL {m['trl']} (benchmark-only).", "",
+         "Absolute times on a shared 2-core machine move by ±10-20% between runs; the ratios, measured side by "
+         "side in one run, are what count. Models are built from configs: **mid** = Llama 8 × 512 (head_dim 64, "
+         f"{out['models']['mid'] / 1e6:.1f}M params), **tiny** = `dpo-pipeline tiny-assets` "
+         f"({out['models']['tiny'] / 1e6:.2f}M params); data: generated pairs, prompts of 8-96 words and "
+         "responses of 8-160 words (~20-330 tokens a sequence). GPU figures: [GPU.md](GPU.md). How each "
+         "optimization was measured: [OPTIMIZATIONS.md](OPTIMIZATIONS.md).", ""]
+    r = out["ratios"]
+    L += ["## Targets", "", "| target | wanted | measured | |", "|---|---:|---:|---|"]
+    for key, want, what in TARGETS:
+        got = r.get(key)
+        if got is None:
+            continue
+        ok = got <= want if key.startswith("rss") else got >= want
+        unit = "" if key == "scoring_efficiency" else "×"
+        val = f"{got:.0%}" if key == "scoring_efficiency" else f"{got:.2f}{unit}"
+        wanted = f"{'≤' if key.startswith('rss') else '≥'} {want:.0%}" if key == "scoring_efficiency" or False \
+            else f"{'≤' if key.startswith('rss') else '≥'} {want:g}×"
+        L.append(f"| {what} | {wanted} | {val} | {'met' if ok else '**not met**'} |")
+    L.append("")
+    if "scoring" in out:
+        L += ["## Reference scoring", "",
+              "Our cache stage (`dpo-pipeline cache`, one scorer actor with 2 CPUs, batches of 64 pairs) beside TRL's "
+              "precompute pass (`DPOTrainer(precompute_ref_log_probs=True)`, timed as the difference of the set-up "
+              "times with and without it; same model and training pairs). Tokens: every sequence a pass runs "
+              "through the model (prompt + response, chosen and rejected). "
+              "Efficiency = tokens/s × 2 × params ÷ matmul FLOP/s. *whole stage*: the full command (Ray start, "
+              "engine start, tokenization, writing Parquet); *steady*: from the first scored batch to the last.",
+              "", "| model | engine | pairs | whole stage s | stage tok/s | steady tok/s | steady efficiency |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+        for name in ("mid", "tiny"):
+            for e in out["scoring"].get(name) or []:
+                eff = (e["scoring_tokens_per_s"] or 0) * 2 * out["models"][name] / flops
+                L.append(f"| {name} | ours, `{e['engine']}` | {e['pairs']} | {e['stage_s']:.1f} | "
+                         f"{e['stage_tokens_per_s']:,.0f} | {_f(e['scoring_tokens_per_s'])} | {eff:.0%} |")
+            if "training" in out:
+                t = {row["mode"]: row for row in out["training"][name]["rows"]}["trl_precomputed"]
+                eff = t["precompute_tokens_per_s"] * 2 * out["models"][name] / flops
+                L.append(f"| {name} | TRL precompute pass | {out['settings']['pairs']} | {t['precompute_s']:.1f} | "
+                         f"{t['precompute_tokens_per_s']:,.0f} | {t['precompute_tokens_per_s']:,.0f} | {eff:.0%} |")
+        L.append("")
+    if "training" in out:
+        s = out["settings"]
+        L += ["## Training", "",
+              f"Global batch {s['global_batch']} pairs, micro-batch {s['micro_batch']}, {s['pairs']} pairs, "
+              f"AdamW, fp32 on both sides (TRL's `bf16` default is turned off), 2 torch threads, {s['steps']} steps; "
+              "medians over the steps after the first two. Ours: one Ray Train worker (FSDP2 over gloo); TRL: one "
+              "plain process. Tokens/s counts real (unpadded) tokens. Peak RSS: the worker process (ours, includes "
+              "Ray's worker runtime), the whole TRL process (TRL's).", "",
+              "| model | trainer | pairs/s | tokens/s | peak RSS MB | ours cached ÷ it |", "|---|---|---:|---:|---:|---:|"]
+        names = {"cached": "ours, cached reference", "in_loop": "ours, in-loop reference",
+                 "trl_precomputed": "TRL, precomputed reference", "trl_in_loop": "TRL, in-loop reference"}
+        for name in ("mid", "tiny"):
+            rows = out["training"][name]["rows"]
+            ours = {row["mode"]: row for row in rows}["cached"]["pairs_per_s"]
+            for row in rows:
+                ratio = "—" if row["mode"] == "cached" else f"{ours / row['pairs_per_s']:.2f}×"
+                L.append(f"| {name} | {names[row['mode']]} | {row['pairs_per_s']:.2f} | {row['tokens_per_s']:,.0f} | "
+                         f"{row['peak_rss_mb']:,.0f} | {ratio} |")
+        L.append("")
+    if "sampling" in out:
+        L += ["## Evaluation sampling", "",
+              f"{out['settings']['sample_prompts']} prompts (≤ 64 tokens) × 2 samples × exactly 128 new tokens, "
+              "temperature 1. vLLM: the evaluation stage's `CheckpointEngine.sample` (per-prompt seeds, sampled-token "
+              "log-probs); transformers: `generate` on length-sorted, left-padded batches of 16 prompts with the KV "
+              "cache. One warm-up call each; engine start reported apart.", "",
+              "| engine | start s | sampling s | tokens/s |", "|---|---:|---:|---:|"]
+        for row in out["sampling"]:
+            L.append(f"| {row['engine']} | {row['start_s']:.1f} | {row['sampling_s']:.2f} | "
+                     f"{row['tokens_per_s']:,.0f} |")
+        L.append("")
+    if "scaling" in out:
+        sc = out["scaling"]
+        L += ["## Scaling", "", "Whole `cache` (hf engine) and `train` (one epoch, cached reference) commands "
+              "against the number of pairs (each a fresh dataset: nothing cached):", "",
+              "| pairs | cache s | train s | total s | marginal s per pair |", "|---:|---:|---:|---:|---:|"]
+        prev = None
+        for row in sc["sizes"]:
+            total = row["cache_s"] + row["train_s"]
+            marg = "—" if prev is None else f"{(total - prev[1]) / (row['pairs'] - prev[0]):.3f}"
+            L.append(f"| {row['pairs']} | {row['cache_s']:.1f} | {row['train_s']:.1f} | {total:.1f} | {marg} |")
+            prev = (row["pairs"], total)
+        L += ["", "Training workers (cached reference, same global batch, the machine's 2 cores split):", "",
+              "| workers × CPUs | pairs/s | tokens/s | peak RSS MB per worker |", "|---|---:|---:|---:|"]
+        for row in sc["workers"]:
+            L.append(f"| {row['workers']} × {row['cpus_per_worker']} | {row['pairs_per_s']:.2f} | "
+                     f"{row['tokens_per_s']:,.0f} | {row['peak_rss_mb']:,.0f} |")
+        L.append("")
+    L += ["## Notes", "", "See [OPTIMIZATIONS.md](OPTIMIZATIONS.md) for what stands between a figure and its target, "
+          "and each optimization's before/after measurement.", ""]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
