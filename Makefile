@@ -39,10 +39,7 @@ tiny: install $(TINY_MODEL)/config.json
 
 bench: install
 	$(BIN)/python -m pip install --quiet "trl==1.16.0"   # benchmark-only: the peer we compare training with
-	$(BIN)/python benchmarks/bench_cache.py
-	$(BIN)/python benchmarks/bench_train.py
-	$(BIN)/python benchmarks/bench_trl.py
-	$(BIN)/python benchmarks/bench_sample.py
+	$(BIN)/python benchmarks/suite.py
 
 clean:
 	rm -rf build cache runs

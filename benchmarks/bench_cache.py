@@ -113,6 +113,7 @@ def run_engine(engine: str, model_dir: Path, data: Path, work: Path, args) -> di
     scoring_s = stamps[-1][0] - stamps[0][0]
     tokens_per_row = tokens / table.num_rows
     return {"engine": engine, "pairs": table.num_rows, "tokens": tokens, "stage_s": stage_s,
+            "data_uri": f"{result.uri}/data",
             "stage_tokens_per_s": tokens / stage_s, "scoring_s": scoring_s,
             "scoring_tokens_per_s": rows_after_first * tokens_per_row / scoring_s if scoring_s > 0 else None}
 

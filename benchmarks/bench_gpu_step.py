@@ -38,6 +38,9 @@ PRESETS = {
     # Llama-3.2-1B's shape (tied embeddings).
     "llama-1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    # The CPU suite's mid-size model (benchmarks/suite.py), for before/after runs on a CPU.
+    "mid": dict(arch="llama", vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False),
     # For a dry run on a CPU.
     "tiny": dict(arch="llama", vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
@@ -71,10 +74,12 @@ def build_model(preset: str, device):
     return lm.float().train(), cfg
 
 
-def build_pairs(n: int, vocab: int, seed: int = 0) -> pa.Table:
+def build_pairs(n: int, vocab: int, seed: int = 0, scale: float = 1.0) -> pa.Table:
+    """`scale` shrinks the lengths (prompts 64-512 and responses 32-512 tokens at 1)."""
     rng = np.random.default_rng(seed)
 
     def ids(lo, hi):
+        lo, hi = max(1, int(lo * scale)), max(1, int(hi * scale))
         return pa.array([rng.integers(10, vocab, rng.integers(lo, hi + 1)).tolist() for _ in range(n)],
                         pa.list_(pa.int32()))
 
@@ -178,8 +183,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense bf16 peak (H200 measured)")
+    p.add_argument("--length-scale", type=float, default=1.0, help="shrink the sequence lengths (CPU runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU runs)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import torch.distributed as dist
 
@@ -196,7 +205,8 @@ def main() -> None:
     block = sum(x.numel() for x in lm.get_decoder().layers.parameters())
     head = lm.get_output_embeddings().weight.numel()
     del lm
-    batches = [build_pairs(args.pairs_per_step, cfg.vocab_size, seed=i) for i in range(args.steps)]
+    batches = [build_pairs(args.pairs_per_step, cfg.vocab_size, seed=i, scale=args.length_scale)
+               for i in range(args.steps)]
     flops = [step_flops(t, cfg, block, head) for t in batches]
     measured_peak = matmul_tflops(device) if cuda else None
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
@@ -207,7 +217,8 @@ def main() -> None:
 
     # The first pass over new shapes pays one-time costs (kernel selection per shape): measured ~1 s/step more
     # for whichever variant ran first. One untimed pass of the trainer's path makes every variant start warm.
-    run_variant("fsdp", args, device, batches, flops)
+    if cuda:
+        run_variant("fsdp", args, device, batches, flops)
     rows = []
     for name in args.variants.split(","):
         try:

@@ -33,6 +33,9 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+# Ray starts its workers at niceness 15; TRL runs in a plain process at 0. The same priority for both, so that any
+# other load on the machine slows both alike.
+os.environ.setdefault("RAY_worker_niceness", "0")
 from bench_cache import ROOT, build_data, build_model, matmul_flops, run_engine  # noqa: E402
 
 TARGETS = [  # (key in `ratios`, wanted, what)
@@ -87,9 +90,46 @@ def training(work: Path, args, params: int, with_in_loop: bool) -> dict:
     return {"params": params, "rows": rows}
 
 
+def engine_rate(engine: str, model_dir: Path, data_uri: str, batch_pairs: int = 64) -> dict:
+    """Our scorer itself, in this process (as TRL's pass runs): the cache's rows in batches of `batch_pairs`,
+    exactly as the stage's actor gets them, after one small warm-up batch. Tokens: prompt + response, both sides."""
+    import gc
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.config import ReferenceConfig
+    from stages.scoring import ENGINES, scorer_kwargs
+
+    table = pq.read_table(data_uri).select(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
+    table = table.append_column("reject", pa.nulls(len(table), pa.string()))
+    prompt = pc.sum(pc.list_value_length(table.column("prompt_input_ids"))).as_py()
+    tokens = 2 * prompt + sum(pc.sum(pc.list_value_length(table.column(c))).as_py()
+                              for c in ("chosen_input_ids", "rejected_input_ids"))
+    t0 = time.perf_counter()
+    scorer = ENGINES[engine](**scorer_kwargs(engine, ReferenceConfig(), str(model_dir), "float32", 512))
+    start_s = time.perf_counter() - t0
+    try:
+        scorer(table.slice(0, 4))  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(table), batch_pairs):
+            scorer(table.slice(i, batch_pairs))
+        seconds = time.perf_counter() - t0
+    finally:
+        if engine == "vllm":
+            scorer.llm.llm_engine.engine_core.shutdown()
+    del scorer
+    gc.collect()
+    return {"engine_start_s": start_s, "engine_s": seconds, "engine_tokens_per_s": tokens / seconds}
+
+
 def scoring(work: Path, args, engines: tuple[str, ...]) -> list[dict]:
     ns = SimpleNamespace(batch_size=64, shard_size=64, actor_cpus=2, ray_cpus=args.ray_cpus)
-    return [run_engine(e, work / "model", work / "data.jsonl", work / "scoring", ns) for e in engines]
+    rows = [run_engine(e, work / "model", work / "data.jsonl", work / "scoring", ns) for e in engines]
+    for r in rows:
+        r.update(engine_rate(r["engine"], work / "model", r.pop("data_uri")))
+    return rows
 
 
 def sampling(work: Path, args) -> list[dict]:
@@ -144,18 +184,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default="scoring,training,sampling,scaling")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown from a saved JSON file")
     return p
 
 
 def settings(quick: bool) -> SimpleNamespace:
     return SimpleNamespace(
-        pairs=64 if quick else 256, score_pairs=64 if quick else 512, steps=4 if quick else 8, global_batch=8,
+        pairs=64 if quick else 256, steps=4 if quick else 8, global_batch=8,
         micro_batch=4, worker_cpus=2, ray_cpus=3, sample_prompts=16 if quick else 64,
         scaling_pairs=(16, 32) if quick else (64, 128, 256), hidden=512, layers=8)
 
 
 def main() -> None:
     cli = parser().parse_args()
+    if cli.render:
+        finish(json.loads(Path(cli.render).read_text()), cli)
+        return
     args = settings(cli.quick)
     sections = set(cli.sections.split(","))
     import torch
@@ -168,7 +212,16 @@ def main() -> None:
                              "matmul_gflops": matmul_flops() / 1e9},
                  "settings": vars(args), "quick": cli.quick, "started": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                        time.gmtime())}
+    if sections != set(parser().get_default("sections").split(",")) and Path(cli.json).exists():
+        # A partial run (--sections) updates those sections of the last full run's figures.
+        out = {**json.loads(Path(cli.json).read_text()), **{k: v for k, v in out.items() if k != "started"}}
     t_start = time.perf_counter()
+    out.setdefault("section_seconds", {})
+
+    def save(section: str, t0: float) -> None:  # after every section: a crash later loses nothing measured
+        out["section_seconds"][section] = time.perf_counter() - t0
+        Path(cli.json).write_text(json.dumps(out, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models = {}
@@ -188,22 +241,33 @@ def main() -> None:
         out["models"] = {k: v["params"] for k, v in models.items()}
         mid, tiny = models["mid"]["dir"], models["tiny"]["dir"]
         if "scoring" in sections:
-            build_data(mid / "data.jsonl", args.score_pairs)
-            out["scoring"] = {"mid": scoring(mid, args, ("vllm", "hf")), "tiny": None}
-            build_data(tiny / "data.jsonl", args.score_pairs)
-            out["scoring"]["tiny"] = scoring(tiny, args, ("hf",))
+            t0 = time.perf_counter()
+            for d in (mid, tiny):  # the training set below: TRL's precompute pass scores the same pairs
+                build_data(d / "data.jsonl", args.pairs)
+            out["scoring"] = {"mid": scoring(mid, args, ("vllm", "hf")), "tiny": scoring(tiny, args, ("hf",))}
+            save("scoring", t0)
         if "training" in sections:
+            t0 = time.perf_counter()
             for d in (mid, tiny):
-                build_data(d / "data.jsonl", args.pairs)  # the training set (TRL's precompute pass scores it too)
+                build_data(d / "data.jsonl", args.pairs)
             out["training"] = {"mid": training(mid, args, models["mid"]["params"], with_in_loop=True),
                                "tiny": training(tiny, args, models["tiny"]["params"], with_in_loop=False)}
+            save("training", t0)
         if "sampling" in sections:
+            t0 = time.perf_counter()
             (mid / "sampling").mkdir()
             out["sampling"] = sampling(mid, args)
+            save("sampling", t0)
         if "scaling" in sections:
+            t0 = time.perf_counter()
             build_data(mid / "data.jsonl", args.pairs)
             out["scaling"] = scaling(mid, args)
-    out["seconds"] = time.perf_counter() - t_start
+            save("scaling", t0)
+    out["seconds"] = sum(out["section_seconds"].values())
+    finish(out, cli)
+
+
+def finish(out: dict, cli) -> None:
     out["ratios"] = ratios(out)
     Path(cli.json).write_text(json.dumps(out, indent=2) + "\n")
     md = render(out)
@@ -223,6 +287,11 @@ def _version(name: str) -> str | None:
     return None
 
 
+def _steady(e: dict) -> float:
+    """An engine's scoring rate by itself (`engine_rate`)."""
+    return e["engine_tokens_per_s"]
+
+
 def ratios(out: dict) -> dict:
     r: dict[str, float] = {}
     flops = out["machine"]["matmul_gflops"] * 1e9
@@ -237,13 +306,13 @@ def ratios(out: dict) -> dict:
                                                        / tiny["trl_precomputed"]["pairs_per_s"])
     if "scoring" in out and "training" in out:
         trl_rate = {row["mode"]: row for row in out["training"]["mid"]["rows"]}["trl_precomputed"]
-        best = max(out["scoring"]["mid"], key=lambda e: e["scoring_tokens_per_s"] or 0)
+        best = max(out["scoring"]["mid"], key=_steady)
         r["scoring_best_engine"] = best["engine"]
-        r["scoring_over_trl_precompute"] = best["scoring_tokens_per_s"] / trl_rate["precompute_tokens_per_s"]
+        r["scoring_over_trl_precompute"] = _steady(best) / trl_rate["precompute_tokens_per_s"]
         r["scoring_stage_over_trl_precompute"] = best["stage_tokens_per_s"] / trl_rate["precompute_tokens_per_s"]
     if "scoring" in out:
-        best = max(out["scoring"]["mid"], key=lambda e: e["scoring_tokens_per_s"] or 0)
-        r["scoring_efficiency"] = best["scoring_tokens_per_s"] * 2 * out["models"]["mid"] / flops
+        best = max(out["scoring"]["mid"], key=_steady)
+        r["scoring_efficiency"] = _steady(best) * 2 * out["models"]["mid"] / flops
     if "sampling" in out:
         s = {row["engine"]: row for row in out["sampling"]}
         r["sampling_vllm_over_generate"] = s["vllm"]["tokens_per_s"] / s["hf"]["tokens_per_s"]
@@ -262,7 +331,7 @@ def render(out: dict) -> str:
     flops = m["matmul_gflops"] * 1e9
     L = ["# Benchmarks", "",
          f"Measured by `make bench` (`python benchmarks/suite.py{' --quick' if out['quick'] else ''}`) on "
-         f"{out['started']}, in one run of {out['seconds'] / 60:.0f} min; raw figures in `docs/bench.json`. "
+         f"{out['started']}, in one run of {out.get('seconds', 0) / 60:.0f} min; raw figures in `docs/bench.json`. "
          f"Machine: {m['cpu_count']} CPU cores, fp32 matmul **{m['matmul_gflops']:.0f} GFLOP/s** (measured, 2048² "
          f"matmuls, 2 threads); torch {m['torch']}, transformers {m['transformers']}, vLLM {m['vllm']}, "
          f"Ray {m['ray']}, TRL {m['trl']} (benchmark-only).", "",
@@ -292,14 +361,16 @@ def render(out: dict) -> str:
               "times with and without it; same model and training pairs). Tokens: every sequence a pass runs "
               "through the model (prompt + response, chosen and rejected). "
               "Efficiency = tokens/s × 2 × params ÷ matmul FLOP/s. *whole stage*: the full command (Ray start, "
-              "engine start, tokenization, writing Parquet); *steady*: from the first scored batch to the last.",
-              "", "| model | engine | pairs | whole stage s | stage tok/s | steady tok/s | steady efficiency |",
+              "engine start, tokenization, writing Parquet); *engine*: our scorer by itself in the benchmark's "
+              "process, on the cache's rows in the actor's batches of 64 pairs, after a warm-up (as TRL's pass "
+              "is timed: in process, without start-up).",
+              "", "| model | engine | pairs | whole stage s | stage tok/s | engine tok/s | engine efficiency |",
               "|---|---|---:|---:|---:|---:|---:|"]
         for name in ("mid", "tiny"):
             for e in out["scoring"].get(name) or []:
-                eff = (e["scoring_tokens_per_s"] or 0) * 2 * out["models"][name] / flops
+                eff = _steady(e) * 2 * out["models"][name] / flops
                 L.append(f"| {name} | ours, `{e['engine']}` | {e['pairs']} | {e['stage_s']:.1f} | "
-                         f"{e['stage_tokens_per_s']:,.0f} | {_f(e['scoring_tokens_per_s'])} | {eff:.0%} |")
+                         f"{e['stage_tokens_per_s']:,.0f} | {_steady(e):,.0f} | {eff:.0%} |")
             if "training" in out:
                 t = {row["mode"]: row for row in out["training"][name]["rows"]}["trl_precomputed"]
                 eff = t["precompute_tokens_per_s"] * 2 * out["models"][name] / flops
