@@ -311,12 +311,15 @@ def _one_line(err: ValidationError) -> str:
         return f"unknown config key '{key}': {hint}{more}"
     if first["type"] == "missing":
         return f"config key '{key}' is required: set it in the YAML file or pass {key}=VALUE{more}"
-    msg = first["msg"].removeprefix("Value error, ")
-    if not key:
-        return f"invalid config: {msg}{more}"
+    if first["type"] == "value_error":  # our validators' messages name their fix
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"config key '{key}': {msg}{more}" if key else f"invalid config: {msg}{more}"
     got = first.get("input")
+    if first["type"] in ("model_type", "dict_type") and not isinstance(got, dict):
+        return f"config key '{key}' is a section: write it as a mapping of its keys, not {got!r}{more}"
     got = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"config key '{key}': {msg}{got}{more}"
+    msg = first["msg"].replace("Input should", "should", 1)
+    return f"config key '{key}' {msg}{got}: set {key}=VALUE or fix it in the config file{more}"
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
