@@ -18,7 +18,10 @@ def _cache(args) -> None:
     cfg = load_config(args.config, args.overrides)
     for r in cache.run(cfg):
         c = r.counts
-        if r.reused:
+        if r.repaired:
+            print(f"[{r.split}] damaged file(s) found by checksum: {', '.join(r.repaired)}; recomputed "
+                  f"{r.shards_computed}/{r.shards_total} shard(s), kept the others")
+        elif r.reused:
             print(f"[{r.split}] cache hit, nothing to compute: {r.uri} ({c['pairs']} pairs)")
         else:
             resumed = f", resumed: {r.shards_total - r.shards_computed} shard(s) were already done" \

@@ -81,10 +81,28 @@ class Store:
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, final)
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
+        except BaseException:  # a full disk, a lost connection: leave no partial file behind
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
         return sha256_bytes(data)
+
+    def sha256(self, rel: str) -> str | None:
+        """sha256 of a file's bytes, streamed; None if it does not exist."""
+        h = hashlib.sha256()
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return None
+        return h.hexdigest()
 
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode())

@@ -45,8 +45,9 @@ class CacheRef:
 
 
 def find_cache(cfg: Config, split: str) -> CacheRef:
-    """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs."""
-    from stages.cache import keyed_inputs, prepare
+    """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs, or one whose
+    files no longer match the manifest's checksums."""
+    from stages.cache import damaged_files, keyed_inputs, prepare
 
     src = cfg.data.train if split == "train" else cfg.data.eval
     prep = prepare(cfg, split, src)
@@ -63,6 +64,11 @@ def find_cache(cfg: Config, split: str) -> CacheRef:
             raise UserError(f"the cache at {store.uri} was built for a different {part.replace('_sha256', '')} "
                             f"({got.get(part)!r} != {want.get(part)!r}); rebuild it with `dpo-pipeline cache "
                             f"CONFIG` or fix the config")
+    damaged = damaged_files(store, manifest)
+    if damaged:
+        raise UserError(f"the cache at {store.uri} is damaged: {', '.join(damaged[:3])}"
+                        f"{' and more' if len(damaged) > 3 else ''} no longer match(es) the manifest's sha256; "
+                        f"run `dpo-pipeline cache CONFIG` (same config) to recompute only the damaged part(s)")
     return CacheRef(split, manifest["key"], store.uri, [f"{store.uri}/{f['path']}" for f in manifest["files"]],
                     manifest["counts"]["pairs"], prep.model_dir, prep.tokenizer_dir, prep.chat_template)
 
