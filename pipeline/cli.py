@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from pipeline.errors import UserError
+from pipeline.errors import RunFailed, UserError
 
 
 def _cache(args) -> None:
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished work (cache shards, checkpoints, evaluated checkpoints) is kept; rerun the "
               "same command to resume", file=sys.stderr)
