@@ -230,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full or read-only disk met outside `Store` (a log file, a staging directory)
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        from pipeline.storage import storage_error
+
+        print(f"error: {storage_error('write', e.filename or 'a file', e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished work (cache shards, checkpoints, evaluated checkpoints) is kept; rerun the "
               "same command to resume", file=sys.stderr)

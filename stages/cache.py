@@ -379,8 +379,6 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
     """Build (or reuse) the cache of every configured split; record the resolved config in the run dir."""
     splits = [("train", cfg.data.train)] + ([("eval", cfg.data.eval)] if cfg.data.eval else [])
     preps = [prepare(cfg, name, src) for name, src in splits]  # user errors (missing files) before any write
-    run_store = Store(cfg.run_dir)
-    run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     jobs: dict[str, _Job] = {}  # by key: two splits with the same inputs share one cache
     repaired: dict[str, list[str]] = {}
     for prep in preps:
@@ -394,6 +392,8 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
             _reopen(store, prep, store.read_json("manifest.json"), damaged)
             repaired[prep.key] = damaged
         jobs[prep.key] = _Job(prep, store, *_pending(store, prep))
+    run_store = Store(cfg.run_dir)
+    run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     todo = [job for job in jobs.values() if job.todo]
     if todo and cfg.reference.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         # Checked only when there is scoring to do: a complete cache is usable without vLLM.
