@@ -8,7 +8,8 @@ does not crash again. Without the variable `reach` does nothing. This is the onl
 `env()` forwards it to Ray actors and workers, which do not inherit the driver's environment.
 
 Points: `scorer_batch` (stage-1 scorer actor, per batch), `train_step` (Ray Train worker, after each optimizer
-step), `checkpoint_export` (rank 0, Hugging Face export written but not yet moved into place),
+step), `checkpoint_export` (rank 0, a Hugging Face export half written: weights
+saved, tokenizer not yet),
 `eval_target_sampled` (evaluation driver, after a target's samples are saved), `eval_target_finished` (evaluation
 driver, after a target's result.json is written).
 """

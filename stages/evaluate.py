@@ -345,7 +345,7 @@ def _signature(target: Target) -> str | None:
     try:
         config = store.read_json("config.json")
         gen = store.read_json("generation_config.json") if store.exists("generation_config.json") else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         return None
     return engine_signature(config, gen)
 

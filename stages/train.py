@@ -201,9 +201,11 @@ def run(cfg: Config) -> TrainResult:
     except ray.train.TrainingFailedError as e:
         from stages.evaluate import error_line
 
+        failures = getattr(e, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
+        cause = next(iter(failures.values())) if failures else e
         done = list_checkpoints(run_store)
         kept = f"the last complete checkpoint is {done[-1].rsplit('/', 1)[-1]}" if done else "no checkpoint yet"
-        raise RunFailed(f"training failed ({error_line(e)}); {kept}: rerun the same command to resume from it, or "
+        raise RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
                         f"set train.max_failures to restart automatically") from None
     ckpts = list_checkpoints(run_store)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
@@ -480,8 +482,8 @@ def export_hf(full_state: dict, lm, tokenizer, out_dir: Path) -> None:
     if getattr(lm, "generation_config", None) is not None:
         lm.generation_config.save_pretrained(tmp)
     save_torch_state_dict(full_state, tmp)
-    tokenizer.save_pretrained(str(tmp))
     faults.reach("checkpoint_export")
+    tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():  # a step redone after a resume: replace the earlier export
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

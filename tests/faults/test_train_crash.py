@@ -48,15 +48,16 @@ def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint(base, straigh
 
 def test_a_run_killed_while_writing_a_checkpoint_leaves_none_half_written(base, straight, tmp_path, monkeypatch):
     token = tmp_path / "token"
-    # The second export (step 4) has its files written but is not yet moved into place when the worker dies.
+    # The worker dies halfway through the second export (step 4): weights written, tokenizer not yet.
     monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("checkpoint_export", token, nth=2))
     cfg = base("torn")
     with pytest.raises(RunFailed, match=r"training failed \(.*\); the last complete checkpoint is step_000002: rerun "
                                         r"the same command to resume from it, or set train.max_failures") as e:
         train.run(cfg)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "Error: " in str(e.value), e.value  # the worker's error, e.g. a failed health check
     ckpts = Path(cfg.run_dir) / "checkpoints"
-    assert [p.name for p in ckpts.glob(".tmp-step_000004-*")]  # the half-written export is there...
+    (half,) = ckpts.glob(".tmp-step_000004-*")  # the half-written export is there...
+    assert (half / "config.json").exists() and not (half / "tokenizer_config.json").exists()
     assert [Path(c).name for c in train.list_checkpoints(train.Store(cfg.run_dir))] == ["step_000002"]  # ...unseen
     assert [t.name for t in evaluate.select_targets(cfg)] == ["step_000002"]
     ray_ckpts = sorted(p.name for p in Path(cfg.run_dir, "ray").glob("checkpoint_*"))
