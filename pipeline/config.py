@@ -203,6 +203,8 @@ class TrainConfig(_Strict):
         "float32", description="FSDP2 mixed precision: dtype of parameters in compute (gradients reduce in fp32).")
     activation_checkpointing: bool = Field(False, description="Recompute decoder-block activations in backward.")
     cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state on CPU (GPU runs).")
+    compile: bool = Field(False, description="torch.compile each decoder block (dynamic shapes; compiling takes a "
+                          "minute or more at start). Measured on an H200: 1.6x faster steps (docs/BENCHMARKS.md).")
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Eval loss/accuracy on the cached eval split every N steps.")
     checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")

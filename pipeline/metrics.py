@@ -20,22 +20,27 @@ _SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "lo
 
 
 class StepSums:
-    """Accumulates per-pair values of the micro-batches of one step on one rank."""
+    """Accumulates per-pair values of the micro-batches of one step on one rank, on the batch's device: adding
+    never waits for the device; `reduce` does, once per step."""
 
     def __init__(self):
-        self.values = torch.zeros(len(_SUMS), dtype=torch.float64)
+        self.values: torch.Tensor | None = None  # the first six sums, on the device
+        self.counts = [0, 0]  # pairs, tokens (host integers)
 
     def add(self, out: PairOutputs, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, tokens: int):
-        v = [out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-             (out.chosen_rewards > out.rejected_rewards).float().sum(), policy_chosen.detach().sum(),
-             policy_rejected.detach().sum(), out.losses.shape[0], tokens]
-        self.values += torch.tensor([float(x) for x in v], dtype=torch.float64)
+        v = torch.stack([out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+                         (out.chosen_rewards > out.rejected_rewards).float().sum(), policy_chosen.detach().sum(),
+                         policy_rejected.detach().sum()]).double()
+        self.values = v if self.values is None else self.values + v
+        self.counts[0] += out.losses.shape[0]
+        self.counts[1] += tokens
 
     def reduce(self, device) -> dict[str, float]:
         """All-reduce (sum) across ranks, then means per pair. A collective: every rank must call it."""
         import torch.distributed as dist
 
-        total = self.values.to(device)
+        values = self.values if self.values is not None else torch.zeros(6, dtype=torch.float64)
+        total = torch.cat([values.to(device), torch.tensor(self.counts, dtype=torch.float64, device=device)])
         if dist.is_initialized():
             dist.all_reduce(total)
         s = dict(zip(_SUMS, total.cpu().tolist()))

@@ -34,10 +34,11 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
 
 
 def apply_fsdp(model: PolicyLogps, param_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-               cpu_offload: bool = False) -> PolicyLogps:
+               cpu_offload: bool = False, compile_blocks: bool = False) -> PolicyLogps:
     """FSDP2 over the default process group: each decoder block is one unit, the rest (embeddings, norm, head)
     the root. Parameters compute in `param_dtype`; gradients reduce in fp32. Every rank must hold identical
-    weights before this (fully_shard shards what it is given; it does not broadcast)."""
+    weights before this (fully_shard shards what it is given; it does not broadcast). `compile_blocks`:
+    torch.compile each block (dynamic shapes), inside FSDP's hooks."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if activation_checkpointing:
@@ -46,6 +47,8 @@ def apply_fsdp(model: PolicyLogps, param_dtype: torch.dtype = torch.float32, act
                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     layers = decoder_layers(model.lm)
     for i, layer in enumerate(layers):
+        if compile_blocks:
+            layer.compile(dynamic=True)
         # The last block's parameters are needed again at the start of backward: keep them gathered.
         fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
     fully_shard(model, **kwargs)

@@ -153,9 +153,10 @@ class HfScorer(_Scorer):
             while j < len(order) and (j + 1 - i) * len(sequences[order[j]]) <= self.tokens_per_batch:
                 j += 1
             idx = order[i:j]
-            ids, attn, score = pad_sequences([sequences[k] for k in idx], [starts[k] for k in idx])
+            ids, _, score = pad_sequences([sequences[k] for k in idx], [starts[k] for k in idx])
             with torch.inference_mode():
-                flat = selective_token_logps(self.model, ids.to(self.device), attn.to(self.device),
+                # Right-padded: no attention mask needed (pipeline/logprobs.py).
+                flat = selective_token_logps(self.model, ids.to(self.device), None,
                                              score.to(self.device)).cpu().numpy()
             pos = 0
             for k in idx:

@@ -246,6 +246,7 @@ class _Worker:
         from pipeline.metrics import MetricsLogger
         from pipeline.models import load_hf_model, load_tokenizer
         from pipeline.parallel import PolicyLogps, apply_fsdp
+        from pipeline.step import StepCompute, make_optimizer
 
         self.cfg, self.t, self.run_store = cfg, cfg.train, Store(paths["run_dir"])
         self.per_epoch, self.total = paths["per_epoch"], paths["total"]
@@ -267,15 +268,16 @@ class _Worker:
         self.lm = load_hf_model(model_dir, "float32", str(self.device), cfg.model.trust_remote_code)
         self.lm.train()
         self.policy = apply_fsdp(PolicyLogps(self.lm), param_dtype, self.t.activation_checkpointing,
-                                 self.t.cpu_offload)
+                                 self.t.cpu_offload, self.t.compile)
         self.reference = None
         if self.t.reference == "in_loop":
             ref = load_hf_model(model_dir, cfg.model.dtype, str(self.device), cfg.model.trust_remote_code)
             ref.requires_grad_(False)
             self.reference = apply_fsdp(PolicyLogps(ref), getattr(torch, cfg.model.dtype))
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.opt = make_optimizer(self.policy.parameters(), self.t.lr, self.t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.t.warmup_steps, self.total,
                                                                             self.t.schedule))
+        self.compute = StepCompute(self.policy, self.reference, self.t.loss, self.pad_id, self.device)
         self.step = 0
         self.logger = MetricsLogger(paths["run_dir"], enabled=self.rank == 0)
         self.nodes = self._worker_nodes()
@@ -349,56 +351,17 @@ class _Worker:
 
     # ------------------------------------------------------------ compute
 
-    def _forward(self, table):
-        """Per-pair outputs and policy log-prob sums of one micro-batch (one forward for chosen + rejected)."""
-        import torch
-
-        from pipeline.batching import collate
-        from pipeline.losses import preference_loss
-
-        batch = collate(table, self.pad_id).to(self.device)
-        sums = batch.sequence_sums(self.policy(batch.input_ids, batch.attention_mask, batch.score_mask).float())
-        b = batch.pairs
-        if self.reference is not None:
-            with torch.no_grad():
-                ref = batch.sequence_sums(
-                    self.reference(batch.input_ids, batch.attention_mask, batch.score_mask).float())
-            ref_c, ref_r = ref[:b], ref[b:]
-        else:
-            ref_c, ref_r = batch.ref_chosen.float(), batch.ref_rejected.float()
-        loss = self.t.loss
-        out = preference_loss(loss.type, sums[:b], sums[b:], ref_c, ref_r, loss.beta, loss.label_smoothing,
-                              loss.sft_weight, batch.response_lengths[:b])
-        return out, sums[:b], sums[b:], batch.tokens
-
-    def _slices(self, global_batch):
-        """This rank's micro-batches of a global batch (positions [r·G/W, (r+1)·G/W)), grouped by length."""
-        from pipeline.batching import by_length
-
-        per_rank = self.t.global_batch_pairs // self.world
-        mine = by_length(global_batch.slice(self.rank * per_rank, per_rank))
-        m = self.t.micro_batch_pairs
-        return [mine.slice(i, m) for i in range(0, per_rank, m)], per_rank
-
     def _train_step(self, global_batch) -> dict[str, float]:
-        import torch
-
         from pipeline.metrics import StepSums
+        from pipeline.step import optimizer_step
 
         t0 = now()
         sums = StepSums()
-        micro, per_rank = self._slices(global_batch)
-        for table in micro:
-            out, pc, pr, tokens = self._forward(table)
-            # Sum over this rank's pairs / pairs per rank; FSDP averages over ranks -> the mean over G pairs.
-            (out.losses.sum() / per_rank).backward()
-            sums.add(out, pc, pr, tokens)
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.t.max_grad_norm or float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        per_rank = self.t.global_batch_pairs // self.world
+        self.compute.accumulate(global_batch.slice(self.rank * per_rank, per_rank), self.t.micro_batch_pairs, sums)
         lr = self.sched.get_last_lr()[0]
-        self.opt.step()
+        norm = optimizer_step(self.policy, self.opt, self.t.max_grad_norm)
         self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
         metrics = sums.reduce(self.device)
         elapsed = now() - t0
         metrics.update({"grad_norm": float(norm), "lr": lr, "tokens_per_s": metrics.pop("tokens") / elapsed,
@@ -420,18 +383,14 @@ class _Worker:
 
     def _evaluate(self) -> dict[str, float]:
         import ray.train
-        import torch
 
         from pipeline.metrics import StepSums
 
         sums = StepSums()
         chunk = self.t.micro_batch_pairs * self.world
-        with torch.no_grad():
-            for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=chunk, batch_format="pyarrow",
-                                                                          drop_last=True):
-                out, pc, pr, tokens = self._forward(batch.slice(self.rank * self.t.micro_batch_pairs,
-                                                                self.t.micro_batch_pairs))
-                sums.add(out, pc, pr, tokens)
+        for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=chunk, batch_format="pyarrow",
+                                                                      drop_last=True):
+            self.compute.evaluate(batch.slice(self.rank * self.t.micro_batch_pairs, self.t.micro_batch_pairs), sums)
         m = sums.reduce(self.device)
         return {"eval/loss": m["loss"], "eval/rewards/accuracies": m["rewards/accuracies"],
                 "eval/rewards/margins": m["rewards/margins"]}

@@ -57,3 +57,26 @@ def test_step_gradient_is_unchanged_by_the_grouping():
     assert g.abs().sum() > 0
     assert torch.allclose(g, grad(by_length(t)), rtol=1e-9, atol=1e-12)
     assert (_length(t) != _length(by_length(t))).any()  # the grouping did reorder the pairs
+
+
+def test_right_padded_rows_need_no_attention_mask():
+    """Causal attention alone gives right-padded rows the same scored log-probs as the padding mask (what lets
+    training and the hf scorer pass no mask and use the causal kernel)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.logprobs import selective_token_logps
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1)).double()
+    b = collate(_pairs(6, seed=2))
+    assert (b.attention_mask == 0).any()  # some rows are padded
+    masked = selective_token_logps(lm, b.input_ids, b.attention_mask, b.score_mask)
+    causal = selective_token_logps(lm, b.input_ids, None, b.score_mask)
+    assert masked.shape == causal.shape == (int(b.score_mask.sum()),)
+    assert torch.allclose(masked, causal, rtol=0, atol=1e-10)
+    # A left-padded row would differ: the check above is not vacuous.
+    ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), b.input_ids[:1, :-3]], 1)
+    score = torch.cat([torch.zeros(1, 3, dtype=torch.bool), b.score_mask[:1, :-3]], 1)
+    attn = torch.cat([torch.zeros(1, 3, dtype=torch.long), b.attention_mask[:1, :-3]], 1)
+    assert not torch.allclose(selective_token_logps(lm, ids, attn, score), selective_token_logps(lm, ids, None, score))
