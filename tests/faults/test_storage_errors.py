@@ -7,7 +7,6 @@ The full and read-only disks are real: a small or read-only tmpfs mounted in a p
 from __future__ import annotations
 
 import functools
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -108,4 +107,3 @@ def test_an_unreachable_uri_is_one_line(tiny_model, tmp_path, capsys, monkeypatc
     one_line_error(err, "error: cannot reach s3://bucket/cache", "check the path or URI, that the storage is "
                    "reachable, and its credentials")
     assert not (tmp_path / "run").exists()
-    json.dumps(err)  # printable
