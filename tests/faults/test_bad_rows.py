@@ -15,13 +15,12 @@ import yaml
 
 from pipeline.cli import main
 from tests.conftest import DATA, make_config, read_cache
-from tests.faults.helpers import cli
 
 MB_ROW = {"id": "long", "prompt": "tell me everything.", "chosen": "word " * 200_000, "rejected": "no."}
 
 
 @pytest.mark.ray
-def test_bad_rows_are_rejected_with_reasons_counted_and_the_run_goes_on(tiny_model, tmp_path):
+def test_bad_rows_are_rejected_with_reasons_counted_and_the_run_goes_on(tiny_model, tmp_path, ray_local, capsys):
     expected = json.loads((DATA / "bad_rows.expected.json").read_text()) + [None]
     data = tmp_path / "bad_rows.jsonl"
     data.write_bytes((DATA / "bad_rows.jsonl").read_bytes() + json.dumps(MB_ROW).encode() + b"\n")
@@ -30,12 +29,13 @@ def test_bad_rows_are_rejected_with_reasons_counted_and_the_run_goes_on(tiny_mod
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
-    proc = cli("cache", str(cfg_file))
-    assert proc.returncode == 0, proc.stderr
+    code = main(["cache", str(cfg_file)])  # in this process: its Ray instance is already up
+    out, err = capsys.readouterr()
+    assert code == 0, err
     reasons = Counter(e for e in expected if e)
     shown = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
     assert (f"[train] rows {len(expected)}, pairs {expected.count(None)}, rejected {sum(reasons.values())} "
-            f"({shown}); rejects in") in proc.stdout, proc.stdout
+            f"({shown}); rejects in") in out, out
 
     (key_dir,) = Path(cfg.cache_dir).glob("*/manifest.json")
     rejects = [json.loads(line) for line in open(key_dir.parent / "rejects.jsonl")]
