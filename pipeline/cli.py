@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from pipeline.errors import UserError
+from pipeline.errors import RunFailed, UserError
 
 
 def _cache(args) -> None:
@@ -18,7 +18,10 @@ def _cache(args) -> None:
     cfg = load_config(args.config, args.overrides)
     for r in cache.run(cfg):
         c = r.counts
-        if r.reused:
+        if r.repaired:
+            print(f"[{r.split}] damaged file(s) found by checksum: {', '.join(r.repaired)}; recomputed "
+                  f"{r.shards_computed}/{r.shards_total} shard(s), kept the others")
+        elif r.reused:
             print(f"[{r.split}] cache hit, nothing to compute: {r.uri} ({c['pairs']} pairs)")
         else:
             resumed = f", resumed: {r.shards_total - r.shards_computed} shard(s) were already done" \
@@ -223,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         code = args.fn(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full or read-only disk met outside `Store` (a log file, a staging directory)
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        from pipeline.storage import storage_error
+
+        print(f"error: {storage_error('write', e.filename or 'a file', e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work (cache shards, checkpoints, evaluated checkpoints) is kept; rerun the "

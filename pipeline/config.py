@@ -8,6 +8,7 @@ key and the fix.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -313,12 +314,48 @@ def _one_line(err: ValidationError) -> str:
         return f"unknown config key '{key}': {hint}{more}"
     if first["type"] == "missing":
         return f"config key '{key}' is required: set it in the YAML file or pass {key}=VALUE{more}"
-    msg = first["msg"].removeprefix("Value error, ")
-    if not key:
-        return f"invalid config: {msg}{more}"
+    if first["type"] == "value_error":  # our validators' messages name their fix
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"config key '{key}': {msg}{more}" if key else f"invalid config: {msg}{more}"
     got = first.get("input")
+    if first["type"] in ("model_type", "dict_type") and not isinstance(got, dict):
+        return f"config key '{key}' is a section: write it as a mapping of its keys, not {got!r}{more}"
     got = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"config key '{key}': {msg}{got}{more}"
+    msg = first["msg"].replace("Input should", "should", 1)
+    return f"config key '{key}' {msg}{got}: set {key}=VALUE or fix it in the config file{more}"
+
+
+# Credentials never belong in a config: it is written to the run directory (config.yaml) and its paths to logs,
+# manifests and reports. Tokens and keys come from the environment (HF_TOKEN, AWS_*, GOOGLE_APPLICATION_CREDENTIALS).
+_SECRETS = [
+    (re.compile(r"://[^/\s@?#:]+:[^\s@?#]*@"), "a user:password in a URI"),
+    (re.compile(r"[?&](access_key|secret_key|session_token|token|password|api_key|sig|signature|"
+                r"x-amz-credential|x-amz-signature)=", re.I), "a credential in a URI's query"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{30,}"), "a Hugging Face token"),
+    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id"),
+    (re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,})"), "an API token"),
+]
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|apikey|credentials?)(_|$)|api_key|access_key", re.I)
+
+
+def _find_secret(node: Any, key: str = "") -> tuple[str, str] | None:
+    """(config key, what) of the first credential in a raw config tree, or None."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v:
+                return sub, "a secret-named setting"
+            found = _find_secret(v, sub)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found = _find_secret(v, f"{key}[{i}]")
+            if found:
+                return found
+    elif isinstance(node, str):
+        return next(((key, what) for pattern, what in _SECRETS if pattern.search(node)), None)
+    return None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -339,6 +376,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"config file {str(path)!r} must be a YAML mapping (key: value), not a "
                             f"{type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))
+    secret = _find_secret(data)
+    if secret:  # the value is not shown: it is the secret
+        raise UserError(f"config key '{secret[0]}' holds {secret[1]}, which would be written to the resolved "
+                        f"config and logs; remove it and set credentials in the environment instead (HF_TOKEN; "
+                        f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; GOOGLE_APPLICATION_CREDENTIALS)")
     try:
         return Config.model_validate(data)
     except ValidationError as e:

@@ -17,6 +17,7 @@ Tokenization rules (identical prompt tokens for chosen and rejected, by construc
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,23 @@ def _export_datasets(src: DataSource, sources_dir: Path) -> Path:
     return out
 
 
+def _check_json_lines(path: Path, shown: str) -> None:
+    """A file none of whose first lines is JSON is not JSON Lines at all (a CSV, a binary file): one error for the
+    file, rather than every line rejected. A file with some bad lines is fine: those lines are rejected."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    lines = [ln for ln in head.split(b"\n")[:-1 if len(head) == 1 << 20 else None] if ln.strip()][:100]
+    for raw in lines:
+        try:
+            json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+            return
+        except ValueError:  # not UTF-8, or not JSON
+            continue
+    if lines:
+        raise UserError(f"data file {shown!r} is not JSON Lines: none of its first {len(lines)} line(s) is JSON; "
+                        f"point data.*.path at a .jsonl/.json or .parquet file")
+
+
 def plan_source(src: DataSource, shard_size: int, sources_dir: Path) -> SourcePlan:
     """Resolve a configured source to a local file, hash it and cut it into shards."""
     p = Path(src.path)
@@ -139,6 +157,8 @@ def plan_source(src: DataSource, shard_size: int, sources_dir: Path) -> SourcePl
             sources_dir.mkdir(parents=True, exist_ok=True)
             # ASCII JSON: independent of the locale, and lone surrogate escapes (\ud800) stay escapes
             p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            _check_json_lines(p, src.path)
         return _plan_jsonl(p, shard_size, src.limit)
     if p.is_file() and suffix == ".parquet":
         return _plan_parquet(p, shard_size, src.limit)
@@ -342,6 +362,10 @@ class Pair:
     rejected_input_ids: list[int]
 
 
+# C0 control characters other than tab, newline, form feed and carriage return: binary junk in a text field.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f]")
+
+
 def _is_text(s: str) -> bool:
     """False for strings with lone surrogates: valid JSON escapes, but no tokenizer (or Arrow) accepts them."""
     try:
@@ -390,6 +414,10 @@ def _normalised(rows: list[tuple[int, Any]], to_texts) -> tuple[list[tuple[int, 
             if not all(map(_is_text, (texts.prompt, texts.chosen, texts.rejected))):
                 raise _Bad("invalid_utf8", "the row's text holds a lone surrogate escape (\\ud800-\\udfff), "
                                            "which is not text")
+            ctrl = next((m for t in (texts.prompt, texts.chosen, texts.rejected) if (m := _CONTROL.search(t))), None)
+            if ctrl:
+                raise _Bad("control_characters", f"the row's text holds control character "
+                                                 f"U+{ord(ctrl.group()):04X} (binary data in a text field?)")
             ok.append((index, rid, texts, row))
         except _Bad as bad:
             rejects.append(Reject(index, rid, bad.reason, bad.detail, row))

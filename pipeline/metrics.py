@@ -79,6 +79,23 @@ class MetricsLogger:
 
         self.tb = SummaryWriter(str(local / "tensorboard"))
 
+    def resume_at(self, step: int) -> None:
+        """Keep only the rows of steps up to `step` (and none a crash cut short): a run restarted from the checkpoint
+        of `step` logs the later steps again, and metrics.jsonl holds each step once."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        path = self.local / "metrics.jsonl"
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= step and line.endswith("\n"):
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+        path.write_text("".join(kept))
+        self.jsonl = open(path, "a")
+
     def log(self, step: int, metrics: dict[str, float], echo=print) -> None:
         if not self.enabled:
             return

@@ -10,6 +10,8 @@ into a node-local staging directory (`$DPO_PIPELINE_STAGING`, default `~/.cache/
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import io
 import json
@@ -28,8 +30,39 @@ from pipeline.errors import UserError
 from pipeline.fingerprint import sha256_bytes
 
 
+def storage_error(what: str, where: str, e: OSError) -> UserError:
+    """One line for a storage failure: what failed where, why, and what to do about it."""
+    reason = (e.strerror or str(e)).split("Detail: ")[-1].split("\n")[0].strip()
+    reason = reason.split("] ", 1)[-1] if reason.startswith("[errno") else reason
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space there, or point cache_dir / run_dir at another disk"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make it writable, or point cache_dir / run_dir somewhere writable"
+    else:
+        fix = "check the path or URI, that the storage is reachable, and its credentials"
+    return UserError(f"cannot {what} {where}: {reason[:300]}; {fix} (finished work is kept: rerun to resume)")
+
+
+def _storage_errors(what: str, rel_arg: int = 0):
+    """Method decorator: an OSError (full disk, read-only directory, unreachable storage) becomes a one-line
+    `UserError` naming the path (argument `rel_arg`); FileNotFoundError stays what it is (callers test for it)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def inner(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                rel = args[rel_arg] if len(args) > rel_arg else ""
+                raise storage_error(what, f"{self.uri}/{rel}" if rel else self.uri, e) from None
+        return inner
+    return wrap
+
+
 class Store:
-    """A directory on a pyarrow filesystem. Paths passed to methods are relative to `root`."""
+    """A directory on a pyarrow filesystem. Paths passed to methods are relative to `root`. Storage failures
+    (full disk, read-only directory, unreachable URI) raise one-line `UserError`s."""
 
     def __init__(self, uri: str):
         if "://" in uri:
@@ -55,19 +88,24 @@ class Store:
         sub.uri = f"{self.uri}/{rel}"
         return sub
 
+    @_storage_errors("reach")
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
+    @_storage_errors("reach")
     def isdir(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory
 
+    @_storage_errors("create")
     def makedirs(self, rel: str = "") -> None:
         self.fs.create_dir(self.path(rel), recursive=True)
 
+    @_storage_errors("list")
     def listdir(self, rel: str = "") -> list[str]:
         info = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
         return sorted(i.base_name for i in info)
 
+    @_storage_errors("read")
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
@@ -75,16 +113,35 @@ class Store:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    @_storage_errors("write")
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write atomically; returns the sha256 of `data`."""
         final = self.path(rel)
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, final)
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
+        except BaseException:  # a full disk, a lost connection: leave no partial file behind
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
         return sha256_bytes(data)
+
+    def sha256(self, rel: str) -> str | None:
+        """sha256 of a file's bytes, streamed; None if it does not exist."""
+        h = hashlib.sha256()
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return None
+        return h.hexdigest()
 
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode())
@@ -97,6 +154,7 @@ class Store:
     def read_parquet(self, rel: str) -> pa.Table:
         return pq.read_table(self.path(rel), filesystem=self.fs)
 
+    @_storage_errors("delete")
     def delete(self, rel: str) -> None:
         info = self.fs.get_file_info(self.path(rel))
         if info.type == pafs.FileType.Directory:
@@ -116,6 +174,7 @@ class Store:
                 out.append((relpath, i.size, i.mtime_ns or 0))
         return sorted(out)
 
+    @_storage_errors("write", rel_arg=1)
     def upload_dir(self, local_dir: str | Path, rel: str, last: str) -> None:
         """Publish a local directory as `rel`, replacing what is there. A reader that finds `rel/last` finds the
         whole directory: on a local disk it is copied beside and renamed into place; elsewhere `last` is uploaded

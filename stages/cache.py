@@ -9,8 +9,12 @@ Layout under `cache_dir/<key>/` (the key hashes every input that determines the 
     rejects.jsonl            unusable rows with their reason
     .work/                   while in progress: the shard plan, a marker + rejects per finished shard
 
-A shard is finished when its marker exists; markers are written after the shard's files, all atomically. A
-rerun skips finished shards, so a crash costs at most the shards in flight; a complete cache costs nothing.
+A shard is finished when its marker exists and its file still has the marker's sha256; markers are written after
+the shard's files, all atomically. A rerun skips finished shards, so a crash costs at most the shards in flight;
+a complete cache costs nothing. At the end, a pair whose id an earlier pair already has is dropped (reason
+`duplicate_id`). A complete cache is checked against the manifest's sha256s whenever it is reused or read: a run
+of this stage recomputes only the shards of damaged files (the manifest keeps the shard plan for that); training
+and evaluation refuse a damaged cache.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config, DataSource, to_yaml
-from pipeline.data import Shard, SourcePlan, plan_source, read_shard, tokenize_rows
+from pipeline.data import Reject, Shard, SourcePlan, plan_source, read_shard, tokenize_rows
 from pipeline.errors import UserError
 from pipeline.fingerprint import SCHEMA_VERSION, cache_key
 from pipeline.models import effective_template_sha, load_tokenizer, read_chat_template, resolve_model, \
@@ -72,6 +76,7 @@ class CacheResult:
     shards_computed: int
     shards_total: int
     counts: dict[str, Any] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)  # damaged files found (checksums) and recomputed
 
     @property
     def rejects_uri(self) -> str:
@@ -179,7 +184,9 @@ class _ShardWriter:
     def _write(store: Store, sid: int, table: pa.Table) -> None:
         table = table.sort_by("_index")
         bad = table.column("reject").is_valid()
-        good = table.filter(pc.invert(bad)).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
+        good = table.filter(pc.invert(bad))
+        indices = good.column("_index").to_pylist()
+        good = good.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
         reject_lines = table.filter(bad).column("reject").to_pylist()
         store.write_bytes(f".work/rejects-{sid:05d}.jsonl", "".join(line + "\n" for line in reject_lines).encode())
         data_rel = f"data/part-{sid:05d}.parquet"
@@ -191,7 +198,8 @@ class _ShardWriter:
             else []
         store.write_json(f".work/shard-{sid:05d}.json", {
             "shard": sid, "file": data_rel, "sha256": digest, "rows": len(table), "pairs": len(good),
-            "rejected": len(reject_lines), "reasons": dict(reasons), "tokens": tokens, "nodes": nodes})
+            "rejected": len(reject_lines), "reasons": dict(reasons), "tokens": tokens, "nodes": nodes,
+            "indices": indices})
 
     @property
     def incomplete(self) -> list[tuple[int, int]]:
@@ -209,8 +217,56 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _duplicates(store: Store, plan: SourcePlan, markers: list[dict]) -> dict[str, list[dict]]:
+    """Usable pairs whose id an earlier usable pair (lower source row) already has: {shard: [{pos, index, id,
+    first}]}. Computed once from the shards as scored and recorded before any file changes: a crash while
+    dropping them redoes the same."""
+    if store.exists(".work/duplicates.json"):
+        return store.read_json(".work/duplicates.json")
+    import pyarrow.parquet as pq
+
+    seen: dict[str, int | None] = {}
+    dups: dict[str, list[dict]] = {}
+    for shard, m in zip(plan.shards, markers):
+        ids = pq.read_table(store.path(m["file"]), columns=["id"], filesystem=store.fs).column("id").to_pylist()
+        indices = m.get("indices") or [None] * len(ids)  # a repaired cache's kept shards hold no duplicates
+        for pos, (rid, index) in enumerate(zip(ids, indices)):
+            if rid in seen:
+                dups.setdefault(str(shard.index), []).append({"pos": pos, "index": index, "id": rid,
+                                                              "first": seen[rid]})
+            else:
+                seen[rid] = index
+    store.write_json(".work/duplicates.json", dups)
+    return dups
+
+
+def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[dict]) -> dict:
+    """Remove a shard's duplicate pairs from its file and list them with its rejects; the shard's final record."""
+    table = store.read_parquet(marker["file"])
+    if table.num_rows == marker["pairs"]:  # not yet rewritten (a crash may have come after the rewrite)
+        drop = {d["pos"] for d in dups}
+        table = table.filter(pa.array([i not in drop for i in range(table.num_rows)]))
+        store.write_parquet(marker["file"], table)
+    raw = dict(read_shard(plan, plan.shards[marker["shard"]]))
+    lines = store.read_bytes(f".work/rejects-{marker['shard']:05d}.jsonl").decode().splitlines()
+    lines += [Reject(d["index"], d["id"], "duplicate_id", f"id {d['id']!r} is already used by "
+                     + (f"row {d['first']}" if d["first"] is not None else "an earlier row"),
+                     raw.get(d["index"])).to_json() for d in dups]
+    lines.sort(key=lambda line: json.loads(line)["index"])
+    store.write_bytes(f".work/rejects-{marker['shard']:05d}.jsonl", "".join(f"{x}\n" for x in lines).encode())
+    tokens = sum(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0
+                 for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    reasons = Counter(marker["reasons"])
+    reasons["duplicate_id"] += len(dups)
+    return {**marker, "sha256": store.sha256(marker["file"]), "pairs": table.num_rows,
+            "rejected": marker["rejected"] + len(dups), "reasons": dict(reasons), "tokens": tokens}
+
+
 def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> dict[str, Any]:
     markers = [store.read_json(f".work/shard-{s.index:05d}.json") for s in plan.shards]
+    dups = _duplicates(store, plan, markers)
+    markers = [_drop_duplicates(store, plan, m, dups[str(m["shard"])]) if str(m["shard"]) in dups else m
+               for m in markers]
     rejects = b"".join(store.read_bytes(f".work/rejects-{s.index:05d}.jsonl") for s in plan.shards)
     rejects_sha = store.write_bytes("rejects.jsonl", rejects)
     reasons: Counter[str] = Counter()
@@ -226,6 +282,9 @@ def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> di
         "scored_on": sorted({n for m in markers for n in m.get("nodes", [])}),
         "files": [{"path": m["file"], "rows": m["pairs"], "sha256": m["sha256"]} for m in markers],
         "rejects": {"path": "rejects.jsonl", "rows": counts["rejected"], "sha256": rejects_sha},
+        # What a repair needs to recompute one damaged file: the source's shards and each shard's record.
+        "plan": {**plan.to_dict(), "path": None},
+        "shards": [{k: v for k, v in m.items() if k != "indices"} for m in markers],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for name in store.listdir("data"):  # temp files of writes a crash interrupted
@@ -234,6 +293,39 @@ def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> di
     store.write_json("manifest.json", manifest)  # the commit point
     store.delete(".work")
     return counts
+
+
+def damaged_files(store: Store, manifest: dict[str, Any]) -> list[str]:
+    """The cache files (and rejects file) whose bytes differ from the manifest's sha256, or that are missing."""
+    entries = manifest["files"] + ([manifest["rejects"]] if "rejects" in manifest else [])
+    return [f["path"] for f in entries if store.sha256(f["path"]) != f["sha256"]]
+
+
+def _reopen(store: Store, prep: Prepared, manifest: dict[str, Any], damaged: list[str]) -> None:
+    """Turn a complete cache with damaged files back into an unfinished one whose damaged shards are to do."""
+    if "plan" not in manifest:
+        raise UserError(f"the cache at {store.uri} has damaged files ({', '.join(damaged)}) and was written by an "
+                        f"older version that cannot repair it; delete that directory and run the cache again")
+    plan = SourcePlan.from_dict({**manifest["plan"], "path": prep.plan.path})
+    kept = [m for m in manifest["shards"] if m["file"] not in damaged]
+    if "rejects.jsonl" in damaged:
+        kept = []  # the shards' rejects cannot be told apart: every shard is scored again
+    by_shard: dict[int, list[bytes]] = {m["shard"]: [] for m in kept}
+    if kept:
+        starts = [(s.start, s.index) for s in plan.shards]
+        import bisect
+
+        for line in store.read_bytes("rejects.jsonl").splitlines(keepends=True):
+            index = json.loads(line)["index"]
+            shard = starts[bisect.bisect_right(starts, (index, float("inf"))) - 1][1]
+            if shard in by_shard:
+                by_shard[shard].append(line)
+    store.delete(".work")
+    store.write_json(".work/plan.json", plan.to_dict())
+    for m in kept:
+        store.write_bytes(f".work/rejects-{m['shard']:05d}.jsonl", b"".join(by_shard[m["shard"]]))
+        store.write_json(f".work/shard-{m['shard']:05d}.json", m)
+    store.delete("manifest.json")  # from here on the cache is unfinished: nothing reads it
 
 
 # ---------------------------------------------------------------- run
@@ -247,7 +339,12 @@ def _pending(store: Store, prep: Prepared) -> tuple[SourcePlan, list[Shard]]:
     else:
         plan = prep.plan
         store.write_json(".work/plan.json", plan.to_dict())
-    done = {name for name in store.listdir(".work") if name.startswith("shard-")}
+    done = set()
+    for name in store.listdir(".work"):
+        if name.startswith("shard-"):
+            marker = store.read_json(f".work/{name}")
+            if store.sha256(marker["file"]) == marker["sha256"]:  # a damaged file is scored again
+                done.add(name)
     return plan, [s for s in plan.shards if f"shard-{s.index:05d}.json" not in done]
 
 
@@ -280,15 +377,23 @@ def _score(cfg: Config, jobs: list[_Job], writer: _ShardWriter, progress) -> Non
 
 def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
     """Build (or reuse) the cache of every configured split; record the resolved config in the run dir."""
-    run_store = Store(cfg.run_dir)
-    run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     splits = [("train", cfg.data.train)] + ([("eval", cfg.data.eval)] if cfg.data.eval else [])
-    preps = [prepare(cfg, name, src) for name, src in splits]
+    preps = [prepare(cfg, name, src) for name, src in splits]  # user errors (missing files) before any write
     jobs: dict[str, _Job] = {}  # by key: two splits with the same inputs share one cache
+    repaired: dict[str, list[str]] = {}
     for prep in preps:
         store = Store(cfg.cache_dir).child(prep.key)
-        if prep.key not in jobs and not store.exists("manifest.json"):
-            jobs[prep.key] = _Job(prep, store, *_pending(store, prep))
+        if prep.key in jobs:
+            continue
+        if store.exists("manifest.json"):
+            damaged = damaged_files(store, store.read_json("manifest.json"))
+            if not damaged:
+                continue
+            _reopen(store, prep, store.read_json("manifest.json"), damaged)
+            repaired[prep.key] = damaged
+        jobs[prep.key] = _Job(prep, store, *_pending(store, prep))
+    run_store = Store(cfg.run_dir)
+    run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     todo = [job for job in jobs.values() if job.todo]
     if todo and cfg.reference.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         # Checked only when there is scoring to do: a complete cache is usable without vLLM.
@@ -310,6 +415,6 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
         job = jobs.get(prep.key)
         computed = len(job.todo) if job else 0
         results.append(CacheResult(prep.split, prep.key, store.uri, job is None, computed, len(manifest["files"]),
-                                   manifest["counts"]))
+                                   manifest["counts"], repaired.get(prep.key, [])))
     run_store.write_json("cache.json", {r.split: asdict(r) for r in results})
     return results

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import faults
 from pipeline.cluster import spread
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -249,12 +250,22 @@ class _Sampling:
     def run(self, jobs: list[_Job]) -> None:
         import ray
 
-        from stages.scoring import actor_options, scorer_kwargs
-
         actor_cls = ray.remote(CheckpointEngine)
         max_len = _engine_max_length(self.cfg)
         signature = {j.target.name: _signature(j.target) for j in jobs}
         queue, running, state = list(jobs), {}, {}
+        try:
+            self._loop(queue, running, state, actor_cls, max_len, signature)
+        finally:  # on an error or an interrupt too: the engines go (finished targets' samples are saved)
+            for st in state.values():
+                if "actor" in st:
+                    ray.kill(st["actor"])
+
+    def _loop(self, queue, running, state, actor_cls, max_len, signature) -> None:
+        import ray
+
+        from stages.scoring import actor_options, scorer_kwargs
+
         while queue or running:
             while queue and len(state) < self.e.num_actors:
                 job = queue.pop(0)
@@ -289,10 +300,11 @@ class _Sampling:
                 nxt = next((j for j in queue if sig is not None and signature[j.target.name] == sig), None)
                 if nxt is None:
                     ray.kill(st.pop("actor"))  # frees the engine before the next target starts
-                    continue
-                queue.remove(nxt)
-                state[nxt.target.name] = self._fresh(st.pop("actor"), st["log"])
-                self._submit(nxt, state[nxt.target.name], running)
+                else:
+                    queue.remove(nxt)
+                    state[nxt.target.name] = self._fresh(st.pop("actor"), st["log"])
+                    self._submit(nxt, state[nxt.target.name], running)
+                faults.reach("eval_target_sampled")
 
     @staticmethod
     def _fresh(actor, log: str) -> dict[str, Any]:
@@ -333,7 +345,7 @@ def _signature(target: Target) -> str | None:
     try:
         config = store.read_json("config.json")
         gen = store.read_json("generation_config.json") if store.exists("generation_config.json") else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         return None
     return engine_signature(config, gen)
 
@@ -634,6 +646,7 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
                 rewards = np.asarray(reward(texts, comps), np.float64)
             _finish(job, prompts, comps, ref_logps[job.target.name], rewards, cfg.train.loss.beta, plan.pref_ref,
                     plan.settings_key)
+            faults.reach("eval_target_finished")
         if reward is not None and e.baseline == "chosen":
             chosen = _chosen_rewards(eval_store, prompts, tok, reward, plan.scoring["reward"])
     finally:

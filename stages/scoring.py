@@ -44,6 +44,9 @@ class _Scorer:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline import faults
+
+        faults.reach("scorer_batch")
         missing = [c for c in REQUIRED if c not in batch.column_names]
         if missing:
             raise ValueError(f"scorer input lacks column(s) {missing}; it needs {list(REQUIRED)}")
@@ -183,12 +186,15 @@ def scorer_kwargs(engine: str, settings, model_dir: str, dtype: str, max_length:
 def actor_options(settings, spread: bool = False) -> dict[str, Any]:
     """Ray resources, placement and environment of one engine actor, from a config's `EngineSettings`; `spread`
     (`ray.placement: spread`) places the actors on as many nodes as possible."""
+    from pipeline import faults
+
     return dict(num_cpus=settings.num_cpus_per_actor,
                 num_gpus=settings.tensor_parallel_size if settings.use_gpu else 0,
                 **({"scheduling_strategy": "SPREAD"} if spread else {}),
                 **({"resources": dict(settings.resources)} if settings.resources else {}),
                 # vLLM warns at length about things that do not apply here (no tokenizer: by design; CPU allocators).
-                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}})
+                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+                                          **faults.env()}})
 
 
 # ---------------------------------------------------------------- stage 3: engines for evaluation (Ray actors)

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import faults
 from pipeline.config import Config, to_yaml
-from pipeline.errors import UserError
+from pipeline.errors import RunFailed, UserError
 from pipeline.storage import Store
 
 # ---------------------------------------------------------------- driver
@@ -45,8 +46,9 @@ class CacheRef:
 
 
 def find_cache(cfg: Config, split: str) -> CacheRef:
-    """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs."""
-    from stages.cache import keyed_inputs, prepare
+    """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs, or one whose
+    files no longer match the manifest's checksums."""
+    from stages.cache import damaged_files, keyed_inputs, prepare
 
     src = cfg.data.train if split == "train" else cfg.data.eval
     prep = prepare(cfg, split, src)
@@ -63,6 +65,11 @@ def find_cache(cfg: Config, split: str) -> CacheRef:
             raise UserError(f"the cache at {store.uri} was built for a different {part.replace('_sha256', '')} "
                             f"({got.get(part)!r} != {want.get(part)!r}); rebuild it with `dpo-pipeline cache "
                             f"CONFIG` or fix the config")
+    damaged = damaged_files(store, manifest)
+    if damaged:
+        raise UserError(f"the cache at {store.uri} is damaged: {', '.join(damaged[:3])}"
+                        f"{' and more' if len(damaged) > 3 else ''} no longer match(es) the manifest's sha256; "
+                        f"run `dpo-pipeline cache CONFIG` (same config) to recompute only the damaged part(s)")
     return CacheRef(split, manifest["key"], store.uri, [f"{store.uri}/{f['path']}" for f in manifest["files"]],
                     manifest["counts"]["pairs"], prep.model_dir, prep.tokenizer_dir, prep.chat_template)
 
@@ -157,6 +164,9 @@ def run(cfg: Config) -> TrainResult:
     per_epoch, total = plan_steps(cfg, train_cache.pairs)
     run_store = Store(cfg.run_dir)  # a local path (resolved here) or a URI
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
+    for name in run_store.listdir("checkpoints"):  # exports a crash interrupted (never listed as checkpoints)
+        if name.startswith(".tmp-"):
+            run_store.delete(f"checkpoints/{name}")
     connect(cfg)
     _check_cpus(cfg)
     epochs = math.ceil(total / per_epoch)
@@ -169,6 +179,7 @@ def run(cfg: Config) -> TrainResult:
         train_loop,
         # Paths resolved here: Ray Train workers run in another working directory.
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "per_epoch": per_epoch, "total": total,
+                           "fault": faults.env(),
                            "run_dir": run_store.uri, "model_dir": train_cache.model_dir,
                            "tokenizer_dir": train_cache.tokenizer_dir, "chat_template": train_cache.chat_template},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -185,7 +196,17 @@ def run(cfg: Config) -> TrainResult:
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        from stages.evaluate import error_line
+
+        failures = getattr(e, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
+        cause = next(iter(failures.values())) if failures else e
+        done = list_checkpoints(run_store)
+        kept = f"the last complete checkpoint is {done[-1].rsplit('/', 1)[-1]}" if done else "no checkpoint yet"
+        raise RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
+                        f"set train.max_failures to restart automatically") from None
     ckpts = list_checkpoints(run_store)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     # The record `dpo-pipeline run`/`plan` read to skip a finished run with the same inputs (written last).
@@ -211,6 +232,7 @@ def _lr_lambda(warmup: int, total: int, schedule: str):
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point."""
+    faults.adopt(config.get("fault", {}))
     _Worker(Config.model_validate(config["cfg"]), config).run()
 
 
@@ -260,6 +282,7 @@ class _Worker:
         self.logger = MetricsLogger(paths["run_dir"], enabled=self.rank == 0)
         self.nodes = self._worker_nodes()
         self._restore()
+        self.logger.resume_at(self.step)  # steps logged after the restored checkpoint are done (and logged) again
 
     def _worker_nodes(self) -> list[str]:
         """The Ray node id of every rank (a collective), recorded in train.json: where the training ran."""
@@ -401,6 +424,7 @@ class _Worker:
                 if self.t.checkpoint_every and self.step % self.t.checkpoint_every == 0:
                     self._checkpoint(metrics)
                     last_saved = self.step
+                faults.reach("train_step")
         if last_saved != self.step:
             self._checkpoint(metrics)
         bar.close()
@@ -417,6 +441,7 @@ def export_hf(full_state: dict, lm, tokenizer, out_dir: Path) -> None:
     if getattr(lm, "generation_config", None) is not None:
         lm.generation_config.save_pretrained(tmp)
     save_torch_state_dict(full_state, tmp)
+    faults.reach("checkpoint_export")
     tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():  # a step redone after a resume: replace the earlier export
         shutil.rmtree(out_dir)

@@ -150,15 +150,3 @@ def test_parquet_source_gives_same_cache_values(tiny_model, tmp_path, ray_local)
                                                                                  "chosen_input_ids"])
     np.testing.assert_allclose(a.column("ref_chosen_logps").to_numpy(), b.column("ref_chosen_logps").to_numpy(),
                                atol=1e-6)
-
-
-def test_bad_rows_are_rejected_with_reasons_and_the_run_goes_on(tiny_model, tmp_path, ray_local):
-    expected = json.loads((DATA / "bad_rows.expected.json").read_text())
-    (r,) = cache.run(make_config(tiny_model, tmp_path, "reference.engine=hf", "reference.shard_size=4",
-                                 data=DATA / "bad_rows.jsonl"))
-    rejects = [json.loads(line) for line in open(r.rejects_uri)]
-    assert {x["index"]: x["reason"] for x in rejects} == {i: e for i, e in enumerate(expected) if e}
-    assert r.counts["rows"] == len(expected)
-    assert r.counts["pairs"] == read_cache(r).num_rows == sum(e is None for e in expected)
-    assert sum(r.counts["reasons"].values()) == r.counts["rejected"] == len(rejects)
-    assert read_cache(r).column("id").to_pylist() == [str(i) for i, e in enumerate(expected) if e is None]

@@ -459,7 +459,8 @@ def test_identical_after_truncation(tokenizer):
 
 
 def test_bad_rows_corpus(tokenizer, tmp_path):
-    expected = json.loads((DATA / "bad_rows.expected.json").read_text())
+    # Duplicate ids are found across shards when the cache is finished (tests/faults/test_bad_rows.py), not here.
+    expected = [None if e == "duplicate_id" else e for e in json.loads((DATA / "bad_rows.expected.json").read_text())]
     raw_lines = [line for line in (DATA / "bad_rows.jsonl").read_bytes().split(b"\n") if line.strip()]
     assert len(raw_lines) == len(expected)
     plan = plan_source(DataSource(path=str(DATA / "bad_rows.jsonl")), shard_size=4, sources_dir=tmp_path)

@@ -1,0 +1,53 @@
+"""Case 5: a crash in evaluation. The samples and results of finished checkpoints survive a crash; a rerun
+samples and evaluates only what is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.faults import InjectedFault
+from stages import evaluate
+from tests.conftest import make_config
+from tests.faults.helpers import fault
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+pytest.importorskip("vllm")
+
+
+def test_finished_checkpoints_survive_a_crash_and_a_rerun_does_only_the_rest(tiny_model, tmp_path, ray_local,
+                                                                            monkeypatch):
+    from tests.test_eval_stage import _checkpoint
+
+    cfg = make_config(tiny_model, tmp_path, "eval.include_reference=false", "eval.preference_accuracy=false",
+                      "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.batch_prompts=4",
+                      "eval.engine_kwargs={enforce_eager: true}", "reference.engine=hf")
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    for step in (1, 2):
+        _checkpoint(tiny_model, ckpts / f"step_00000{step}", seed=step)
+    eval_dir = Path(cfg.run_dir) / "eval"
+
+    # 1. The driver dies once step 1 is sampled (both share one engine, step 1 first).
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("eval_target_sampled", tmp_path / "t1", action="raise"))
+    with pytest.raises(InjectedFault):
+        evaluate.run(cfg)
+    assert (eval_dir / "step_000001/sampled.json").exists() and not (eval_dir / "step_000002").joinpath(
+        "sampled.json").exists()
+    sampled_1 = (eval_dir / "step_000001/sampled.parquet").stat().st_mtime_ns
+
+    # 2. The rerun samples step 2 only; the driver dies again once step 1's result is written.
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("eval_target_finished", tmp_path / "t2", action="raise"))
+    with pytest.raises(InjectedFault):
+        evaluate.run(cfg)
+    assert (eval_dir / "step_000001/sampled.parquet").stat().st_mtime_ns == sampled_1  # not sampled again
+    assert (eval_dir / "step_000001/result.json").exists() and not (eval_dir / "step_000002/result.json").exists()
+    result_1 = (eval_dir / "step_000001/result.json").stat().st_mtime_ns
+
+    # 3. The last rerun starts no engine: step 1 is kept, step 2 is finished from its saved samples.
+    monkeypatch.delenv("DPO_PIPELINE_FAULT")
+    r = evaluate.run(cfg)
+    assert r.reused == ["step_000001"] and r.evaluated == ["step_000002"] and r.engine_starts == 0
+    assert (eval_dir / "step_000001/result.json").stat().st_mtime_ns == result_1
+    assert [row["name"] for row in r.rows] == ["step_000001", "step_000002"] and not r.failures
+    assert all(row["kl_mean"] is not None for row in r.rows)

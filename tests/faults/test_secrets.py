@@ -1,0 +1,58 @@
+"""Case 8: secrets. A credential in the config (a URI's user:password or query, a token, a secret-named setting)
+is refused with one line that does not show it; credentials from the environment never reach a log, manifest or
+resolved config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from tests.conftest import make_config
+from tests.faults.helpers import cli
+
+HF_TOKEN = "hf_" + "Q" * 34
+AWS_KEY_ID = "AKIA" + "Z" * 16
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "SECRETSECRET"
+
+
+@pytest.mark.parametrize("override, key, what", [
+    (f"cache_dir=s3://{AWS_KEY_ID}:{AWS_SECRET}@bucket/cache", "cache_dir", "a user:password in a URI"),
+    (f"run_dir=s3://bucket/run?access_key={AWS_KEY_ID}&secret_key={AWS_SECRET}", "run_dir",
+     "a credential in a URI's query"),
+    (f"eval.engine_kwargs={{hf_token: {HF_TOKEN}}}", "eval.engine_kwargs.hf_token", "a secret-named setting"),
+    (f"model.revision={HF_TOKEN}", "model.revision", "a Hugging Face token"),
+    (f"eval.reward.kwargs={{key: {AWS_KEY_ID}}}", "eval.reward.kwargs.key", "an AWS access key id"),
+])
+def test_a_credential_in_the_config_is_refused_without_showing_it(override, key, what, capsys, tmp_path):
+    code = main(["config", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}", override])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"error: config key '{key}' holds {what}" in err and "set credentials in the environment" in err
+    for secret in (HF_TOKEN, AWS_KEY_ID, AWS_SECRET):
+        assert secret not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+def test_credentials_from_the_environment_are_written_nowhere(tiny_model, tmp_path, capsys, monkeypatch):
+    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {"HF_TOKEN": HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": HF_TOKEN, "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
+           "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
+    proc = cli("cache", str(cfg_file), env=env)  # a process of its own: its Ray workers inherit the environment
+    assert proc.returncode == 0, proc.stderr
+    written = [proc.stdout + proc.stderr]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["config", str(cfg_file)]) == 0 and main(["plan", str(cfg_file)]) == 0
+    written.append("".join(capsys.readouterr()))
+    written += [f.read_text(errors="replace") for f in Path(tmp_path).rglob("*") if f.is_file()
+                and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt", "")]
+    assert any("manifest" in f.name for f in Path(tmp_path).rglob("*.json"))  # the manifest is among them
+    for text in written:
+        for secret in (HF_TOKEN, AWS_KEY_ID, AWS_SECRET):
+            assert secret not in text

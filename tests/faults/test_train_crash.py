@@ -1,0 +1,71 @@
+"""Case 4: a crash in training. A worker killed mid-run is restarted by Ray Train from the last complete
+checkpoint and ends with the weights of an uninterrupted run; a run killed while writing a checkpoint leaves no
+half-written checkpoint that resume or evaluation would pick."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import RunFailed
+from stages import cache, evaluate, train
+from tests.conftest import make_config
+from tests.faults.helpers import fault
+from tests.test_train import STEPS, assert_same_params, metrics
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model, tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("train-faults")
+    cache.run(make_config(tiny_model, root, "reference.engine=hf"))
+
+    def config(name: str, *overrides: str):
+        return make_config(tiny_model, root, "reference.engine=hf", *STEPS, f"run_dir={root / name}",
+                           "eval.include_reference=false", *overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def straight(base):
+    """The uninterrupted 4-step run."""
+    return train.run(base("straight"))
+
+
+def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint(base, straight, tmp_path, monkeypatch):
+    token = tmp_path / "token"
+    # The worker process exits right after step 3 (step 2 is checkpointed, step 3 is logged).
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("train_step", token, nth=3))
+    result = train.run(base("killed", "train.max_failures=1"))
+    assert not token.exists()  # it fired
+    assert_same_params(Path(result.checkpoints[-1]), Path(straight.checkpoints[-1]), atol=1e-6)
+    assert [r["step"] for r in metrics(result.run_dir)] == [1, 2, 3, 4]  # step 3 redone, logged once
+    assert [Path(c).name for c in result.checkpoints] == ["step_000002", "step_000004"]
+
+
+def test_a_run_killed_while_writing_a_checkpoint_leaves_none_half_written(base, straight, tmp_path, monkeypatch):
+    token = tmp_path / "token"
+    # The worker dies halfway through the second export (step 4): weights written, tokenizer not yet.
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("checkpoint_export", token, nth=2))
+    cfg = base("torn")
+    with pytest.raises(RunFailed, match=r"training failed \(.*\); the last complete checkpoint is step_000002: rerun "
+                                        r"the same command to resume from it, or set train.max_failures") as e:
+        train.run(cfg)
+    assert "\n" not in str(e.value) and "Error: " in str(e.value), e.value  # the worker's error, e.g. a failed health check
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    (half,) = ckpts.glob(".tmp-step_000004-*")  # the half-written export is there...
+    assert (half / "config.json").exists() and not (half / "tokenizer_config.json").exists()
+    assert [Path(c).name for c in train.list_checkpoints(train.Store(cfg.run_dir))] == ["step_000002"]  # ...unseen
+    assert [t.name for t in evaluate.select_targets(cfg)] == ["step_000002"]
+    ray_ckpts = sorted(p.name for p in Path(cfg.run_dir, "ray").glob("checkpoint_*") if p.is_dir())
+    assert ray_ckpts == ["checkpoint_000002"]
+
+    monkeypatch.delenv("DPO_PIPELINE_FAULT")
+    result = train.run(cfg)  # resumes from step 2
+    assert_same_params(Path(result.checkpoints[-1]), Path(straight.checkpoints[-1]), atol=1e-6)
+    assert not list(ckpts.glob(".tmp-*"))
+    assert [r["step"] for r in metrics(result.run_dir)] == [1, 2, 3, 4]
+    assert json.loads(Path(cfg.run_dir, "train.json").read_text())["steps"] == 4
