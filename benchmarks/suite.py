@@ -67,16 +67,11 @@ def trl(work: Path, args, precompute: bool) -> dict:
     return row
 
 
-def pairs_tokens(work: Path) -> int:
-    from bench_trl import scored_tokens
-
-    return scored_tokens(work)
-
-
 def training(work: Path, args, params: int, with_in_loop: bool) -> dict:
     from bench_train import measure
+    from bench_trl import scored_tokens
 
-    tokens = pairs_tokens(work)
+    tokens = scored_tokens(work)
     pairs = args.pairs
     t_pre, t_in = trl(work, args, True), trl(work, args, False) if with_in_loop else None
     ours = measure(work, args, ("cached", "in_loop") if with_in_loop else ("cached",))

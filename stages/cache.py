@@ -386,10 +386,11 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
         if prep.key in jobs:
             continue
         if store.exists("manifest.json"):
-            damaged = damaged_files(store, store.read_json("manifest.json"))
+            manifest = store.read_json("manifest.json")
+            damaged = damaged_files(store, manifest)
             if not damaged:
                 continue
-            _reopen(store, prep, store.read_json("manifest.json"), damaged)
+            _reopen(store, prep, manifest, damaged)
             repaired[prep.key] = damaged
         jobs[prep.key] = _Job(prep, store, *_pending(store, prep))
     run_store = Store(cfg.run_dir)
