@@ -41,7 +41,7 @@ def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
 
 def build_model(out: Path, hidden: int, layers: int) -> int:
     """The tiny tokenizer with a larger Llama built from a config (head_dim 64). Returns the parameter count."""
-    from pipeline.tiny import TinyModelSpec, build_model, build_tokenizer
+    from pipeline.demo.tiny import TinyModelSpec, build_model, build_tokenizer
 
     tok = build_tokenizer(out)
     spec = TinyModelSpec(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers,
@@ -53,7 +53,7 @@ def build_model(out: Path, hidden: int, layers: int) -> int:
 
 def build_data(path: Path, pairs: int, seed: int = 0) -> None:
     """Prompts of 8-96 words and responses of 8-160 words (~1.3 tokens a word with the tiny tokenizer)."""
-    from pipeline.tiny import _WORDS
+    from pipeline.demo.tiny import _WORDS
 
     rng = random.Random(seed)
 

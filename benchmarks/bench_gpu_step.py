@@ -118,9 +118,9 @@ def matmul_tflops(device, dtype=torch.bfloat16, n=8192, reps=10) -> float:
 def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[float]) -> dict:
     from types import SimpleNamespace
 
-    from pipeline.metrics import StepSums
-    from pipeline.parallel import PolicyLogps, apply_fsdp
-    from pipeline.step import StepCompute, make_optimizer, optimizer_step
+    from pipeline.dpo.metrics import StepSums
+    from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
+    from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step
 
     v = VARIANTS[name]
     lm, cfg = build_model(args.preset, device)

@@ -44,8 +44,8 @@ def build_prompts(work: Path, model_dir: Path, count: int, prompt_len: int) -> l
 
 def run_vllm(model_dir: Path, prompts: list[list[int]], args) -> dict:
     from pipeline.config import EvalConfig
-    from stages.evaluate import sample_seed
-    from stages.scoring import CheckpointEngine, scorer_kwargs
+    from pipeline.engines.actors import CheckpointEngine, sample_seed
+    from pipeline.engines.scorers import scorer_kwargs
 
     settings = EvalConfig(engine_kwargs=args.engine_kwargs)
     kwargs = scorer_kwargs("vllm", settings, str(model_dir), "float32", args.prompt_len + args.new_tokens)

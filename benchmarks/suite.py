@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -95,7 +94,7 @@ def engine_rate(engine: str, model_dir: Path, data_uri: str, batch_pairs: int = 
     import pyarrow.parquet as pq
 
     from pipeline.config import ReferenceConfig
-    from stages.scoring import ENGINES, scorer_kwargs
+    from pipeline.engines.scorers import ENGINES, scorer_kwargs
 
     table = pq.read_table(data_uri).select(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
     table = table.append_column("reject", pa.nulls(len(table), pa.string()))
@@ -228,7 +227,7 @@ def main() -> None:
             else:
                 from transformers import AutoModelForCausalLM
 
-                from pipeline.tiny import build_tiny_assets
+                from pipeline.demo.tiny import build_tiny_assets
 
                 build_tiny_assets(d / "model")
                 params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d / "model").parameters())

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
+from pathlib import Path
 
+from pipeline.config import load_config, reference_markdown, to_yaml
 from pipeline.errors import RunFailed, UserError
+from pipeline.store.storage import Store, staging_dir, storage_error
+
+# The stages, the orchestration and the demo are imported inside the command that runs them: they load torch,
+# Ray and transformers (~5 s), which `config`, `config-docs` and a config error should not wait for.
 
 
 def _cache(args) -> None:
-    from pipeline.config import load_config
-    from stages import cache
-
     cfg = load_config(args.config, args.overrides)
+    from stages import cache  # lazy: torch, Ray, transformers (see the top)
+
     for r in cache.run(cfg):
         c = r.counts
         if r.repaired:
@@ -35,10 +41,9 @@ def _cache(args) -> None:
 
 
 def _train(args) -> None:
-    from pipeline.config import load_config
-    from stages import train
-
     cfg = load_config(args.config, args.overrides)
+    from stages import train  # lazy: torch, Ray, transformers (see the top)
+
     r = train.run(cfg)
     shown = " ".join(f"{k}={v:.4g}" for k, v in r.final_metrics.items() if isinstance(v, float))
     print(f"trained {r.steps} step(s); final: {shown}")
@@ -59,10 +64,9 @@ def _headline(row: dict) -> str:
 
 
 def _eval(args) -> int:
-    from pipeline.config import load_config
-    from stages import evaluate
-
     cfg = load_config(args.config, args.overrides)
+    from stages import evaluate  # lazy: torch, Ray, transformers (see the top)
+
     r = evaluate.run(cfg)
     rejected = f" ({r.prompt_rejects} unusable rows: {r.eval_dir}/prompt_rejects.jsonl)" if r.prompt_rejects else ""
     print(f"{r.prompts} prompt(s) × {cfg.eval.samples_per_prompt} sample(s){rejected}")
@@ -81,10 +85,10 @@ def _eval(args) -> int:
 
 
 def _plan(args) -> None:
-    from pipeline.config import load_config
-    from pipeline.orchestrate import plan
+    cfg = load_config(args.config, args.overrides)
+    from pipeline.orchestrate import plan  # lazy: torch, Ray, transformers (see the top)
 
-    for s in plan(load_config(args.config, args.overrides)):
+    for s in plan(cfg):
         print(f"{s.stage:<12} {s.action:<7} {s.why}")
 
 
@@ -118,10 +122,6 @@ def _uploaded(store, name: str, local):
 def _run_log(run_dir: str):
     """(local file the run log is appended to, context manager that publishes it): the file itself in a local
     run_dir; for a URI, a staged copy of the run's log, uploaded when `run` ends."""
-    from pathlib import Path
-
-    from pipeline.storage import Store, staging_dir
-
     store = Store(run_dir)
     if store.local:
         Path(store.root).mkdir(parents=True, exist_ok=True)
@@ -133,10 +133,9 @@ def _run_log(run_dir: str):
 
 
 def _run(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.orchestrate import run
-
     cfg = load_config(args.config, args.overrides)
+    from pipeline.orchestrate import run  # lazy: torch, Ray, transformers (see the top)
+
     log_path, upload = _run_log(cfg.run_dir)
     with upload, open(log_path, "a", encoding="utf-8") as log:  # the log is closed, then uploaded
         out, err = sys.stdout, sys.stderr
@@ -158,7 +157,7 @@ def _run(args) -> int:
 
 
 def _demo(args) -> int:
-    from pipeline import experiment
+    from pipeline.demo import experiment  # lazy: torch, Ray, transformers (see the top)
 
     r = experiment.run(args.config, args.overrides)
     c = r.checks
@@ -175,20 +174,16 @@ def _demo(args) -> int:
 
 
 def _tiny_assets(args) -> None:
-    from pipeline.tiny import build_tiny_assets
+    from pipeline.demo.tiny import build_tiny_assets  # lazy: torch, Ray, transformers (see the top)
 
     print(f"tiny model and tokenizer written to {build_tiny_assets(args.out)}")
 
 
 def _config(args) -> None:
-    from pipeline.config import load_config, to_yaml
-
     print(to_yaml(load_config(args.config, args.overrides)), end="")
 
 
 def _config_docs(args) -> None:
-    from pipeline.config import reference_markdown
-
     print(reference_markdown(), end="")
 
 
@@ -231,11 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full or read-only disk met outside `Store` (a log file, a staging directory)
-        import errno
 
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
-        from pipeline.storage import storage_error
 
         print(f"error: {storage_error('write', e.filename or 'a file', e)}", file=sys.stderr)
         return 2

@@ -170,7 +170,7 @@ class EvalConfig(EngineSettings):
 class LossConfig(_Strict):
     type: Literal["sigmoid", "ipo", "hinge", "robust", "sft"] = Field(
         "sigmoid", description="`sigmoid`: DPO; `ipo`; `hinge`: SLiC; `robust`: robust DPO; `sft`: Preferred-FT, "
-                               "fine-tuning on the chosen responses only (see pipeline/losses.py).")
+                               "fine-tuning on the chosen responses only (see pipeline/dpo/losses.py).")
     beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint to the reference.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: assumed label-noise rate (`sigmoid`: "
                                                                    "conservative DPO; `robust`).")

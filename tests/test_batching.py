@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 
-from pipeline.batching import by_length, collate
+from pipeline.dpo.batching import by_length, collate
 
 
 def _pairs(n: int, seed: int = 0) -> pa.Table:
@@ -37,8 +36,8 @@ def test_by_length_is_a_sorted_permutation_that_pads_less():
 def test_step_gradient_is_unchanged_by_the_grouping():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.logprobs import selective_token_logps
-    from pipeline.losses import preference_loss
+    from pipeline.dpo.logprobs import selective_token_logps
+    from pipeline.dpo.losses import preference_loss
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -64,7 +63,7 @@ def test_right_padded_rows_need_no_attention_mask():
     training and the hf scorer pass no mask and use the causal kernel)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.logprobs import selective_token_logps
+    from pipeline.dpo.logprobs import selective_token_logps
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.fingerprint import sha256_file
+from pipeline.store.fingerprint import sha256_file
 from stages import cache
 from tests.conftest import DATA, make_config, read_cache
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.storage import Store
+from pipeline.store.storage import Store
 from tests.conftest import DATA
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -22,7 +22,7 @@ def two_nodes():
     from ray.cluster_utils import Cluster
 
     from pipeline.config import RayConfig
-    from pipeline.runtime import init_ray
+    from pipeline.runtime.session import init_ray
 
     had_local = ray.is_initialized()
     ray.shutdown()

@@ -1,7 +1,7 @@
 """Preference data: formats, tokenization, truncation, rejects, and sources/shards.
 
 Expectations are derived from the tokenizer's own primitives (encode, apply_chat_template) and from the
-tokenization rules in `pipeline/data.py`'s docstring, never from `tokenize_rows` output.
+tokenization rules in `pipeline/data/rows.py`'s docstring, never from `tokenize_rows` output.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataSource
-from pipeline.data import Pair, Reject, plan_source, read_shard, tokenize_rows
+from pipeline.data.rows import Pair, tokenize_rows
+from pipeline.data.sources import Reject, plan_source, read_shard
 from pipeline.errors import UserError
 
 DATA = Path(__file__).parent / "data"
@@ -227,7 +228,7 @@ def test_conversational_rejects(tokenizer, row, reason):
 
 def test_chat_template_failure_is_a_row_reject(tmp_path, tokenizer):
     """A template that raises on some rows rejects those rows (chat_template_error), not the run."""
-    from pipeline.models import load_tokenizer
+    from pipeline.data.models import load_tokenizer
 
     strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
               "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
@@ -520,7 +521,7 @@ def test_jsonl_shards_cover_every_row_once(tmp_path, shard_size, layout):
 
 
 def test_jsonl_shard_plan_survives_serialisation(tmp_path):
-    from pipeline.data import SourcePlan
+    from pipeline.data.sources import SourcePlan
 
     path = write_jsonl(tmp_path / "d.jsonl", standard_records(5), blank_lines=True)
     plan = plan_source(DataSource(path=str(path)), 2, tmp_path)

@@ -143,7 +143,7 @@ def test_kl_of_the_reference_against_itself_is_zero(scenario):
 
 @pytest.mark.parametrize("name", ["step_000001", "step_000002"])  # a fresh engine; weights swapped into one
 def test_logps_and_kl_equal_independent_forwards(scenario, tiny_model, name):
-    from pipeline.models import load_tokenizer
+    from pipeline.data.models import load_tokenizer
 
     cfg = scenario["cfg"]
     t = _samples(scenario["first"], name)
@@ -210,7 +210,7 @@ def test_changed_reward_rescores_without_sampling_again(scenario):
 def test_win_rate_against_the_datasets_chosen_responses(scenario, tiny_model):
     """After the test above (reward: count of 'a'). The baseline is not part of a target's key: switching it only
     rewrites the report, with the chosen responses scored by the same reward."""
-    from pipeline.models import load_tokenizer
+    from pipeline.data.models import load_tokenizer
 
     cfg = scenario["cfg"].model_copy(deep=True)
     cfg.eval.reward.kwargs = {"char": "a"}

@@ -7,9 +7,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from pipeline.data import Reject, tokenize_prompts
-from pipeline.errors import UserError
-from stages.evaluate import error_line, preference_metrics, sample_seed, select_targets
+from pipeline.data.rows import tokenize_prompts
+from pipeline.data.sources import Reject
+from pipeline.engines.actors import sample_seed
+from pipeline.errors import UserError, error_line
+from stages.evaluate import preference_metrics, select_targets
 from tests.conftest import make_config
 
 
@@ -131,7 +133,7 @@ def test_preference_rows_give_prompt_and_chosen(tokenizer):
 
 @pytest.mark.ray
 def test_reward_model_runs_in_a_ray_actor_with_the_same_values(tiny_model, tmp_path, ray_local):
-    from pipeline.rewards import build_reward
+    from pipeline.evaluation.rewards import build_reward
     from stages.evaluate import _reward_fn
     from tests.test_rewards import save_reward_model
 

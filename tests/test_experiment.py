@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import experiment, sentiment
-from pipeline.experiment import ExperimentSpec
-from pipeline.sentiment import SftSpec
+from pipeline.demo import experiment, sentiment
+from pipeline.demo.experiment import ExperimentSpec
+from pipeline.demo.sentiment import SftSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 pytest.importorskip("vllm")

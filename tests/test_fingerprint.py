@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fingerprint import cache_key, model_files_hash, tokenizer_files_hash
-from stages import cache
+from pipeline.store import cache_layout
+from pipeline.store.fingerprint import cache_key, model_files_hash, tokenizer_files_hash
 from tests.conftest import DATA, make_config
 
 TEMPLATE_B = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
@@ -35,7 +35,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 def prep(model_dir: Path, tmp_path: Path, *overrides: str, data: str | Path = DATA / "standard.jsonl"):
     # engine=hf: this tier must not need vLLM
     cfg = make_config(model_dir, tmp_path, "reference.engine=hf", *overrides, data=data)
-    return cache.prepare(cfg, "train", cfg.data.train)
+    return cache_layout.prepare(cfg, "train", cfg.data.train)
 
 
 def components(p) -> dict:
@@ -183,7 +183,7 @@ def test_tokenizer_edited_in_place_is_reloaded(model):
     """The tokenizer used to tokenize must match the files the key hashed, even in a long-lived process."""
     from tokenizers import Tokenizer
 
-    from pipeline.models import load_tokenizer
+    from pipeline.data.models import load_tokenizer
 
     before = load_tokenizer(str(model))
     assert load_tokenizer(str(model)) is before  # loaded once while the files stay the same

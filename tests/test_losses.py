@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import LOSSES, preference_loss
+from pipeline.dpo.losses import LOSSES, preference_loss
 
 # policy chosen/rejected -10/-12, reference -11/-11: h = (−10 + 11) − (−12 + 11) = 2; β = 0.1 -> βh = 0.2.
 # −log σ(0.2) = log(1 + e^−0.2) = 0.5981388693; −log σ(−0.2) = log(1 + e^0.2) = 0.7981388693.

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from pipeline.report import SUMMARY_COLUMNS, standard_error, win_rate, write_report
+from pipeline.evaluation.report import SUMMARY_COLUMNS, standard_error, win_rate, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("reward_vs_kl.png", "reward_vs_step.png", "win_rate_vs_step.png", "kl_vs_step.png")
@@ -151,7 +151,7 @@ def test_checkpoint_without_step(tmp_path):
         assert [r["name"] for r in csv.DictReader(f)] == ["reference", "step_000006", "external"]
 
     # The plots' data: the frontier includes the step-less checkpoint; the step plots cannot place it.
-    from pipeline import report
+    from pipeline.evaluation import report
 
     sorted_rows = sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0))
     frontier = report._reward_vs_kl(sorted_rows, SETTINGS).axes[0]

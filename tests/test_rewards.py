@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import RewardConfig
 from pipeline.errors import UserError
-from pipeline.rewards import build_reward, reward_identity
+from pipeline.evaluation.rewards import build_reward, reward_identity
 
 FIX = "tests.reward_fixtures"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sentiment
 from pipeline.config import load_config
-from pipeline.experiment import ExperimentSpec, frontier_checks
+from pipeline.demo import sentiment
+from pipeline.demo.experiment import ExperimentSpec, frontier_checks
 
 CONFIG = Path(__file__).parent.parent / "configs" / "sentiment.yaml"
 
@@ -40,7 +40,7 @@ def test_reward_counts_lexicon_words():
 
 def test_config_reward_is_the_ground_truth():
     """The evaluation stage scores with the config's lexicon rule; it must equal the demo's ground truth."""
-    from pipeline.rewards import build_reward
+    from pipeline.evaluation.rewards import build_reward
 
     cfg = load_config(CONFIG)
     rule = build_reward(cfg.eval.reward)
@@ -81,7 +81,7 @@ def test_frontier_checks_measure_both_claims():
 
 
 def test_engine_signature_ignores_bookkeeping_keys_only():
-    from stages.scoring import engine_signature
+    from pipeline.engines.actors import engine_signature
 
     base = {"model_type": "llama", "hidden_size": 64, "rms_norm_eps": 1e-6, "transformers_version": "5.19.0",
             "dtype": "float32", "_name_or_path": "/a"}

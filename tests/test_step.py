@@ -1,4 +1,4 @@
-"""The training step without Ray (pipeline/step.py), in one process: FSDP2 with one reduce-scatter per step and
+"""The training step without Ray (pipeline/dpo/step.py), in one process: FSDP2 with one reduce-scatter per step and
 torch.compile'd blocks compute the gradient of the plain formula."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _reference_grads(pairs) -> tuple[float, dict[str, torch.Tensor]]:
     """The mean DPO loss over all pairs in one padded batch, with the attention mask, by the formula."""
     import torch.nn.functional as F
 
-    from pipeline.batching import collate
+    from pipeline.dpo.batching import collate
 
     lm = _lm()
     b = collate(pairs)
@@ -50,9 +50,9 @@ def _reference_grads(pairs) -> tuple[float, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("compile_blocks", [False, True], ids=["eager", "compiled"])
 def test_fsdp_step_gradient_equals_the_formula(process_group, compile_blocks):
-    from pipeline.metrics import StepSums
-    from pipeline.parallel import PolicyLogps, apply_fsdp
-    from pipeline.step import StepCompute
+    from pipeline.dpo.metrics import StepSums
+    from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
+    from pipeline.dpo.step import StepCompute
 
     pairs = _pairs(12, seed=3)
     want_loss, want = _reference_grads(pairs)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.storage import Store, local_copy
+from pipeline.store.storage import Store, local_copy
 from tests.conftest import make_config
 
 
@@ -35,9 +35,9 @@ def test_file_uri_is_the_local_directory(tmp_path):
 
 
 def test_checkpoints_and_report_under_a_file_uri(tiny_model, tmp_path):
-    from pipeline.report import SUMMARY_COLUMNS, write_report
+    from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
+    from pipeline.store.checkpoints import list_checkpoints
     from stages.evaluate import select_targets
-    from stages.train import list_checkpoints
 
     run = Store(f"file://{tmp_path}/run")
     for step in (1, 2):
@@ -76,10 +76,10 @@ def s3(monkeypatch):
 
 
 def test_s3_store_checkpoints_local_copies_and_report(s3, tmp_path, monkeypatch):
-    from pipeline.metrics import MetricsLogger
-    from pipeline.report import SUMMARY_COLUMNS, write_report
+    from pipeline.dpo.metrics import MetricsLogger
+    from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
+    from pipeline.store.checkpoints import list_checkpoints
     from stages.evaluate import _checkpoint_problem
-    from stages.train import list_checkpoints
 
     monkeypatch.setenv("DPO_PIPELINE_STAGING", str(tmp_path / "staging"))
     run = Store(f"{s3}/runs/r1")
@@ -124,7 +124,7 @@ NODES = [{"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1", "Alive": True},
 
 
 def test_local_storage_not_seen_by_a_node_is_a_user_error(tiny_model, tmp_path):
-    from pipeline import cluster
+    from pipeline.runtime import cluster
 
     cfg = make_config(tiny_model, tmp_path)
     seen = []

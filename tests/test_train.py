@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import UserError
+from pipeline.store import cache_layout
 from stages import cache, train
 from tests.conftest import DATA, make_config
 
@@ -90,12 +91,11 @@ def test_checkpoints_load_in_transformers_and_match_training_state(one_worker, t
 
 @pytest.mark.vllm
 def test_checkpoint_loads_in_vllm(one_worker):
-    from transformers import AutoModelForCausalLM
-
     import numpy as np
     import ray
+    from transformers import AutoModelForCausalLM
 
-    from stages.scoring import ReferenceEngine
+    from pipeline.engines.actors import ReferenceEngine
 
     ckpt = one_worker[1].checkpoints[-1]
     seq = np.array([1, 40, 41, 42, 43, 44, 45, 46, 2])
@@ -143,8 +143,8 @@ def test_resume_two_plus_two_steps_equals_four_straight(base, one_worker):
 
 
 def test_mismatched_cache_is_refused(base):
-    eval_cache = train.find_cache(base("x"), "eval")
+    eval_cache = cache_layout.find_cache(base("x"), "eval")
     with pytest.raises(UserError, match="was built for a different data"):
-        train.find_cache(base("x", f"train.cache_path={eval_cache.uri}"), "train")
+        cache_layout.find_cache(base("x", f"train.cache_path={eval_cache.uri}"), "train")
     with pytest.raises(UserError, match="no complete reference cache"):
-        train.find_cache(base("x", "data.max_length=100"), "train")
+        cache_layout.find_cache(base("x", "data.max_length=100"), "train")

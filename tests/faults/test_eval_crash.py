@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.faults import InjectedFault
+from pipeline.runtime.faults import InjectedFault
 from stages import evaluate
 from tests.conftest import make_config
 from tests.faults.helpers import fault

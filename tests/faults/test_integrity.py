@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from stages import cache, train
+from pipeline.store import cache_layout
+from stages import cache
 from tests.conftest import make_config, read_cache
 
 pytestmark = pytest.mark.ray
@@ -60,12 +61,12 @@ def test_a_damaged_file_is_refused_then_only_its_shard_is_recomputed(copy, how):
     corrupt(key_dir / "data/part-00001.parquet", how)
     with pytest.raises(UserError, match=r"is damaged: data/part-00001.parquet no longer match\(es\) the manifest's "
                                         r"sha256; run `dpo-pipeline cache CONFIG`") as e:
-        train.find_cache(cfg, "train")
+        cache_layout.find_cache(cfg, "train")
     assert "\n" not in str(e.value)
     (r,) = cache.run(cfg)
     assert r.repaired == ["data/part-00001.parquet"] and r.shards_computed == 1 and r.shards_total == 3
     assert_same(read_cache(r), table)
-    assert train.find_cache(cfg, "train").pairs == table.num_rows  # whole again
+    assert cache_layout.find_cache(cfg, "train").pairs == table.num_rows  # whole again
     assert not (key_dir / ".work").exists()
 
 
@@ -81,7 +82,7 @@ def test_damaged_rejects_file_recomputes_every_shard(copy):
 
 def test_a_damaged_shard_is_recomputed_when_resuming(copy):
     cfg, key_dir, table = copy
-    prep = cache.prepare(cfg, "train", cfg.data.train)
+    prep = cache_layout.prepare(cfg, "train", cfg.data.train)
     manifest = json.loads((key_dir / "manifest.json").read_text())
     cache._reopen(cache.Store(str(key_dir)), prep, manifest, damaged=[])  # an interrupted run, all shards done
     corrupt(key_dir / "data/part-00002.parquet", "truncate")  # then a file is damaged before the rerun
@@ -94,15 +95,15 @@ def test_a_cache_built_for_other_inputs_is_never_used(copy, tmp_path):
     cfg, key_dir, _ = copy
     other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": 100})})
     with pytest.raises(UserError, match="no complete reference cache for the train split"):
-        train.find_cache(other, "train")
+        cache_layout.find_cache(other, "train")
     # Pointed at it explicitly (train.cache_path): refused, naming what differs.
     other.train.cache_path = str(key_dir)
     with pytest.raises(UserError, match="was built for a different truncation"):
-        train.find_cache(other, "train")
+        cache_layout.find_cache(other, "train")
     # Its manifest edited to claim other inputs: the key no longer matches, refused the same way.
     manifest = json.loads((key_dir / "manifest.json").read_text())
     manifest["inputs"]["data"]["sha256"] = "0" * 64
     (key_dir / "manifest.json").write_text(json.dumps(manifest))
     cfg.train.cache_path = str(key_dir)
     with pytest.raises(UserError, match="was built for a different data"):
-        train.find_cache(cfg, "train")
+        cache_layout.find_cache(cfg, "train")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import RunFailed
+from pipeline.store.checkpoints import list_checkpoints
+from pipeline.store.storage import Store
 from stages import cache, evaluate, train
 from tests.conftest import make_config
 from tests.faults.helpers import fault
@@ -58,7 +60,7 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_none_half_written(base, 
     ckpts = Path(cfg.run_dir) / "checkpoints"
     (half,) = ckpts.glob(".tmp-step_000004-*")  # the half-written export is there...
     assert (half / "config.json").exists() and not (half / "tokenizer_config.json").exists()
-    assert [Path(c).name for c in train.list_checkpoints(train.Store(cfg.run_dir))] == ["step_000002"]  # ...unseen
+    assert [Path(c).name for c in list_checkpoints(Store(cfg.run_dir))] == ["step_000002"]  # ...unseen
     assert [t.name for t in evaluate.select_targets(cfg)] == ["step_000002"]
     ray_ckpts = sorted(p.name for p in Path(cfg.run_dir, "ray").glob("checkpoint_*") if p.is_dir())
     assert ray_ckpts == ["checkpoint_000002"]

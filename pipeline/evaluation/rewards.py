@@ -16,10 +16,13 @@ import sys
 from typing import Any, Callable
 
 import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import RewardConfig
+from pipeline.data.models import resolve_model, resolve_tokenizer
 from pipeline.errors import UserError
-from pipeline.fingerprint import sha256_file
+from pipeline.store.fingerprint import sha256_file
 
 Reward = Callable[[list[str], list[str]], np.ndarray]
 
@@ -138,8 +141,6 @@ def _source_sha(spec: str) -> str | None:
 # ---- reward models: transformers sequence classification ---------------------------------------------------------
 
 def _resolve(cfg: RewardConfig):
-    from pipeline.models import resolve_model
-
     return resolve_model(cfg.model, key="eval.reward.model")
 
 
@@ -167,9 +168,6 @@ class RewardModel:
     """reward = logits[:, label] of a sequence-classification model reading prompt + completion (or completion)."""
 
     def __init__(self, cfg: RewardConfig, device: str = "cpu"):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         self.cfg, self.device = cfg, device
         local = _resolve(cfg).local_dir
         model, info = AutoModelForSequenceClassification.from_pretrained(local, dtype=torch.float32,
@@ -189,8 +187,6 @@ class RewardModel:
         self.tok, self.model = tok, model.to(device).eval()
 
     def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
-        import torch
-
         texts = [p + c for p, c in zip(prompts, completions)] if self.cfg.text == "prompt_completion" \
             else list(completions)
         out = np.empty(len(texts), dtype=np.float64)
@@ -227,7 +223,6 @@ def reward_identity(cfg: RewardConfig) -> dict[str, Any]:
     if cfg.type == "callable":
         return {"type": "callable", "function": cfg.function, "kwargs": cfg.kwargs,
                 "source_sha256": _source_sha(cfg.function)}
-    from pipeline.models import resolve_tokenizer
 
     # Tokenizer files are not in the model identity, but a different tokenization changes the rewards too.
     return {"type": "model", "model": _resolve(cfg).identity, "tokenizer": resolve_tokenizer(cfg.model).identity,

@@ -7,8 +7,13 @@ handles both. Builds are deterministic: the same arguments give byte-identical t
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -36,8 +41,6 @@ _WORDS = (
 
 def _corpus(n_lines: int = 2000) -> list[str]:
     """Deterministic pseudo-English lines covering the words, digits and punctuation the tests use."""
-    import random
-
     rng = random.Random(0)
     lines = []
     for _ in range(n_lines):
@@ -51,9 +54,6 @@ def _corpus(n_lines: int = 2000) -> list[str]:
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: list[str] | None = None):
     """Train a byte-level BPE tokenizer on `corpus` (default: a built-in one) and save it as a Hugging Face
     tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = [PAD, BOS, EOS, *ROLE_TOKENS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -97,9 +97,6 @@ class TinyModelSpec:
 def build_model(out_dir: str | Path, vocab_size: int, spec: TinyModelSpec = TinyModelSpec(), bos_id=1, eos_id=2,
                 pad_id=0):
     """Build a randomly initialised Llama-style causal LM and save it (config.json + safetensors)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -128,5 +125,7 @@ def build_tiny_assets(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()
     tok = build_tokenizer(out)
     build_model(out, vocab_size=len(tok), spec=spec, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
                 pad_id=tok.pad_token_id)
-    (out / "TINY_ASSETS.json").write_text(json.dumps({"spec": spec.__dict__}, indent=2) + "\n")
+    # A model card (docs: not part of the model's fingerprint) recording how the model was built.
+    (out / "README.md").write_text(f"# Tiny test model\n\nBuilt by `dpo-pipeline tiny-assets` (random weights, no "
+                                   f"download).\n\n```json\n{json.dumps({'spec': spec.__dict__}, indent=2)}\n```\n")
     return out

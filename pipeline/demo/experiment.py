@@ -1,7 +1,7 @@
 """`dpo-pipeline demo`: the DPO paper's controlled sentiment experiment (Rafailov et al. 2023, §6.1, Fig. 2) in
 miniature, end to end on a CPU, with a ground-truth reward.
 
-    π_SFT: a tiny Llama trained on generated reviews (pipeline/sentiment.py)           model.path
+    π_SFT: a tiny Llama trained on generated reviews (pipeline/demo/sentiment.py)           model.path
     -> preference pairs the paper's way: completions sampled from π_SFT with vLLM (stage 3's engine), ranked by
        the ground-truth reward, best vs worst per prompt                                data.train / data.eval
     -> per variant (DPO at several β; Preferred-FT): cache -> train                    <run_dir>/<variant>/
@@ -14,6 +14,7 @@ second `demo` only reads what the first wrote.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,10 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
+from matplotlib.figure import Figure
 
+from pipeline import orchestrate
 from pipeline.config import Config, load_config
+from pipeline.data.models import load_tokenizer
+from pipeline.demo import sentiment
+from pipeline.demo.sentiment import SftSpec
+from pipeline.engines.actors import CheckpointEngine, sample_seed
+from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.errors import UserError
-from pipeline.sentiment import SftSpec
+from pipeline.evaluation.report import _num, _pm
+from pipeline.runtime.session import init_ray, progress_bar
+from pipeline.store.fingerprint import model_files_hash, sha256_json, tokenizer_files_hash
+from pipeline.store.storage import Store
+from stages import evaluate
 
 
 @dataclass(frozen=True)
@@ -60,8 +74,6 @@ class ExperimentResult:
 
 
 def _pairs_stamp(cfg: Config, spec: ExperimentSpec) -> dict[str, Any]:
-    from pipeline.fingerprint import model_files_hash, tokenizer_files_hash
-
     return {"sft": model_files_hash(cfg.model.path), "tokenizer": tokenizer_files_hash(cfg.model.path),
             "pairs": {k: v for k, v in asdict(spec).items() if k not in ("betas", "preferred_ft", "variants")}}
 
@@ -71,10 +83,6 @@ def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
     the ground-truth reward. Training pairs: every two completions with different rewards (`all_pairs`; else the
     best against the worst); held-out pairs: the best against the worst, one per prompt. Written to `data.train`
     and `data.eval`, then `PAIRS.json` (the stamp, last): skipped when the stamp matches."""
-    from pipeline import sentiment
-    from pipeline.fingerprint import sha256_json
-    from pipeline.models import load_tokenizer
-
     train_path, eval_path = Path(cfg.data.train.path), Path(cfg.data.eval.path)
     stamp_path = train_path.parent / "PAIRS.json"
     stamp = sha256_json(_pairs_stamp(cfg, spec))
@@ -118,13 +126,6 @@ def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
 
 def _sample(cfg: Config, spec: ExperimentSpec, ids: list[list[int]], eos: int, log_path: str):
     """Completions of every prompt from π_SFT: stage 3's vLLM engine in a Ray actor, per-prompt seeds."""
-    import pyarrow as pa
-    import ray
-
-    from pipeline.runtime import init_ray, progress_bar
-    from stages.evaluate import sample_seed
-    from stages.scoring import CheckpointEngine, actor_options, scorer_kwargs
-
     init_ray(cfg.ray)
     kwargs = scorer_kwargs("vllm", cfg.eval, cfg.model.path, cfg.model.dtype,
                            cfg.data.max_prompt_length + spec.max_new_tokens)
@@ -162,9 +163,6 @@ def _pairs(scored: list[tuple[float, str]], all_pairs: bool) -> list[tuple[str, 
 def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = ExperimentSpec(),
         sft: SftSpec = SftSpec(), echo=print) -> ExperimentResult:
     """Build π_SFT and the pairs, train every variant, evaluate everything together, write the frontier report."""
-    from pipeline import orchestrate, sentiment
-    from stages import evaluate
-
     t0 = time.perf_counter()
     overrides = list(overrides or [])
     base = load_config(config, overrides)
@@ -173,7 +171,7 @@ def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = 
     r = base.eval.reward
     if r is None or r.type != "rule" or r.rule != "lexicon" or sorted(r.positive) != sorted(sentiment.POSITIVE) \
             or sorted(r.negative) != sorted(sentiment.NEGATIVE):
-        raise UserError("eval.reward must be the demo's ground truth (the lexicon rule with pipeline/sentiment.py's "
+        raise UserError("eval.reward must be the demo's ground truth (the lexicon rule with pipeline/demo/sentiment.py's "
                         "POSITIVE and NEGATIVE words); keep configs/sentiment.yaml's eval.reward")
     echo(f"π_SFT: {sentiment.build_sft_model(base.model.path, sft, log=echo)}")
     build_pairs(base, spec, log=echo)
@@ -234,11 +232,6 @@ def write_experiment_report(run_dir: str, rows: list[dict[str, Any]], checks: di
                             spec: ExperimentSpec) -> str:
     """report.md with the frontier and reward-vs-step plots of every variant, and experiment.json; returns the
     report's path (or URI)."""
-    import io
-
-    from pipeline.report import _num, _pm
-    from pipeline.storage import Store
-
     store = Store(run_dir)
     for name, fig in (("frontier.png", _frontier_plot(rows, spec)), ("reward_vs_step.png", _step_plot(rows, spec))):
         buf = io.BytesIO()
@@ -283,8 +276,6 @@ def _series(rows, spec):
 
 
 def _frontier_plot(rows, spec):
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     for v, pts in _series(rows, spec):
@@ -301,8 +292,6 @@ def _frontier_plot(rows, spec):
 
 
 def _step_plot(rows, spec):
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     for v, pts in _series(rows, spec):

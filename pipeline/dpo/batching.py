@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 
@@ -64,8 +65,6 @@ def pad_sequences(seqs: list[np.ndarray], starts: list[int], pad_id: int = 0):
 def by_length(table: pa.Table) -> pa.Table:
     """Pair rows ordered by their longer sequence (prompt + the longer response), so that consecutive micro-batches
     hold similar lengths and each pads less. The step's gradient is a sum over the same pairs: unchanged."""
-    import pyarrow.compute as pc
-
     prompt = pc.list_value_length(table.column("prompt_input_ids")).to_numpy()
     longer = np.maximum(pc.list_value_length(table.column("chosen_input_ids")).to_numpy(),
                         pc.list_value_length(table.column("rejected_input_ids")).to_numpy())

@@ -14,9 +14,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.storage import Store
+from pipeline.store.storage import Store
 
 MARKER = ".dpo-pipeline-shared-check"
 _FIX = {"cache_dir": "mount it on every node (NFS, a shared disk) or use an s3:// or gs:// URI",
@@ -46,16 +49,11 @@ def _missing(paths: list[str]) -> list[str]:
 
 
 def _ray_nodes() -> list[dict]:
-    import ray
-
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def _ray_missing_on(nodes: list[dict], paths: list[str], timeout_s: float = 120) -> dict[str, list[str]]:
     """{node id: paths it does not see}, from one zero-CPU task pinned to each node."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     task = ray.remote(num_cpus=0)(_missing)
     refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote(paths) for n in nodes}

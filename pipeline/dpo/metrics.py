@@ -8,11 +8,15 @@ eval/rewards/accuracies, eval/rewards/margins.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tensorboardX import SummaryWriter
 
-from pipeline.losses import PairOutputs
+from pipeline.dpo.losses import PairOutputs
+from pipeline.store.storage import Store
 
 # Order of the per-step sums all-reduced across ranks.
 _SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
@@ -37,8 +41,6 @@ class StepSums:
 
     def reduce(self, device) -> dict[str, float]:
         """All-reduce (sum) across ranks, then means per pair. A collective: every rank must call it."""
-        import torch.distributed as dist
-
         values = self.values if self.values is not None else torch.zeros(6, dtype=torch.float64)
         total = torch.cat([values.to(device), torch.tensor(self.counts, dtype=torch.float64, device=device)])
         if dist.is_initialized():
@@ -61,9 +63,6 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
-        import tempfile
-
-        from pipeline.storage import Store
 
         self.store = Store(run_dir)
         if self.store.local:
@@ -75,7 +74,6 @@ class MetricsLogger:
                 (local / "metrics.jsonl").write_bytes(self.store.read_bytes("metrics.jsonl"))
         self.local = local
         self.jsonl = open(local / "metrics.jsonl", "a")
-        from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(local / "tensorboard"))
 

@@ -9,17 +9,25 @@ miniature, with nothing downloaded.
   prediction) on generated reviews: π_SFT, which is also π_ref.
 
 The experiment itself (sampling pairs from π_SFT, the DPO sweep, Preferred-FT, the frontier) is in
-`pipeline/experiment.py`.
+`pipeline/demo/experiment.py`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.config import RewardConfig
+from pipeline.demo.tiny import TinyModelSpec, build_model, build_tokenizer
+from pipeline.evaluation.rewards import RULES
 
 # The lexicon: the ground truth of the demo. Adjectives and verbs, so both kinds of slots carry sentiment.
 POSITIVE = ("great", "good", "wonderful", "brilliant", "moving", "charming", "funny", "delightful", "superb",
@@ -88,9 +96,6 @@ def prompts(n: int, seed: int) -> list[str]:
 
 @functools.cache
 def _lexicon():
-    from pipeline.config import RewardConfig
-    from pipeline.rewards import RULES
-
     return RULES["lexicon"](RewardConfig(type="rule", rule="lexicon", positive=list(POSITIVE),
                                          negative=list(NEGATIVE)))
 
@@ -125,10 +130,6 @@ def build_sft_model(out_dir: str | Path, spec: SftSpec = SftSpec(), log=print) -
     """Tokenizer + randomly initialised tiny Llama, fine-tuned on generated reviews; saved as a HF directory.
 
     Skipped when `out_dir` holds a build with the same spec (`SFT.json`, written last)."""
-    import torch
-
-    from pipeline.tiny import TinyModelSpec, build_model, build_tokenizer
-
     out = Path(out_dir)
     stamp = {"spec": asdict(spec)}
     if (out / "SFT.json").is_file() and json.loads((out / "SFT.json").read_text())["stamp"] == stamp:
@@ -155,11 +156,6 @@ def build_sft_model(out_dir: str | Path, spec: SftSpec = SftSpec(), log=print) -
 
 def _fit(model, ids: list[list[int]], spec: SftSpec, pad_id: int, log) -> float:
     """Mean-token cross-entropy, AdamW with cosine decay, length-sorted batches (little padding)."""
-    import math
-
-    import torch
-    from tqdm import tqdm
-
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = [order[i:i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
     total = len(batches) * spec.epochs

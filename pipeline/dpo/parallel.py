@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.errors import UserError
-from pipeline.logprobs import selective_token_logps
 
 
 class PolicyLogps(nn.Module):
@@ -39,8 +40,6 @@ def apply_fsdp(model: PolicyLogps, param_dtype: torch.dtype = torch.float32, act
     the root. Parameters compute in `param_dtype`; gradients reduce in fp32. Every rank must hold identical
     weights before this (fully_shard shards what it is given; it does not broadcast). `compile_blocks`:
     torch.compile each block (dynamic shapes), inside FSDP's hooks."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     if activation_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     kwargs = dict(mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),

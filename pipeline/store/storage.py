@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
-from pipeline.fingerprint import sha256_bytes
+from pipeline.store.fingerprint import sha256_bytes
 
 
 def storage_error(what: str, where: str, e: OSError) -> UserError:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 # The object-oriented API, not pyplot: pyplot would need a process-wide `matplotlib.use("Agg")`, which would switch
 # the backend of whoever imports this (a notebook, a test), and keeps figures alive until closed. A bare `Figure`
 # renders PNGs with Agg, holds no global state and is freed like any object.
 from matplotlib.figure import Figure
 
-from pipeline.storage import Store
+from pipeline.store.storage import Store
 
 # Column order of summary.csv; the keys every row passed to `write_report` must have (numbers may be None).
 SUMMARY_COLUMNS = (

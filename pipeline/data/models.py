@@ -8,9 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from pipeline.errors import UserError
-from pipeline.fingerprint import (TEMPLATE_DIR, TEMPLATE_FILES, TOKENIZER_FILES, list_files, model_files_hash,
-                                  sha256_bytes, tokenizer_files_hash)
+from pipeline.store.fingerprint import (
+    TEMPLATE_DIR,
+    TEMPLATE_FILES,
+    TOKENIZER_FILES,
+    list_files,
+    model_files_hash,
+    sha256_bytes,
+    tokenizer_files_hash,
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -33,8 +44,6 @@ def _resolve(path: str, revision: str | None, what: str, key: str) -> tuple[str,
         raise UserError(f"{key} {path!r} does not exist; point it at a {what} directory or a hub id like "
                         f"org/name (the tiny one: dpo-pipeline tiny-assets {path})")
     try:
-        from huggingface_hub import snapshot_download
-
         local = snapshot_download(path, revision=revision)
     except Exception as e:  # network, auth, missing repo: all one message for the user
         raise UserError(f"{key} {path!r} is not a local directory and could not be fetched from the hub "
@@ -89,8 +98,6 @@ def load_tokenizer(local_dir: str, chat_template: str | None = None):
 
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(local_dir: str, chat_template: str | None, _stamp: tuple):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(local_dir)
     if chat_template is not None:
         tok.chat_template = chat_template
@@ -107,9 +114,6 @@ def effective_template_sha(tokenizer_dir: str, override: str | None) -> str | No
 
 def load_hf_model(local_dir: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """A transformers causal LM in eval mode on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(local_dir, dtype=getattr(torch, DTYPES[dtype]),
                                                  trust_remote_code=trust_remote_code)
     return model.to(device).eval()

@@ -15,9 +15,9 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline.batching import by_length, collate
-from pipeline.losses import PairOutputs, preference_loss
-from pipeline.metrics import StepSums
+from pipeline.dpo.batching import by_length, collate
+from pipeline.dpo.losses import PairOutputs, preference_loss
+from pipeline.dpo.metrics import StepSums
 
 
 @dataclass

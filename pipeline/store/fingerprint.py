@@ -23,8 +23,7 @@ TOKENIZER_FILES = {
 }
 TEMPLATE_FILES = {"chat_template.jinja", "chat_template.json"}
 TEMPLATE_DIR = "additional_chat_templates"  # named templates (transformers): `<dir>/<name>.jinja`
-IGNORED_FILES = {"README.md", "LICENSE", "LICENSE.txt", ".gitattributes", "generation_config.json",
-                 "TINY_ASSETS.json"}
+IGNORED_FILES = {"README.md", "LICENSE", "LICENSE.txt", ".gitattributes", "generation_config.json"}
 
 _CHUNK = 1 << 20
 

@@ -6,13 +6,17 @@ import logging
 import os
 import sys
 
+import ray
+import ray.data
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
 from pipeline.config import Config, RayConfig
+from pipeline.runtime.cluster import check_shared_storage
 
 
 def init_ray(cfg: RayConfig) -> None:
     """Join `ray.address` / `RAY_ADDRESS` if given, else start a local Ray instance (once per process)."""
-    import ray
-
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -29,8 +33,6 @@ def init_ray(cfg: RayConfig) -> None:
 
 def connect(cfg: Config) -> None:
     """`init_ray`, then, on a cluster of several nodes, check that every node sees the run's storage."""
-    from pipeline.cluster import check_shared_storage
-
     init_ray(cfg.ray)
     check_shared_storage(cfg)
 
@@ -38,9 +40,6 @@ def connect(cfg: Config) -> None:
 def quiet_worker_logs() -> None:
     """In Ray workers and actors: keep library chatter (per-dataset execution lines, weight-loading bars) out of
     the driver's output, where the per-step metric lines and errors are what a user needs to see."""
-    import ray.data
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     for name in ("ray.data", "ray.train", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -48,6 +47,4 @@ def quiet_worker_logs() -> None:
 
 
 def progress_bar(total: int, desc: str, unit: str = "pair"):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,204 @@
+"""Evaluation engines (Ray actors): a vLLM engine per checkpoint architecture that samples and scores pairs, the
+reference scorer for samples, and a reward model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from pipeline.engines.scorers import ENGINES, VllmScorer
+from pipeline.errors import UserError
+from pipeline.evaluation.rewards import build_reward
+from pipeline.runtime.session import quiet_worker_logs
+from pipeline.store.fingerprint import sha256_json
+from pipeline.store.storage import Store, local_copy, staging_dir
+
+# One row per sampled completion.
+SAMPLED = pa.schema([
+    pa.field("prompt_index", pa.int32()), pa.field("sample_index", pa.int32()),
+    pa.field("completion_ids", pa.list_(pa.int32())), pa.field("token_logps", pa.list_(pa.float32())),
+    pa.field("finish_reason", pa.string()),
+])
+
+
+
+def sample_seed(seed: int, prompt_index: int) -> int:
+    """Per-prompt vLLM seed: a prompt's samples depend on (seed, its index) only, not on batching or engine."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def check_checkpoint(model_dir: str) -> None:
+    """Read a checkpoint's config and weight headers: a broken one fails here with its reason, rather than as
+    "engine core initialization failed" from inside vLLM's engine process."""
+    try:
+        AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        raise ValueError(f"unreadable config.json: {str(e).splitlines()[0][:200]}") from None
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files and not list(Path(model_dir).glob("*.bin")):
+        raise ValueError("no weights (*.safetensors or *.bin)")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except Exception as e:
+            raise ValueError(f"corrupt weights file {f.name}: {str(e).splitlines()[0][:200]}") from None
+
+
+# config.json keys that do not change what the weights compute: checkpoints differing only in these share an engine.
+_NOT_COMPUTE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
+
+
+def engine_signature(config: dict[str, Any] | None, generation_config: dict[str, Any] | None) -> str | None:
+    """What a running engine fixes besides the weights: the model's config (shapes, norms, rope, vocabulary) and
+    generation config. Targets with equal signatures can share one engine; None (no config) never shares."""
+    if not isinstance(config, dict):
+        return None
+    cfg = {k: v for k, v in config.items() if k not in _NOT_COMPUTE}
+    gen = {k: v for k, v in generation_config.items() if k != "transformers_version"} \
+        if isinstance(generation_config, dict) else None
+    return sha256_json([cfg, gen])
+
+
+def redirect_output(log_uri: str | None):
+    """Send this actor's stdout/stderr, and its engine processes' (they inherit them), to a file: vLLM's start-up
+    chatter stays out of the driver's output, and the log is kept beside the results for failures.
+
+    `log_uri` is a local path or a URI; for a URI the log is written on this node and uploaded by the returned
+    function (called after each call of the actor and when its start fails)."""
+    if log_uri is None:
+        return lambda: None
+    parent, name = log_uri.rsplit("/", 1)
+    store = Store(parent)
+    local = Path(store.path(name)) if store.local else staging_dir() / "logs" / f"{os.getpid()}-{name}"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    if store.local:
+        return lambda: None
+
+    def upload() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        store.write_bytes(name, local.read_bytes())
+    return upload
+
+
+class CheckpointEngine:
+    """A vLLM engine for evaluation targets (Ray actor): samples completions, scores held-out pairs. It serves a
+    series of checkpoints of one architecture: `model_dir` on a call swaps the weights in place (no engine
+    restart; see `engine_signature`). Kill it to free the engine."""
+
+    def __init__(self, scorer_kwargs: dict[str, Any], log_path: str | None = None):
+        self.sync_log = redirect_output(log_path)
+        self.model_dir = scorer_kwargs["model_dir"]
+        try:
+            quiet_worker_logs()
+            # A checkpoint at a URI is downloaded to this node first: vLLM loads local directories.
+            scorer_kwargs = {**scorer_kwargs, "model_dir": local_copy(scorer_kwargs["model_dir"])}
+            check_checkpoint(scorer_kwargs["model_dir"])
+            from vllm.platforms import current_platform  # lazy: optional, actor-only
+
+            if current_platform.is_cpu():
+                # vLLM on CPU cannot rewind a seeded request's generator after a partial (chunked) prefill
+                # ("CPU Generator does not use offset", engine dead): schedule every prompt whole.
+                scorer_kwargs = {**scorer_kwargs, "engine_kwargs": {"enable_chunked_prefill": False,
+                                                                    **scorer_kwargs.get("engine_kwargs", {})}}
+            self.engine = VllmScorer(**scorer_kwargs)
+        finally:
+            self.sync_log()
+
+    def use(self, model_dir: str | None) -> None:
+        """Serve `model_dir` from now on: its weights are loaded into the running engine, in place. Only for a
+        checkpoint with the engine's `engine_signature`; cached KV blocks of the old weights are dropped."""
+        if model_dir is None or model_dir == self.model_dir:
+            return
+        local = local_copy(model_dir)
+        check_checkpoint(local)
+        self.model_dir = None  # a failed reload leaves mixed weights: the driver kills this actor
+        self.engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": local})
+        self.engine.llm.reset_prefix_cache()
+        self.model_dir = model_dir
+
+    def sample(self, prompts: list[list[int]], seeds: list[int], params: dict[str, Any],
+               first: int, model_dir: str | None = None) -> dict[str, Any]:
+        from vllm import SamplingParams  # lazy: vLLM is optional (hf engine) and loads only in the actor
+        from vllm.inputs import TokensPrompt  # lazy: vLLM is optional (hf engine) and loads only in the actor
+
+        # logprobs=0: the log-prob of each sampled token only; the engine runs with raw (unprocessed) log-probs,
+        # i.e. log π at temperature 1, the π of the KL.
+        sps = [SamplingParams(**params, seed=s, logprobs=0, detokenize=False, flat_logprobs=True) for s in seeds]
+        t0 = time.perf_counter()
+        try:
+            self.use(model_dir)
+            outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps,
+                                            use_tqdm=False)
+            seconds = time.perf_counter() - t0
+        finally:
+            self.sync_log()
+        cols: dict[str, list] = {f.name: [] for f in SAMPLED}
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                for name, value in (("prompt_index", first + i), ("sample_index", c.index),
+                                    ("completion_ids", list(c.token_ids)), ("token_logps", c.logprobs.logprobs),
+                                    ("finish_reason", c.finish_reason)):
+                    cols[name].append(value)
+        return {"table": pa.table(cols, schema=SAMPLED), "seconds": seconds}
+
+    def score_pairs(self, pairs: pa.Table, model_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Summed log-probs of chosen and rejected under this target (stage-1 scorer code on cache rows)."""
+        try:
+            self.use(model_dir)
+            out = self.engine(pairs.append_column("reject", pa.nulls(len(pairs), pa.string())))
+        finally:
+            self.sync_log()
+        return out.column("ref_chosen_logps").to_numpy(), out.column("ref_rejected_logps").to_numpy()
+
+
+class ReferenceEngine:
+    """The stage-1 scorer of the reference (Ray actor): log-probs of sampled completions under π_ref."""
+
+    def __init__(self, engine: str, scorer_kwargs: dict[str, Any], log_path: str | None = None):
+        self.sync_log = redirect_output(log_path)
+        try:
+            quiet_worker_logs()
+            self.scorer = ENGINES[engine](**scorer_kwargs)
+        finally:
+            self.sync_log()
+
+    def token_logps(self, sequences: list[np.ndarray], starts: list[int]) -> list[np.ndarray]:
+        try:
+            return self.scorer.token_logps(sequences, starts)
+        finally:
+            self.sync_log()
+
+
+class RewardEngine:
+    """A reward model in a Ray actor (GPU if `eval.reward.use_gpu`); rules and callables run in the driver."""
+
+    def __init__(self, reward_cfg, device: str):
+        quiet_worker_logs()
+        self.fn, self.error = None, None
+        try:
+            self.fn = build_reward(reward_cfg, device)
+        except UserError as e:  # the driver raises it as the one-line error it is (see `ready`)
+            self.error = str(e)
+
+    def ready(self) -> str | None:
+        """None, or the user error that kept the reward model from loading."""
+        return self.error
+
+    def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        return self.fn(prompts, completions)
