@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 TINY_MODEL := build/tiny-model
 
-.PHONY: install test demo tiny bench clean
+.PHONY: install lint test demo tiny bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	$(BIN)/python -m pytest -q tests
 
 $(TINY_MODEL)/config.json: | install

@@ -17,20 +17,24 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import load_config
+from pipeline.demo import tiny
+from stages import cache
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    import torch
-
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
     t = time.perf_counter()
@@ -41,24 +45,20 @@ def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
 
 def build_model(out: Path, hidden: int, layers: int) -> int:
     """The tiny tokenizer with a larger Llama built from a config (head_dim 64). Returns the parameter count."""
-    from pipeline.demo.tiny import TinyModelSpec, build_model, build_tokenizer
-
-    tok = build_tokenizer(out)
-    spec = TinyModelSpec(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers,
+    tok = tiny.build_tokenizer(out)
+    spec = tiny.TinyModelSpec(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers,
                          num_heads=hidden // 64, num_kv_heads=hidden // 64, max_position_embeddings=2048,
                          initializer_range=0.02)
-    model = build_model(out, len(tok), spec, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = tiny.build_model(out, len(tok), spec, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     return sum(p.numel() for p in model.parameters())
 
 
 def build_data(path: Path, pairs: int, seed: int = 0) -> None:
     """Prompts of 8-96 words and responses of 8-160 words (~1.3 tokens a word with the tiny tokenizer)."""
-    from pipeline.demo.tiny import _WORDS
-
     rng = random.Random(seed)
 
     def text(lo: int, hi: int) -> str:
-        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi))) + "."
+        return " ".join(rng.choice(tiny.WORDS) for _ in range(rng.randint(lo, hi))) + "."
 
     with open(path, "w") as f:
         for _ in range(pairs):
@@ -82,18 +82,12 @@ class Clock:
 
 
 def run_engine(engine: str, model_dir: Path, data: Path, work: Path, args) -> dict:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from pipeline.config import load_config
-    from stages import cache
-
     cfg = load_config(None, [
         f"model.path={model_dir}", f"data.train.path={data}", "data.max_length=512", "data.max_prompt_length=192",
-        f"cache_dir={work / engine / 'cache'}", f"run_dir={work / engine / 'run'}", f"reference.engine={engine}",
-        f"reference.batch_size={args.batch_size}", f"reference.shard_size={args.shard_size}",
-        f"reference.num_cpus_per_actor={args.actor_cpus}", f"ray.num_cpus={args.ray_cpus}",
-        "reference.cpu_kv_cache_gb=2"])
+        f"cache_dir={work / engine / 'cache'}", f"run_dir={work / engine / 'run'}", f"scoring.engine={engine}",
+        f"scoring.batch_size={args.batch_size}", f"scoring.shard_size={args.shard_size}",
+        f"scoring.num_cpus_per_actor={args.actor_cpus}", f"ray.num_cpus={args.ray_cpus}",
+        "scoring.cpu_kv_cache_gb=2"])
     clocks: list[Clock] = []
 
     def factory(total, desc):

@@ -23,12 +23,19 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing the package
+from pipeline.dpo.metrics import StepSums  # noqa: E402
+from pipeline.dpo.parallel import PolicyLogps, apply_fsdp  # noqa: E402
+from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step  # noqa: E402
 
 PRESETS = {
     # Qwen2-0.5B's shape (tied embeddings).
@@ -54,7 +61,8 @@ VARIANTS = {
     "fsdp-micro2x": dict(micro=2),
     "fsdp-micro4x": dict(micro=4),
     "fsdp-foreach": dict(foreach=True),
-    "fsdp-sync-each": dict(sync_each=True),  # before: gradients reduce-scattered after every micro-batch  # before: AdamW's default foreach path
+    # before: gradients reduce-scattered after every micro-batch, and AdamW's default foreach path
+    "fsdp-sync-each": dict(sync_each=True),
     "fsdp-compile": dict(compile=True),
     "best": dict(micro=4, compile=True),
     "plain-autocast": dict(fsdp=False),  # no FSDP: plain module under bf16 autocast, to see FSDP's cost
@@ -62,8 +70,6 @@ VARIANTS = {
 
 
 def build_model(preset: str, device):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     spec = dict(PRESETS[preset])
     arch = spec.pop("arch")
     cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
@@ -89,8 +95,6 @@ def build_pairs(n: int, vocab: int, seed: int = 0, scale: float = 1.0) -> pa.Tab
 
 
 def step_flops(table: pa.Table, cfg, block_params: int, head_params: int) -> float:
-    import pyarrow.compute as pc
-
     p = pc.list_value_length(table.column("prompt_input_ids")).to_numpy().astype(np.float64)
     total = 0.0
     for side in ("chosen", "rejected"):
@@ -116,18 +120,12 @@ def matmul_tflops(device, dtype=torch.bfloat16, n=8192, reps=10) -> float:
 
 
 def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[float]) -> dict:
-    from types import SimpleNamespace
-
-    from pipeline.dpo.metrics import StepSums
-    from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
-    from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step
-
     v = VARIANTS[name]
     lm, cfg = build_model(args.preset, device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     policy = PolicyLogps(lm)
     if v.get("fsdp", True):
-        policy = apply_fsdp(policy, dtype, compile_blocks=bool(v.get("compile")))  # as `train.compile: true`
+        policy = apply_fsdp(policy, dtype, compile_blocks=bool(v.get("compile")))  # as `train.parallel.compile: true`
         if v.get("sync_each"):
             policy.set_requires_gradient_sync = lambda *a, **k: None  # keep FSDP's default: sync every backward
     cuda = device.type == "cuda"
@@ -166,8 +164,6 @@ def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[fl
 
 
 def _tokens(t: pa.Table) -> int:
-    import pyarrow.compute as pc
-
     p = pc.list_value_length(t.column("prompt_input_ids")).to_numpy()
     return int(sum((p + pc.list_value_length(t.column(f"{s}_input_ids")).to_numpy()).sum()
                    for s in ("chosen", "rejected")))
@@ -189,8 +185,6 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    import torch.distributed as dist
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

@@ -26,16 +26,20 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cache import ROOT, build_data, build_model, matmul_flops  # noqa: E402
+import torch
+import transformers
+from bench_cache import ROOT, build_data, build_model, matmul_flops
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import EvalConfig
+from pipeline.engines.actors import CheckpointEngine, sample_seed
+from pipeline.engines.scorers import scorer_kwargs
 
 ENGINES = ("vllm", "hf")
 
 
 def build_prompts(work: Path, model_dir: Path, count: int, prompt_len: int) -> list[list[int]]:
     """Prompts of bench_cache's data (8-96 random words, seeded), tokenized with BOS and cut to prompt_len tokens."""
-    from transformers import AutoTokenizer
-
     build_data(work / "data.jsonl", count)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
@@ -43,10 +47,6 @@ def build_prompts(work: Path, model_dir: Path, count: int, prompt_len: int) -> l
 
 
 def run_vllm(model_dir: Path, prompts: list[list[int]], args) -> dict:
-    from pipeline.config import EvalConfig
-    from pipeline.engines.actors import CheckpointEngine, sample_seed
-    from pipeline.engines.scorers import scorer_kwargs
-
     settings = EvalConfig(engine_kwargs=args.engine_kwargs)
     kwargs = scorer_kwargs("vllm", settings, str(model_dir), "float32", args.prompt_len + args.new_tokens)
     L, n = args.new_tokens, args.samples_per_prompt
@@ -69,9 +69,6 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], args) -> dict:
 
 
 def run_hf(model_dir: Path, prompts: list[list[int]], args) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -131,9 +128,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    import torch
-    import transformers
-
     args = parse_args()
     transformers.utils.logging.disable_progress_bar()
     flops = matmul_flops()

@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cache import ROOT, build_data, build_model  # noqa: E402
+from bench_cache import ROOT, build_data, build_model
+
+from pipeline.config import load_config
+from stages import cache, train
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -26,19 +27,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def measure(work: Path, args, modes: tuple[str, ...], extra: tuple[str, ...] = (), tag: str = "") -> list[dict]:
     """Our stage 2 on `work/model` and `work/data.jsonl` (cache built first, hf engine), one row per mode;
     `extra`: more config overrides, `tag`: a suffix of the run directories."""
-    from pipeline.config import load_config
-    from stages import cache, train
-
     base = [f"model.path={work / 'model'}", f"data.train.path={work / 'data.jsonl'}", "data.max_length=512",
-            "data.max_prompt_length=192", f"cache_dir={work / 'cache'}", "reference.engine=hf",
+            "data.max_prompt_length=192", f"cache_dir={work / 'cache'}", "scoring.engine=hf",
             f"ray.num_cpus={args.ray_cpus}", f"train.max_steps={args.steps}",
             f"train.global_batch_pairs={args.global_batch}", f"train.micro_batch_pairs={args.micro_batch}",
-            f"train.num_cpus_per_worker={args.worker_cpus}", "train.lr=1e-5", "train.shuffle=false", *extra]
+            f"train.parallel.num_cpus_per_worker={args.worker_cpus}", "train.optim.lr=1e-5", "train.shuffle=false",
+            *extra]
     cache.run(load_config(None, base + [f"run_dir={work / 'cache-run'}"]))
     rows = []
     for mode in modes:
         run_dir = work / f"{mode}{tag}"
-        cfg = load_config(None, base + [f"run_dir={run_dir}", f"train.reference={mode}"])
+        cfg = load_config(None, base + [f"run_dir={run_dir}", f"train.ref_logps={mode}"])
         train.run(cfg)
         m = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:]
         rows.append({"mode": mode, "steps_measured": len(m),

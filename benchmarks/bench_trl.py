@@ -16,23 +16,21 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cache import ROOT, build_data, build_model  # noqa: E402
-from bench_train import measure, parser, save  # noqa: E402
+import torch
+from bench_cache import ROOT, build_data, build_model
+from bench_train import measure, parser, save
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def trl_run(work: Path, args, precompute: bool) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer  # noqa: PLC0415 (lazy: TRL is installed by `make bench` only)
 
     torch.set_num_threads(int(args.worker_cpus))
     stamps: dict[str, list[float]] = {"begin": [], "end": []}
@@ -67,8 +65,6 @@ def trl_run(work: Path, args, precompute: bool) -> dict:
 
 def scored_tokens(work: Path) -> int:
     """Tokens of every (prompt + response) sequence a reference pass scores: both responses of every pair."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(work / "model")
     rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
     return sum(len(tok(r["prompt"])["input_ids"]) + len(tok(r[s], add_special_tokens=False)["input_ids"]) + 1

@@ -19,23 +19,38 @@ pairs with prompts of 8-96 words and responses of 8-160 words (~20-330 tokens a 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
 import resource
-import sys
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import transformers
+from bench_cache import ROOT, build_data, build_model, matmul_flops, run_engine
+from bench_sample import build_prompts, run_hf, run_vllm
+from bench_train import measure
+from bench_trl import scored_tokens, trl_run
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import ScoringConfig, load_config
+from pipeline.demo.tiny import build_tiny_assets
+from pipeline.engines.scorers import ENGINES, scorer_kwargs
+from stages import cache, train
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 # Ray starts its workers at niceness 15; TRL runs in a plain process at 0. The same priority for both, so that any
 # other load on the machine slows both alike.
 os.environ.setdefault("RAY_worker_niceness", "0")
-from bench_cache import ROOT, build_data, build_model, matmul_flops, run_engine  # noqa: E402
 
 TARGETS = [  # (key in `ratios`, wanted, what)
     ("train_cached_over_trl_precomputed", 1.5, "training pairs/s, cached / TRL precomputed reference"),
@@ -48,8 +63,6 @@ TARGETS = [  # (key in `ratios`, wanted, what)
 
 
 def _trl_child(work: str, args: dict, precompute: bool, queue) -> None:
-    from bench_trl import trl_run
-
     row = trl_run(Path(work), SimpleNamespace(**args), precompute)
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(row)
@@ -67,9 +80,6 @@ def trl(work: Path, args, precompute: bool) -> dict:
 
 
 def training(work: Path, args, params: int, with_in_loop: bool) -> dict:
-    from bench_train import measure
-    from bench_trl import scored_tokens
-
     tokens = scored_tokens(work)
     pairs = args.pairs
     t_pre, t_in = trl(work, args, True), trl(work, args, False) if with_in_loop else None
@@ -87,22 +97,13 @@ def training(work: Path, args, params: int, with_in_loop: bool) -> dict:
 def engine_rate(engine: str, model_dir: Path, data_uri: str, batch_pairs: int = 64) -> dict:
     """Our scorer itself, in this process (as TRL's pass runs): the cache's rows in batches of `batch_pairs`,
     exactly as the stage's actor gets them, after one small warm-up batch. Tokens: prompt + response, both sides."""
-    import gc
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from pipeline.config import ReferenceConfig
-    from pipeline.engines.scorers import ENGINES, scorer_kwargs
-
     table = pq.read_table(data_uri).select(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
     table = table.append_column("reject", pa.nulls(len(table), pa.string()))
     prompt = pc.sum(pc.list_value_length(table.column("prompt_input_ids"))).as_py()
     tokens = 2 * prompt + sum(pc.sum(pc.list_value_length(table.column(c))).as_py()
                               for c in ("chosen_input_ids", "rejected_input_ids"))
     t0 = time.perf_counter()
-    scorer = ENGINES[engine](**scorer_kwargs(engine, ReferenceConfig(), str(model_dir), "float32", 512))
+    scorer = ENGINES[engine](**scorer_kwargs(engine, ScoringConfig(), str(model_dir), "float32", 512))
     start_s = time.perf_counter() - t0
     try:
         scorer(table.slice(0, 4))  # warm-up
@@ -127,8 +128,6 @@ def scoring(work: Path, args, engines: tuple[str, ...]) -> list[dict]:
 
 
 def sampling(work: Path, args) -> list[dict]:
-    from bench_sample import build_prompts, run_hf, run_vllm
-
     ns = SimpleNamespace(engine_kwargs={}, prompt_len=64, new_tokens=128, samples_per_prompt=2, threads=2,
                          hf_batch=16)
     prompts = build_prompts(work / "sampling", work / "model", args.sample_prompts, ns.prompt_len)
@@ -141,11 +140,6 @@ def sampling(work: Path, args) -> list[dict]:
 
 def scaling(work: Path, args) -> dict:
     """Whole cache (hf engine) + one training epoch at several dataset sizes; 1 vs 2 training workers."""
-    from bench_train import measure
-
-    from pipeline.config import load_config
-    from stages import cache, train
-
     sizes = []
     for n in args.scaling_pairs:
         d = work / f"scale-{n}"
@@ -153,10 +147,10 @@ def scaling(work: Path, args) -> dict:
         (d / "model").symlink_to(work / "model")
         build_data(d / "data.jsonl", n, seed=1)
         base = [f"model.path={d / 'model'}", f"data.train.path={d / 'data.jsonl'}", "data.max_length=512",
-                "data.max_prompt_length=192", f"cache_dir={d / 'cache'}", "reference.engine=hf",
+                "data.max_prompt_length=192", f"cache_dir={d / 'cache'}", "scoring.engine=hf",
                 f"ray.num_cpus={args.ray_cpus}", f"train.global_batch_pairs={args.global_batch}",
-                f"train.micro_batch_pairs={args.micro_batch}", f"train.num_cpus_per_worker={args.worker_cpus}",
-                "train.lr=1e-5", f"train.checkpoint_every={10 ** 6}", f"run_dir={d / 'run'}"]
+                f"train.micro_batch_pairs={args.micro_batch}", f"train.parallel.num_cpus_per_worker={args.worker_cpus}",
+                "train.optim.lr=1e-5", f"train.checkpoint.every={10 ** 6}", f"run_dir={d / 'run'}"]
         cfg = load_config(None, base)
         t0 = time.perf_counter()
         cache.run(cfg)
@@ -167,7 +161,7 @@ def scaling(work: Path, args) -> dict:
     workers = []
     for w, cpus in ((1, 2), (2, 1)):
         ns = SimpleNamespace(**{**vars(args), "worker_cpus": cpus})
-        (row,) = measure(work, ns, ("cached",), extra=(f"train.num_workers={w}",), tag=f"-{w}w")
+        (row,) = measure(work, ns, ("cached",), extra=(f"train.parallel.num_workers={w}",), tag=f"-{w}w")
         workers.append({"workers": w, "cpus_per_worker": cpus, **row})
     return {"sizes": sizes, "workers": workers}
 
@@ -196,8 +190,6 @@ def main() -> None:
         return
     args = settings(cli.quick)
     sections = set(cli.sections.split(","))
-    import torch
-    import transformers
 
     torch.set_num_threads(2)
     out: dict = {"machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -209,7 +201,6 @@ def main() -> None:
     if sections != set(parser().get_default("sections").split(",")) and Path(cli.json).exists():
         # A partial run (--sections) updates those sections of the last full run's figures.
         out = {**json.loads(Path(cli.json).read_text()), **{k: v for k, v in out.items() if k != "started"}}
-    t_start = time.perf_counter()
     out.setdefault("section_seconds", {})
 
     def save(section: str, t0: float) -> None:  # after every section: a crash later loses nothing measured
@@ -225,10 +216,6 @@ def main() -> None:
             if name == "mid":
                 params = build_model(d / "model", args.hidden, args.layers)
             else:
-                from transformers import AutoModelForCausalLM
-
-                from pipeline.demo.tiny import build_tiny_assets
-
                 build_tiny_assets(d / "model")
                 params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d / "model").parameters())
             models[name] = {"params": params, "dir": d}
@@ -280,8 +267,6 @@ def finish(out: dict, cli) -> None:
 
 
 def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     for n in (name, f"{name}-cpu"):
         try:
             return version(n)
@@ -336,7 +321,8 @@ def render(out: dict) -> str:
          f"Measured by `make bench` (`python benchmarks/suite.py{' --quick' if out['quick'] else ''}`) on "
          f"{out['started']}, in one run of {out.get('seconds', 0) / 60:.0f} min; raw figures in `docs/bench.json`. "
          f"Machine: {m['cpu_count']} CPU cores, fp32 matmul **{m['matmul_gflops']:.0f} GFLOP/s** (measured: 2048² "
-         f"matmuls, 2 threads, the best of 5 trials at the start and at the end of the run); torch {m['torch']}, transformers {m['transformers']}, vLLM {m['vllm']}, "
+         f"matmuls, 2 threads, the best of 5 trials at the start and at the end of the run); torch {m['torch']}, "
+         f"transformers {m['transformers']}, vLLM {m['vllm']}, "
          f"Ray {m['ray']}, TRL {m['trl']} (benchmark-only).", "",
          "Absolute times on a shared 2-core machine move by ±10-20% between runs; the ratios, measured side by "
          "side in one run, are what count. Models are built from configs: **mid** = Llama 8 × 512 (head_dim 64, "
@@ -388,7 +374,8 @@ def render(out: dict) -> str:
               "medians over the steps after the first two. Ours: one Ray Train worker (FSDP2 over gloo); TRL: one "
               "plain process. Tokens/s counts real (unpadded) tokens. Peak RSS: the worker process (ours, includes "
               "Ray's worker runtime), the whole TRL process (TRL's).", "",
-              "| model | trainer | pairs/s | tokens/s | peak RSS MB | ours cached ÷ it |", "|---|---|---:|---:|---:|---:|"]
+              "| model | trainer | pairs/s | tokens/s | peak RSS MB | ours cached ÷ it |",
+              "|---|---|---:|---:|---:|---:|"]
         names = {"cached": "ours, cached reference", "in_loop": "ours, in-loop reference",
                  "trl_precomputed": "TRL, precomputed reference", "trl_in_loop": "TRL, in-loop reference"}
         for name in ("mid", "tiny"):

@@ -20,7 +20,7 @@ from pipeline.store.storage import Store, staging_dir, storage_error
 
 def _cache(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from stages import cache  # lazy: torch, Ray, transformers (see the top)
+    from stages import cache  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     for r in cache.run(cfg):
         c = r.counts
@@ -42,7 +42,7 @@ def _cache(args) -> None:
 
 def _train(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from stages import train  # lazy: torch, Ray, transformers (see the top)
+    from stages import train  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     r = train.run(cfg)
     shown = " ".join(f"{k}={v:.4g}" for k, v in r.final_metrics.items() if isinstance(v, float))
@@ -65,7 +65,7 @@ def _headline(row: dict) -> str:
 
 def _eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from stages import evaluate  # lazy: torch, Ray, transformers (see the top)
+    from stages import evaluate  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     r = evaluate.run(cfg)
     rejected = f" ({r.prompt_rejects} unusable rows: {r.eval_dir}/prompt_rejects.jsonl)" if r.prompt_rejects else ""
@@ -86,7 +86,7 @@ def _eval(args) -> int:
 
 def _plan(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.orchestrate import plan  # lazy: torch, Ray, transformers (see the top)
+    from pipeline.orchestrate import plan  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     for s in plan(cfg):
         print(f"{s.stage:<12} {s.action:<7} {s.why}")
@@ -134,7 +134,7 @@ def _run_log(run_dir: str):
 
 def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.orchestrate import run  # lazy: torch, Ray, transformers (see the top)
+    from pipeline.orchestrate import run  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     log_path, upload = _run_log(cfg.run_dir)
     with upload, open(log_path, "a", encoding="utf-8") as log:  # the log is closed, then uploaded
@@ -157,7 +157,7 @@ def _run(args) -> int:
 
 
 def _demo(args) -> int:
-    from pipeline.demo import experiment  # lazy: torch, Ray, transformers (see the top)
+    from pipeline.demo import experiment  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     r = experiment.run(args.config, args.overrides)
     c = r.checks
@@ -174,7 +174,7 @@ def _demo(args) -> int:
 
 
 def _tiny_assets(args) -> None:
-    from pipeline.demo.tiny import build_tiny_assets  # lazy: torch, Ray, transformers (see the top)
+    from pipeline.demo.tiny import build_tiny_assets  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     print(f"tiny model and tokenizer written to {build_tiny_assets(args.out)}")
 

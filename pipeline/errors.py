@@ -9,8 +9,8 @@ class UserError(Exception):
 
 
 class RunFailed(Exception):
-    """A stage failed part-way (a worker crashed past `train.max_failures`). Printed as one line, exit code 1; what
-    was finished is kept and a rerun of the same command resumes."""
+    """A stage failed part-way (a worker crashed past `train.checkpoint.max_failures`). Printed as one line, exit
+    code 1; what was finished is kept and a rerun of the same command resumes."""
 
 
 def error_line(exc: BaseException) -> str:

@@ -56,7 +56,7 @@ def _plan_cache(cfg: Config) -> tuple[list[Step], dict[str, Any]]:
                                                           f"in {store.uri}"))
         else:
             steps.append(Step(f"cache/{split}", "run", f"no cache with key {prep.key}: {prep.plan.num_rows} rows "
-                                                       f"to score with {cfg.reference.engine}"))
+                                                       f"to score with {cfg.scoring.engine}"))
     return steps, preps
 
 
@@ -75,14 +75,14 @@ def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
     if cache_ready:
         pairs = Store(cfg.cache_dir).child(cache_key).read_json("manifest.json")["counts"]["pairs"]
         _, total = plan_steps(cfg, pairs)
-        return Step("train", "run", f"{total} steps on {cfg.train.num_workers} worker(s), {pairs} pairs")
+        return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs")
     return Step("train", "run", "after the cache: no training run for these inputs")
 
 
 def _plan_eval(cfg: Config, after: bool) -> Step:
     if after:
         return Step("eval", "run", f"after training: the reference and checkpoints ({cfg.eval.checkpoints})"
-                                   if cfg.eval.include_reference else f"after training: {cfg.eval.checkpoints}")
+                                   if cfg.eval.include_reference_model else f"after training: {cfg.eval.checkpoints}")
 
     p = evaluate.prepare(cfg)
     names = [j.target.name for j in p.jobs]

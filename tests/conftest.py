@@ -6,10 +6,19 @@ tests marked `vllm` start a vLLM engine (slow: one per module at most).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import ray
+
+from pipeline.config import RayConfig, load_config
+from pipeline.data.models import load_tokenizer
+from pipeline.demo.tiny import build_tiny_assets
+from pipeline.runtime.session import init_ray
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -21,26 +30,17 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny Llama + byte-level BPE tokenizer with a chat template, built once per test session."""
-    from pipeline.demo.tiny import build_tiny_assets
-
     return build_tiny_assets(tmp_path_factory.mktemp("assets") / "tiny-model")
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from pipeline.data.models import load_tokenizer
-
     return load_tokenizer(str(tiny_model))
 
 
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the session (2 CPUs, like the machines CI runs on)."""
-    import ray
-
-    from pipeline.config import RayConfig
-    from pipeline.runtime.session import init_ray
-
     init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
@@ -48,20 +48,13 @@ def ray_local():
 
 def read_cache(result):
     """All rows of a finished cache, in manifest order (a CacheResult or anything with `.uri`)."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     manifest = json.loads(Path(result.uri, "manifest.json").read_text())
     return pa.concat_tables(pq.read_table(f"{result.uri}/{f['path']}") for f in manifest["files"])
 
 
 def make_config(tiny_model: Path, tmp_path: Path, *overrides: str, data: str | Path = DATA / "standard.jsonl"):
     """A config for the tiny model with cache/run dirs under tmp_path; extra dotted overrides win."""
-    from pipeline.config import load_config
-
     base = [f"model.path={tiny_model}", f"data.train.path={data}", "data.max_length=128",
             "data.max_prompt_length=64", f"cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}",
-            "reference.shard_size=8", "reference.batch_size=16"]
+            "scoring.shard_size=8", "scoring.batch_size=16"]
     return load_config(None, base + list(overrides))

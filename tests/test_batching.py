@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.dpo.batching import by_length, collate
+from pipeline.dpo.logprobs import selective_token_logps
+from pipeline.dpo.losses import preference_loss
 
 
 def _pairs(n: int, seed: int = 0) -> pa.Table:
@@ -34,11 +37,6 @@ def test_by_length_is_a_sorted_permutation_that_pads_less():
 
 
 def test_step_gradient_is_unchanged_by_the_grouping():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipeline.dpo.logprobs import selective_token_logps
-    from pipeline.dpo.losses import preference_loss
-
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1)).double()
@@ -61,10 +59,6 @@ def test_step_gradient_is_unchanged_by_the_grouping():
 def test_right_padded_rows_need_no_attention_mask():
     """Causal attention alone gives right-padded rows the same scored log-probs as the padding mask (what lets
     training and the hf scorer pass no mask and use the causal kernel)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipeline.dpo.logprobs import selective_token_logps
-
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1)).double()

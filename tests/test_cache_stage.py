@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from pipeline.store.fingerprint import sha256_file
 from stages import cache
@@ -25,8 +26,6 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_model):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
 
 
@@ -54,7 +53,7 @@ def assert_matches_transformers(table: pa.Table, model) -> None:
 def vllm_run(tiny_model, tmp_path_factory, ray_local):
     """One vLLM engine for the module: train = standard, eval = conversational."""
     tmp = tmp_path_factory.mktemp("vllm")
-    cfg = make_config(tiny_model, tmp, "reference.engine=vllm", f"data.eval.path={DATA / 'conversational.jsonl'}")
+    cfg = make_config(tiny_model, tmp, "scoring.engine=vllm", f"data.eval.path={DATA / 'conversational.jsonl'}")
     return cfg, {r.split: r for r in cache.run(cfg)}
 
 
@@ -70,7 +69,7 @@ def test_vllm_cache_equals_transformers_fp32(vllm_run, hf_model):
 def test_hf_engine_equals_vllm_engine(vllm_run, tiny_model, tmp_path):
     cfg, vllm_results = vllm_run
     cfg_hf = cfg.model_copy(update={"cache_dir": str(tmp_path / "hf-cache"), "run_dir": str(tmp_path / "run")})
-    cfg_hf.reference.engine = "hf"
+    cfg_hf.scoring.engine = "hf"
     for r in cache.run(cfg_hf):
         v = read_cache(vllm_results[r.split])
         h = read_cache(r)
@@ -119,7 +118,7 @@ def test_second_run_computes_nothing(vllm_run):
 
 @pytest.mark.parametrize("name", ["standard", "conversational", "implicit"])
 def test_each_format_hf_engine(name, tiny_model, tmp_path, ray_local, hf_model, tokenizer):
-    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf", "data.max_prompt_length=100",
+    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", "data.max_prompt_length=100",
                       data=DATA / f"{name}.jsonl")
     (r,) = cache.run(cfg)
     table = read_cache(r)
@@ -141,8 +140,8 @@ def test_each_format_hf_engine(name, tiny_model, tmp_path, ray_local, hf_model, 
 def test_parquet_source_gives_same_cache_values(tiny_model, tmp_path, ray_local):
     rows = [json.loads(line) for line in open(DATA / "standard.jsonl")]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "standard.parquet", row_group_size=5)
-    (from_jsonl,) = cache.run(make_config(tiny_model, tmp_path / "a", "reference.engine=hf"))
-    (from_parquet,) = cache.run(make_config(tiny_model, tmp_path / "b", "reference.engine=hf",
+    (from_jsonl,) = cache.run(make_config(tiny_model, tmp_path / "a", "scoring.engine=hf"))
+    (from_parquet,) = cache.run(make_config(tiny_model, tmp_path / "b", "scoring.engine=hf",
                                             data=tmp_path / "standard.parquet"))
     assert from_jsonl.key != from_parquet.key  # different data bytes
     a, b = read_cache(from_jsonl), read_cache(from_parquet)

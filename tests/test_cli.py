@@ -18,8 +18,8 @@ def test_plan_command_says_what_run_would_do(tiny_model, tmp_path):
 
 
 def test_config_command_prints_resolved_config(tiny_model):
-    proc = cli("config", "configs/tiny.yaml", f"model.path={tiny_model}", "reference.batch_size=7")
+    proc = cli("config", "configs/tiny.yaml", f"model.path={tiny_model}", "scoring.batch_size=7")
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
-    assert resolved["reference"]["batch_size"] == 7 and resolved["model"]["path"] == str(tiny_model)
+    assert resolved["scoring"]["batch_size"] == 7 and resolved["model"]["path"] == str(tiny_model)
     assert resolved["data"]["train"]["format"] == "auto"  # defaults are filled in

@@ -5,8 +5,13 @@ actor pinned to each node (a custom resource each node offers once), Ray Train w
 from __future__ import annotations
 
 import pytest
+import ray
 import yaml
+from ray.cluster_utils import Cluster
 
+from pipeline.cli import main
+from pipeline.config import RayConfig
+from pipeline.runtime.session import init_ray
 from pipeline.store.storage import Store
 from tests.conftest import DATA
 
@@ -16,14 +21,8 @@ pytest.importorskip("vllm")
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head and a worker node, 2 logical CPUs and one `scorer_slot` each. The session's local Ray instance (if any) is shut down
-    first and started again afterwards, so later tests find it as they expect."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from pipeline.config import RayConfig
-    from pipeline.runtime.session import init_ray
-
+    """A head and a worker node, 2 logical CPUs and one `scorer_slot` each. The session's local Ray instance (if any)
+    is shut down first and started again afterwards, so later tests find it as they expect."""
     had_local = ray.is_initialized()
     ray.shutdown()
     node = {"num_cpus": 2, "object_store_memory": 300 << 20, "resources": {"scorer_slot": 1}}
@@ -40,20 +39,16 @@ def two_nodes():
 
 
 def test_run_on_two_nodes(tiny_model, tmp_path, two_nodes):
-    import ray
-
-    from pipeline.cli import main
-
     config = {
         "model": {"path": str(tiny_model)},
         "data": {"train": {"path": str(DATA / "standard.jsonl")}, "eval": {"path": str(DATA / "conversational.jsonl")},
                  "max_length": 128, "max_prompt_length": 64},
         # Two scorers, each needing the one scorer_slot of a node: one runs on each node.
-        "reference": {"engine": "hf", "num_actors": 2, "shard_size": 8, "batch_size": 4,
-                      "resources": {"scorer_slot": 1}},
-        "train": {"num_workers": 2, "num_cpus_per_worker": 0.5, "global_batch_pairs": 4, "micro_batch_pairs": 2,
-                  "max_steps": 2},
-        "eval": {"include_reference": False, "num_prompts": 2, "max_new_tokens": 4,
+        "scoring": {"engine": "hf", "num_actors": 2, "shard_size": 8, "batch_size": 4,
+                    "resources": {"scorer_slot": 1}},
+        "train": {"parallel": {"num_workers": 2, "num_cpus_per_worker": 0.5}, "global_batch_pairs": 4,
+                  "micro_batch_pairs": 2, "max_steps": 2},
+        "eval": {"include_reference_model": False, "num_prompts": 2, "max_new_tokens": 4,
                  "engine_kwargs": {"enforce_eager": True}},
         "ray": {"placement": "spread"},
         "cache_dir": str(tmp_path / "cache"),  # a directory both nodes see (the same machine)
@@ -67,7 +62,8 @@ def test_run_on_two_nodes(tiny_model, tmp_path, two_nodes):
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
     cache = Store(str(tmp_path / "cache"))
-    manifests = [cache.child(k).read_json("manifest.json") for k in cache.listdir() if cache.exists(f"{k}/manifest.json")]
+    manifests = [cache.child(k).read_json("manifest.json") for k in cache.listdir()
+                 if cache.exists(f"{k}/manifest.json")]
     assert len(manifests) == 2
     # Which scorer scores which block is Ray Data's choice: the manifests name cluster nodes, at least one.
     assert set().union(*(m["scored_on"] for m in manifests)) <= nodes and all(m["scored_on"] for m in manifests)

@@ -44,7 +44,7 @@ def test_minimal_config_has_documented_defaults():
     assert cfg.data.max_length == 512
     assert cfg.data.max_prompt_length == 256
     assert cfg.data.implicit_prompt_marker == "\n\nAssistant:"
-    ref = cfg.reference
+    ref = cfg.scoring
     assert (ref.engine, ref.num_actors, ref.batch_size, ref.shard_size) == ("vllm", 1, 64, 512)
     assert (ref.tensor_parallel_size, ref.use_gpu, ref.num_cpus_per_actor) == (1, False, 1.0)
     assert (ref.gpu_memory_utilization, ref.cpu_kv_cache_gb, ref.engine_kwargs) == (0.3, 1, {})
@@ -67,7 +67,7 @@ def test_defaults_appear_in_reference_table():
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "512" in rows["`data.max_length`"]
     assert "256" in rows["`data.max_prompt_length`"]
-    assert "'vllm'" in rows["`reference.engine`"]
+    assert "'vllm'" in rows["`scoring.engine`"]
     assert "required" in rows["`model.path`"]
     assert "required" in rows["`data.train.path`"]
     assert "`'runs/default'`" in rows["`run_dir`"]
@@ -82,30 +82,30 @@ def test_overrides_are_yaml_typed():
     cfg = load_config(None, MINIMAL + [
         "data.max_length=1024",  # int
         "data.max_prompt_length=100",
-        "reference.use_gpu=true",  # bool
+        "scoring.use_gpu=true",  # bool
         "model.trust_remote_code=yes",  # YAML 1.1 bool
-        "reference.num_cpus_per_actor=0.5",  # float
+        "scoring.num_cpus_per_actor=0.5",  # float
         "tokenizer.path=/tok",  # string
         "ray.address=auto",
         "data.train.limit=7",
         "data.train.format=implicit",  # nested section value
         "data.train.split=test",
-        "reference.engine=hf",
-        "reference.engine_kwargs={enforce_eager: true, max_num_seqs: 4}",  # flow mapping
+        "scoring.engine=hf",
+        "scoring.engine_kwargs={enforce_eager: true, max_num_seqs: 4}",  # flow mapping
     ])
     assert cfg.data.max_length == 1024 and isinstance(cfg.data.max_length, int)
     assert cfg.data.max_prompt_length == 100
-    assert cfg.reference.use_gpu is True
+    assert cfg.scoring.use_gpu is True
     assert cfg.model.trust_remote_code is True
-    assert cfg.reference.num_cpus_per_actor == 0.5
+    assert cfg.scoring.num_cpus_per_actor == 0.5
     assert cfg.tokenizer.path == "/tok"
     assert cfg.ray.address == "auto"
     assert cfg.data.train.limit == 7
     assert cfg.data.train.format == "implicit"
     assert cfg.data.train.split == "test"
     assert cfg.data.train.path == "data/train.jsonl"  # sibling keys of an overridden nested key survive
-    assert cfg.reference.engine == "hf"
-    assert cfg.reference.engine_kwargs == {"enforce_eager": True, "max_num_seqs": 4}
+    assert cfg.scoring.engine == "hf"
+    assert cfg.scoring.engine_kwargs == {"enforce_eager": True, "max_num_seqs": 4}
 
 
 def test_override_null_resets_an_optional_value(tmp_path):
@@ -155,10 +155,10 @@ def test_inline_chat_template_override_is_kept_as_text():
 
 
 @pytest.mark.parametrize("override, key, suggestion", [
-    ("refrence.engine=hf", "refrence", "did you mean 'reference'"),
+    ("scorng.engine=hf", "scorng", "did you mean 'scoring'"),
     ("data.trian.path=x", "data.trian", "did you mean 'data.train'"),
     ("data.max_lenght=5", "data.max_lenght", "did you mean 'data.max_length'"),
-    ("reference.batchsize=4", "reference.batchsize", "did you mean 'reference.batch_size'"),
+    ("scoring.batchsize=4", "scoring.batchsize", "did you mean 'scoring.batch_size'"),
     ("data.train.limt=3", "data.train.limt", "did you mean 'data.train.limit'"),
     ("data.eval.pth=e.jsonl", "data.eval.pth", "did you mean 'data.eval.path'"),
 ])
@@ -176,29 +176,52 @@ def test_unknown_key_replacing_a_required_one_is_named_first():
 
 
 def test_unknown_key_without_close_match_lists_allowed_keys():
-    msg = _error(overrides=MINIMAL + ["reference.zzzzzz=1"])
-    assert "'reference.zzzzzz'" in msg
+    msg = _error(overrides=MINIMAL + ["scoring.zzzzzz=1"])
+    assert "'scoring.zzzzzz'" in msg
     assert "batch_size" in msg and "engine" in msg
 
 
 def test_unknown_key_in_yaml_file(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("model:\n  path: m\ndata:\n  train:\n    path: t.jsonl\nrefrence:\n  engine: hf\n")
+    f.write_text("model:\n  path: m\ndata:\n  train:\n    path: t.jsonl\nscorng:\n  engine: hf\n")
     msg = _error(f)
-    assert "'refrence'" in msg and "did you mean 'reference'" in msg
+    assert "'scorng'" in msg and "did you mean 'scoring'" in msg
+
+
+@pytest.mark.parametrize("old, value, new", [
+    ("reference.engine", "hf", "scoring"),
+    ("train.reference", "in_loop", "train.ref_logps"),
+    ("train.num_workers", "2", "train.parallel.num_workers"),
+    ("train.lr", "1e-5", "train.optim.lr"),
+    ("train.checkpoint_every", "5", "train.checkpoint.every"),
+    ("train.keep_checkpoints", "2", "train.checkpoint.keep"),
+    ("train.max_failures", "1", "train.checkpoint.max_failures"),
+    ("eval.include_reference", "false", "eval.include_reference_model"),
+    ("eval.baseline", "chosen", "eval.win_rate_baseline"),
+])
+def test_renamed_key_names_its_new_key(old, value, new):
+    msg = _error(overrides=[*MINIMAL, f"{old}={value}"])
+    assert f"'{old.split('.')[0] if new == 'scoring' else old}' was renamed to '{new}'" in msg
+
+
+def test_renamed_key_in_yaml_file_names_its_new_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  path: m\ndata:\n  train:\n    path: t.jsonl\ntrain:\n  lr: 1.0e-5\n  epochs: 2\n")
+    assert _error(f) == ("config key 'train.lr' was renamed to 'train.optim.lr'; use 'train.optim.lr' in the config "
+                         "file and overrides (README: Configuration reference)")
 
 
 @pytest.mark.parametrize("override, key", [
     ("data.max_length=abc", "data.max_length"),
-    ("reference.engine=foo", "reference.engine"),
-    ("reference.num_actors=-1", "reference.num_actors"),
-    ("reference.num_actors=0", "reference.num_actors"),
-    ("reference.batch_size=1.5", "reference.batch_size"),
-    ("reference.gpu_memory_utilization=1.5", "reference.gpu_memory_utilization"),
+    ("scoring.engine=foo", "scoring.engine"),
+    ("scoring.num_actors=-1", "scoring.num_actors"),
+    ("scoring.num_actors=0", "scoring.num_actors"),
+    ("scoring.batch_size=1.5", "scoring.batch_size"),
+    ("scoring.gpu_memory_utilization=1.5", "scoring.gpu_memory_utilization"),
     ("model.dtype=float64", "model.dtype"),
     ("data.train.format=csv", "data.train.format"),
     ("data.train.limit=0", "data.train.limit"),
-    ("reference.use_gpu=maybe", "reference.use_gpu"),
+    ("scoring.use_gpu=maybe", "scoring.use_gpu"),
 ])
 def test_wrong_type_or_value_names_the_key(override, key):
     msg = _error(overrides=MINIMAL + [override])
@@ -292,8 +315,8 @@ def test_to_yaml_round_trips(tmp_path):
         "tokenizer.chat_template={{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
         "data.eval.path=e.parquet", "data.eval.split=test", "data.eval.subset=default", "data.train.limit=10",
         "data.train.format=implicit", "data.max_length=300", "data.max_prompt_length=100",
-        "reference.engine=hf", "reference.num_actors=3", "reference.use_gpu=true",
-        "reference.num_cpus_per_actor=2.5", "reference.engine_kwargs={enforce_eager: true, seed: 3}",
+        "scoring.engine=hf", "scoring.num_actors=3", "scoring.use_gpu=true",
+        "scoring.num_cpus_per_actor=2.5", "scoring.engine_kwargs={enforce_eager: true, seed: 3}",
         "ray.address=auto", "cache_dir=/tmp/c", "run_dir=runs/x",
     ])
     # a marker with newlines, quotes and non-ASCII must survive the YAML dump
@@ -304,7 +327,7 @@ def test_to_yaml_round_trips(tmp_path):
     again = load_config(f)
     assert again == cfg
     assert again.data.implicit_prompt_marker == "\n\nAssistent: « ' \" »"
-    assert again.reference.engine_kwargs == {"enforce_eager": True, "seed": 3}
+    assert again.scoring.engine_kwargs == {"enforce_eager": True, "seed": 3}
     # and a default config too
     plain = load_config(None, MINIMAL)
     f.write_text(to_yaml(plain))

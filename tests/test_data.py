@@ -6,15 +6,20 @@ tokenization rules in `pipeline/data/rows.py`'s docstring, never from `tokenize_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataSource
+from pipeline.data.models import load_tokenizer
 from pipeline.data.rows import Pair, tokenize_rows
-from pipeline.data.sources import Reject, plan_source, read_shard
+from pipeline.data.sources import Reject, SourcePlan, plan_source, read_shard
 from pipeline.errors import UserError
 
 DATA = Path(__file__).parent / "data"
@@ -228,8 +233,6 @@ def test_conversational_rejects(tokenizer, row, reason):
 
 def test_chat_template_failure_is_a_row_reject(tmp_path, tokenizer):
     """A template that raises on some rows rejects those rows (chat_template_error), not the run."""
-    from pipeline.data.models import load_tokenizer
-
     strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
               "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -521,8 +524,6 @@ def test_jsonl_shards_cover_every_row_once(tmp_path, shard_size, layout):
 
 
 def test_jsonl_shard_plan_survives_serialisation(tmp_path):
-    from pipeline.data.sources import SourcePlan
-
     path = write_jsonl(tmp_path / "d.jsonl", standard_records(5), blank_lines=True)
     plan = plan_source(DataSource(path=str(path)), 2, tmp_path)
     again = SourcePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
@@ -543,9 +544,6 @@ def test_jsonl_limit_caps_rows(tmp_path, limit, shard_size, rows):
 
 
 def _write_parquet(path: Path, records: list[dict], row_group_size: int = 4) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)
     return path
 
@@ -575,8 +573,6 @@ def test_parquet_limit(tmp_path):
 
 
 def test_datasets_directory_is_exported(tmp_path):
-    import datasets
-
     records = standard_records(7)
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "ds"))
     plan = plan_source(DataSource(path=str(tmp_path / "ds")), 3, tmp_path / "sources")
@@ -590,8 +586,6 @@ def test_datasets_directory_is_exported(tmp_path):
 
 
 def test_datasets_dict_directory_split(tmp_path):
-    import datasets
-
     train, test = standard_records(4), standard_records(9)[4:]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
                           "test": datasets.Dataset.from_list(test)}).save_to_disk(str(tmp_path / "dd"))
@@ -662,7 +656,6 @@ def test_content_hash_tracks_bytes_not_path(tmp_path):
     a.write_bytes(bytes(data))
     h1 = plan_source(DataSource(path=str(a)), 8, tmp_path / "s").sha256
     assert h1 != h0
-    import hashlib
     assert h1 == hashlib.sha256(bytes(data)).hexdigest()
 
 

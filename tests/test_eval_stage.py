@@ -17,7 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.data.models import load_tokenizer
 from stages import cache, evaluate
 from tests.conftest import DATA, make_config, read_cache
 
@@ -27,8 +29,6 @@ pytest.importorskip("vllm")
 
 def _checkpoint(tiny_model: Path, out: Path, seed: int) -> Path:
     """The tiny model with seeded noise on every weight: a stand-in for a training checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -41,8 +41,6 @@ def _checkpoint(tiny_model: Path, out: Path, seed: int) -> Path:
 
 def _seq_logps(model_dir: str, sequences: list[list[int]], starts: list[int]) -> np.ndarray:
     """Independent computation: one unpadded forward per sequence, a full log-softmax, summed response tokens."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
@@ -57,7 +55,7 @@ def _seq_logps(model_dir: str, sequences: list[list[int]], starts: list[int]) ->
 def scenario(tiny_model, tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("eval")
     cfg = make_config(
-        tiny_model, root, "reference.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
+        tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
         "eval.num_prompts=6", "eval.samples_per_prompt=2", "eval.max_new_tokens=8", "eval.num_actors=2",
         "eval.batch_prompts=4", "eval.engine_kwargs={enforce_eager: true}", "eval.reward.type=callable",
         "eval.reward.function=tests.reward_fixtures:count_char", "eval.reward.kwargs={char: e}")
@@ -143,8 +141,6 @@ def test_kl_of_the_reference_against_itself_is_zero(scenario):
 
 @pytest.mark.parametrize("name", ["step_000001", "step_000002"])  # a fresh engine; weights swapped into one
 def test_logps_and_kl_equal_independent_forwards(scenario, tiny_model, name):
-    from pipeline.data.models import load_tokenizer
-
     cfg = scenario["cfg"]
     t = _samples(scenario["first"], name)
     prompts = evaluate.load_prompts(cfg, load_tokenizer(str(tiny_model)), evaluate.Store(str(Path(cfg.run_dir))))
@@ -210,11 +206,9 @@ def test_changed_reward_rescores_without_sampling_again(scenario):
 def test_win_rate_against_the_datasets_chosen_responses(scenario, tiny_model):
     """After the test above (reward: count of 'a'). The baseline is not part of a target's key: switching it only
     rewrites the report, with the chosen responses scored by the same reward."""
-    from pipeline.data.models import load_tokenizer
-
     cfg = scenario["cfg"].model_copy(deep=True)
     cfg.eval.reward.kwargs = {"char": "a"}
-    cfg.eval.baseline = "chosen"
+    cfg.eval.win_rate_baseline = "chosen"
     result = evaluate.run(cfg)
     assert result.evaluated == [] and len(result.reused) == 4
     tok = load_tokenizer(str(tiny_model))

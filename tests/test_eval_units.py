@@ -11,8 +11,10 @@ from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
 from pipeline.engines.actors import sample_seed
 from pipeline.errors import UserError, error_line
-from stages.evaluate import preference_metrics, select_targets
+from pipeline.evaluation.rewards import build_reward
+from stages.evaluate import _reward_fn, preference_metrics, select_targets
 from tests.conftest import make_config
+from tests.test_rewards import save_reward_model
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def test_selection_of_run_checkpoints(run, selection, steps):
 
 def test_selection_without_reference(run):
     select, _ = run
-    assert [t.name for t in select("eval.checkpoints=last", "eval.include_reference=false")] == ["step_000005"]
+    assert [t.name for t in select("eval.checkpoints=last", "eval.include_reference_model=false")] == ["step_000005"]
 
 
 def test_explicit_paths_from_elsewhere(run, tmp_path):
@@ -133,10 +135,6 @@ def test_preference_rows_give_prompt_and_chosen(tokenizer):
 
 @pytest.mark.ray
 def test_reward_model_runs_in_a_ray_actor_with_the_same_values(tiny_model, tmp_path, ray_local):
-    from pipeline.evaluation.rewards import build_reward
-    from stages.evaluate import _reward_fn
-    from tests.test_rewards import save_reward_model
-
     rm = save_reward_model(tmp_path / "rm", tiny_model, num_labels=1)
     cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
     remote, close = _reward_fn(cfg)
@@ -151,9 +149,6 @@ def test_reward_model_runs_in_a_ray_actor_with_the_same_values(tiny_model, tmp_p
 
 @pytest.mark.ray
 def test_reward_model_config_errors_surface_as_one_line(tiny_model, tmp_path, ray_local):
-    from stages.evaluate import _reward_fn
-    from tests.test_rewards import save_reward_model
-
     rm = save_reward_model(tmp_path / "rm2", tiny_model, id2label={0: "NEGATIVE", 1: "POSITIVE"})
     cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
     with pytest.raises(UserError, match="set eval.reward.label"):

@@ -26,9 +26,9 @@ def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local
     build = tmp_path / "build"
     overrides = [f"model.path={build / 'sft'}", f"data.train.path={build / 'pairs.jsonl'}",
                  f"data.eval.path={build / 'heldout.jsonl'}", f"cache_dir={tmp_path / 'cache'}",
-                 f"run_dir={tmp_path / 'runs'}", "reference.engine=hf", "train.num_workers=1",
-                 "train.num_cpus_per_worker=1", "train.global_batch_pairs=8", "train.micro_batch_pairs=8",
-                 "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=null", "eval.num_prompts=6",
+                 f"run_dir={tmp_path / 'runs'}", "scoring.engine=hf", "train.parallel.num_workers=1",
+                 "train.parallel.num_cpus_per_worker=1", "train.global_batch_pairs=8", "train.micro_batch_pairs=8",
+                 "train.max_steps=4", "train.checkpoint.every=2", "train.eval_every=null", "eval.num_prompts=6",
                  "eval.num_actors=1"]
     lines: list[str] = []
     first = experiment.run(CONFIG, overrides, SPEC, SFT, echo=lines.append)

@@ -12,7 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
+from pipeline.data.models import load_tokenizer
 from pipeline.store import cache_layout
 from pipeline.store.fingerprint import cache_key, model_files_hash, tokenizer_files_hash
 from tests.conftest import DATA, make_config
@@ -34,7 +37,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 def prep(model_dir: Path, tmp_path: Path, *overrides: str, data: str | Path = DATA / "standard.jsonl"):
     # engine=hf: this tier must not need vLLM
-    cfg = make_config(model_dir, tmp_path, "reference.engine=hf", *overrides, data=data)
+    cfg = make_config(model_dir, tmp_path, "scoring.engine=hf", *overrides, data=data)
     return cache_layout.prepare(cfg, "train", cfg.data.train)
 
 
@@ -71,8 +74,6 @@ def test_model_and_tokenizer_hashes_cover_the_right_files(model):
 
 
 def test_weights_change_key(model, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     before = prep(model, tmp_path)
     f = model / "model.safetensors"
     tensors = load_file(str(f))
@@ -105,8 +106,6 @@ def test_new_weight_shard_changes_key(model, tmp_path):
 
 
 def test_tokenizer_vocab_change_changes_key_not_model(model, tmp_path):
-    from tokenizers import Tokenizer
-
     before = prep(model, tmp_path)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     n = tok.get_vocab_size()
@@ -181,10 +180,6 @@ def test_chat_template_edited_in_place_changes_key(model, tmp_path):
 
 def test_tokenizer_edited_in_place_is_reloaded(model):
     """The tokenizer used to tokenize must match the files the key hashed, even in a long-lived process."""
-    from tokenizers import Tokenizer
-
-    from pipeline.data.models import load_tokenizer
-
     before = load_tokenizer(str(model))
     assert load_tokenizer(str(model)) is before  # loaded once while the files stay the same
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
@@ -269,15 +264,15 @@ def test_separate_tokenizer_path_to_identical_copy_keeps_key(model, tmp_path):
 
 
 @pytest.mark.parametrize("override", [
-    pytest.param("reference.engine=vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")),
-    "reference.batch_size=3",
-    "reference.shard_size=1",
-    "reference.shard_size=1000",
-    "reference.num_actors=4",
-    "reference.tensor_parallel_size=2",
-    "reference.use_gpu=true",
-    "reference.gpu_memory_utilization=0.9",
-    "reference.engine_kwargs={enforce_eager: true}",
+    pytest.param("scoring.engine=vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")),
+    "scoring.batch_size=3",
+    "scoring.shard_size=1",
+    "scoring.shard_size=1000",
+    "scoring.num_actors=4",
+    "scoring.tensor_parallel_size=2",
+    "scoring.use_gpu=true",
+    "scoring.gpu_memory_utilization=0.9",
+    "scoring.engine_kwargs={enforce_eager: true}",
     "ray.num_cpus=3",
     "model.revision=main",  # ignored for local directories
     "data.train.limit=1000",  # more than the file has: same rows

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from pipeline.evaluation import report
 from pipeline.evaluation.report import SUMMARY_COLUMNS, standard_error, win_rate, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -151,7 +152,6 @@ def test_checkpoint_without_step(tmp_path):
         assert [r["name"] for r in csv.DictReader(f)] == ["reference", "step_000006", "external"]
 
     # The plots' data: the frontier includes the step-less checkpoint; the step plots cannot place it.
-    from pipeline.evaluation import report
 
     sorted_rows = sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0))
     frontier = report._reward_vs_kl(sorted_rows, SETTINGS).axes[0]

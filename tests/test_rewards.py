@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from pipeline.config import RewardConfig
 from pipeline.errors import UserError
 from pipeline.evaluation.rewards import build_reward, reward_identity
+from tests import reward_fixtures
 
 FIX = "tests.reward_fixtures"
 
@@ -57,8 +60,6 @@ def test_bad_regex_is_a_user_error():
 # ---- callables ---------------------------------------------------------------------------------------------------
 
 def test_callable_receives_prompts_completions_and_kwargs():
-    from tests import reward_fixtures
-
     reward_fixtures.CALLS.clear()
     c = cfg(type="callable", function=f"{FIX}:count_char", kwargs={"char": "b"})
     assert rewards(c, ["abba", "bob", "xyz"], prompts=["p1", "p2", "p3"]) == [2.0, 2.0, 0.0]
@@ -161,9 +162,6 @@ TEXTS = [("Human: how was the film?", " It was great, really great."),
 
 def save_reward_model(out: Path, tiny_model: Path, seed: int = 0, pad: bool = True, **labels) -> Path:
     """A tiny LlamaForSequenceClassification with the tiny tokenizer (without its pad token when pad=False)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
     tok = AutoTokenizer.from_pretrained(tiny_model)
     if not pad:
         tok.pad_token = None
@@ -187,9 +185,6 @@ def rm_dirs(tiny_model, tmp_path_factory):
 
 def direct(model_dir: Path, text: str, label: int = 0, ids: list[int] | None = None) -> float:
     """Independent reference: one text, no padding, no batching, the logit of the last token."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
-
     ids = ids or AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
     model = LlamaForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():

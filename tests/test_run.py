@@ -18,7 +18,7 @@ def _actions(cfg):
 
 
 def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
-    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
+    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
                       "train.max_steps=2", "train.global_batch_pairs=4", "train.micro_batch_pairs=2",
                       "eval.num_prompts=3", "eval.max_new_tokens=4", "eval.engine_kwargs={enforce_eager: true}",
                       "eval.reward.type=rule", "eval.reward.rule=length")
@@ -43,14 +43,14 @@ def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
 
     # A training setting that shapes the weights makes training (and so evaluation) due again; one that does not,
     # does not.
-    assert _actions(make_config(tiny_model, tmp_path, "reference.engine=hf",
+    assert _actions(make_config(tiny_model, tmp_path, "scoring.engine=hf",
                                 f"data.eval.path={DATA / 'conversational.jsonl'}", "train.max_steps=2",
                                 "train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.log_every=5",
                                 "eval.num_prompts=3", "eval.max_new_tokens=4",
                                 "eval.engine_kwargs={enforce_eager: true}", "eval.reward.type=rule",
                                 "eval.reward.rule=length"))[2] == ("train", "reuse")
     changed = cfg.model_copy(deep=True)
-    changed.train.lr = 3e-4
+    changed.train.optim.lr = 3e-4
     steps = plan(changed)
     assert [(s.stage, s.action) for s in steps[2:]] == [("train", "resume"), ("eval", "run")]
     assert "run_dir holds a run with other inputs or settings" in steps[2].why

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.demo import sentiment
 from pipeline.demo.experiment import ExperimentSpec, frontier_checks
+from pipeline.engines.actors import engine_signature
+from pipeline.evaluation.rewards import build_reward
 
 CONFIG = Path(__file__).parent.parent / "configs" / "sentiment.yaml"
 
@@ -40,8 +43,6 @@ def test_reward_counts_lexicon_words():
 
 def test_config_reward_is_the_ground_truth():
     """The evaluation stage scores with the config's lexicon rule; it must equal the demo's ground truth."""
-    from pipeline.evaluation.rewards import build_reward
-
     cfg = load_config(CONFIG)
     rule = build_reward(cfg.eval.reward)
     texts = sentiment.reviews(300, 9)
@@ -81,8 +82,6 @@ def test_frontier_checks_measure_both_claims():
 
 
 def test_engine_signature_ignores_bookkeeping_keys_only():
-    from pipeline.engines.actors import engine_signature
-
     base = {"model_type": "llama", "hidden_size": 64, "rms_norm_eps": 1e-6, "transformers_version": "5.19.0",
             "dtype": "float32", "_name_or_path": "/a"}
     same = {**base, "transformers_version": "5.19.1", "dtype": "bfloat16", "_name_or_path": "/b"}
@@ -96,6 +95,4 @@ def test_engine_signature_ignores_bookkeeping_keys_only():
 @pytest.mark.parametrize("override", ["eval.reward=null", "eval.reward.rule=length", "eval.reward.negative=[bad]",
                                       "data.eval=null"])
 def test_demo_refuses_a_config_without_its_ground_truth(override, tmp_path):
-    from pipeline.cli import main
-
     assert main(["demo", str(CONFIG), override, f"run_dir={tmp_path}"]) == 2

@@ -7,7 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from pipeline.dpo.batching import collate
+from pipeline.dpo.metrics import StepSums
+from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
+from pipeline.dpo.step import StepCompute
 from tests.test_batching import _pairs
 
 LOSS = SimpleNamespace(type="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
@@ -15,16 +22,12 @@ LOSS = SimpleNamespace(type="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight
 
 @pytest.fixture()
 def process_group(tmp_path):
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
 
 def _lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32))
@@ -32,10 +35,6 @@ def _lm():
 
 def _reference_grads(pairs) -> tuple[float, dict[str, torch.Tensor]]:
     """The mean DPO loss over all pairs in one padded batch, with the attention mask, by the formula."""
-    import torch.nn.functional as F
-
-    from pipeline.dpo.batching import collate
-
     lm = _lm()
     b = collate(pairs)
     logits = lm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
@@ -50,10 +49,6 @@ def _reference_grads(pairs) -> tuple[float, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("compile_blocks", [False, True], ids=["eager", "compiled"])
 def test_fsdp_step_gradient_equals_the_formula(process_group, compile_blocks):
-    from pipeline.dpo.metrics import StepSums
-    from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
-    from pipeline.dpo.step import StepCompute
-
     pairs = _pairs(12, seed=3)
     want_loss, want = _reference_grads(pairs)
     policy = apply_fsdp(PolicyLogps(_lm()), torch.float32, compile_blocks=compile_blocks)

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import json
 
+import boto3
 import pytest
+import yaml
+from moto.server import ThreadedMotoServer
 
+from pipeline.cli import main
+from pipeline.dpo.metrics import MetricsLogger
 from pipeline.errors import UserError
+from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
+from pipeline.runtime import cluster
+from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.storage import Store, local_copy
+from stages.evaluate import _checkpoint_problem, select_targets
 from tests.conftest import make_config
 
 
@@ -35,16 +44,12 @@ def test_file_uri_is_the_local_directory(tmp_path):
 
 
 def test_checkpoints_and_report_under_a_file_uri(tiny_model, tmp_path):
-    from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
-    from pipeline.store.checkpoints import list_checkpoints
-    from stages.evaluate import select_targets
-
     run = Store(f"file://{tmp_path}/run")
     for step in (1, 2):
         run.upload_dir(_hf_dir(tmp_path / f"export{step}"), f"checkpoints/step_00000{step}", last="config.json")
     run.makedirs("checkpoints/step_000003")  # incomplete: no config.json
     assert list_checkpoints(run) == [f"{run.uri}/checkpoints/step_000001", f"{run.uri}/checkpoints/step_000002"]
-    cfg = make_config(tiny_model, tmp_path, f"run_dir={run.uri}", "eval.include_reference=false",
+    cfg = make_config(tiny_model, tmp_path, f"run_dir={run.uri}", "eval.include_reference_model=false",
                       f"eval.checkpoints=[{run.uri}/checkpoints/step_000002, {run.uri}/checkpoints/step_000003]")
     targets = select_targets(cfg)
     assert [t.path for t in targets] == [f"{run.uri}/checkpoints/step_000002", f"{run.uri}/checkpoints/step_000003"]
@@ -61,8 +66,6 @@ def test_checkpoints_and_report_under_a_file_uri(tiny_model, tmp_path):
 def s3(monkeypatch):
     """A bucket on a local moto S3 server; pyarrow finds it through the standard AWS_* variables."""
     pytest.importorskip("moto")
-    import boto3
-    from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -76,11 +79,6 @@ def s3(monkeypatch):
 
 
 def test_s3_store_checkpoints_local_copies_and_report(s3, tmp_path, monkeypatch):
-    from pipeline.dpo.metrics import MetricsLogger
-    from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
-    from pipeline.store.checkpoints import list_checkpoints
-    from stages.evaluate import _checkpoint_problem
-
     monkeypatch.setenv("DPO_PIPELINE_STAGING", str(tmp_path / "staging"))
     run = Store(f"{s3}/runs/r1")
     assert not run.local and run.uri == f"{s3}/runs/r1"
@@ -124,8 +122,6 @@ NODES = [{"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1", "Alive": True},
 
 
 def test_local_storage_not_seen_by_a_node_is_a_user_error(tiny_model, tmp_path):
-    from pipeline.runtime import cluster
-
     cfg = make_config(tiny_model, tmp_path)
     seen = []
 
@@ -150,10 +146,6 @@ def test_local_storage_not_seen_by_a_node_is_a_user_error(tiny_model, tmp_path):
 
 
 def test_address_option_overrides_ray_address(tiny_model, tmp_path, capsys):
-    import yaml
-
-    from pipeline.cli import main
-
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"model": {"path": str(tiny_model)}, "data": {"train": {"path": "x.jsonl"}},
                                     "ray": {"address": "auto"}}))

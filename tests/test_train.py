@@ -6,10 +6,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.engines.actors import ReferenceEngine
 from pipeline.errors import UserError
 from pipeline.store import cache_layout
 from stages import cache, train
@@ -17,8 +21,8 @@ from tests.conftest import DATA, make_config
 
 pytestmark = pytest.mark.ray
 
-STEPS = ("train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.lr=1e-3", "train.max_steps=4",
-         "train.checkpoint_every=2", "train.log_every=1", "train.num_cpus_per_worker=1")
+STEPS = ("train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.optim.lr=1e-3", "train.max_steps=4",
+         "train.checkpoint.every=2", "train.log_every=1", "train.parallel.num_cpus_per_worker=1")
 
 
 def params(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -43,11 +47,11 @@ def assert_same_params(a: Path, b: Path, atol: float) -> None:
 def base(tiny_model, tmp_path_factory, ray_local):
     """A cache (hf engine) for standard.jsonl (+ conversational eval), and a config factory over it."""
     root = tmp_path_factory.mktemp("train")
-    cfg = make_config(tiny_model, root, "reference.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}")
+    cfg = make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}")
     cache.run(cfg)
 
     def config(name: str, *overrides: str):
-        return make_config(tiny_model, root, "reference.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
+        return make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
                            *STEPS, f"run_dir={root / name}", *overrides)
     return config
 
@@ -76,8 +80,6 @@ def test_step0_loss_is_ln2_and_metrics_are_logged(one_worker):
 
 
 def test_checkpoints_load_in_transformers_and_match_training_state(one_worker, tiny_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _, result = one_worker
     ckpt = Path(result.checkpoints[-1])
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
@@ -91,12 +93,6 @@ def test_checkpoints_load_in_transformers_and_match_training_state(one_worker, t
 
 @pytest.mark.vllm
 def test_checkpoint_loads_in_vllm(one_worker):
-    import numpy as np
-    import ray
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.engines.actors import ReferenceEngine
-
     ckpt = one_worker[1].checkpoints[-1]
     seq = np.array([1, 40, 41, 42, 43, 44, 45, 46, 2])
     # In a Ray actor, as the stages run it: an engine in the test process leaves vLLM threads that can abort
@@ -114,7 +110,8 @@ def test_checkpoint_loads_in_vllm(one_worker):
 
 
 def test_two_workers_equal_one_worker(base, one_worker):
-    cfg = base("w2", "train.num_workers=2", "train.num_cpus_per_worker=0.5")  # 1 CPU left for Ray Data
+    # 1 CPU left for Ray Data
+    cfg = base("w2", "train.parallel.num_workers=2", "train.parallel.num_cpus_per_worker=0.5")
     result = train.run(cfg)
     assert_same_params(Path(result.checkpoints[-1]), Path(one_worker[1].checkpoints[-1]), atol=1e-5)
     for a, b in zip(metrics(cfg.run_dir), metrics(one_worker[0].run_dir)):
@@ -123,7 +120,8 @@ def test_two_workers_equal_one_worker(base, one_worker):
 
 def test_cached_and_in_loop_reference_give_the_same_losses(base, one_worker):
     # Activation checkpointing on as well: recomputing blocks in backward must not change the numbers.
-    cfg = base("in_loop", "train.reference=in_loop", "train.max_steps=2", "train.activation_checkpointing=true")
+    cfg = base("in_loop", "train.ref_logps=in_loop", "train.max_steps=2",
+               "train.parallel.activation_checkpointing=true")
     train.run(cfg)
     for a, b in zip(metrics(cfg.run_dir), metrics(one_worker[0].run_dir)[:2]):
         assert abs(a["loss"] - b["loss"]) < 1e-4
@@ -133,7 +131,7 @@ def test_cached_and_in_loop_reference_give_the_same_losses(base, one_worker):
 def test_resume_two_plus_two_steps_equals_four_straight(base, one_worker):
     first = train.run(base("resumed", "train.max_steps=2"))
     assert [Path(c).name for c in first.checkpoints] == ["step_000002"]
-    second = train.run(base("resumed", "train.keep_checkpoints=1"))  # same run_dir, 4 steps: resumes at step 2
+    second = train.run(base("resumed", "train.checkpoint.keep=1"))  # same run_dir, 4 steps: resumes at step 2
     assert [Path(c).name for c in second.checkpoints] == ["step_000004"]  # older HF exports pruned
     ray_ckpts = [p.name for p in Path(second.run_dir, "ray").glob("checkpoint_*") if p.is_dir()]
     assert ray_ckpts == ["checkpoint_000004"]

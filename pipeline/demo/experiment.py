@@ -171,7 +171,8 @@ def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = 
     r = base.eval.reward
     if r is None or r.type != "rule" or r.rule != "lexicon" or sorted(r.positive) != sorted(sentiment.POSITIVE) \
             or sorted(r.negative) != sorted(sentiment.NEGATIVE):
-        raise UserError("eval.reward must be the demo's ground truth (the lexicon rule with pipeline/demo/sentiment.py's "
+        raise UserError("eval.reward must be the demo's ground truth (the lexicon rule with "
+                        "pipeline/demo/sentiment.py's "
                         "POSITIVE and NEGATIVE words); keep configs/sentiment.yaml's eval.reward")
     echo(f"π_SFT: {sentiment.build_sft_model(base.model.path, sft, log=echo)}")
     build_pairs(base, spec, log=echo)

@@ -25,7 +25,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-_WORDS = (
+WORDS = (
     "the a movie film story plot actor actress scene music score ending director camera script role "
     "was is were felt seemed looked sounded became stayed remained "
     "great good wonderful brilliant moving charming funny delightful superb beautiful "
@@ -44,7 +44,7 @@ def _corpus(n_lines: int = 2000) -> list[str]:
     rng = random.Random(0)
     lines = []
     for _ in range(n_lines):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
         punct = rng.choice([".", "!", "?", ",", ":", ";"])
         lines.append(" ".join(words) + punct + " " + str(rng.randint(0, 999)))
     lines.append("\n\nHuman: \n\nAssistant: ")

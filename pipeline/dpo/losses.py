@@ -11,8 +11,8 @@ response's mean token NLL, handled in `preference_loss`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -109,7 +109,7 @@ class CheckpointEngine:
             # A checkpoint at a URI is downloaded to this node first: vLLM loads local directories.
             scorer_kwargs = {**scorer_kwargs, "model_dir": local_copy(scorer_kwargs["model_dir"])}
             check_checkpoint(scorer_kwargs["model_dir"])
-            from vllm.platforms import current_platform  # lazy: optional, actor-only
+            from vllm.platforms import current_platform  # noqa: PLC0415 (lazy: vLLM is optional)
 
             if current_platform.is_cpu():
                 # vLLM on CPU cannot rewind a seeded request's generator after a partial (chunked) prefill
@@ -134,8 +134,8 @@ class CheckpointEngine:
 
     def sample(self, prompts: list[list[int]], seeds: list[int], params: dict[str, Any],
                first: int, model_dir: str | None = None) -> dict[str, Any]:
-        from vllm import SamplingParams  # lazy: vLLM is optional (hf engine) and loads only in the actor
-        from vllm.inputs import TokensPrompt  # lazy: vLLM is optional (hf engine) and loads only in the actor
+        from vllm import SamplingParams  # noqa: PLC0415 (lazy: vLLM is optional, loaded in the actor)
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415 (lazy: vLLM is optional, loaded in the actor)
 
         # logprobs=0: the log-prob of each sampled token only; the engine runs with raw (unprocessed) log-probs,
         # i.e. log π at temperature 1, the π of the KL.

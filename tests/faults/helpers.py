@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,8 +28,6 @@ def assert_user_error(proc: subprocess.CompletedProcess, needle: str) -> None:
 
 def reap_session(sid: int) -> None:
     """Kill what a SIGKILLed driver left running (its local Ray instance's processes)."""
-    import psutil
-
     for pid in psutil.pids():
         try:
             if os.getsid(pid) == sid:

@@ -21,10 +21,10 @@ def run_main(capsys, *argv: str):
     ("trainer.lr=1", "unknown config key 'trainer': did you mean 'train'?"),
     ("train.learning_rate=1", "unknown config key 'train.learning_rate'"),
     # wrong types
-    ("train.lr=fast", "config key 'train.lr' should be a valid number"),
-    ("train.num_workers=1.5", "config key 'train.num_workers' should be a valid integer"),
+    ("train.optim.lr=fast", "config key 'train.optim.lr' should be a valid number"),
+    ("train.parallel.num_workers=1.5", "config key 'train.parallel.num_workers' should be a valid integer"),
     ("train=5", "config key 'train' is a section"),
-    ("reference.engine=gpu", "config key 'reference.engine' should be 'vllm' or 'hf'"),
+    ("scoring.engine=gpu", "config key 'scoring.engine' should be 'vllm' or 'hf'"),
     # impossible values
     ("train.loss.beta=-0.1", "config key 'train.loss.beta' should be greater than 0 (got -0.1): set "
                              "train.loss.beta=VALUE"),
@@ -36,7 +36,7 @@ def run_main(capsys, *argv: str):
     ("bad-override", "is not KEY=VALUE"),
 ])
 def test_config_errors_are_one_line_with_key_and_fix(override, needle, capsys, tmp_path):
-    code, out, err = run_main(capsys, "cache", "configs/tiny.yaml", "train.num_workers=2",
+    code, out, err = run_main(capsys, "cache", "configs/tiny.yaml", "train.parallel.num_workers=2",
                               f"cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", override)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err

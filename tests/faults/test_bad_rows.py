@@ -25,7 +25,7 @@ def test_bad_rows_are_rejected_with_reasons_counted_and_the_run_goes_on(tiny_mod
     data = tmp_path / "bad_rows.jsonl"
     data.write_bytes((DATA / "bad_rows.jsonl").read_bytes() + json.dumps(MB_ROW).encode() + b"\n")
     assert len(json.dumps(MB_ROW)) > 1_000_000
-    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf", "reference.shard_size=4", data=data)
+    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", "scoring.shard_size=4", data=data)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 

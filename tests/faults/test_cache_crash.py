@@ -32,7 +32,7 @@ def big(tmp_path_factory) -> Path:
 
 
 def config(tiny_model, root: Path, big: Path):
-    return make_config(tiny_model, root, "reference.engine=hf", "reference.shard_size=4", "reference.batch_size=4",
+    return make_config(tiny_model, root, "scoring.engine=hf", "scoring.shard_size=4", "scoring.batch_size=4",
                        data=big)
 
 

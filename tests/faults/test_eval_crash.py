@@ -11,6 +11,7 @@ from pipeline.runtime.faults import InjectedFault
 from stages import evaluate
 from tests.conftest import make_config
 from tests.faults.helpers import fault
+from tests.test_eval_stage import _checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 pytest.importorskip("vllm")
@@ -18,11 +19,9 @@ pytest.importorskip("vllm")
 
 def test_finished_checkpoints_survive_a_crash_and_a_rerun_does_only_the_rest(tiny_model, tmp_path, ray_local,
                                                                             monkeypatch):
-    from tests.test_eval_stage import _checkpoint
-
-    cfg = make_config(tiny_model, tmp_path, "eval.include_reference=false", "eval.preference_accuracy=false",
+    cfg = make_config(tiny_model, tmp_path, "eval.include_reference_model=false", "eval.preference_accuracy=false",
                       "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.batch_prompts=4",
-                      "eval.engine_kwargs={enforce_eager: true}", "reference.engine=hf")
+                      "eval.engine_kwargs={enforce_eager: true}", "scoring.engine=hf")
     ckpts = Path(cfg.run_dir) / "checkpoints"
     for step in (1, 2):
         _checkpoint(tiny_model, ckpts / f"step_00000{step}", seed=step)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.ray
 def built(tiny_model, tmp_path_factory, ray_local):
     """A complete cache of 3 shards, kept pristine: each test works on a copy."""
     root = tmp_path_factory.mktemp("integrity")
-    cfg = make_config(tiny_model, root, "reference.engine=hf")
+    cfg = make_config(tiny_model, root, "scoring.engine=hf")
     (r,) = cache.run(cfg)
     assert r.shards_total == 3
     return cfg, r, read_cache(r)

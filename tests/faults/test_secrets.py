@@ -38,7 +38,7 @@ def test_a_credential_in_the_config_is_refused_without_showing_it(override, key,
 
 @pytest.mark.ray
 def test_credentials_from_the_environment_are_written_nowhere(tiny_model, tmp_path, capsys, monkeypatch):
-    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf")
+    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf")
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {"HF_TOKEN": HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": HF_TOKEN, "AWS_ACCESS_KEY_ID": AWS_KEY_ID,

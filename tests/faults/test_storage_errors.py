@@ -58,7 +58,7 @@ def test_a_full_disk_stops_the_cache_cleanly_and_a_rerun_resumes(tiny_model, tmp
     big.write_text((DATA / "standard.jsonl").read_text() * 10)  # 240 rows, 60 shards
     disk = tmp_path / "disk"
     disk.mkdir()
-    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf", "reference.shard_size=4", f"cache_dir={disk}",
+    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", "scoring.shard_size=4", f"cache_dir={disk}",
                       data=big)
     out = tmp_path / "out"
     out.mkdir()
@@ -85,7 +85,7 @@ def test_a_full_disk_stops_the_cache_cleanly_and_a_rerun_resumes(tiny_model, tmp
 def test_a_read_only_directory_is_one_line_and_nothing_starts(where, tiny_model, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
-    cfg = make_config(tiny_model, tmp_path, "reference.engine=hf", f"{where}={ro}")
+    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", f"{where}={ro}")
     out = tmp_path / "out"
     out.mkdir()
     in_namespace(f'mount -t tmpfs -o ro tmpfs "$1" && {sys.executable} -m pipeline.cli cache "$3" >"$2/out" '

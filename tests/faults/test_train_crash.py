@@ -23,11 +23,11 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def base(tiny_model, tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("train-faults")
-    cache.run(make_config(tiny_model, root, "reference.engine=hf"))
+    cache.run(make_config(tiny_model, root, "scoring.engine=hf"))
 
     def config(name: str, *overrides: str):
-        return make_config(tiny_model, root, "reference.engine=hf", *STEPS, f"run_dir={root / name}",
-                           "eval.include_reference=false", *overrides)
+        return make_config(tiny_model, root, "scoring.engine=hf", *STEPS, f"run_dir={root / name}",
+                           "eval.include_reference_model=false", *overrides)
     return config
 
 
@@ -41,7 +41,7 @@ def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint(base, straigh
     token = tmp_path / "token"
     # The worker process exits right after step 3 (step 2 is checkpointed, step 3 is logged).
     monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("train_step", token, nth=3))
-    result = train.run(base("killed", "train.max_failures=1"))
+    result = train.run(base("killed", "train.checkpoint.max_failures=1"))
     assert not token.exists()  # it fired
     assert_same_params(Path(result.checkpoints[-1]), Path(straight.checkpoints[-1]), atol=1e-6)
     assert [r["step"] for r in metrics(result.run_dir)] == [1, 2, 3, 4]  # step 3 redone, logged once
@@ -54,9 +54,11 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_none_half_written(base, 
     monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("checkpoint_export", token, nth=2))
     cfg = base("torn")
     with pytest.raises(RunFailed, match=r"training failed \(.*\); the last complete checkpoint is step_000002: rerun "
-                                        r"the same command to resume from it, or set train.max_failures") as e:
+                                        r"the same command to resume from it, or set "
+                                        r"train.checkpoint.max_failures") as e:
         train.run(cfg)
-    assert "\n" not in str(e.value) and "Error: " in str(e.value), e.value  # the worker's error, e.g. a failed health check
+    # the worker's error, e.g. a failed health check
+    assert "\n" not in str(e.value) and "Error: " in str(e.value), e.value
     ckpts = Path(cfg.run_dir) / "checkpoints"
     (half,) = ckpts.glob(".tmp-step_000004-*")  # the half-written export is there...
     assert (half / "config.json").exists() and not (half / "tokenizer_config.json").exists()

@@ -1,21 +1,15 @@
-"""Typed, strict configuration: YAML file + dotted command-line overrides -> `Config`.
+"""The configuration schema: one typed, strict section per component, each field documented.
 
 Every field carries its documentation (`description`), which `dpo-pipeline config-docs` renders into the README's
-configuration reference. Unknown keys, wrong types and impossible values are `UserError`s with one line naming the
-key and the fix.
+configuration reference. Validators raise `ValueError` with a message naming the fix; `pipeline.config.loading`
+turns every problem into a one-line `UserError`.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from pipeline.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -71,7 +65,7 @@ class DataConfig(_Strict):
 
 
 class EngineSettings(_Strict):
-    """Ray actors hosting one vLLM engine each: shared by reference scoring (stage 1) and evaluation (stage 3)."""
+    """Ray actors hosting one engine each: shared by reference scoring (`scoring`) and evaluation (`eval`)."""
 
     num_actors: int = Field(1, gt=0, description="Actors (one engine each) running at once.")
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor-parallel size per actor (GPUs per actor).")
@@ -87,7 +81,10 @@ class EngineSettings(_Strict):
                                           "actors only on nodes that offer them (`ray start --resources`).")
 
 
-class ReferenceConfig(EngineSettings):
+class ScoringConfig(EngineSettings):
+    """Stage 1's reference scorer: the engine that computes log π_ref of every cached response (and, in
+    evaluation, of every sample)."""
+
     engine: Literal["vllm", "hf"] = Field(
         "vllm", description="`vllm`: vLLM prompt log-probs (fast); `hf`: a transformers forward (cross-check).")
     batch_size: int = Field(64, gt=0, description="Pairs handed to a scorer per call.")
@@ -135,8 +132,8 @@ class EvalConfig(EngineSettings):
         "all", description="Which checkpoints of `run_dir` to evaluate: `all`, `last`, `every:K` (every K-th, "
                            "and the last), a list of checkpoint directories (from anywhere), or a mapping from "
                            "names (used in the report) to checkpoint directories.")
-    include_reference: bool = Field(True, description="Also evaluate the reference model (`model.path`), the "
-                                                      "baseline at step 0.")
+    include_reference_model: bool = Field(True, description="Also evaluate the reference model (`model.path`), "
+                                                            "the baseline at step 0.")
     prompts: DataSource | None = Field(
         None, description="Prompts to sample from: preference data (its prompts; `chosen` is the `chosen` "
                           "baseline) or rows with just a `prompt`; default: `data.eval`, else `data.train`.")
@@ -149,9 +146,9 @@ class EvalConfig(EngineSettings):
     batch_prompts: int = Field(256, gt=0, description="Prompts per engine call: the unit of progress; larger calls "
                                                       "keep a GPU engine's batch fuller.")
     reward: RewardConfig | None = Field(None, description="How completions are scored; none: no reward or win rate.")
-    baseline: Literal["reference", "chosen"] = Field(
-        "reference", description="Win rate against the reference model's samples (same prompt and sample index) "
-                                 "or the dataset's chosen responses, by reward; ties count one half.")
+    win_rate_baseline: Literal["reference_model", "chosen"] = Field(
+        "reference_model", description="Win rate against the reference model's samples (same prompt and sample "
+                                       "index) or the dataset's chosen responses, by reward; ties count one half.")
     preference_accuracy: bool = Field(True, description="Implicit-reward accuracy on the cached `data.eval` pairs "
                                                         "(needs its cache: `dpo-pipeline cache`).")
 
@@ -162,8 +159,9 @@ class EvalConfig(EngineSettings):
             if every == self.checkpoints or not every.isdigit() or int(every) < 1:
                 raise ValueError(f"checkpoints must be all, last, every:K (K >= 1) or a list of directories, not "
                                  f"{self.checkpoints!r}")
-        if self.baseline == "reference" and not self.include_reference and self.reward is not None:
-            raise ValueError("baseline=reference needs include_reference=true; set it, or baseline=chosen")
+        if self.win_rate_baseline == "reference_model" and not self.include_reference_model and self.reward is not None:
+            raise ValueError("win_rate_baseline=reference_model needs include_reference_model=true; set it, or "
+                             "win_rate_baseline=chosen")
         return self
 
 
@@ -177,44 +175,65 @@ class LossConfig(_Strict):
     sft_weight: float = Field(0.0, ge=0, description="Weight of an SFT (mean token NLL) term on chosen responses.")
 
 
-class TrainConfig(_Strict):
+class ParallelConfig(_Strict):
+    """Training resources and parallelism: Ray Train workers, FSDP2 precision and memory savers."""
+
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one process each; FSDP2 shards across them).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16 mixed precision; else CPU, gloo.")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (its torch threads).")
-    reference: Literal["cached", "in_loop"] = Field(
-        "cached", description="`cached`: reference log-probs from the stage-1 cache, no reference model in memory; "
-                              "`in_loop`: load the reference and compute them per batch (to measure the gain).")
-    loss: LossConfig = Field(default_factory=LossConfig, description="The preference loss.")
-    cache_path: str | None = Field(None, description="Train-split cache directory to use; default: found by key "
-                                                     "in cache_dir. Refused if built for other inputs.")
-    micro_batch_pairs: int = Field(2, gt=0, description="Pairs per forward pass on each worker.")
-    global_batch_pairs: int = Field(8, gt=0, description="Pairs per optimizer step over all workers; a multiple of "
-                                                         "micro_batch_pairs × num_workers (gradient accumulation).")
-    epochs: int = Field(1, gt=0, description="Passes over the training pairs.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (default: epochs).")
-    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR after warm-up.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
-    seed: int = Field(0, description="Seed of the per-epoch shuffle.")
-    shuffle: bool = Field(True, description="Shuffle pairs each epoch (seeded; identical for any worker count).")
     param_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="FSDP2 mixed precision: dtype of parameters in compute (gradients reduce in fp32).")
     activation_checkpointing: bool = Field(False, description="Recompute decoder-block activations in backward.")
     cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state on CPU (GPU runs).")
     compile: bool = Field(False, description="torch.compile each decoder block (dynamic shapes; compiling takes a "
                           "minute or more at start). Measured on an H200: 1.6x faster steps (docs/GPU.md).")
-    log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
-    eval_every: int | None = Field(None, gt=0, description="Eval loss/accuracy on the cached eval split every N steps.")
-    checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
-    keep_checkpoints: int | None = Field(None, gt=0, description="Keep only the N newest checkpoints.")
+
+
+class OptimConfig(_Strict):
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR after warm-up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+
+
+class CheckpointConfig(_Strict):
+    """Checkpoints (Hugging Face exports + the sharded training state) and restarts after failures."""
+
+    every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
+    keep: int | None = Field(None, gt=0, description="Keep only the N newest checkpoints.")
     max_failures: int = Field(0, ge=-1, description="Restarts from the last checkpoint after a worker failure "
                                                     "(-1: unlimited).")
 
+
+class TrainConfig(_Strict):
+    ref_logps: Literal["cached", "in_loop"] = Field(
+        "cached", description="Where the reference log-probs come from. `cached`: the stage-1 cache, no reference "
+                              "model in memory; `in_loop`: load the reference model and compute them per batch "
+                              "(to measure the gain).")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The preference loss.")
+    cache_path: str | None = Field(None, description="Train-split cache directory to use; default: found by key "
+                                                     "in cache_dir. Refused if built for other inputs.")
+    micro_batch_pairs: int = Field(2, gt=0, description="Pairs per forward pass on each worker.")
+    global_batch_pairs: int = Field(8, gt=0, description="Pairs per optimizer step over all workers; a multiple of "
+                                                         "micro_batch_pairs × parallel.num_workers (gradient "
+                                                         "accumulation).")
+    epochs: int = Field(1, gt=0, description="Passes over the training pairs.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (default: epochs).")
+    seed: int = Field(0, description="Seed of the per-epoch shuffle.")
+    shuffle: bool = Field(True, description="Shuffle pairs each epoch (seeded; identical for any worker count).")
+    log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
+    eval_every: int | None = Field(None, gt=0, description="Eval loss/accuracy on the cached eval split every N steps.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Workers and FSDP2 settings.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and learning-rate schedule.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig,
+                                         description="Checkpointing and restarts.")
+
     @model_validator(mode="after")
     def _batches_divide(self) -> TrainConfig:
-        per_step = self.micro_batch_pairs * self.num_workers
+        per_step = self.micro_batch_pairs * self.parallel.num_workers
         if self.global_batch_pairs % per_step:
             raise ValueError(f"global_batch_pairs ({self.global_batch_pairs}) must be a multiple of "
                              f"micro_batch_pairs × num_workers ({per_step}); change train.global_batch_pairs")
@@ -236,8 +255,8 @@ class Config(_Strict):
     model: ModelConfig = Field(description="The reference (and initial policy) model.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer and chat template.")
     data: DataConfig = Field(description="Preference data and truncation.")
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig,
-                                       description="Reference log-prob scoring (stage 1).")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig,
+                                   description="Reference log-prob scoring (stage 1; evaluation's sample scoring).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="DPO training (stage 2).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Checkpoint evaluation by sampling (stage 3).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
@@ -246,171 +265,3 @@ class Config(_Strict):
     run_dir: str = Field("runs/default", description="This run's directory (resolved config, logs, checkpoints, "
                                                      "evaluation): a local path or a `file://`, `s3://`, `gs://` URI; "
                                                      "shared storage on several nodes.")
-
-
-# ---------------------------------------------------------------- loading
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=x"]` -> nested dict. Values are parsed as YAML scalars/flow values (`1`, `true`, `[1, 2]`)."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not KEY=VALUE; write e.g. model.path=/models/my-model")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = value
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, f"{prefix}{key}.")
-        elif isinstance(value, dict) and key in out and out[key] is not None:
-            raise UserError(f"config key '{prefix}{key}' is a value, not a section; override it as {prefix}{key}=...")
-        else:
-            out[key] = value
-    return out
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    """Field names allowed at the section `loc` points into (for 'did you mean')."""
-    model: type[BaseModel] = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not candidates:
-            return []
-        model = candidates[0]
-    return list(model.model_fields)
-
-
-def _one_line(err: ValidationError) -> str:
-    errors = err.errors()
-    # An unknown key usually also makes its intended key "missing": name the typo, it is the real problem.
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc)
-    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else \
-            f"allowed here: {', '.join(allowed)}"
-        return f"unknown config key '{key}': {hint}{more}"
-    if first["type"] == "missing":
-        return f"config key '{key}' is required: set it in the YAML file or pass {key}=VALUE{more}"
-    if first["type"] == "value_error":  # our validators' messages name their fix
-        msg = first["msg"].removeprefix("Value error, ")
-        return f"config key '{key}': {msg}{more}" if key else f"invalid config: {msg}{more}"
-    got = first.get("input")
-    if first["type"] in ("model_type", "dict_type") and not isinstance(got, dict):
-        return f"config key '{key}' is a section: write it as a mapping of its keys, not {got!r}{more}"
-    got = "" if isinstance(got, dict) else f" (got {got!r})"
-    msg = first["msg"].replace("Input should", "should", 1)
-    return f"config key '{key}' {msg}{got}: set {key}=VALUE or fix it in the config file{more}"
-
-
-# Credentials never belong in a config: it is written to the run directory (config.yaml) and its paths to logs,
-# manifests and reports. Tokens and keys come from the environment (HF_TOKEN, AWS_*, GOOGLE_APPLICATION_CREDENTIALS).
-_SECRETS = [
-    (re.compile(r"://[^/\s@?#:]+:[^\s@?#]*@"), "a user:password in a URI"),
-    (re.compile(r"[?&](access_key|secret_key|session_token|token|password|api_key|sig|signature|"
-                r"x-amz-credential|x-amz-signature)=", re.I), "a credential in a URI's query"),
-    (re.compile(r"\bhf_[A-Za-z0-9]{30,}"), "a Hugging Face token"),
-    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id"),
-    (re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,})"), "an API token"),
-]
-_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|apikey|credentials?)(_|$)|api_key|access_key", re.I)
-
-
-def _find_secret(node: Any, key: str = "") -> tuple[str, str] | None:
-    """(config key, what) of the first credential in a raw config tree, or None."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            sub = f"{key}.{k}" if key else str(k)
-            if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v:
-                return sub, "a secret-named setting"
-            found = _find_secret(v, sub)
-            if found:
-                return found
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            found = _find_secret(v, f"{key}[{i}]")
-            if found:
-                return found
-    elif isinstance(node, str):
-        return next(((key, what) for pattern, what in _SECRETS if pattern.search(node)), None)
-    return None
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or nothing), apply dotted overrides, validate strictly."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(path)!r} not found; pass the path of a YAML file such as "
-                            f"configs/tiny.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {str(path)!r} is not valid YAML{where}: fix the syntax there") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {str(path)!r} must be a YAML mapping (key: value), not a "
-                            f"{type(data).__name__}")
-    data = _merge(data, parse_overrides(overrides or []))
-    secret = _find_secret(data)
-    if secret:  # the value is not shown: it is the secret
-        raise UserError(f"config key '{secret[0]}' holds {secret[1]}, which would be written to the resolved "
-                        f"config and logs; remove it and set credentials in the environment instead (HF_TOKEN; "
-                        f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; GOOGLE_APPLICATION_CREDENTIALS)")
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise UserError(_one_line(e)) from None
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def reference_markdown() -> str:
-    """The configuration reference table (README), generated from the field descriptions."""
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            subs = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-            key = f"{prefix}{name}"
-            if subs:
-                walk(subs[0], key + ".")
-                continue
-            if field.is_required():
-                default = "required"
-            elif field.default_factory is not None:
-                default = f"`{field.default_factory()!r}`"
-            else:
-                default = f"`{field.default!r}`"
-            type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "\\|")
-            rows.append(f"| `{key}` | `{type_name}` | {default} | {field.description} |".replace("\n", "\\n"))
-
-    walk(Config, "")
-    return "\n".join(rows) + "\n"

@@ -1,0 +1,25 @@
+"""The typed, strict configuration (`schema`: one section per component, every field documented) and its loading
+(`loading`: YAML + dotted overrides, one-line errors, renamed keys, the generated reference)."""
+
+from pipeline.config.loading import load_config, parse_overrides, reference_markdown, to_yaml
+from pipeline.config.schema import (
+                                    CheckpointConfig,
+                                    Config,
+                                    DataConfig,
+                                    DataSource,
+                                    EngineSettings,
+                                    EvalConfig,
+                                    LossConfig,
+                                    ModelConfig,
+                                    OptimConfig,
+                                    ParallelConfig,
+                                    RayConfig,
+                                    RewardConfig,
+                                    ScoringConfig,
+                                    TokenizerConfig,
+                                    TrainConfig,
+)
+
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "DataSource", "EngineSettings", "EvalConfig", "LossConfig",
+           "ModelConfig", "OptimConfig", "ParallelConfig", "RayConfig", "RewardConfig", "ScoringConfig",
+           "TokenizerConfig", "TrainConfig", "load_config", "parse_overrides", "reference_markdown", "to_yaml"]
