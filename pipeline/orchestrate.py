@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.store.cache_layout import prepare
+from pipeline.store.cache_layout import resolve_inputs
 from pipeline.store.storage import Store
 from stages import cache, evaluate, train
 from stages import evaluate as eval_stage
@@ -44,7 +44,7 @@ def _splits(cfg: Config):
 def _plan_cache(cfg: Config) -> tuple[list[Step], dict[str, Any]]:
     steps, preps = [], {}
     for split, src in _splits(cfg):
-        prep = preps[split] = prepare(cfg, split, src)
+        prep = preps[split] = resolve_inputs(cfg, split, src)
         store = Store(cfg.cache_dir).child(prep.key)
         if store.exists("manifest.json"):
             pairs = store.read_json("manifest.json")["counts"]["pairs"]

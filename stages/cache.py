@@ -44,7 +44,7 @@ from pipeline.data.sources import Reject, Shard, SourcePlan, read_shard
 from pipeline.engines.scorers import ENGINES, SCORE_FIELDS, actor_options, scorer_kwargs
 from pipeline.errors import UserError
 from pipeline.runtime.session import connect, progress_bar
-from pipeline.store.cache_layout import Prepared, damaged_files, prepare
+from pipeline.store.cache_layout import CacheInputs, damaged_files, resolve_inputs
 from pipeline.store.fingerprint import SCHEMA_VERSION
 from pipeline.store.storage import Store
 
@@ -107,10 +107,10 @@ def _tokenize_shards(batch: pa.Table, jobs: list[dict], tokenizer_dir: str, chat
 
 
 @dataclass
-class _Job:
+class CacheJob:
     """One cache to complete: its inputs, directory, shard plan and unfinished shards."""
 
-    prep: Prepared
+    prep: CacheInputs
     store: Store
     plan: SourcePlan
     todo: list[Shard]
@@ -119,7 +119,7 @@ class _Job:
 class _ShardWriter:
     """Collects scored rows per (job, shard); when a shard is whole, writes its Parquet, rejects and marker."""
 
-    def __init__(self, jobs: list[_Job]):
+    def __init__(self, jobs: list[CacheJob]):
         self.jobs = jobs
         self.expected = {(j, s.index): s.stop - s.start for j, job in enumerate(jobs) for s in job.todo}
         self.parts: dict[tuple[int, int], list[pa.Table]] = {}
@@ -217,7 +217,7 @@ def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[di
             "rejected": marker["rejected"] + len(dups), "reasons": dict(reasons), "tokens": tokens}
 
 
-def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> dict[str, Any]:
+def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) -> dict[str, Any]:
     markers = [store.read_json(f".work/shard-{s.index:05d}.json") for s in plan.shards]
     dups = _duplicates(store, plan, markers)
     markers = [_drop_duplicates(store, plan, m, dups[str(m["shard"])]) if str(m["shard"]) in dups else m
@@ -250,7 +250,7 @@ def _finalize(store: Store, prep: Prepared, plan: SourcePlan, engine: str) -> di
     return counts
 
 
-def _reopen(store: Store, prep: Prepared, manifest: dict[str, Any], damaged: list[str]) -> None:
+def _reopen(store: Store, prep: CacheInputs, manifest: dict[str, Any], damaged: list[str]) -> None:
     """Turn a complete cache with damaged files back into an unfinished one whose damaged shards are to do."""
     if "plan" not in manifest:
         raise UserError(f"the cache at {store.uri} has damaged files ({', '.join(damaged)}) and was written by an "
@@ -279,7 +279,7 @@ def _reopen(store: Store, prep: Prepared, manifest: dict[str, Any], damaged: lis
 # ---------------------------------------------------------------- run
 
 
-def _pending(store: Store, prep: Prepared) -> tuple[SourcePlan, list[Shard]]:
+def _pending(store: Store, prep: CacheInputs) -> tuple[SourcePlan, list[Shard]]:
     """The shard plan of this cache (the first run's, if resuming) and its unfinished shards."""
     if store.exists(".work/plan.json"):
         plan = SourcePlan.from_dict(store.read_json(".work/plan.json"))
@@ -296,7 +296,7 @@ def _pending(store: Store, prep: Prepared) -> tuple[SourcePlan, list[Shard]]:
     return plan, [s for s in plan.shards if f"shard-{s.index:05d}.json" not in done]
 
 
-def _score(cfg: Config, jobs: list[_Job], writer: _ShardWriter, progress) -> None:
+def _score(cfg: Config, jobs: list[CacheJob], writer: _ShardWriter, progress) -> None:
     """One Ray Data pipeline over the unfinished shards of every job: the scorer engines start once."""
     ref, prep = cfg.scoring, jobs[0].prep
     items = [{"job": j, "shard": s.index} for j, job in enumerate(jobs) for s in job.todo]
@@ -324,8 +324,8 @@ def _score(cfg: Config, jobs: list[_Job], writer: _ShardWriter, progress) -> Non
 def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
     """Build (or reuse) the cache of every configured split; record the resolved config in the run dir."""
     splits = [("train", cfg.data.train)] + ([("eval", cfg.data.eval)] if cfg.data.eval else [])
-    preps = [prepare(cfg, name, src) for name, src in splits]  # user errors (missing files) before any write
-    jobs: dict[str, _Job] = {}  # by key: two splits with the same inputs share one cache
+    preps = [resolve_inputs(cfg, name, src) for name, src in splits]  # user errors (missing files) before any write
+    jobs: dict[str, CacheJob] = {}  # by key: two splits with the same inputs share one cache
     repaired: dict[str, list[str]] = {}
     for prep in preps:
         store = Store(cfg.cache_dir).child(prep.key)
@@ -338,7 +338,7 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
                 continue
             _reopen(store, prep, manifest, damaged)
             repaired[prep.key] = damaged
-        jobs[prep.key] = _Job(prep, store, *_pending(store, prep))
+        jobs[prep.key] = CacheJob(prep, store, *_pending(store, prep))
     run_store = Store(cfg.run_dir)
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     todo = [job for job in jobs.values() if job.todo]

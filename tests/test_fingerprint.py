@@ -38,11 +38,11 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 def prep(model_dir: Path, tmp_path: Path, *overrides: str, data: str | Path = DATA / "standard.jsonl"):
     # engine=hf: this tier must not need vLLM
     cfg = make_config(model_dir, tmp_path, "scoring.engine=hf", *overrides, data=data)
-    return cache_layout.prepare(cfg, "train", cfg.data.train)
+    return cache_layout.resolve_inputs(cfg, "train", cfg.data.train)
 
 
 def components(p) -> dict:
-    """The hashed parts of Prepared.inputs (paths are for people and not keyed)."""
+    """The hashed parts of CacheInputs.inputs (paths are for people and not keyed)."""
     out = json.loads(json.dumps(p.inputs))
     for part in ("model", "tokenizer", "data"):
         out[part].pop("path")

@@ -34,7 +34,7 @@ from pipeline.demo.sentiment import SftSpec
 from pipeline.engines.actors import CheckpointEngine, sample_seed
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.errors import UserError
-from pipeline.evaluation.report import _num, _pm
+from pipeline.evaluation.report import format_mean_se, format_number
 from pipeline.runtime.session import init_ray, progress_bar
 from pipeline.store.fingerprint import model_files_hash, sha256_json, tokenizer_files_hash
 from pipeline.store.storage import Store
@@ -243,14 +243,14 @@ def write_experiment_report(run_dir: str, rows: list[dict[str, Any]], checks: di
              "Ground-truth reward: positive minus negative lexicon words in the completion. π_SFT = π_ref.", "",
              "| run | β | step | reward | KL [nats] | win rate vs π_SFT | pref. accuracy |",
              "|---|---:|---:|---:|---:|---:|---:|",
-             f"| π_SFT | — | 0 | {_pm(sft['reward_mean'], sft['reward_se'])} | {_pm(sft['kl_mean'], sft['kl_se'])} "
-             f"| — | — |"]
+             f"| π_SFT | — | 0 | {format_mean_se(sft['reward_mean'], sft['reward_se'])} | "
+             f"{format_mean_se(sft['kl_mean'], sft['kl_se'])} | — | — |"]
     for v in spec.variants:
         f = _final(rows, v)
         beta = v.removeprefix("dpo-beta") if v.startswith("dpo-") else "—"
-        lines.append(f"| {v} | {beta} | {f['step']} | {_pm(f['reward_mean'], f['reward_se'])} | "
-                     f"{_pm(f['kl_mean'], f['kl_se'])} | {_pm(f['win_rate'], f['win_rate_se'])} | "
-                     f"{_num(f['pref_accuracy'])} |")
+        lines.append(f"| {v} | {beta} | {f['step']} | {format_mean_se(f['reward_mean'], f['reward_se'])} | "
+                     f"{format_mean_se(f['kl_mean'], f['kl_se'])} | "
+                     f"{format_mean_se(f['win_rate'], f['win_rate_se'])} | {format_number(f['pref_accuracy'])} |")
     c = checks
     lines += ["", "## What it shows", "",
               f"- DPO raises the mean reward from {c['sft_reward']:.3f} (π_SFT) to {c['best_dpo_reward']:.3f} "

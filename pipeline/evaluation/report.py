@@ -120,7 +120,7 @@ def _json_default(o):
 
 # ---- Markdown ----
 
-def _num(x) -> str:
+def format_number(x) -> str:
     """3-4 significant digits, no exponent for large magnitudes (token rates), "—" for None/NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return NONE
@@ -130,10 +130,11 @@ def _num(x) -> str:
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
-def _pm(mean, se) -> str:
+def format_mean_se(mean, se) -> str:
+    """"mean ± se" for tables; "—" for a missing mean."""
     if mean is None:
         return NONE
-    return _num(mean) if se is None else f"{_num(mean)} ± {float(se):.2g}"
+    return format_number(mean) if se is None else f"{format_number(mean)} ± {float(se):.2g}"
 
 
 def _cell(text) -> str:
@@ -148,9 +149,10 @@ def _markdown(rows: list[dict], failures: list[dict], settings: dict, plots: lis
              "| tokens/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        cells = [_cell(r["name"]), _num(r["step"]), _num(r["samples"]), _pm(r["reward_mean"], r["reward_se"]),
-                 _pm(r["kl_mean"], r["kl_se"]), _pm(r["win_rate"], r["win_rate_se"]), _num(r["pref_accuracy"]),
-                 _num(r["completion_tokens_mean"]), _num(r["sampling_tokens_per_s"])]
+        cells = [_cell(r["name"]), format_number(r["step"]), format_number(r["samples"]),
+                 format_mean_se(r["reward_mean"], r["reward_se"]), format_mean_se(r["kl_mean"], r["kl_se"]),
+                 format_mean_se(r["win_rate"], r["win_rate_se"]), format_number(r["pref_accuracy"]),
+                 format_number(r["completion_tokens_mean"]), format_number(r["sampling_tokens_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     if failures:
         lines += ["", "## Failed", ""]

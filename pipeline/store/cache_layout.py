@@ -22,8 +22,9 @@ from pipeline.store.storage import Store
 
 
 @dataclass
-class Prepared:
-    """Everything the stage needs for one split, resolved on the driver."""
+class CacheInputs:
+    """One split's cache, resolved on the driver: its key, what the key hashes, the source's shard plan and the
+    model and tokenizer directories."""
 
     split: str
     key: str
@@ -36,11 +37,12 @@ class Prepared:
 
 
 def sources_dir(cfg: Config) -> Path:
+    """Where `datasets` sources are exported to Parquet (on this machine when cache_dir is a URI)."""
     return Path(cfg.cache_dir) / "sources" if "://" not in cfg.cache_dir else \
         Path.home() / ".cache" / "dpo-pipeline" / "sources"
 
 
-def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
+def resolve_inputs(cfg: Config, split: str, src: DataSource) -> CacheInputs:
     """Resolve model/tokenizer/data, hash them and derive the cache key."""
     model = resolve_model(cfg.model.path, cfg.model.revision)
     tok_path = cfg.tokenizer.path or cfg.model.path
@@ -58,7 +60,7 @@ def prepare(cfg: Config, split: str, src: DataSource) -> Prepared:
         "truncation": {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length},
         "dtype": cfg.model.dtype,
     }
-    return Prepared(split, cache_key(keyed_inputs(inputs)), inputs, plan, model.local_dir, tokenizer.local_dir,
+    return CacheInputs(split, cache_key(keyed_inputs(inputs)), inputs, plan, model.local_dir, tokenizer.local_dir,
                     template, src.format)
 
 
@@ -93,7 +95,7 @@ def find_cache(cfg: Config, split: str) -> CacheRef:
     """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs, or one whose
     files no longer match the manifest's checksums."""
     src = cfg.data.train if split == "train" else cfg.data.eval
-    prep = prepare(cfg, split, src)
+    prep = resolve_inputs(cfg, split, src)
     explicit = cfg.train.cache_path if split == "train" else None
     store = Store(explicit) if explicit else Store(cfg.cache_dir).child(prep.key)
     if not store.exists("manifest.json"):

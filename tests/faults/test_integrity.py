@@ -82,7 +82,7 @@ def test_damaged_rejects_file_recomputes_every_shard(copy):
 
 def test_a_damaged_shard_is_recomputed_when_resuming(copy):
     cfg, key_dir, table = copy
-    prep = cache_layout.prepare(cfg, "train", cfg.data.train)
+    prep = cache_layout.resolve_inputs(cfg, "train", cfg.data.train)
     manifest = json.loads((key_dir / "manifest.json").read_text())
     cache._reopen(cache.Store(str(key_dir)), prep, manifest, damaged=[])  # an interrupted run, all shards done
     corrupt(key_dir / "data/part-00002.parquet", "truncate")  # then a file is damaged before the rerun
