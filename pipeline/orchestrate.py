@@ -15,9 +15,8 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.store.cache_layout import resolve_inputs
 from pipeline.store.storage import Store
-from stages import cache, evaluate, train
-from stages import evaluate as eval_stage
-from stages.train import plan_steps, train_key
+from stages import cache, train
+from stages import evaluate as eval_stage  # `evaluate` is run()'s flag
 
 
 @dataclass
@@ -65,7 +64,7 @@ def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
     other = ""
     if run.exists("train.json"):
         rec = run.read_json("train.json")
-        if rec.get("key") == train_key(cfg, cache_key):
+        if rec.get("key") == train.train_key(cfg, cache_key):
             return Step("train", "reuse", f"finished with these inputs: {rec['steps']} steps, "
                                           f"{len(rec['checkpoints'])} checkpoint(s) in {run.uri}/checkpoints")
         other = " (warning: run_dir holds a run with other inputs or settings; use a new run_dir to start over)"
@@ -74,7 +73,7 @@ def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
         return Step("train", "resume", f"from the training state {states[-1]} in {run.uri}/ray{other}")
     if cache_ready:
         pairs = Store(cfg.cache_dir).child(cache_key).read_json("manifest.json")["counts"]["pairs"]
-        _, total = plan_steps(cfg, pairs)
+        _, total = train.plan_steps(cfg, pairs)
         return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs")
     return Step("train", "run", "after the cache: no training run for these inputs")
 
@@ -84,7 +83,7 @@ def _plan_eval(cfg: Config, after: bool) -> Step:
         return Step("eval", "run", f"after training: the reference and checkpoints ({cfg.eval.checkpoints})"
                                    if cfg.eval.include_reference_model else f"after training: {cfg.eval.checkpoints}")
 
-    p = evaluate.prepare(cfg)
+    p = eval_stage.prepare(cfg)
     names = [j.target.name for j in p.jobs]
     failed = f"; unusable: {', '.join(p.failures)}" if p.failures else ""
     if not names:
@@ -97,11 +96,11 @@ def plan(cfg: Config, evaluate: bool = True) -> list[Step]:
     """What `run` would do, stage by stage, without running anything (content hashes are computed)."""
     steps, preps = _plan_cache(cfg)
     cache_ready = steps[0].action == "reuse"
-    train = _plan_train(cfg, preps["train"].key, cache_ready)
+    train_step = _plan_train(cfg, preps["train"].key, cache_ready)
     if not evaluate:
-        return steps + [train]
-    upstream = any(s.action != "reuse" for s in steps) or train.action != "reuse"
-    return steps + [train, _plan_eval(cfg, after=upstream)]
+        return steps + [train_step]
+    upstream = any(s.action != "reuse" for s in steps) or train_step.action != "reuse"
+    return steps + [train_step, _plan_eval(cfg, after=upstream)]
 
 
 def run(cfg: Config, echo=print, evaluate: bool = True) -> RunSummary:
@@ -118,7 +117,6 @@ def run(cfg: Config, echo=print, evaluate: bool = True) -> RunSummary:
         summary.checkpoints = Store(cfg.run_dir).read_json("train.json")["checkpoints"]
     if not evaluate:
         return summary
-
     result = eval_stage.run(cfg)
     summary.report, summary.rows, summary.failures = result.report, result.rows, result.failures
     return summary
