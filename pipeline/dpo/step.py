@@ -3,7 +3,8 @@ times with no Ray at all (benchmarks/bench_gpu_step.py).
 
 A step takes this rank's pairs of a global batch, groups them by length into micro-batches, and for each runs
 one forward over chosen + rejected, the configured loss, and a backward of its share of the mean loss; then clips
-and steps the optimizer. Nothing here waits for the device until the caller reads the step's sums.
+and steps the optimizer. Nothing here waits for the device until the caller reads the step's sums. FSDP specifics
+(when gradients reduce, the DTensor gradient norm) go through pipeline/dpo/parallel.py.
 """
 
 from __future__ import annotations
