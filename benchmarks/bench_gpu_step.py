@@ -1,6 +1,6 @@
 """Benchmark: one DPO training step on one GPU, no Ray: tokens/s and model FLOP utilization (MFU).
 
-The step is the trainer's own (`pipeline.step.StepCompute` + `optimizer_step`, cached reference log-probs, FSDP2
+The step is the trainer's own (`pipeline.dpo.step.StepCompute` + `optimizer_step`, cached reference log-probs, FSDP2
 over a one-rank process group, bf16 compute with fp32 master weights and fp32 gradient reduction), on a model built
 from a config (no download): `qwen2-0.5b` (494M params, Qwen2-0.5B's shape) or `llama-1b` (1.24B, Llama-3.2-1B's
 shape). Pairs have random tokens and varied lengths (prompts 64-512, responses 32-512 tokens).

@@ -1,8 +1,11 @@
 """Stage 2: DPO training on Ray Train with FSDP2, reading reference log-probs from the stage-1 cache.
 
-Driver: find the cache of the configured inputs (refusing one built for other inputs), build one Ray dataset per
-epoch, and run a `TorchTrainer`. Workers: load the policy, shard it (`apply_fsdp`), and for each optimizer step
-take their slice of the global batch, accumulate micro-batch gradients, step, log, evaluate and checkpoint.
+Driver (`run`): find the cache of the configured inputs (refusing one built for other inputs), build one Ray dataset
+per epoch, and run a `TorchTrainer` whose workers get a `WorkerPlan`. Workers (`train_loop`): a `DPOWorker` goes
+through setup (load the policy, shard it with `apply_fsdp`, restore the latest checkpoint) -> train (for each
+optimizer step take their slice of the global batch, accumulate micro-batch gradients, step, log, evaluate and
+checkpoint every train.checkpoint.every steps) -> save (the last step) -> cleanup. FSDP and distributed-checkpoint
+details live in pipeline/dpo/parallel.py, the checkpoint layout in pipeline/store/checkpoints.py.
 
 Batches are world-size invariant: every worker streams the epoch's pairs in the same seeded order and keeps
 positions [r·G/W, (r+1)·G/W) of each global batch of G pairs, so W workers compute exactly the steps one worker
@@ -23,7 +26,7 @@ import random
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +36,31 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from ray.train.torch import TorchTrainer
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 from tqdm import tqdm
 
 from pipeline.config import Config, to_yaml
 from pipeline.data.models import load_hf_model, load_tokenizer
 from pipeline.dpo.metrics import MetricsLogger, StepSums
-from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
+from pipeline.dpo.parallel import (
+    PolicyLogps,
+    apply_fsdp,
+    full_hf_state_dict,
+    load_sharded_state,
+    save_sharded_state,
+)
 from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step
 from pipeline.errors import RunFailed, UserError, error_line
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import spread
 from pipeline.runtime.session import connect, quiet_worker_logs
-from pipeline.store.cache_layout import find_cache
-from pipeline.store.checkpoints import export_hf, list_checkpoints, remove_interrupted_exports
+from pipeline.store.cache_layout import CacheRef, find_cache
+from pipeline.store.checkpoints import (
+    export_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    remove_interrupted_exports,
+)
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
 
@@ -77,12 +84,13 @@ def _check_cpus(cfg: Config) -> None:
     """Ray Data streams the cache to the workers only with at least one CPU the workers do not hold; without it
     the run would wait forever (measured with Ray 2.60)."""
     total = ray.cluster_resources().get("CPU", 0)
-    held = cfg.train.parallel.num_workers * cfg.train.parallel.num_cpus_per_worker
+    parallel = cfg.train.parallel
+    held = parallel.num_workers * parallel.num_cpus_per_worker
     if total - held < 1:
         raise UserError(f"train.parallel.num_workers × train.parallel.num_cpus_per_worker = {held:g} CPUs leaves "
                         f"less than 1 of the cluster's {total:g} for data loading; lower "
-                        f"train.parallel.num_cpus_per_worker (e.g. "
-                        f"{max(0.25, (total - 1) / cfg.train.parallel.num_workers):g}) or add CPUs")
+                        f"train.parallel.num_cpus_per_worker (e.g. {max(0.25, (total - 1) / parallel.num_workers):g}) "
+                        f"or add CPUs")
 
 
 def _shuffle_block(batch, seed: int, epoch: int):
@@ -129,42 +137,14 @@ def run(cfg: Config) -> TrainResult:
     remove_interrupted_exports(run_store)
     connect(cfg)
     _check_cpus(cfg)
-    epochs = math.ceil(total / per_epoch)
-    datasets = {f"train_{e}": _epoch_dataset(train_cache.files, cfg.train.seed, e, cfg.train.shuffle)
-                for e in range(epochs)}
-    if eval_cache:
-        datasets["eval"] = _epoch_dataset(eval_cache.files, 0, 0, shuffle=False)
-    t = cfg.train
-    trainer = TorchTrainer(
-        train_loop,
-        # Paths resolved here: Ray Train workers run in another working directory.
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "per_epoch": per_epoch, "total": total,
-                           "fault": faults.env(),
-                           "run_dir": run_store.uri, "model_dir": train_cache.model_dir,
-                           "tokenizer_dir": train_cache.tokenizer_dir, "chat_template": train_cache.chat_template},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.parallel.num_workers, use_gpu=t.parallel.use_gpu,
-                                               resources_per_worker={"CPU": t.parallel.num_cpus_per_worker},
-                                               placement_strategy="SPREAD" if spread(cfg) else "PACK"),
-        run_config=ray.train.RunConfig(
-            # Ray Train writes its training state through the same pyarrow filesystem (local disk, s3, gs).
-            name="ray", storage_path=run_store.root, storage_filesystem=None if run_store.local else run_store.fs,
-            failure_config=ray.train.FailureConfig(max_failures=t.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint.keep)),
-        datasets=datasets,
-        # Not split: every worker streams the whole epoch in the same order and keeps its slice of each batch.
-        # (Ray Train replaces each dataset's execution options with these: preserve_order must be set here.)
-        dataset_config=ray.train.DataConfig(datasets_to_split=[],
-                                            execution_options=ray.data.ExecutionOptions(preserve_order=True)),
-    )
+    # Paths resolved here: Ray Train workers run in another working directory.
+    plan = WorkerPlan(cfg, run_store.uri, train_cache.model_dir, train_cache.tokenizer_dir, train_cache.chat_template,
+                      per_epoch, total, faults.env())
+    trainer = _trainer(cfg, plan, run_store, _datasets(cfg, train_cache, eval_cache, math.ceil(total / per_epoch)))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        failures = getattr(e, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
-        cause = next(iter(failures.values())) if failures else e
-        done = list_checkpoints(run_store)
-        kept = f"the last complete checkpoint is {done[-1].rsplit('/', 1)[-1]}" if done else "no checkpoint yet"
-        raise RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
-                        f"set train.checkpoint.max_failures to restart automatically") from None
+        raise _run_failed(e, run_store) from None
     ckpts = list_checkpoints(run_store)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     # The record `dpo-pipeline run`/`plan` read to skip a finished run with the same inputs (written last).
@@ -174,7 +154,78 @@ def run(cfg: Config) -> TrainResult:
     return TrainResult(total, ckpts, dict(result.metrics or {}), run_store.uri)
 
 
+def _datasets(cfg: Config, train_cache: CacheRef, eval_cache: CacheRef | None, epochs: int) -> dict[str, Any]:
+    """One Ray dataset per epoch (`train_<epoch>`), and `eval` when evaluating."""
+    datasets = {f"train_{e}": _epoch_dataset(train_cache.files, cfg.train.seed, e, cfg.train.shuffle)
+                for e in range(epochs)}
+    if eval_cache:
+        datasets["eval"] = _epoch_dataset(eval_cache.files, 0, 0, shuffle=False)
+    return datasets
+
+
+def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str, Any]) -> TorchTrainer:
+    parallel = cfg.train.parallel
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=plan.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=parallel.num_workers, use_gpu=parallel.use_gpu,
+                                               resources_per_worker={"CPU": parallel.num_cpus_per_worker},
+                                               placement_strategy="SPREAD" if spread(cfg) else "PACK"),
+        run_config=ray.train.RunConfig(
+            # Ray Train writes its training state through the same pyarrow filesystem (local disk, s3, gs).
+            name="ray", storage_path=run_store.root, storage_filesystem=None if run_store.local else run_store.fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint.keep)),
+        datasets=datasets,
+        # Not split: every worker streams the whole epoch in the same order and keeps its slice of each batch.
+        # (Ray Train replaces each dataset's execution options with these: preserve_order must be set here.)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+    )
+
+
+def _run_failed(error: ray.train.TrainingFailedError, run_store: Store) -> RunFailed:
+    failures = getattr(error, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
+    cause = next(iter(failures.values())) if failures else error
+    done = list_checkpoints(run_store)
+    kept = f"the last complete checkpoint is {done[-1].rsplit('/', 1)[-1]}" if done else "no checkpoint yet"
+    return RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
+                     f"set train.checkpoint.max_failures to restart automatically")
+
+
 # ---------------------------------------------------------------- workers
+
+
+@dataclass
+class WorkerPlan:
+    """What every worker is given. Crosses to the workers as `to_dict()` (JSON types) in `train_loop_config`."""
+
+    cfg: Config
+    run_dir: str  # a resolved local path or a URI
+    model_dir: str
+    tokenizer_dir: str
+    chat_template: str | None
+    steps_per_epoch: int
+    total_steps: int
+    fault_env: dict[str, str] = field(default_factory=dict)  # faults.env() of the driver
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "cfg": self.cfg.model_dump(mode="json")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerPlan:
+        return cls(**{**d, "cfg": Config.model_validate(d["cfg"])})
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point: the worker's lifecycle."""
+    plan = WorkerPlan.from_dict(config)
+    faults.adopt(plan.fault_env)
+    worker = DPOWorker(plan)
+    worker.setup()
+    worker.train()
+    worker.save()  # the last step, unless a periodic checkpoint holds it already
+    worker.cleanup()
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str):
@@ -188,48 +239,77 @@ def _lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point."""
-    faults.adopt(config.get("fault", {}))
-    _Worker(Config.model_validate(config["cfg"]), config).run()
+class DPOWorker:
+    """DPO training on one Ray Train worker: setup (models, sharding, optimizer, restored state) -> train (steps,
+    evaluation, logging, periodic checkpoints) -> save (a checkpoint of the current step) -> cleanup."""
 
-
-class _Worker:
-    """setup -> run (steps, eval, checkpoints) -> cleanup, on one Ray Train worker."""
-
-    def __init__(self, cfg: Config, paths: dict[str, Any]):
-        self.cfg, self.t, self.run_store = cfg, cfg.train, Store(paths["run_dir"])
-        self.per_epoch, self.total = paths["per_epoch"], paths["total"]
+    def __init__(self, plan: WorkerPlan):
+        self.plan, self.cfg, self.run_store = plan, plan.cfg, Store(plan.run_dir)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.step = 0
+        self.saved_step: int | None = None  # the step the newest checkpoint holds
+        self.metrics: dict[str, float] = {}  # the last step's
 
+    # ------------------------------------------------------------ lifecycle
+
+    def setup(self) -> None:
         quiet_worker_logs()
         self.device = ray.train.torch.get_device()  # this worker's GPU under train.parallel.use_gpu, else the CPU
-        torch.set_num_threads(max(1, int(self.t.parallel.num_cpus_per_worker)))
-        torch.manual_seed(self.t.seed)
-        model_dir = paths["model_dir"]
-        self.tokenizer = load_tokenizer(paths["tokenizer_dir"], paths["chat_template"])
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        param_dtype = getattr(torch, self.t.parallel.param_dtype)
-        # Every rank loads the same weights in fp32 (the master copy); fully_shard then keeps each rank's shard.
-        self.lm = load_hf_model(model_dir, "float32", str(self.device), cfg.model.trust_remote_code)
-        self.lm.train()
-        self.policy = apply_fsdp(PolicyLogps(self.lm), param_dtype, self.t.parallel.activation_checkpointing,
-                                 self.t.parallel.cpu_offload, self.t.parallel.compile)
-        self.reference = None
-        if self.t.ref_logps == "in_loop":
-            ref = load_hf_model(model_dir, cfg.model.dtype, str(self.device), cfg.model.trust_remote_code)
-            ref.requires_grad_(False)
-            self.reference = apply_fsdp(PolicyLogps(ref), getattr(torch, cfg.model.dtype))
-        self.opt = make_optimizer(self.policy.parameters(), self.t.optim.lr, self.t.optim.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.t.optim.warmup_steps, self.total,
-                                                                            self.t.optim.schedule))
-        self.compute = StepCompute(self.policy, self.reference, self.t.loss, self.pad_id, self.device)
-        self.step = 0
-        self.logger = MetricsLogger(paths["run_dir"], enabled=self.rank == 0)
+        torch.set_num_threads(max(1, int(self.cfg.train.parallel.num_cpus_per_worker)))
+        torch.manual_seed(self.cfg.train.seed)
+        self.tokenizer = load_tokenizer(self.plan.tokenizer_dir, self.plan.chat_template)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.lm, self.policy = self._policy()
+        reference = self._reference() if self.cfg.train.ref_logps == "in_loop" else None
+        optim = self.cfg.train.optim
+        self.optimizer = make_optimizer(self.policy.parameters(), optim.lr, optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(optim.warmup_steps, self.plan.total_steps, optim.schedule))
+        self.compute = StepCompute(self.policy, reference, self.cfg.train.loss, pad_id, self.device)
+        self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0)
         self.nodes = self._worker_nodes()
         self._restore()
         self.logger.resume_at(self.step)  # steps logged after the restored checkpoint are done (and logged) again
+        self.bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", unit="step",
+                        disable=self.rank != 0)
+
+    def train(self) -> None:
+        while self.step < self.plan.total_steps:
+            self._train_epoch()
+
+    def save(self) -> None:
+        """Checkpoint the current step unless a checkpoint holds it already: the Hugging Face export (rank 0), then
+        the sharded training state, reported to Ray Train with the step's metrics."""
+        if self.saved_step == self.step:
+            return
+        name = f"step_{self.step:06d}"
+        self._export_hf(name)
+        self._report_state(name)
+        self.saved_step = self.step
+
+    def cleanup(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+    # ------------------------------------------------------------ setup
+
+    def _policy(self) -> tuple[torch.nn.Module, PolicyLogps]:
+        """The language model and the sharded policy around it. Every rank loads the same weights in fp32 (the
+        master copy); fully_shard then keeps each rank's shard."""
+        lm = load_hf_model(self.plan.model_dir, "float32", str(self.device), self.cfg.model.trust_remote_code)
+        lm.train()
+        parallel = self.cfg.train.parallel
+        policy = apply_fsdp(PolicyLogps(lm), getattr(torch, parallel.param_dtype), parallel.activation_checkpointing,
+                            parallel.cpu_offload, parallel.compile)
+        return lm, policy
+
+    def _reference(self) -> PolicyLogps:
+        """The frozen in-loop reference, sharded, in the model's dtype."""
+        ref = load_hf_model(self.plan.model_dir, self.cfg.model.dtype, str(self.device),
+                            self.cfg.model.trust_remote_code)
+        ref.requires_grad_(False)
+        return apply_fsdp(PolicyLogps(ref), getattr(torch, self.cfg.model.dtype))
 
     def _worker_nodes(self) -> list[str]:
         """The Ray node id of every rank (a collective), recorded in train.json: where the training ran."""
@@ -240,60 +320,56 @@ class _Worker:
         dist.all_gather_object(nodes, node)
         return nodes
 
-    # ------------------------------------------------------------ state
-
     def _restore(self) -> None:
+        """Resume from Ray Train's latest checkpoint, if any: weights, optimizer, scheduler and step."""
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return
         with ckpt.as_directory() as d:
-            model_sd, optim_sd = get_state_dict(self.policy, self.opt)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(Path(d) / "state"))
-            set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            load_sharded_state(Path(d) / "state", self.policy, self.optimizer)
             meta = json.loads((Path(d) / "trainer_state.json").read_text())
-        self.step = meta["step"]
-        self.sched.load_state_dict(meta["scheduler"])
+        self.step = self.saved_step = meta["step"]
+        self.scheduler.load_state_dict(meta["scheduler"])
         if self.rank == 0:
             print(f"resumed from step {self.step} ({ckpt.path})")
 
-    def _checkpoint(self, metrics: dict[str, float]) -> None:
-        name = f"step_{self.step:06d}"
-        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:
-            state = {k.removeprefix("lm."): v for k, v in full.items()}
-            store = self.run_store
-            if store.local:
-                export_hf(state, self.lm, self.tokenizer, Path(store.path(f"checkpoints/{name}")))
-            else:  # written on this worker's disk, then uploaded (config.json last: the checkpoint is complete)
-                with tempfile.TemporaryDirectory() as tmp:
-                    export_hf(state, self.lm, self.tokenizer, Path(tmp) / name)
-                    store.upload_dir(Path(tmp) / name, f"checkpoints/{name}", last="config.json")
-            if self.t.checkpoint.keep:  # the same rule as Ray's num_to_keep for the training state
-                olds = sorted(n for n in store.listdir("checkpoints") if n.startswith("step_"))
-                for old in olds[:-self.t.checkpoint.keep]:
-                    store.delete(f"checkpoints/{old}")
-            self.logger.sync()
-        with tempfile.TemporaryDirectory() as local:
-            model_sd, optim_sd = get_state_dict(self.policy, self.opt)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(local) / "state"))
-            if self.rank == 0:
-                Path(local, "trainer_state.json").write_text(json.dumps(
-                    {"step": self.step, "scheduler": self.sched.state_dict(), "hf_checkpoint": name}))
-            ray.train.report({**metrics, "step": self.step, "hf_checkpoint": name, "worker_nodes": self.nodes},
-                             checkpoint=ray.train.Checkpoint.from_directory(local),
-                             checkpoint_dir_name=f"checkpoint_{self.step:06d}")
+    # ------------------------------------------------------------ train
 
-    # ------------------------------------------------------------ compute
+    def _train_epoch(self) -> None:
+        """The rest of the current epoch: every worker streams it whole, in the same order, G pairs per batch."""
+        epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
+        batches = ray.train.get_dataset_shard(f"train_{epoch}").iter_batches(
+            batch_size=self.cfg.train.global_batch_pairs, batch_format="pyarrow", drop_last=True)
+        for i, global_batch in enumerate(batches):
+            if i < skip:  # resuming mid-epoch: these steps are in the restored state
+                continue
+            if i >= self.plan.steps_per_epoch or self.step >= self.plan.total_steps:
+                break
+            self._step(global_batch)
+            faults.reach("train_step")
+
+    def _step(self, global_batch) -> None:
+        """One optimizer step, then what is due after it: evaluation, logging, a checkpoint."""
+        self.metrics = self._train_step(global_batch)
+        self.step += 1
+        self.bar.update(1)
+        if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.cfg.data.eval:
+            self.metrics.update(self._evaluate())
+        if self.step % self.cfg.train.log_every == 0 or self.step == self.plan.total_steps:
+            self.logger.log(self.step, self.metrics, echo=self.bar.write)
+        if self.cfg.train.checkpoint.every and self.step % self.cfg.train.checkpoint.every == 0:
+            self.save()
 
     def _train_step(self, global_batch) -> dict[str, float]:
+        """This rank's slice [r·G/W, (r+1)·G/W) of the global batch: forward/backward, clip, optimizer step."""
         t0 = now()
         sums = StepSums()
-        per_rank = self.t.global_batch_pairs // self.world
-        self.compute.accumulate(global_batch.slice(self.rank * per_rank, per_rank), self.t.micro_batch_pairs, sums)
-        lr = self.sched.get_last_lr()[0]
-        norm = optimizer_step(self.policy, self.opt, self.t.optim.max_grad_norm)
-        self.sched.step()
+        per_rank = self.cfg.train.global_batch_pairs // self.world
+        self.compute.accumulate(global_batch.slice(self.rank * per_rank, per_rank), self.cfg.train.micro_batch_pairs,
+                                sums)
+        lr = self.scheduler.get_last_lr()[0]
+        norm = optimizer_step(self.policy, self.optimizer, self.cfg.train.optim.max_grad_norm)
+        self.scheduler.step()
         metrics = sums.reduce(self.device)
         elapsed = now() - t0
         metrics.update({"grad_norm": float(norm), "lr": lr, "tokens_per_s": metrics.pop("tokens") / elapsed,
@@ -309,46 +385,38 @@ class _Worker:
         return float(rss.item())
 
     def _evaluate(self) -> dict[str, float]:
+        """Loss and reward accuracy/margin on the eval split; each rank scores its slice of every chunk."""
         sums = StepSums()
-        chunk = self.t.micro_batch_pairs * self.world
-        for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=chunk, batch_format="pyarrow",
-                                                                      drop_last=True):
-            self.compute.evaluate(batch.slice(self.rank * self.t.micro_batch_pairs, self.t.micro_batch_pairs), sums)
+        micro = self.cfg.train.micro_batch_pairs
+        for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=micro * self.world,
+                                                                      batch_format="pyarrow", drop_last=True):
+            self.compute.evaluate(batch.slice(self.rank * micro, micro), sums)
         m = sums.reduce(self.device)
         return {"eval/loss": m["loss"], "eval/rewards/accuracies": m["rewards/accuracies"],
                 "eval/rewards/margins": m["rewards/margins"]}
 
-    # ------------------------------------------------------------ loop
+    # ------------------------------------------------------------ save
 
-    def run(self) -> None:
-        bar = tqdm(total=self.total, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
-        G = self.t.global_batch_pairs
-        last_saved = self.step if self.step else -1  # a resumed step is already in a checkpoint
-        metrics: dict[str, float] = {}
-        while self.step < self.total:
-            epoch, skip = divmod(self.step, self.per_epoch)
-            batches = ray.train.get_dataset_shard(f"train_{epoch}").iter_batches(
-                batch_size=G, batch_format="pyarrow", drop_last=True)
-            for i, global_batch in enumerate(batches):
-                if i < skip:  # resuming mid-epoch: these steps are in the restored state
-                    continue
-                if i >= self.per_epoch or self.step >= self.total:
-                    break
-                metrics = self._train_step(global_batch)
-                self.step += 1
-                bar.update(1)
-                if self.t.eval_every and self.step % self.t.eval_every == 0 and self.cfg.data.eval:
-                    metrics.update(self._evaluate())
-                if self.step % self.t.log_every == 0 or self.step == self.total:
-                    self.logger.log(self.step, metrics, echo=bar.write)
-                if self.t.checkpoint.every and self.step % self.t.checkpoint.every == 0:
-                    self._checkpoint(metrics)
-                    last_saved = self.step
-                faults.reach("train_step")
-        if last_saved != self.step:
-            self._checkpoint(metrics)
-        bar.close()
-        self.logger.close()
+    def _export_hf(self, name: str) -> None:
+        """`checkpoints/<name>` as a Hugging Face model (rank 0; gathering the weights is a collective)."""
+        state = full_hf_state_dict(self.policy)
+        if self.rank != 0:
+            return
+        export_checkpoint(self.run_store, name, state, self.lm, self.tokenizer)
+        if self.cfg.train.checkpoint.keep:
+            prune_checkpoints(self.run_store, self.cfg.train.checkpoint.keep)
+        self.logger.sync()
+
+    def _report_state(self, name: str) -> None:
+        """The sharded training state (every rank) and trainer_state.json (rank 0) as one Ray Train checkpoint."""
+        with tempfile.TemporaryDirectory() as local:
+            save_sharded_state(Path(local) / "state", self.policy, self.optimizer)
+            if self.rank == 0:
+                Path(local, "trainer_state.json").write_text(json.dumps(
+                    {"step": self.step, "scheduler": self.scheduler.state_dict(), "hf_checkpoint": name}))
+            ray.train.report({**self.metrics, "step": self.step, "hf_checkpoint": name, "worker_nodes": self.nodes},
+                             checkpoint=ray.train.Checkpoint.from_directory(local),
+                             checkpoint_dir_name=f"checkpoint_{self.step:06d}")
 
 
 def now() -> float:

@@ -3,7 +3,8 @@ times with no Ray at all (benchmarks/bench_gpu_step.py).
 
 A step takes this rank's pairs of a global batch, groups them by length into micro-batches, and for each runs
 one forward over chosen + rejected, the configured loss, and a backward of its share of the mean loss; then clips
-and steps the optimizer. Nothing here waits for the device until the caller reads the step's sums.
+and steps the optimizer. Nothing here waits for the device until the caller reads the step's sums. FSDP specifics
+(when gradients reduce, the DTensor gradient norm) go through pipeline/dpo/parallel.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from pipeline.dpo.batching import by_length, collate
 from pipeline.dpo.losses import PairOutputs, preference_loss
 from pipeline.dpo.metrics import StepSums
+from pipeline.dpo.parallel import full_tensor, set_gradient_sync
 
 
 @dataclass
@@ -47,13 +49,14 @@ class StepCompute:
         if self.reference is not None:
             with torch.no_grad():
                 ref = batch.sequence_sums(self.reference(batch.input_ids, mask, batch.score_mask).float())
-            ref_c, ref_r = ref[:b], ref[b:]
+            ref_chosen, ref_rejected = ref[:b], ref[b:]
         else:
-            ref_c, ref_r = batch.ref_chosen.float(), batch.ref_rejected.float()
+            ref_chosen, ref_rejected = batch.ref_chosen.float(), batch.ref_rejected.float()
+        policy_chosen, policy_rejected = sums[:b], sums[b:]
         loss = self.loss
-        out = preference_loss(loss.type, sums[:b], sums[b:], ref_c, ref_r, loss.beta, loss.label_smoothing,
-                              loss.sft_weight, batch.response_lengths[:b])
-        return out, sums[:b], sums[b:], tokens
+        out = preference_loss(loss.type, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss.beta,
+                              loss.label_smoothing, loss.sft_weight, batch.response_lengths[:b])
+        return out, policy_chosen, policy_rejected, tokens
 
     def accumulate(self, pairs: pa.Table, micro_batch_pairs: int, sums: StepSums) -> None:
         """Forward + backward over `pairs` (this rank's share of a global batch) in length-grouped micro-batches;
@@ -64,16 +67,15 @@ class StepCompute:
         for i in starts:
             # FSDP2: reduce-scatter gradients once per step, after the last micro-batch, not after each one
             # (the earlier ones accumulate unsharded, in fp32).
-            if hasattr(self.policy, "set_requires_gradient_sync"):
-                self.policy.set_requires_gradient_sync(i == starts[-1])
-            out, pc, pr, tokens = self.forward(grouped.slice(i, micro_batch_pairs))
+            set_gradient_sync(self.policy, i == starts[-1])
+            out, policy_chosen, policy_rejected, tokens = self.forward(grouped.slice(i, micro_batch_pairs))
             (out.losses.sum() / n).backward()
-            sums.add(out, pc, pr, tokens)
+            sums.add(out, policy_chosen, policy_rejected, tokens)
 
     def evaluate(self, table: pa.Table, sums: StepSums) -> None:
         with torch.no_grad():
-            out, pc, pr, tokens = self.forward(table)
-        sums.add(out, pc, pr, tokens)
+            out, policy_chosen, policy_rejected, tokens = self.forward(table)
+        sums.add(out, policy_chosen, policy_rejected, tokens)
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0, fused: bool = True) -> torch.optim.Optimizer:
@@ -85,7 +87,7 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0, fused: bool = T
 def optimizer_step(policy: nn.Module, opt: torch.optim.Optimizer, max_grad_norm: float | None) -> torch.Tensor:
     """Clip (None or 0: only measure) and step; returns the pre-clip gradient norm (a device tensor)."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    norm = full_tensor(norm)  # sharded gradients give a DTensor norm
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm

@@ -1,5 +1,6 @@
 """Checkpoint layout: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory, complete once its
-config.json exists (written, or uploaded, last). Training exports checkpoints here; evaluation and `run` list them.
+config.json exists (written, or uploaded, last). Training exports checkpoints here (`export_checkpoint`, then
+`prune_checkpoints` under train.keep_checkpoints); evaluation and `run` list them.
 """
 
 from __future__ import annotations
@@ -43,3 +44,21 @@ def export_hf(full_state: dict, lm, tokenizer, out_dir: Path) -> None:
     if out_dir.exists():  # a step redone after a resume: replace the earlier export
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+def export_checkpoint(run_store: Store, name: str, full_state: dict, lm, tokenizer) -> None:
+    """Export `<run_dir>/checkpoints/<name>`: in place at a local run_dir; at a URI, written on this machine's disk,
+    then uploaded (config.json last: the checkpoint is complete)."""
+    if run_store.local:
+        export_hf(full_state, lm, tokenizer, Path(run_store.path(f"checkpoints/{name}")))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(full_state, lm, tokenizer, Path(tmp) / name)
+        run_store.upload_dir(Path(tmp) / name, f"checkpoints/{name}", last="config.json")
+
+
+def prune_checkpoints(run_store: Store, keep: int) -> None:
+    """Delete all but the `keep` newest `checkpoints/step_*` (the same rule as Ray's num_to_keep)."""
+    names = sorted(n for n in run_store.listdir("checkpoints") if n.startswith("step_"))
+    for old in names[:-keep]:
+        run_store.delete(f"checkpoints/{old}")
