@@ -11,7 +11,8 @@ from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
 from pipeline.engines.actors import sample_seed
 from pipeline.errors import UserError, error_line
-from stages.evaluate import preference_metrics, select_targets
+from pipeline.evaluation.summary import preference_metrics
+from stages.evaluate import select_targets
 from tests.conftest import make_config
 
 
