@@ -12,7 +12,8 @@ from pipeline.data.sources import Reject
 from pipeline.engines.actors import sample_seed
 from pipeline.errors import UserError, error_line
 from pipeline.evaluation.rewards import build_reward
-from stages.evaluate import _reward_fn, preference_metrics, select_targets
+from pipeline.evaluation.summary import preference_metrics
+from stages.evaluate import _reward_fn, select_targets
 from tests.conftest import make_config
 from tests.test_rewards import save_reward_model
 

@@ -70,6 +70,17 @@ def engine_signature(config: dict[str, Any] | None, generation_config: dict[str,
     return sha256_json([cfg, gen])
 
 
+def read_engine_signature(model_dir: str) -> str | None:
+    """The `engine_signature` of a model directory (local or URI), read on the driver; None when unreadable."""
+    store = Store(model_dir)
+    try:
+        config = store.read_json("config.json")
+        generation = store.read_json("generation_config.json") if store.exists("generation_config.json") else None
+    except (OSError, ValueError, UserError):
+        return None
+    return engine_signature(config, generation)
+
+
 def redirect_output(log_uri: str | None):
     """Send this actor's stdout/stderr, and its engine processes' (they inherit them), to a file: vLLM's start-up
     chatter stays out of the driver's output, and the log is kept beside the results for failures.
