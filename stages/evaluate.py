@@ -205,13 +205,14 @@ def prepare(cfg: Config) -> EvalPlan:
                          .local_dir, read_chat_template(cfg.tokenizer.chat_template))
     prompts = load_prompts(cfg, tok, eval_store)
     held_out = load_held_out_pairs(cfg)
-    e = cfg.eval
+    eval_cfg = cfg.eval
     reference = {"model": resolve_model(cfg.model.path, cfg.model.revision).identity, "dtype": cfg.model.dtype}
-    sampling = {"samples_per_prompt": e.samples_per_prompt, "max_new_tokens": e.max_new_tokens,
-                "temperature": e.temperature, "top_p": e.top_p, "seed": e.seed, "prompts": prompts.sha256,
+    sampling = {"samples_per_prompt": eval_cfg.samples_per_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
+                "temperature": eval_cfg.temperature, "top_p": eval_cfg.top_p, "seed": eval_cfg.seed,
+                "prompts": prompts.sha256,
                 "eos": tok.eos_token_id, "dtype": cfg.model.dtype,
                 "preference_cache": held_out.cache_key if held_out else None}
-    scoring = {"reference": reference, "reward": reward_identity(e.reward) if e.reward else None,
+    scoring = {"reference": reference, "reward": reward_identity(eval_cfg.reward) if eval_cfg.reward else None,
                "beta": cfg.train.loss.beta}
     settings_key = sha256_json({"sampling": sampling, "scoring": scoring})
 
@@ -303,11 +304,11 @@ class SamplingScheduler:
     is killed, the samples of finished targets stay saved."""
 
     def __init__(self, cfg: Config, prompts: Prompts, held_out: HeldOutPairs | None, eos: int | None):
-        e = cfg.eval
+        eval_cfg = cfg.eval
         self.cfg, self.prompts, self.held_out = cfg, prompts, held_out
-        self.seeds = [sample_seed(e.seed, i) for i in range(len(prompts.ids))]
-        self.params = dict(n=e.samples_per_prompt, temperature=e.temperature, top_p=e.top_p,
-                           max_tokens=e.max_new_tokens, stop_token_ids=[eos] if eos is not None else None)
+        self.seeds = [sample_seed(eval_cfg.seed, i) for i in range(len(prompts.ids))]
+        self.params = dict(n=eval_cfg.samples_per_prompt, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
+                           max_tokens=eval_cfg.max_new_tokens, stop_token_ids=[eos] if eos is not None else None)
         self.failures: dict[str, str] = {}  # target name -> error line
         self.engine_starts = 0
         self.queue: list[TargetJob] = []  # targets waiting for an engine
@@ -333,11 +334,11 @@ class SamplingScheduler:
                 ray.kill(slot.actor)
 
     def _start_engine(self, engine_cls, job: TargetJob) -> None:
-        e = self.cfg.eval
-        kwargs = scorer_kwargs("vllm", e, job.target.path, self.cfg.model.dtype, engine_max_length(self.cfg))
-        kwargs["seed"] = e.seed
+        eval_cfg = self.cfg.eval
+        kwargs = scorer_kwargs("vllm", eval_cfg, job.target.path, self.cfg.model.dtype, engine_max_length(self.cfg))
+        kwargs["seed"] = eval_cfg.seed
         log = f"{job.store.uri}/engine.log"
-        actor = engine_cls.options(**actor_options(e, spread(self.cfg))).remote(kwargs, log)
+        actor = engine_cls.options(**actor_options(eval_cfg, spread(self.cfg))).remote(kwargs, log)
         self.engine_starts += 1
         self._serve(EngineSlot(actor, log, job))
 
