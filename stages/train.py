@@ -67,13 +67,20 @@ from pipeline.store.storage import Store
 # ---------------------------------------------------------------- driver
 
 
+# The cache columns a training step reads: the per-token reference log-prob lists (as large as the token ids) stay
+# on storage; `id` seeds the shuffle.
+TRAIN_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "ref_chosen_logps",
+                 "ref_rejected_logps")
+
+
 def _epoch_dataset(files: list[str], seed: int, epoch: int, shuffle: bool):
     """The epoch's pairs in an order fixed by (seed, epoch): cache files in a seeded order, rows within each
-    file block sorted by a seeded hash of their id. Deterministic, so every worker sees the same stream."""
+    file block sorted by a seeded hash of their id. Deterministic, so every worker sees the same stream. Only
+    `TRAIN_COLUMNS` are read."""
     files = list(files)
     if shuffle:
         random.Random(f"{seed}:{epoch}").shuffle(files)
-    ds = ray.data.read_parquet(files, override_num_blocks=len(files))
+    ds = ray.data.read_parquet(files, columns=list(TRAIN_COLUMNS), override_num_blocks=len(files))
     if shuffle:
         ds = ds.map_batches(_shuffle_block, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="pyarrow",
                             batch_size=None)

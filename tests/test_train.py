@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -54,6 +55,15 @@ def base(tiny_model, tmp_path_factory, ray_local):
         return make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
                            *STEPS, f"run_dir={root / name}", *overrides)
     return config
+
+
+def test_training_reads_only_the_columns_a_step_uses(base):
+    ref = cache_layout.find_cache(base("columns"), "train")
+    full = pq.read_schema(ref.files[0]).names
+    assert "ref_chosen_token_logps" in full  # the cache has the per-token lists...
+    batch = train._epoch_dataset(ref.files, seed=0, epoch=0, shuffle=True).take_batch(4, batch_format="pyarrow")
+    assert batch.column_names == list(train.TRAIN_COLUMNS)  # ...training does not read them
+    assert set(train.TRAIN_COLUMNS) < set(full)
 
 
 @pytest.fixture(scope="module")
