@@ -103,8 +103,10 @@ def test_s3_store_checkpoints_local_copies_and_report(s3, tmp_path, monkeypatch)
 
     logger = MetricsLogger(run.uri, enabled=True)
     logger.log(1, {"loss": 0.5}, echo=lambda _: None)
-    assert json.loads(run.read_bytes("metrics.jsonl")) == {"step": 1, "loss": 0.5}
+    assert json.loads(run.read_bytes("metrics-parts/000000.jsonl")) == {"step": 1, "loss": 0.5}  # during the run
     logger.close()
+    assert json.loads(run.read_bytes("metrics.jsonl")) == {"step": 1, "loss": 0.5}  # at the end
+    assert not run.exists("metrics-parts")
     assert [n for n in run.listdir("tensorboard") if n.startswith("events")]
 
     row = {c: None for c in SUMMARY_COLUMNS} | {"name": "step_000002", "path": ckpt, "step": 2}
@@ -153,3 +155,39 @@ def test_address_option_overrides_ray_address(tiny_model, tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["ray"]["address"] == "10:20"
     assert main(["config", str(path)]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["ray"]["address"] == "auto"
+
+
+# ---------------------------------------------------------------- metrics on object storage
+
+
+def _log_steps(logger: MetricsLogger, first: int, last: int) -> None:
+    for step in range(first, last + 1):
+        logger.log(step, {"loss": 0.5, "lr": 1e-6}, echo=lambda _: None)
+
+
+def test_s3_metrics_upload_bytes_per_logged_step_do_not_grow(s3, tmp_path):
+    per_step = {}
+    for steps in (100, 1000):
+        logger = MetricsLogger(f"{s3}/runs/m{steps}", enabled=True)
+        _log_steps(logger, 1, steps)
+        per_step[steps] = logger.uploaded_bytes / steps  # before close: what each logged step costs
+        logger.close()
+        rows = Store(f"{s3}/runs/m{steps}").read_bytes("metrics.jsonl").decode().splitlines()
+        assert [json.loads(r)["step"] for r in rows] == list(range(1, steps + 1))
+    row = len(json.dumps({"step": 1000, "loss": 0.5, "lr": 1e-6})) + 1
+    # The open part is uploaded again (at most PART_ROWS rows), never the whole history: flat in the run's length.
+    assert per_step[1000] <= MetricsLogger.PART_ROWS * row
+    assert abs(per_step[1000] / per_step[100] - 1) < 0.1, per_step
+
+
+def test_s3_metrics_of_a_restarted_run_hold_each_step_once(s3, tmp_path):
+    run = f"{s3}/runs/restarted"
+    first = MetricsLogger(run, enabled=True)
+    first.resume_at(0)
+    _log_steps(first, 1, 40)  # then the worker dies: no close(), the parts hold steps 1-40
+    second = MetricsLogger(run, enabled=True)  # restarted from the checkpoint of step 35
+    second.resume_at(35)
+    _log_steps(second, 36, 50)
+    second.close()
+    rows = Store(run).read_bytes("metrics.jsonl").decode().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, 51))

@@ -56,26 +56,44 @@ class StepSums:
 class MetricsLogger:
     """Rank 0 only: one stdout line per logged step, `metrics.jsonl`, and TensorBoard event files.
 
-    With a URI run_dir the files are written in a local staging directory and uploaded: metrics.jsonl at every
-    logged step, the TensorBoard files at every checkpoint (`sync`) and at the end."""
+    A local run_dir gets the files directly. A URI run_dir (object storage cannot append) gets them at a cost per
+    logged step that does not grow with the run: the rows go to `metrics-parts/NNNNNN.jsonl`, blocks of
+    `PART_ROWS` rows of which only the open one is uploaded again; `metrics.jsonl` (all rows) is written at the
+    end. TensorBoard starts a new event file at every checkpoint (`sync`), so each file is uploaded once, closed.
+    A restarted run rebuilds its rows from the parts (or a finished run's metrics.jsonl)."""
+
+    PART_ROWS = 32
+    PARTS = "metrics-parts"
 
     def __init__(self, run_dir: str, enabled: bool):
         self.enabled = enabled
         if not enabled:
             return
-
         self.store = Store(run_dir)
+        self.uploaded_bytes = 0  # to the run_dir, by this logger (URI run_dir only)
         if self.store.local:
-            local = Path(self.store.root)
-            local.mkdir(parents=True, exist_ok=True)
+            self.local = Path(self.store.root)
+            self.local.mkdir(parents=True, exist_ok=True)
         else:
-            local = Path(tempfile.mkdtemp(prefix="dpo-metrics-"))
-            if self.store.exists("metrics.jsonl"):  # resuming: keep appending to the run's metrics
-                (local / "metrics.jsonl").write_bytes(self.store.read_bytes("metrics.jsonl"))
-        self.local = local
-        self.jsonl = open(local / "metrics.jsonl", "a")
+            self.local = Path(tempfile.mkdtemp(prefix="dpo-metrics-"))
+            (self.local / "metrics.jsonl").write_bytes(self._remote_rows())
+        path = self.local / "metrics.jsonl"
+        self._start_parts(path.read_text().splitlines(keepends=True) if path.exists() else [])
+        self.jsonl = open(path, "a")
+        self.tb_files = 0
+        self.tb = self._tensorboard()
+        self.tb_uploaded: set[str] = set()
 
-        self.tb = SummaryWriter(str(local / "tensorboard"))
+    def _remote_rows(self) -> bytes:
+        """The rows a URI run_dir holds: its parts (a run that stopped early) or its metrics.jsonl (a finished one)."""
+        parts = sorted(n for n in self.store.listdir(self.PARTS) if n.endswith(".jsonl"))
+        if parts:
+            return b"".join(self.store.read_bytes(f"{self.PARTS}/{n}") for n in parts)
+        return self.store.read_bytes("metrics.jsonl") if self.store.exists("metrics.jsonl") else b""
+
+    def _tensorboard(self) -> SummaryWriter:
+        self.tb_files += 1  # a suffix per writer: two opened in the same second get different files
+        return SummaryWriter(str(self.local / "tensorboard"), filename_suffix=f".{self.tb_files}")
 
     def resume_at(self, step: int) -> None:
         """Keep only the rows of steps up to `step` (and none a crash cut short): a run restarted from the checkpoint
@@ -93,33 +111,64 @@ class MetricsLogger:
                 pass
         path.write_text("".join(kept))
         self.jsonl = open(path, "a")
+        self._start_parts(kept)
+        if not self.store.local:  # the parts again, from the kept rows (once per restart)
+            self.store.delete(self.PARTS)
+            for first in range(0, len(kept), self.PART_ROWS):
+                self._upload_part(first // self.PART_ROWS, kept[first:first + self.PART_ROWS])
+
+    def _start_parts(self, lines: list[str]) -> None:
+        """Continue after `lines` (the rows so far): the open part is the last, unfilled block of PART_ROWS."""
+        self.rows = len(lines)
+        self.part_lines = lines[self.rows // self.PART_ROWS * self.PART_ROWS:]
+
+    def _upload_part(self, index: int, lines: list[str]) -> None:
+        data = "".join(lines).encode()
+        self.store.write_bytes(f"{self.PARTS}/{index:06d}.jsonl", data)
+        self.uploaded_bytes += len(data)
 
     def log(self, step: int, metrics: dict[str, float], echo=print) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        self.jsonl.write(line)
         self.jsonl.flush()
-        if not self.store.local:
-            self.store.write_bytes("metrics.jsonl", (self.local / "metrics.jsonl").read_bytes())
+        if len(self.part_lines) == self.PART_ROWS:  # that part is full (and uploaded): the next one opens
+            self.part_lines = []
+        self.part_lines.append(line)
+        self.rows += 1
+        if not self.store.local:  # the open part only: at most PART_ROWS rows per logged step
+            self._upload_part((self.rows - 1) // self.PART_ROWS, self.part_lines)
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("pairs", "tokens"))
         echo(f"step {step}: {shown}")
 
     def sync(self) -> None:
-        """Upload the TensorBoard files (URI run_dir; nothing to do on a local disk)."""
+        """At a checkpoint (URI run_dir): close the current TensorBoard file, upload it, start the next."""
         if self.enabled and not self.store.local:
-            self.tb.flush()
+            self.tb.close()
             self._upload_tensorboard()
+            self.tb = self._tensorboard()
 
     def _upload_tensorboard(self) -> None:
+        """Closed event files not uploaded yet (each is uploaded once)."""
         for f in sorted((self.local / "tensorboard").rglob("*")):
-            if f.is_file():
-                self.store.write_bytes(f.relative_to(self.local).as_posix(), f.read_bytes())
+            rel = f.relative_to(self.local).as_posix()
+            if f.is_file() and rel not in self.tb_uploaded:
+                data = f.read_bytes()
+                self.store.write_bytes(rel, data)
+                self.uploaded_bytes += len(data)
+                self.tb_uploaded.add(rel)
 
     def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
-            if not self.store.local:
-                self._upload_tensorboard()
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        self.tb.close()
+        if not self.store.local:  # all rows in one file, then the parts go
+            data = (self.local / "metrics.jsonl").read_bytes()
+            self.store.write_bytes("metrics.jsonl", data)
+            self.uploaded_bytes += len(data)
+            self._upload_tensorboard()
+            self.store.delete(self.PARTS)
