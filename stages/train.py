@@ -24,8 +24,11 @@ import json
 import math
 import random
 import resource
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,23 +43,28 @@ from ray.train.torch import TorchTrainer
 from tqdm import tqdm
 
 from pipeline.config import Config, to_yaml
-from pipeline.data.models import load_hf_model, load_tokenizer
+from pipeline.data.models import empty_causal_lm, load_tokenizer
 from pipeline.dpo.metrics import MetricsLogger, StepSums
 from pipeline.dpo.parallel import (
     PolicyLogps,
     apply_fsdp,
-    full_hf_state_dict,
+    async_save_sharded_state,
+    hf_weight_groups,
+    load_hf_weights,
     load_sharded_state,
+    materialize,
     save_sharded_state,
 )
-from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step
+from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step
 from pipeline.errors import RunFailed, UserError, error_line
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import spread
 from pipeline.runtime.session import connect, quiet_worker_logs
 from pipeline.store.cache_layout import CacheRef, find_cache
 from pipeline.store.checkpoints import (
+    SHARD_BYTES,
     export_checkpoint,
+    export_dtype,
     list_checkpoints,
     prune_checkpoints,
     remove_interrupted_exports,
@@ -127,7 +135,7 @@ def plan_steps(cfg: Config, pairs: int) -> tuple[int, int]:
 
 # Settings that change neither the weights nor which checkpoints are written.
 _UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "parallel": {"num_cpus_per_worker"},
-            "checkpoint": {"max_failures", "keep"}}
+            "checkpoint": {"max_failures", "keep", "async_save"}}
 
 
 def train_key(cfg: Config, cache_key: str) -> str:
@@ -235,17 +243,6 @@ def train_loop(config: dict[str, Any]) -> None:
     worker.cleanup()
 
 
-def _lr_lambda(warmup: int, total: int, schedule: str):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
 class DPOWorker:
     """DPO training on one Ray Train worker: setup (models, sharding, optimizer, restored state) -> train (steps,
     evaluation, logging, periodic checkpoints) -> save (a checkpoint of the current step) -> cleanup."""
@@ -257,6 +254,9 @@ class DPOWorker:
         self.step = 0
         self.saved_step: int | None = None  # the step the newest checkpoint holds
         self.metrics: dict[str, float] = {}  # the last step's
+        self.upload: Callable[[], None] | None = None  # waits for the last export's upload (rank 0)
+        self.pending: tuple[Future, Path, dict[str, Any]] | None = None  # the training state being written
+        self.blocked_s: list[float] = []  # per checkpoint: how long the loop stopped for it
 
     # ------------------------------------------------------------ lifecycle
 
@@ -272,10 +272,13 @@ class DPOWorker:
         optim = self.cfg.train.optim
         self.optimizer = make_optimizer(self.policy.parameters(), optim.lr, optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(optim.warmup_steps, self.plan.total_steps, optim.schedule))
+            self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
         self.compute = StepCompute(self.policy, reference, self.cfg.train.loss, pad_id, self.device)
         self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0)
         self.nodes = self._worker_nodes()
+        self.export_dtype = export_dtype(self.cfg.train.checkpoint.dtype, self.plan.model_dir)
+        # The background writer coordinates over a group of its own (gloo: host memory, any device).
+        self.save_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._restore()
         self.logger.resume_at(self.step)  # steps logged after the restored checkpoint are done (and logged) again
         self.bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", unit="step",
@@ -291,32 +294,47 @@ class DPOWorker:
         if self.saved_step == self.step:
             return
         name = f"step_{self.step:06d}"
+        t0 = now()
         self._export_hf(name)
-        self._report_state(name)
+        self._save_state(name)
         self.saved_step = self.step
+        self.blocked_s.append(now() - t0)
 
     def cleanup(self) -> None:
+        self._report_saved(wait=True)
+        self._finish_export()
+        if self.rank == 0 and self.blocked_s:
+            print(f"checkpoints: the loop waited {sum(self.blocked_s):.2f} s for {len(self.blocked_s)} "
+                  f"(longest {max(self.blocked_s):.2f} s)")
         self.bar.close()
         self.logger.close()
 
     # ------------------------------------------------------------ setup
 
     def _policy(self) -> tuple[torch.nn.Module, PolicyLogps]:
-        """The language model and the sharded policy around it. Every rank loads the same weights in fp32 (the
-        master copy); fully_shard then keeps each rank's shard."""
-        lm = load_hf_model(self.plan.model_dir, "float32", str(self.device), self.cfg.model.trust_remote_code)
-        lm.train()
+        """The language model and the sharded policy around it, in fp32 (the master copy): built on the meta
+        device, sharded, then each rank reads only its own shards' slices of the weights (nothing the size of the
+        model is allocated on any rank)."""
         parallel = self.cfg.train.parallel
+        lm = empty_causal_lm(self.plan.model_dir, "float32", self.cfg.model.trust_remote_code)
+        lm.train()
         policy = apply_fsdp(PolicyLogps(lm), getattr(torch, parallel.param_dtype), parallel.activation_checkpointing,
                             parallel.cpu_offload, parallel.compile)
+        self._fill(policy)
         return lm, policy
 
     def _reference(self) -> PolicyLogps:
-        """The frozen in-loop reference, sharded, in the model's dtype."""
-        ref = load_hf_model(self.plan.model_dir, self.cfg.model.dtype, str(self.device),
-                            self.cfg.model.trust_remote_code)
+        """The frozen in-loop reference, sharded, in the model's dtype (loaded the same way as the policy)."""
+        ref = empty_causal_lm(self.plan.model_dir, self.cfg.model.dtype, self.cfg.model.trust_remote_code).eval()
         ref.requires_grad_(False)
-        return apply_fsdp(PolicyLogps(ref), getattr(torch, self.cfg.model.dtype))
+        ref = apply_fsdp(PolicyLogps(ref), getattr(torch, self.cfg.model.dtype))
+        self._fill(ref)
+        return ref
+
+    def _fill(self, model: PolicyLogps) -> None:
+        # With CPU offload FSDP keeps the shards on the CPU and moves them to the GPU per use.
+        materialize(model, "cpu" if self.cfg.train.parallel.cpu_offload else self.device)
+        load_hf_weights(model, self.plan.model_dir)
 
     def _worker_nodes(self) -> list[str]:
         """The Ray node id of every rank (a collective), recorded in train.json: where the training ran."""
@@ -332,9 +350,10 @@ class DPOWorker:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return
-        with ckpt.as_directory() as d:
-            load_sharded_state(Path(d) / "state", self.policy, self.optimizer)
-            meta = json.loads((Path(d) / "trainer_state.json").read_text())
+        # Read in place on the run's storage: each rank fetches only its shards (no download of the checkpoint).
+        load_sharded_state(f"{ckpt.path}/state", ckpt.filesystem, self.policy, self.optimizer)
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/trainer_state.json") as f:
+            meta = json.loads(f.read())
         self.step = self.saved_step = meta["step"]
         self.scheduler.load_state_dict(meta["scheduler"])
         if self.rank == 0:
@@ -362,6 +381,7 @@ class DPOWorker:
         self.bar.update(1)
         if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.cfg.data.eval:
             self.metrics.update(self._evaluate())
+        self._report_saved(wait=False)
         if self.step % self.cfg.train.log_every == 0 or self.step == self.plan.total_steps:
             self.logger.log(self.step, self.metrics, echo=self.bar.write)
         if self.cfg.train.checkpoint.every and self.step % self.cfg.train.checkpoint.every == 0:
@@ -405,25 +425,68 @@ class DPOWorker:
     # ------------------------------------------------------------ save
 
     def _export_hf(self, name: str) -> None:
-        """`checkpoints/<name>` as a Hugging Face model (rank 0; gathering the weights is a collective)."""
-        state = full_hf_state_dict(self.policy)
+        """`checkpoints/<name>` as a Hugging Face model: the weights gathered one group at a time in the export
+        dtype (a collective), written by rank 0; at a URI run_dir uploaded in the background."""
+        self._finish_export()
+        groups = hf_weight_groups(self.policy, self.export_dtype, SHARD_BYTES, self.device)
         if self.rank != 0:
+            for _ in groups[1]:  # take part in the gathers
+                pass
             return
-        export_checkpoint(self.run_store, name, state, self.lm, self.tokenizer)
+        self.upload = export_checkpoint(self.run_store, name, groups, self.lm, self.tokenizer, self.export_dtype)
+        if self.run_store.local:
+            self._finish_export()
+
+    def _finish_export(self) -> None:
+        """Wait for the last export's upload, then prune old checkpoints and publish the metrics (rank 0)."""
+        if self.upload is None:
+            return
+        self.upload()
+        self.upload = None
         if self.cfg.train.checkpoint.keep:
             prune_checkpoints(self.run_store, self.cfg.train.checkpoint.keep)
         self.logger.sync()
 
-    def _report_state(self, name: str) -> None:
-        """The sharded training state (every rank) and trainer_state.json (rank 0) as one Ray Train checkpoint."""
-        with tempfile.TemporaryDirectory() as local:
-            save_sharded_state(Path(local) / "state", self.policy, self.optimizer)
-            if self.rank == 0:
-                Path(local, "trainer_state.json").write_text(json.dumps(
-                    {"step": self.step, "scheduler": self.scheduler.state_dict(), "hf_checkpoint": name}))
-            ray.train.report({**self.metrics, "step": self.step, "hf_checkpoint": name, "worker_nodes": self.nodes},
-                             checkpoint=ray.train.Checkpoint.from_directory(local),
-                             checkpoint_dir_name=f"checkpoint_{self.step:06d}")
+    def _save_state(self, name: str) -> None:
+        """The sharded training state (every rank) and trainer_state.json (rank 0), reported to Ray Train as one
+        checkpoint once every rank has written its part: in the background under train.checkpoint.async_save (one
+        save in flight at a time), else before returning."""
+        local = Path(tempfile.mkdtemp(prefix="dpo-state-"))
+        if self.rank == 0:
+            (local / "trainer_state.json").write_text(json.dumps(
+                {"step": self.step, "scheduler": self.scheduler.state_dict(), "hf_checkpoint": name}))
+        meta = {**self.metrics, "step": self.step, "hf_checkpoint": name, "worker_nodes": self.nodes}
+        if not self.cfg.train.checkpoint.async_save:
+            save_sharded_state(local / "state", self.policy, self.optimizer)
+            self._report(local, meta)
+            return
+        self._report_saved(wait=True)
+        self.pending = (async_save_sharded_state(local / "state", self.policy, self.optimizer, self.save_group),
+                        local, meta)
+
+    def _report_saved(self, wait: bool) -> None:
+        """Report the background save to Ray Train when every rank has finished writing it (all ranks agree: a
+        collective while one is in flight), or wait for it."""
+        if self.pending is None:
+            return
+        future, local, meta = self.pending
+        if not wait and not self._everywhere(future.done()):
+            return
+        future.result()  # a failed write fails the step here
+        self.pending = None
+        self._report(local, meta)
+
+    def _report(self, local: Path, meta: dict[str, Any]) -> None:
+        ray.train.report(meta, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=f"checkpoint_{meta['step']:06d}")
+        shutil.rmtree(local, ignore_errors=True)
+
+    def _everywhere(self, flag: bool) -> bool:
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
 
 def now() -> float:

@@ -58,3 +58,21 @@ def make_config(tiny_model: Path, tmp_path: Path, *overrides: str, data: str | P
             "data.max_prompt_length=64", f"cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}",
             "scoring.shard_size=8", "scoring.batch_size=16"]
     return load_config(None, base + list(overrides))
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A bucket on a local moto S3 server; pyarrow finds it through the standard AWS_* variables."""
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3").create_bucket(Bucket="dpo-test")
+    yield "s3://dpo-test"
+    server.stop()

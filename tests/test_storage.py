@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import boto3
 import pytest
 import yaml
-from moto.server import ThreadedMotoServer
 
 from pipeline.cli import main
 from pipeline.dpo.metrics import MetricsLogger
@@ -60,22 +58,6 @@ def test_checkpoints_and_report_under_a_file_uri(tiny_model, tmp_path):
 
 
 # ---------------------------------------------------------------- S3 API (moto server on loopback)
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A bucket on a local moto S3 server; pyarrow finds it through the standard AWS_* variables."""
-    pytest.importorskip("moto")
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3").create_bucket(Bucket="dpo-test")
-    yield "s3://dpo-test"
-    server.stop()
 
 
 def test_s3_store_checkpoints_local_copies_and_report(s3, tmp_path, monkeypatch):

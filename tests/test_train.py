@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.engines.actors import ReferenceEngine
 from pipeline.errors import UserError
 from pipeline.store import cache_layout
+from pipeline.store.checkpoints import recorded_hash
+from pipeline.store.fingerprint import model_files_hash
 from stages import cache, train
 from tests.conftest import DATA, make_config
 
@@ -101,9 +103,30 @@ def test_checkpoints_load_in_transformers_and_match_training_state(one_worker, t
     assert not list(ckpt.parent.glob(".tmp-*"))  # no half-written export left behind
 
 
+@pytest.fixture(scope="module")
+def in_loop(base):
+    """2 steps with the in-loop reference, activation checkpointing, bf16 exports and the training state saved in
+    the foreground."""
+    cfg = base("in_loop", "train.ref_logps=in_loop", "train.max_steps=2",
+               "train.parallel.activation_checkpointing=true", "train.checkpoint.dtype=bfloat16",
+               "train.checkpoint.async_save=false")
+    return cfg, train.run(cfg)
+
+
+def test_exports_are_in_the_asked_dtype_with_their_content_hash(in_loop, one_worker):
+    bf16, fp32 = Path(in_loop[1].checkpoints[-1]), Path(one_worker[1].checkpoints[-1])
+    assert {t.dtype for t in params(bf16).values()} == {torch.bfloat16}
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in params(fp32).values()} == {torch.float32}  # auto: the tiny model's own dtype
+    assert sum(f.stat().st_size for f in bf16.glob("*.safetensors")) < \
+        0.6 * sum(f.stat().st_size for f in fp32.glob("*.safetensors"))
+    for ckpt in (bf16, fp32):  # recorded as written, equal to hashing the files afterwards
+        assert recorded_hash(ckpt) == model_files_hash(ckpt)
+
+
 @pytest.mark.vllm
-def test_checkpoint_loads_in_vllm(one_worker):
-    ckpt = one_worker[1].checkpoints[-1]
+def test_bf16_checkpoint_loads_in_vllm(in_loop):
+    ckpt = in_loop[1].checkpoints[-1]
     seq = np.array([1, 40, 41, 42, 43, 44, 45, 46, 2])
     # In a Ray actor, as the stages run it: an engine in the test process leaves vLLM threads that can abort
     # the interpreter at exit.
@@ -128,11 +151,9 @@ def test_two_workers_equal_one_worker(base, one_worker):
         assert abs(a["loss"] - b["loss"]) < 1e-5
 
 
-def test_cached_and_in_loop_reference_give_the_same_losses(base, one_worker):
+def test_cached_and_in_loop_reference_give_the_same_losses(in_loop, one_worker):
     # Activation checkpointing on as well: recomputing blocks in backward must not change the numbers.
-    cfg = base("in_loop", "train.ref_logps=in_loop", "train.max_steps=2",
-               "train.parallel.activation_checkpointing=true")
-    train.run(cfg)
+    cfg, _ = in_loop
     for a, b in zip(metrics(cfg.run_dir), metrics(one_worker[0].run_dir)[:2]):
         assert abs(a["loss"] - b["loss"]) < 1e-4
         assert abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-4

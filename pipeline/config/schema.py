@@ -206,6 +206,12 @@ class CheckpointConfig(_Strict):
     keep: int | None = Field(None, gt=0, description="Keep only the N newest checkpoints.")
     max_failures: int = Field(0, ge=-1, description="Restarts from the last checkpoint after a worker failure "
                                                     "(-1: unlimited).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the exported Hugging Face weights. `auto`: the reference model's own (its "
+                            "config.json; bfloat16 for most hub models, half the size of the fp32 master weights).")
+    async_save: bool = Field(True, description="Write the sharded training state in the background "
+                                               "(torch.distributed.checkpoint async save): steps wait only while it "
+                                               "is copied to host memory.")
 
 
 class TrainConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from pipeline.errors import UserError
 from pipeline.store.fingerprint import (
@@ -117,3 +119,35 @@ def load_hf_model(local_dir: str, dtype: str = "float32", device: str = "cpu", t
     model = AutoModelForCausalLM.from_pretrained(local_dir, dtype=getattr(torch, DTYPES[dtype]),
                                                  trust_remote_code=trust_remote_code)
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside are moved to the meta device as they are created (one at a time: nothing the
+    size of the model is ever allocated); buffers stay real, so values computed at construction (a rotary
+    embedding's non-persistent `inv_freq`) survive. The approach of accelerate's
+    `init_empty_weights(include_buffers=False)`."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def empty_causal_lm(local_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of `local_dir` with its parameters on the meta device (no memory, no weights read): the
+    skeleton FSDP shards before each rank fills only its shards (`pipeline.dpo.parallel.load_hf_weights`)."""
+    config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    with _parameters_on_meta():
+        lm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, DTYPES[dtype]),
+                                              trust_remote_code=trust_remote_code)
+    if (Path(local_dir) / "generation_config.json").is_file():  # what from_pretrained would give the model
+        lm.generation_config = GenerationConfig.from_pretrained(local_dir)
+    return lm

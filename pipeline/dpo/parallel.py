@@ -6,27 +6,37 @@ on response positions only, so the root's parameters (embeddings, final norm, he
 that forward and their gradients reduce-scattered after its backward.
 
 `apply_fsdp` composes `apply_activation_checkpointing`, `compile_decoder_blocks` and `shard_model`. The training
-step and the checkpoints go through `set_gradient_sync`, `full_tensor`, `full_hf_state_dict` and
+step and the checkpoints go through `set_gradient_sync`, `full_tensor`, `hf_weight_groups` and
 `save_sharded_state`/`load_sharded_state`, which also accept an unsharded model (plain tensors, no process group
 needed for the first three).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from fsspec.implementations.arrow import ArrowFSWrapper
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageReader
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as FsspecFileSystem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from pipeline.data.models import load_hf_model
 from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.errors import UserError
 
@@ -89,6 +99,62 @@ def apply_fsdp(model: PolicyLogps, param_dtype: torch.dtype = torch.float32, act
     return shard_model(model, param_dtype, cpu_offload)
 
 
+# ---------------------------------------------------------------- filling a sharded model
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> None:
+    """Allocate a (sharded) model built on the meta device: each rank gets memory for its shards only. Parameters
+    are left uninitialised (`load_hf_weights` fills them); real buffers keep their values."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in buffers:
+                buf.copy_(buffers[name])
+
+
+def _tied_aliases(module: nn.Module) -> dict[str, list[str]]:
+    """Every parameter name -> all names of the same tensor (tied embeddings: `lm_head.weight` is
+    `model.embed_tokens.weight`)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {name: names for names in groups.values() for name in names}
+
+
+def load_hf_weights(policy: PolicyLogps, model_dir: str) -> None:
+    """Fill a materialised policy with the weights of a Hugging Face model directory (a collective).
+
+    Safetensors: every rank reads only the slices of its own shards (DCP's Hugging Face reader; safetensors reads
+    a slice without the rest of the file), cast to the parameters' dtype. Other formats: rank 0 loads the model
+    whole and broadcasts each shard to its owner."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return _broadcast_from_rank0(policy, model_dir)
+    stored: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            stored.update(handle.keys())
+    aliases = _tied_aliases(policy.lm)
+    state = {k.removeprefix("lm."): v for k, v in get_model_state_dict(policy).items()}
+    wanted = {}
+    for name, tensor in state.items():
+        if name in stored:
+            wanted[name] = tensor
+        elif not any(alias in stored for alias in aliases.get(name, [])):
+            raise UserError(f"{model_dir} holds no weights for {name!r}; point model.path at a complete "
+                            f"Hugging Face model directory")
+    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(model_dir)))
+    set_model_state_dict(policy, {f"lm.{k}": v for k, v in wanted.items()}, options=StateDictOptions(strict=False))
+
+
+def _broadcast_from_rank0(policy: PolicyLogps, model_dir: str) -> None:
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    full = {f"lm.{k}": v for k, v in load_hf_model(model_dir).state_dict().items()} if rank0 else {}
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True,
+                                                               broadcast_from_rank0=dist.is_initialized()))
+
+
 # ---------------------------------------------------------------- using a sharded model
 
 
@@ -104,11 +170,39 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def full_hf_state_dict(policy: PolicyLogps) -> dict[str, torch.Tensor]:
-    """The whole model's weights on the CPU under Hugging Face parameter names (without `PolicyLogps`'s `lm.`).
-    A collective: every rank calls it; with a process group only rank 0 gets the weights (others: empty)."""
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("lm."): v for k, v in full.items()}
+def hf_weight_groups(policy: PolicyLogps, dtype: torch.dtype, max_group_bytes: int,
+                     device: torch.device | str = "cpu") -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
+    """The whole model's weights under Hugging Face names (tied weights once), cast to `dtype` before they are
+    gathered, in groups of at most `max_group_bytes` (one tensor may exceed it): (number of groups, iterator).
+
+    A collective: every rank must run the iterator to its end; rank 0 gets each group on the CPU, the others empty
+    dicts. No rank ever holds more than one group and one tensor of the full model."""
+    state = get_model_state_dict(policy)
+    aliases, seen, names = _tied_aliases(policy), set(), []
+    for name in state:
+        if not seen.intersection(aliases.get(name, [name])):
+            names.append(name)
+            seen.add(name)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = state[name].numel() * dtype.itemsize
+        if groups[-1] and size + nbytes > max_group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+
+    def gather():
+        for group in groups:
+            out = {}
+            for name in group:
+                tensor = full_tensor(state[name].detach().to(device=device, dtype=dtype))
+                if rank0:
+                    out[name.removeprefix("lm.")] = tensor.cpu()
+            yield out
+    return len(groups), gather()
 
 
 def save_sharded_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -117,9 +211,34 @@ def save_sharded_state(directory: Path, model: nn.Module, optimizer: torch.optim
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
 
 
-def load_sharded_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load what `save_sharded_state` wrote into the model and optimizer, resharded to this world (a collective)."""
+def async_save_sharded_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             group: dist.ProcessGroup | None) -> Future:
+    """`save_sharded_state` in the background: returns once the state is copied to host memory; the future
+    completes when every file is written. `group`: a process group of its own (gloo) for the writer thread's
+    coordination, so it never interleaves with the training step's collectives."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory), process_group=group,
+                          no_dist=not dist.is_initialized())
+
+
+def load_sharded_state(path: str, fs: pafs.FileSystem | None, model: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> None:
+    """Load what `save_sharded_state` wrote at `path` (on `fs`: a pyarrow filesystem, None: local) into the model
+    and optimizer, resharded to this world (a collective). Straight from storage: each rank reads the metadata and
+    then only the byte ranges of its own shards (no copy of the whole state to any node)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp.load(state, storage_reader=_storage_reader(path, fs))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _storage_reader(path: str, fs: pafs.FileSystem | None) -> FileSystemReader:
+    if fs is None or fs.type_name == "local":
+        return FileSystemReader(path)
+    # DCP's fsspec reader over the same pyarrow filesystem Ray Train and the Store use (s3, gs, ...): ranged reads
+    # of random-access files.
+    reader = FileSystemReader(path)
+    reader.fs = FsspecFileSystem()
+    reader.fs.fs = ArrowFSWrapper(fs)
+    reader.path = path
+    return reader

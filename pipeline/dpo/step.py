@@ -9,6 +9,7 @@ and steps the optimizer. Nothing here waits for the device until the caller read
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,3 +92,15 @@ def optimizer_step(policy: nn.Module, opt: torch.optim.Optimizer, max_grad_norm:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
+
+
+def lr_schedule(warmup: int, total: int, schedule: str):
+    """LambdaLR's factor at each step: linear warm-up, then constant, linear decay to 0, or cosine to 0."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f

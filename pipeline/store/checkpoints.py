@@ -5,14 +5,20 @@ config.json exists (written, or uploaded, last). Training exports checkpoints he
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from huggingface_hub import save_torch_state_dict
+import torch
+from safetensors.torch import save_file
 
 from pipeline.runtime import faults
+from pipeline.store.fingerprint import combine_file_hashes, sha256_file
 from pipeline.store.storage import Store
 
 
@@ -31,14 +37,41 @@ def remove_interrupted_exports(run_store: Store) -> None:
             run_store.delete(f"checkpoints/{name}")
 
 
-def export_hf(full_state: dict, lm, tokenizer, out_dir: Path) -> None:
-    """Write a Hugging Face model directory atomically (temp dir, then rename)."""
+# Weight files are written (and, at a URI, uploaded) in parts of at most this many bytes; rank 0 holds one part.
+SHARD_BYTES = 2 << 30
+# Written into every export: the content hash evaluation keys its results by, so it never re-reads the weights.
+RECORD = "dpo_checkpoint.json"
+
+
+def export_hf(groups: tuple[int, Iterable[dict]], lm, tokenizer, dtype: torch.dtype, out_dir: Path) -> None:
+    """Write a Hugging Face model directory atomically (temp dir, then rename) from `groups` = (count, iterator of
+    {name: tensor}) as `pipeline.dpo.parallel.hf_weight_groups` yields them: one safetensors file per group (with
+    an index when there are several), each hashed as it is written, the hashes recorded in
+    `dpo_checkpoint.json`."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    lm.config.save_pretrained(tmp)
+    config = copy.deepcopy(lm.config)
+    config.dtype = dtype  # what the weights are stored in: loaders use it as the default dtype
+    config.save_pretrained(tmp)
     if getattr(lm, "generation_config", None) is not None:
         lm.generation_config.save_pretrained(tmp)
-    save_torch_state_dict(full_state, tmp)
+    hashes = {"config.json": sha256_file(tmp / "config.json")}
+    count, parts = groups
+    weight_map = {}
+    for i, part in enumerate(parts):
+        name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        save_file(part, tmp / name, metadata={"format": "pt"})
+        hashes[name] = sha256_file(tmp / name)  # just written: read back from the page cache
+        weight_map.update(dict.fromkeys(part, name))
+        del part
+    if count > 1:
+        index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hashes["model.safetensors.index.json"] = sha256_file(tmp / "model.safetensors.index.json")
+    hashes = dict(sorted(hashes.items()))
+    (tmp / RECORD).write_text(json.dumps({"model_files_sha256": combine_file_hashes(hashes),
+                                          "dtype": str(dtype).removeprefix("torch."), "files": hashes}, indent=2))
     faults.reach("checkpoint_export")
     tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():  # a step redone after a resume: replace the earlier export
@@ -46,15 +79,39 @@ def export_hf(full_state: dict, lm, tokenizer, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
-def export_checkpoint(run_store: Store, name: str, full_state: dict, lm, tokenizer) -> None:
+def export_checkpoint(run_store: Store, name: str, groups: tuple[int, Iterable[dict]], lm, tokenizer,
+                      dtype: torch.dtype) -> Callable[[], None]:
     """Export `<run_dir>/checkpoints/<name>`: in place at a local run_dir; at a URI, written on this machine's disk,
-    then uploaded (config.json last: the checkpoint is complete)."""
+    then uploaded (files in parallel, config.json last: the checkpoint is complete) by a background thread, so
+    training goes on. Returns the function that waits for the upload to finish."""
     if run_store.local:
-        export_hf(full_state, lm, tokenizer, Path(run_store.path(f"checkpoints/{name}")))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(full_state, lm, tokenizer, Path(tmp) / name)
-        run_store.upload_dir(Path(tmp) / name, f"checkpoints/{name}", last="config.json")
+        export_hf(groups, lm, tokenizer, dtype, Path(run_store.path(f"checkpoints/{name}")))
+        return lambda: None
+    tmp = tempfile.TemporaryDirectory()
+    export_hf(groups, lm, tokenizer, dtype, Path(tmp.name) / name)
+    pool = ThreadPoolExecutor(1)
+
+    def upload():
+        with tmp:
+            run_store.upload_dir(Path(tmp.name) / name, f"checkpoints/{name}", last="config.json")
+    future = pool.submit(upload)
+    pool.shutdown(wait=False)
+    return future.result
+
+
+def export_dtype(setting: str, model_dir: str) -> torch.dtype:
+    """train.checkpoint.dtype: `auto` is the dtype the reference model's weights are stored in (config.json's
+    `dtype`, `torch_dtype` in older files; float32 when it names none)."""
+    if setting == "auto":
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        setting = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, setting)
+
+
+def recorded_hash(model_dir: str | Path) -> str | None:
+    """The content hash an export recorded (equal to `model_files_hash` of its files), if it is one of ours."""
+    record = Path(model_dir) / RECORD
+    return json.loads(record.read_text())["model_files_sha256"] if record.is_file() else None
 
 
 def prune_checkpoints(run_store: Store, keep: int) -> None:

@@ -23,7 +23,8 @@ TOKENIZER_FILES = {
 }
 TEMPLATE_FILES = {"chat_template.jinja", "chat_template.json"}
 TEMPLATE_DIR = "additional_chat_templates"  # named templates (transformers): `<dir>/<name>.jinja`
-IGNORED_FILES = {"README.md", "LICENSE", "LICENSE.txt", ".gitattributes", "generation_config.json"}
+IGNORED_FILES = {"README.md", "LICENSE", "LICENSE.txt", ".gitattributes", "generation_config.json",
+                 "dpo_checkpoint.json"}  # the last: the hash record training writes into each export
 
 _CHUNK = 1 << 20
 
@@ -69,9 +70,15 @@ def model_files_hash(model_dir: str | Path) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _hash_files(root: str, stamp: tuple) -> str:
+    return combine_file_hashes({rel: sha256_file(Path(root) / rel) for rel, _, _ in stamp})
+
+
+def combine_file_hashes(hashes: dict[str, str]) -> str:
+    """`model_files_hash` from each file's sha256 (relative path -> digest), for a writer that hashed its files as
+    it wrote them; in `list_files` order (for a flat directory: sorted names)."""
     h = hashlib.sha256()
-    for rel, _, _ in stamp:
-        h.update(f"{rel}\0{sha256_file(Path(root) / rel)}\n".encode())
+    for rel in hashes:
+        h.update(f"{rel}\0{hashes[rel]}\n".encode())
     return h.hexdigest()
 
 

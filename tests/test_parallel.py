@@ -1,0 +1,151 @@
+"""Loading a sharded model without a full copy per rank: the meta-device skeleton, sharded, then filled slice by
+slice, holds exactly the weights a plain transformers load gives (2 gloo ranks, in-process spawn)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.data.models import empty_causal_lm, load_hf_model
+from pipeline.dpo.parallel import PolicyLogps, hf_weight_groups, load_hf_weights, materialize, shard_model
+
+
+def _load_sharded(rank: int, world: int, model_dir: str, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        policy = shard_model(PolicyLogps(empty_causal_lm(model_dir)))
+        materialize(policy, "cpu")
+        load_hf_weights(policy, model_dir)
+        full = {}  # gathered on rank 0, a group at a time
+        for group in hf_weight_groups(policy, torch.float32, 40_000)[1]:
+            full.update(group)
+        if rank == 0:
+            torch.save({**full, **{f"buffer:{n}": b for n, b in policy.lm.named_buffers()}}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_weights(model_dir: Path, tmp_path: Path, world: int = 2) -> dict[str, torch.Tensor]:
+    out = tmp_path / "gathered.pt"
+    mp.spawn(_load_sharded, args=(world, str(model_dir), f"file://{tmp_path / 'pg'}", str(out)), nprocs=world)
+    return torch.load(out)
+
+
+def _tiny_llama(out: Path, dtype: torch.dtype, tied: bool, safetensors: bool = True) -> Path:
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(out)
+    if not safetensors:  # an older checkpoint: pytorch_model.bin
+        (out / "model.safetensors").unlink()
+        torch.save(model.state_dict(), out / "pytorch_model.bin")
+    return out
+
+
+@pytest.mark.parametrize("dtype, tied", [(torch.float32, False), (torch.bfloat16, True)])
+def test_meta_device_load_equals_a_full_load(tmp_path, dtype, tied):
+    model_dir = _tiny_llama(tmp_path / "model", dtype, tied)
+    got = _sharded_weights(model_dir, tmp_path)
+    want = load_hf_model(str(model_dir), "float32")  # the fp32 master copy training starts from
+    want_params = dict(want.state_dict())
+    assert set(want_params) <= set(k for k in got if not k.startswith("buffer:")) | {"lm_head.weight"}
+    for name, tensor in want_params.items():
+        if name in got:
+            assert got[name].dtype == torch.float32
+            assert torch.equal(got[name], tensor), name
+    if tied:
+        assert torch.equal(got.get("lm_head.weight", got["model.embed_tokens.weight"]),
+                           want.model.embed_tokens.weight)
+    for name, buf in want.named_buffers():  # rotary inv_freq: computed at construction, kept through to_empty
+        assert torch.equal(got[f"buffer:{name}"], buf), name
+
+
+def test_a_model_without_safetensors_is_broadcast_from_rank0(tmp_path):
+    model_dir = _tiny_llama(tmp_path / "model", torch.float32, tied=False, safetensors=False)
+    assert not list(model_dir.glob("*.safetensors"))
+    got = _sharded_weights(model_dir, tmp_path)
+    for name, tensor in load_hf_model(str(model_dir)).state_dict().items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_an_incomplete_model_directory_is_a_user_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = _tiny_llama(tmp_path / "model", torch.float32, tied=False)
+    (weights,) = model_dir.glob("*.safetensors")
+    state = load_file(weights)
+    del state["model.norm.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg1'}", rank=0, world_size=1)
+    try:
+        policy = shard_model(PolicyLogps(empty_causal_lm(str(model_dir))))
+        materialize(policy, "cpu")
+        with pytest.raises(Exception, match="no weights for 'model.norm.weight'"):
+            load_hf_weights(policy, str(model_dir))
+    finally:
+        dist.destroy_process_group()
+
+
+class _CountingS3:
+    """Counts the bytes read through a pyarrow filesystem's random-access files."""
+
+    def __init__(self, fs):
+        self.fs, self.read = fs, 0
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open_input_file(self, path):
+        f = self.fs.open_input_file(path)
+        counter = self
+
+        class Counting:
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def read(self, n=-1):
+                data = f.read(n) if n is not None and n >= 0 else f.read()
+                counter.read += len(data)
+                return data
+        return Counting()
+
+
+def test_sharded_state_restores_straight_from_s3(s3, tmp_path):
+    """The training state saved to local disk, uploaded, then loaded through the S3 filesystem in place: the same
+    weights and optimizer state, and no copy of the checkpoint on local disk."""
+    import pyarrow.fs as pafs
+
+    from pipeline.dpo.parallel import load_sharded_state, save_sharded_state
+    from pipeline.dpo.step import make_optimizer
+    from pipeline.store.storage import Store
+
+    def model_and_optimizer(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+        opt = make_optimizer(model.parameters(), 1e-2, 0.0)
+        model(torch.randn(4, 64)).sum().backward()
+        opt.step()
+        return model, opt
+
+    saved, saved_opt = model_and_optimizer(0)
+    save_sharded_state(tmp_path / "state", saved, saved_opt)
+    run = Store(f"{s3}/runs/r1")
+    run.upload_dir(tmp_path / "state", "ray/checkpoint_000002/state", last=".metadata")
+
+    restored, restored_opt = model_and_optimizer(1)
+    fs, path = pafs.FileSystem.from_uri(f"{s3}/runs/r1/ray/checkpoint_000002/state")
+    counting = _CountingS3(fs)
+    load_sharded_state(path, counting, restored, restored_opt)
+    for a, b in zip(saved.state_dict().values(), restored.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(saved_opt.state_dict()["state"][0]["exp_avg"], restored_opt.state_dict()["state"][0]["exp_avg"])
+    total = sum(f.size for f in fs.get_file_info(pafs.FileSelector(path)))
+    assert 0 < counting.read <= total  # ranged reads through the filesystem, no more than the files hold
