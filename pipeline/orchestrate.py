@@ -72,8 +72,10 @@ def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
     if states:
         return Step("train", "resume", f"from the training state {states[-1]} in {run.uri}/ray{other}")
     if cache_ready:
-        pairs = Store(cfg.cache_dir).child(cache_key).read_json("manifest.json")["counts"]["pairs"]
-        _, total = train.plan_steps(cfg, pairs)
+        manifest = Store(cfg.cache_dir).child(cache_key).read_json("manifest.json")
+        pairs = manifest["counts"]["pairs"]
+        files = manifest["files"]
+        _, _, total = train.plan_steps(cfg, [f["path"] for f in files], [f["rows"] for f in files])
         return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs")
     return Step("train", "run", "after the cache: no training run for these inputs")
 

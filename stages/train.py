@@ -1,28 +1,27 @@
 """Stage 2: DPO training on Ray Train with FSDP2, reading reference log-probs from the stage-1 cache.
 
-Driver (`run`): find the cache of the configured inputs (refusing one built for other inputs), build one Ray dataset
-per epoch, and run a `TorchTrainer` whose workers get a `WorkerPlan`. Workers (`train_loop`): a `DPOWorker` goes
-through setup (load the policy, shard it with `apply_fsdp`, restore the latest checkpoint) -> train (for each
-optimizer step take their slice of the global batch, accumulate micro-batch gradients, step, log, evaluate and
-checkpoint every train.checkpoint.every steps) -> save (the last step) -> cleanup. FSDP and distributed-checkpoint
-details live in pipeline/dpo/parallel.py, the checkpoint layout in pipeline/store/checkpoints.py.
+Driver (`run`): find the cache of the configured inputs (refusing one built for other inputs), deal its files to
+data lanes, and run a `TorchTrainer` whose workers get a `WorkerPlan`; the driver never reads the training data.
+Workers (`train_loop`): a `DPOWorker` goes through setup (build the policy on the meta device, shard it with
+`apply_fsdp`, read its shards of the weights, restore the latest checkpoint) -> train (for each optimizer step read
+its rows of the global batch, accumulate micro-batch gradients, step, log, evaluate and checkpoint every
+train.checkpoint.every steps) -> save (the last step) -> cleanup. FSDP and distributed-checkpoint details live in
+pipeline/dpo/parallel.py, the checkpoint layout in pipeline/store/checkpoints.py.
 
-Batches are world-size invariant: every worker streams the epoch's pairs in the same seeded order and keeps
-positions [r·G/W, (r+1)·G/W) of each global batch of G pairs, so W workers compute exactly the steps one worker
-would (tested). Every worker gets the same number of batches; a last partial global batch is dropped.
+Batches are world-size invariant and each worker reads only its share (pipeline/data/lanes.py): the cache's files
+are dealt to K lanes, a global batch of G pairs takes G/K rows from each lane, and worker r of W reads only its K/W
+lanes, so W workers compute exactly the steps one worker would (tested) while each reads 1/W of the cache (only
+`TRAIN_COLUMNS`). Every worker gets the same number of batches; a last partial global batch is dropped.
 
-Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory (moved into place when
-complete; at a URI run_dir, uploaded with config.json last); the sharded training state (model, optimizer,
-scheduler, data position) is a Ray Train checkpoint under `<run_dir>/ray/`, which Ray lists only once every worker
-has reported it.
+Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory in train.checkpoint.dtype
+(moved into place when complete; at a URI run_dir, uploaded in the background with config.json last); the sharded
+training state (model, optimizer, scheduler, data position) is a Ray Train checkpoint under `<run_dir>/ray/`,
+written in the background (train.checkpoint.async_save) and listed by Ray only once every worker has reported it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import random
 import resource
 import shutil
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
@@ -43,6 +44,7 @@ from ray.train.torch import TorchTrainer
 from tqdm import tqdm
 
 from pipeline.config import Config, to_yaml
+from pipeline.data.lanes import LanePlan, lane_batches, plan_lanes
 from pipeline.data.models import empty_causal_lm, load_tokenizer
 from pipeline.dpo.metrics import MetricsLogger, StepSums
 from pipeline.dpo.parallel import (
@@ -81,38 +83,23 @@ TRAIN_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_i
                  "ref_rejected_logps")
 
 
-def _epoch_dataset(files: list[str], seed: int, epoch: int, shuffle: bool):
-    """The epoch's pairs in an order fixed by (seed, epoch): cache files in a seeded order, rows within each
-    file block sorted by a seeded hash of their id. Deterministic, so every worker sees the same stream. Only
-    `TRAIN_COLUMNS` are read."""
-    files = list(files)
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(files)
-    ds = ray.data.read_parquet(files, columns=list(TRAIN_COLUMNS), override_num_blocks=len(files))
-    if shuffle:
-        ds = ds.map_batches(_shuffle_block, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="pyarrow",
-                            batch_size=None)
-    return ds
+def read_train_columns(uri: str) -> pa.Table:
+    """A cache file's `TRAIN_COLUMNS` (the per-token log-prob lists stay on storage)."""
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    return pq.read_table(path, columns=list(TRAIN_COLUMNS), filesystem=fs)
 
 
 def _check_cpus(cfg: Config) -> None:
-    """Ray Data streams the cache to the workers only with at least one CPU the workers do not hold; without it
-    the run would wait forever (measured with Ray 2.60)."""
+    """Ray Data streams the eval split to the workers only with at least one CPU the workers do not hold; without
+    it the run would wait forever (measured with Ray 2.60)."""
     total = ray.cluster_resources().get("CPU", 0)
     parallel = cfg.train.parallel
     held = parallel.num_workers * parallel.num_cpus_per_worker
     if total - held < 1:
         raise UserError(f"train.parallel.num_workers × train.parallel.num_cpus_per_worker = {held:g} CPUs leaves "
-                        f"less than 1 of the cluster's {total:g} for data loading; lower "
+                        f"less than 1 of the cluster's {total:g} for the eval data; lower "
                         f"train.parallel.num_cpus_per_worker (e.g. {max(0.25, (total - 1) / parallel.num_workers):g}) "
                         f"or add CPUs")
-
-
-def _shuffle_block(batch, seed: int, epoch: int):
-    keys = [hashlib.blake2b(f"{seed}:{epoch}:{i}".encode(), digest_size=8).digest()
-            for i in batch.column("id").to_pylist()]
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    return batch.take(pa.array(order, pa.int64()))
 
 
 @dataclass
@@ -123,14 +110,21 @@ class TrainResult:
     run_dir: str
 
 
-def plan_steps(cfg: Config, pairs: int) -> tuple[int, int]:
-    """(steps per epoch, total steps)."""
-    per_epoch = pairs // cfg.train.global_batch_pairs
+def plan_steps(cfg: Config, files: list[str], rows: list[int]) -> tuple[LanePlan, int, int]:
+    """(the data lanes, steps per epoch, total steps) for a cache's files and their row counts."""
+    lanes = plan_lanes(files, rows, cfg.train.global_batch_pairs)
+    workers = cfg.train.parallel.num_workers
+    if len(lanes.lanes) % workers:
+        raise UserError(f"train.parallel.num_workers={workers} does not divide the {len(lanes.lanes)} data lanes "
+                        f"of this cache ({len(files)} files, global batch {cfg.train.global_batch_pairs}); use a "
+                        f"number of workers that divides {len(lanes.lanes)}, or rebuild the cache with a smaller "
+                        f"scoring.shard_size (more files)")
+    per_epoch = lanes.steps_per_epoch
     if per_epoch == 0:
-        raise UserError(f"the cache has {pairs} pairs, fewer than train.global_batch_pairs="
+        raise UserError(f"the cache has {sum(rows)} pairs, fewer than train.global_batch_pairs="
                         f"{cfg.train.global_batch_pairs}; lower the global batch")
     total = per_epoch * cfg.train.epochs
-    return per_epoch, min(total, cfg.train.max_steps or total)
+    return lanes, per_epoch, min(total, cfg.train.max_steps or total)
 
 
 # Settings that change neither the weights nor which checkpoints are written.
@@ -146,16 +140,17 @@ def train_key(cfg: Config, cache_key: str) -> str:
 def run(cfg: Config) -> TrainResult:
     train_cache = find_cache(cfg, "train")
     eval_cache = find_cache(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
-    per_epoch, total = plan_steps(cfg, train_cache.pairs)
+    lanes, per_epoch, total = plan_steps(cfg, train_cache.files, train_cache.file_rows)
     run_store = Store(cfg.run_dir)  # a local path (resolved here) or a URI
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     remove_interrupted_exports(run_store)
     connect(cfg)
-    _check_cpus(cfg)
+    if eval_cache:
+        _check_cpus(cfg)
     # Paths resolved here: Ray Train workers run in another working directory.
     plan = WorkerPlan(cfg, run_store.uri, train_cache.model_dir, train_cache.tokenizer_dir, train_cache.chat_template,
-                      per_epoch, total, faults.env())
-    trainer = _trainer(cfg, plan, run_store, _datasets(cfg, train_cache, eval_cache, math.ceil(total / per_epoch)))
+                      lanes.lanes, lanes.rows_per_lane, per_epoch, total, faults.env())
+    trainer = _trainer(cfg, plan, run_store, _eval_dataset(eval_cache))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -169,13 +164,11 @@ def run(cfg: Config) -> TrainResult:
     return TrainResult(total, ckpts, dict(result.metrics or {}), run_store.uri)
 
 
-def _datasets(cfg: Config, train_cache: CacheRef, eval_cache: CacheRef | None, epochs: int) -> dict[str, Any]:
-    """One Ray dataset per epoch (`train_<epoch>`), and `eval` when evaluating."""
-    datasets = {f"train_{e}": _epoch_dataset(train_cache.files, cfg.train.seed, e, cfg.train.shuffle)
-                for e in range(epochs)}
-    if eval_cache:
-        datasets["eval"] = _epoch_dataset(eval_cache.files, 0, 0, shuffle=False)
-    return datasets
+def _eval_dataset(eval_cache: CacheRef | None) -> dict[str, Any]:
+    """The eval split as a Ray dataset (`eval`), streamed whole to every worker, in the cache's order."""
+    if eval_cache is None:
+        return {}
+    return {"eval": ray.data.read_parquet(eval_cache.files, columns=list(TRAIN_COLUMNS))}
 
 
 def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str, Any]) -> TorchTrainer:
@@ -192,7 +185,7 @@ def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint.keep)),
         datasets=datasets,
-        # Not split: every worker streams the whole epoch in the same order and keeps its slice of each batch.
+        # The eval split is not split: every worker streams it whole and scores its slice of each chunk.
         # (Ray Train replaces each dataset's execution options with these: preserve_order must be set here.)
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ray.data.ExecutionOptions(preserve_order=True)),
@@ -220,6 +213,8 @@ class WorkerPlan:
     model_dir: str
     tokenizer_dir: str
     chat_template: str | None
+    lanes: list[list[tuple[str, int, int]]]  # LanePlan.lanes: per lane, its pieces (file, first row, end row)
+    rows_per_lane: int
     steps_per_epoch: int
     total_steps: int
     fault_env: dict[str, str] = field(default_factory=dict)  # faults.env() of the driver
@@ -257,6 +252,7 @@ class DPOWorker:
         self.upload: Callable[[], None] | None = None  # waits for the last export's upload (rank 0)
         self.pending: tuple[Future, Path, dict[str, Any]] | None = None  # the training state being written
         self.blocked_s: list[float] = []  # per checkpoint: how long the loop stopped for it
+        self.read_bytes = 0  # cache bytes this worker has read (decoded)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -362,21 +358,25 @@ class DPOWorker:
     # ------------------------------------------------------------ train
 
     def _train_epoch(self) -> None:
-        """The rest of the current epoch: every worker streams it whole, in the same order, G pairs per batch."""
+        """The rest of the current epoch: this worker's rows of each global batch, from its own lanes."""
         epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
-        batches = ray.train.get_dataset_shard(f"train_{epoch}").iter_batches(
-            batch_size=self.cfg.train.global_batch_pairs, batch_format="pyarrow", drop_last=True)
-        for i, global_batch in enumerate(batches):
-            if i < skip:  # resuming mid-epoch: these steps are in the restored state
-                continue
+        lanes = LanePlan(self.plan.lanes, self.plan.rows_per_lane)
+        parts = [lane_batches(lanes.lanes[k], k, lanes.rows_per_lane, self.cfg.train.seed, epoch,
+                              self.cfg.train.shuffle, skip, self._read) for k in lanes.lanes_of(self.rank, self.world)]
+        for i, batch in enumerate(zip(*parts), start=skip):
             if i >= self.plan.steps_per_epoch or self.step >= self.plan.total_steps:
                 break
-            self._step(global_batch)
+            self._step(pa.concat_tables(batch))
             faults.reach("train_step")
 
-    def _step(self, global_batch) -> None:
+    def _read(self, uri: str) -> pa.Table:
+        table = read_train_columns(uri)
+        self.read_bytes += table.nbytes
+        return table
+
+    def _step(self, batch) -> None:
         """One optimizer step, then what is due after it: evaluation, logging, a checkpoint."""
-        self.metrics = self._train_step(global_batch)
+        self.metrics = self._train_step(batch)
         self.step += 1
         self.bar.update(1)
         if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.cfg.data.eval:
@@ -387,29 +387,29 @@ class DPOWorker:
         if self.cfg.train.checkpoint.every and self.step % self.cfg.train.checkpoint.every == 0:
             self.save()
 
-    def _train_step(self, global_batch) -> dict[str, float]:
-        """This rank's slice [r·G/W, (r+1)·G/W) of the global batch: forward/backward, clip, optimizer step."""
+    def _train_step(self, batch) -> dict[str, float]:
+        """This rank's G/W pairs of the global batch: forward/backward, clip, optimizer step."""
         t0 = now()
         sums = StepSums()
-        per_rank = self.cfg.train.global_batch_pairs // self.world
-        self.compute.accumulate(global_batch.slice(self.rank * per_rank, per_rank), self.cfg.train.micro_batch_pairs,
-                                sums)
+        self.compute.accumulate(batch, self.cfg.train.micro_batch_pairs, sums)
         lr = self.scheduler.get_last_lr()[0]
         norm = optimizer_step(self.policy, self.optimizer, self.cfg.train.optim.max_grad_norm)
         self.scheduler.step()
         metrics = sums.reduce(self.device)
         elapsed = now() - t0
         metrics.update({"grad_norm": float(norm), "lr": lr, "tokens_per_s": metrics.pop("tokens") / elapsed,
-                        "pairs_per_s": metrics.pop("pairs") / elapsed, "peak_rss_mb": self._peak_rss_mb()})
+                        "pairs_per_s": metrics.pop("pairs") / elapsed, **self._worker_maxima()})
         return metrics
 
-    def _peak_rss_mb(self) -> float:
-        """The largest peak resident memory of any worker process so far (a collective)."""
-        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    def _worker_maxima(self) -> dict[str, float]:
+        """The largest peak resident memory of any worker process so far, and the most cache bytes any worker has
+        read (a collective)."""
+        t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, self.read_bytes / 2**20],
+                         dtype=torch.float64)
         if dist.is_initialized():
-            rss = rss.to(self.device)
-            dist.all_reduce(rss, op=dist.ReduceOp.MAX)
-        return float(rss.item())
+            t = t.to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return {"peak_rss_mb": float(t[0]), "data/read_mb": float(t[1])}
 
     def _evaluate(self) -> dict[str, float]:
         """Loss and reward accuracy/margin on the eval split; each rank scores its slice of every chunk."""

@@ -9,7 +9,7 @@ is intact. Stage 1 writes caches; training, evaluation and `plan` find and check
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,7 @@ class CacheRef:
     model_dir: str
     tokenizer_dir: str
     chat_template: str | None
+    file_rows: list[int] = field(default_factory=list)  # pairs per file, as `files`
 
 
 def find_cache(cfg: Config, split: str) -> CacheRef:
@@ -115,4 +116,5 @@ def find_cache(cfg: Config, split: str) -> CacheRef:
                         f"{' and more' if len(damaged) > 3 else ''} no longer match(es) the manifest's sha256; "
                         f"run `dpo-pipeline cache CONFIG` (same config) to recompute only the damaged part(s)")
     return CacheRef(split, manifest["key"], store.uri, [f"{store.uri}/{f['path']}" for f in manifest["files"]],
-                    manifest["counts"]["pairs"], prep.model_dir, prep.tokenizer_dir, prep.chat_template)
+                    manifest["counts"]["pairs"], prep.model_dir, prep.tokenizer_dir, prep.chat_template,
+                    [f["rows"] for f in manifest["files"]])

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.runtime import faults
-from pipeline.store.fingerprint import combine_file_hashes, sha256_file
-from pipeline.store.storage import Store
+from pipeline.store.fingerprint import combine_file_hashes, model_files_hash, sha256_file
+from pipeline.store.storage import Store, local_copy
 
 
 def list_checkpoints(run_store: Store) -> list[str]:
@@ -109,9 +109,16 @@ def export_dtype(setting: str, model_dir: str) -> torch.dtype:
 
 
 def recorded_hash(model_dir: str | Path) -> str | None:
-    """The content hash an export recorded (equal to `model_files_hash` of its files), if it is one of ours."""
-    record = Path(model_dir) / RECORD
-    return json.loads(record.read_text())["model_files_sha256"] if record.is_file() else None
+    """The content hash an export recorded (equal to `model_files_hash` of its files), if it is one of ours; a
+    local directory or a URI (only the small record is read)."""
+    store = Store(str(model_dir))
+    return store.read_json(RECORD)["model_files_sha256"] if store.exists(RECORD) else None
+
+
+def checkpoint_hash(path: str) -> str:
+    """`model_files_hash` of a checkpoint directory (local or URI): the recorded one of our exports, else the
+    files hashed (a URI downloaded once to a node-local copy)."""
+    return recorded_hash(path) or model_files_hash(local_copy(path))
 
 
 def prune_checkpoints(run_store: Store, keep: int) -> None:

@@ -1,0 +1,89 @@
+"""The training data order: the same global batches for any number of workers, each worker reading only its share.
+
+The cache's N rows, files in the cache's order, are cut into K *lanes* of N // K consecutive rows (K the largest
+divisor of the global batch G not above the number of files, so a lane spans about a file or more). Global batch b
+is lane 0's rows [b·c, (b+1)·c), then lane 1's, ..., lane K-1's, with c = G/K rows per lane per batch. A worker r
+of W (W must divide K) reads only lanes [r·K/W, (r+1)·K/W): exactly its G/W rows of every batch, from its 1/W of
+the cache's files (a file cut between two lanes is read by both), and only the columns it is given. As with the
+whole-batch order, the last N mod G rows are not used.
+
+Each epoch visits a lane's pieces (its part of each file) in an order seeded by (seed, epoch, lane) and each
+piece's rows in an order seeded by (seed, epoch, row id); a lane's rows run on across pieces. Resuming at step s:
+a lane skips s·c rows, whole pieces by their row counts (without reading them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+Piece = tuple[str, int, int]  # (file, first row, end row)
+
+
+@dataclass(frozen=True)
+class LanePlan:
+    lanes: list[list[Piece]]
+    rows_per_lane: int  # c: each lane's rows in one global batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return min(sum(end - start for _, start, end in lane) for lane in self.lanes) // self.rows_per_lane
+
+    def lanes_of(self, rank: int, world: int) -> range:
+        k = len(self.lanes) // world
+        return range(rank * k, (rank + 1) * k)
+
+
+def lane_count(files: int, global_batch: int) -> int:
+    """K: the largest divisor of the global batch that is at most the number of files."""
+    return max(d for d in range(1, min(files, global_batch) + 1) if global_batch % d == 0)
+
+
+def plan_lanes(files: list[str], rows: list[int], global_batch: int) -> LanePlan:
+    """Cut the cache (files in order, `rows` each) into K lanes of N // K consecutive rows."""
+    nonempty = [(f, n) for f, n in zip(files, rows, strict=True) if n > 0]
+    k = lane_count(len(nonempty), global_batch) if nonempty else 1
+    length = sum(n for _, n in nonempty) // k
+    lanes: list[list[Piece]] = [[] for _ in range(k)]
+    offset = 0  # global row index of the current file's first row
+    for f, n in nonempty:
+        for lane in range(offset // length if length else k, k):
+            start, end = max(offset, lane * length), min(offset + n, (lane + 1) * length)
+            if start >= end:
+                break
+            lanes[lane].append((f, start - offset, end - offset))
+        offset += n
+    return LanePlan(lanes, global_batch // k)
+
+
+def _seeded_order(table: pa.Table, seed: int, epoch: int) -> pa.Table:
+    keys = [hashlib.blake2b(f"{seed}:{epoch}:{i}".encode(), digest_size=8).digest()
+            for i in table.column("id").to_pylist()]
+    return table.take(pa.array(sorted(range(len(keys)), key=keys.__getitem__), pa.int64()))
+
+
+def lane_batches(lane: list[Piece], lane_id: int, rows_per_lane: int, seed: int, epoch: int, shuffle: bool,
+                 skip: int, read: Callable[[str], pa.Table]) -> Iterator[pa.Table]:
+    """The lane's rows of each global batch of the epoch, from batch `skip` on (`rows_per_lane` rows each; a last
+    partial batch is dropped). `read(file)` returns a file's table."""
+    pieces = list(lane)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}:{lane_id}").shuffle(pieces)
+    to_skip = skip * rows_per_lane
+    while pieces and pieces[0][2] - pieces[0][1] <= to_skip:  # wholly before the resume point: not read at all
+        _, start, end = pieces.pop(0)
+        to_skip -= end - start
+    pending: pa.Table | None = None
+    for f, start, end in pieces:
+        table = read(f).slice(start, end - start)
+        table = _seeded_order(table, seed, epoch) if shuffle else table
+        if to_skip:
+            table, to_skip = table.slice(to_skip), 0
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        while pending.num_rows >= rows_per_lane:
+            yield pending.slice(0, rows_per_lane)
+            pending = pending.slice(rows_per_lane)
