@@ -34,7 +34,7 @@ def _config(work: Path, pairs: int, *overrides: str):
         f"model.path={work / 'model'}", f"data.train.path={work / f'pairs-{pairs}.jsonl'}", "data.max_length=64",
         "data.max_prompt_length=32", f"cache_dir={work / 'cache'}", f"run_dir={work / 'runs' / str(pairs)}",
         "scoring.engine=hf", "scoring.batch_size=512", "scoring.shard_size=512", "train.global_batch_pairs=32",
-        "train.micro_batch_pairs=32", "train.optim.lr=1e-4", "train.log_every=1", "ray.num_cpus=3",
+        "train.micro_batch_pairs=16", "train.optim.lr=1e-4", "train.log_every=1", "ray.num_cpus=3",
         "eval.include_reference_model=false", *overrides])
 
 
