@@ -312,6 +312,8 @@ def _score(cfg: Config, jobs: list[CacheJob], progress) -> dict[tuple[int, int],
     ds = ds.map_batches(_write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(uris=[job.store.uri for job in jobs]),
                         **({"runtime_env": {"env_vars": faults.env()}} if faults.env() else {}))
+    # A worker's UserError (full disk, unreachable storage) reaches the driver as itself, to be one line there.
+    ds.context.raise_original_map_exception = True
     written: dict[tuple[int, int], dict] = {}
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -332,8 +334,8 @@ def _user_error(e: BaseException) -> UserError | None:
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if type(cause) is UserError:
-            return cause
+        if type(cause) is UserError:  # Ray appends its retry advice to the message: keep the user's line
+            return UserError(str(cause).splitlines()[0])
         cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
     return None
 
