@@ -35,7 +35,6 @@ from importlib import metadata
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config, to_yaml
@@ -56,7 +55,10 @@ from pipeline.store.storage import Store
 # What the tokenize tasks hand the scorers, and the scorers the writers: one row per shard (see
 # pipeline/store/shards.py), its counts, and its pairs (unscored, then scored) nested in `pairs`.
 SHARD_FIELDS = [pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()), pa.field("rows", pa.int64()),
-                pa.field("rejected", pa.int64()), pa.field("reasons", pa.string())]  # reasons: JSON {reason: count}
+                pa.field("rejected", pa.int64()), pa.field("reasons", pa.string()),  # reasons: JSON {reason: count}
+                # A storage failure (full disk, unreachable URI): the UserError's line, handed on to the driver
+                # as data, so that it is one line there (a raised one would come with Ray's tracebacks).
+                pa.field("error", pa.string())]
 SCORED_PAIR = pa.struct(list(shards.PAIR) + SCORE_FIELDS)
 CACHE_SCHEMA = pa.schema([SCORED_PAIR.field(n) for n in ("id", *shards.TOKEN_COLUMNS)] + SCORE_FIELDS)
 
@@ -93,12 +95,16 @@ def _tokenize_shards(batch: pa.Table, jobs: list[dict], tokenizer_dir: str, chat
         shard = source.shards[shard_id]
         pairs, rejects = tokenize_rows(read_shard(source, shard), tok, job["fmt"], max_length, max_prompt_length,
                                        marker)
-        shards.write_rejects(Store(job["uri"]), shard_id, rejects)
+        try:
+            shards.write_rejects(Store(job["uri"]), shard_id, rejects)
+            error = None
+        except UserError as e:
+            pairs, error = [], str(e)
         pairs.sort(key=lambda p: p.index)
         packed.append(shards.pack(pa.Table.from_pylist([vars(p) | {"_index": p.index} for p in pairs],
                                                        schema=pa.schema(list(shards.PAIR)))))
         heads.append({"_job": job_id, "_shard": shard_id, "rows": shard.stop - shard.start,
-                      "rejected": len(rejects), "reasons": shards.reasons_json(rejects)})
+                      "rejected": len(rejects), "reasons": shards.reasons_json(rejects), "error": error})
     out = pa.Table.from_pylist(heads, schema=pa.schema(SHARD_FIELDS))
     return out.append_column(pa.field("pairs", pa.list_(shards.PAIR)), pa.concat_arrays(packed))
 
@@ -133,12 +139,18 @@ def _write_shards(batch: pa.Table, uris: list[str]) -> pa.Table:
     for head, value in zip(batch.drop_columns(["pairs"]).to_pylist(), batch.column("pairs")):
         store, sid = Store(uris[head["_job"]]), head["_shard"]
         pairs = shards.unpack(value)
-        digest, size = shards.write_data(store, sid, pairs, CACHE_SCHEMA)
-        faults.reach("shard_written")
-        shards.write_marker(store, sid, pairs, digest, size, head["rows"], head["rejected"],
-                            json.loads(head["reasons"]), [head["_node"]] if head["_node"] else [])
-        stats.append({"_job": head["_job"], "_shard": sid, "rows": head["rows"], "pairs": pairs.num_rows,
-                      "rejected": head["rejected"], "sha256": digest, "bytes": size})
+        row = {"_job": head["_job"], "_shard": sid, "rows": head["rows"], "pairs": pairs.num_rows,
+               "rejected": head["rejected"], "error": head["error"]}
+        if not row["error"]:
+            try:
+                digest, size = shards.write_data(store, sid, pairs, CACHE_SCHEMA)
+                faults.reach("shard_written")
+                shards.write_marker(store, sid, pairs, digest, size, head["rows"], head["rejected"],
+                                    json.loads(head["reasons"]), [head["_node"]] if head["_node"] else [])
+                row.update(sha256=digest, bytes=size)
+            except UserError as e:
+                row["error"] = str(e)
+        stats.append(row)
     return pa.Table.from_pylist(stats, schema=shards.STATS)
 
 
@@ -166,24 +178,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _duplicates(store: Store, plan: SourcePlan, markers: list[dict]) -> dict[str, list[dict]]:
-    """Usable pairs whose id an earlier usable pair (lower source row) already has: {shard: [{pos, index, id,
-    first}]}. Computed once from the shards as scored and recorded before any file changes: a crash while
-    dropping them redoes the same."""
+def _duplicates(store: Store, plan: SourcePlan) -> dict[str, list[dict]]:
+    """Usable pairs whose id an earlier usable pair already has (`shards.find_duplicates`). Computed once from the
+    shards as scored and recorded before any file changes: a crash while dropping them redoes the same."""
     if store.exists(".work/duplicates.json"):
         return store.read_json(".work/duplicates.json")
-
-    seen: dict[str, int | None] = {}
-    dups: dict[str, list[dict]] = {}
-    for shard, m in zip(plan.shards, markers):
-        ids = pq.read_table(store.path(m["file"]), columns=["id"], filesystem=store.fs).column("id").to_pylist()
-        indices = m.get("indices") or [None] * len(ids)  # a repaired cache's kept shards hold no duplicates
-        for pos, (rid, index) in enumerate(zip(ids, indices)):
-            if rid in seen:
-                dups.setdefault(str(shard.index), []).append({"pos": pos, "index": index, "id": rid,
-                                                              "first": seen[rid]})
-            else:
-                seen[rid] = index
+    dups = shards.find_duplicates(store, [s.index for s in plan.shards])
     store.write_json(".work/duplicates.json", dups)
     return dups
 
@@ -211,10 +211,16 @@ def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[di
 
 
 def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) -> dict[str, Any]:
-    markers = [store.read_json(f".work/shard-{s.index:05d}.json") for s in plan.shards]
-    dups = _duplicates(store, plan, markers)
-    markers = [_drop_duplicates(store, plan, m, dups[str(m["shard"])]) if str(m["shard"]) in dups else m
-               for m in markers]
+    # Without the pairs' source rows (`indices`): the driver keeps O(1) per shard.
+    markers = [{k: v for k, v in store.read_json(shards.marker_file(s.index)).items() if k != "indices"}
+               for s in plan.shards]
+    dups = _duplicates(store, plan)
+    # Ray tasks rewrite the shards that hold duplicates; the driver receives their new records.
+    drop = ray.remote(num_cpus=0.5)(_drop_duplicates)
+    redone = dict(zip([m["shard"] for m in markers if str(m["shard"]) in dups],
+                      shards.get([drop.remote(store, plan, m, dups[str(m["shard"])]) for m in markers
+                                  if str(m["shard"]) in dups])))
+    markers = [redone.get(m["shard"], m) for m in markers]
     rejects_sha = shards.concat(store, [shards.rejects_file(s.index) for s in plan.shards], "rejects.jsonl")
     reasons: Counter[str] = Counter()
     for m in markers:
@@ -232,7 +238,7 @@ def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) ->
         "rejects": {"path": "rejects.jsonl", "rows": counts["rejected"], "sha256": rejects_sha},
         # What a repair needs to recompute one damaged file: the source's shards and each shard's record.
         "plan": {**plan.to_dict(), "path": None},
-        "shards": [{k: v for k, v in m.items() if k != "indices"} for m in markers],
+        "shards": markers,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for name in store.listdir("data"):  # temp files of writes a crash interrupted
@@ -312,32 +318,17 @@ def _score(cfg: Config, jobs: list[CacheJob], progress) -> dict[tuple[int, int],
     ds = ds.map_batches(_write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(uris=[job.store.uri for job in jobs]),
                         **({"runtime_env": {"env_vars": faults.env()}} if faults.env() else {}))
-    # A worker's UserError (full disk, unreachable storage) reaches the driver as itself, to be one line there.
-    ds.context.raise_original_map_exception = True
     written: dict[tuple[int, int], dict] = {}
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for stats in batch.to_pylist():
-                written[stats["_job"], stats["_shard"]] = stats
-                progress.update(stats["rows"])
-    except Exception as e:  # a storage error in a worker is the user's one-line error, as on the driver
-        raise (_user_error(e) or e) from None
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for stats in batch.to_pylist():
+            if stats["error"]:
+                raise UserError(stats["error"])
+            written[stats["_job"], stats["_shard"]] = stats
+            progress.update(stats["rows"])
     missing = sorted({(item["job"], item["shard"]) for item in items} - set(written))
     if missing:
         raise RuntimeError(f"(job, shard)s {missing} were not written")
     return written
-
-
-def _user_error(e: BaseException) -> UserError | None:
-    """The `UserError` a Ray worker raised, if that is what `e` (Ray's wrapper of it) comes from."""
-    seen: set[int] = set()
-    cause: BaseException | None = e
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if type(cause) is UserError:  # Ray appends its retry advice to the message: keep the user's line
-            return UserError(str(cause).splitlines()[0])
-        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
-    return None
 
 
 def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
@@ -370,6 +361,8 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
         total = sum(s.stop - s.start for job in todo for s in job.todo)
         with (progress_factory or progress_bar)(total=total, desc=f"scoring ({cfg.scoring.engine})") as bar:
             _score(cfg, todo, bar)
+    if jobs:
+        connect(cfg)  # duplicate ids are found by Ray tasks
     for job in jobs.values():
         _finalize(job.store, job.prep, job.plan, cfg.scoring.engine)
     results = []

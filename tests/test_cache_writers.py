@@ -52,7 +52,8 @@ def test_a_tokenize_task_writes_its_shards_rejects_and_passes_on_only_pairs(tiny
     assert {x["reason"] for x in lines} == {"chosen_equals_rejected"} and lines[0]["row"]["chosen"] == "same " * 400
     assert store.listdir(".work") == ["rejects-00002.jsonl"]  # no other shard's
     (head,) = out.drop_columns(["pairs"]).to_pylist()
-    assert head == {"_job": 0, "_shard": 2, "rows": 8, "rejected": 6, "reasons": '{"chosen_equals_rejected": 6}'}
+    assert head == {"_job": 0, "_shard": 2, "rows": 8, "rejected": 6, "reasons": '{"chosen_equals_rejected": 6}',
+                    "error": None}
     pairs = shards.unpack(out.column("pairs")[0])
     assert pairs.column("_index").to_pylist() == [16, 20] and pairs.column("id").to_pylist() == ["r16", "r20"]
     assert out.nbytes < 2_000  # the rejected rows' text (~12 KB) stayed behind

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from pipeline.data.sources import Reject
+from pipeline.errors import UserError
 from pipeline.store.storage import Store
 
 IDS = pa.list_(pa.int32())
@@ -34,7 +37,7 @@ PAIR = pa.struct([pa.field("_index", pa.int64()), pa.field("id", pa.string())]
 # What the driver receives per finished shard (one row each).
 STATS = pa.schema([pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()), pa.field("rows", pa.int64()),
                    pa.field("pairs", pa.int64()), pa.field("rejected", pa.int64()), pa.field("sha256", pa.string()),
-                   pa.field("bytes", pa.int64())])
+                   pa.field("bytes", pa.int64()), pa.field("error", pa.string())])
 
 
 def data_file(sid: int) -> str:
@@ -108,3 +111,64 @@ def reasons_json(rejects: list[Reject]) -> str:
     for r in rejects:
         counts[r.reason] = counts.get(r.reason, 0) + 1
     return json.dumps(counts)
+
+
+# ---------------------------------------------------------------- duplicate ids, found by Ray tasks
+
+BUCKETS = 16  # reducers: each holds the ids of 1/BUCKETS of the cache
+MAPPERS = 16  # readers: each reads the ids of a contiguous range of shards
+
+
+@ray.remote(num_cpus=0.5)
+def _ids_by_bucket(store: Store, sids: list[int]) -> tuple[pa.Table, ...]:
+    """The (id, shard, pos, index) of every pair of shards `sids` (in order), cut into BUCKETS by a hash of the id
+    that every process computes alike (crc32; Python's `hash` of a str differs between processes)."""
+    parts = []
+    for sid in sids:
+        marker = store.read_json(marker_file(sid))
+        ids = pq.read_table(store.path(marker["file"]), columns=["id"], filesystem=store.fs).column("id")
+        # A repaired cache's kept shards have no indices (and no duplicates among themselves).
+        indices = marker.get("indices") or [None] * len(ids)
+        parts.append(pa.table({"id": ids, "shard": pa.array([sid] * len(ids), pa.int32()),
+                               "pos": pa.array(range(len(ids)), pa.int64()), "index": pa.array(indices, pa.int64())}))
+    table = pa.concat_tables(parts)
+    bucket = pa.array([zlib.crc32(i.encode()) % BUCKETS for i in table.column("id").to_pylist()], pa.int32())
+    return tuple(table.filter(pc.equal(bucket, b)) for b in range(BUCKETS))
+
+
+@ray.remote(num_cpus=0.5)
+def _bucket_duplicates(*parts: pa.Table) -> list[dict]:
+    """The pairs of one bucket whose id an earlier pair (parts come in shard order) already has."""
+    seen: dict[str, int | None] = {}
+    dups = []
+    for row in pa.concat_tables(parts).to_pylist():
+        if row["id"] in seen:
+            dups.append({**row, "first": seen[row["id"]]})
+        else:
+            seen[row["id"]] = row["index"]
+    return dups
+
+
+def find_duplicates(store: Store, sids: list[int]) -> dict[str, list[dict]]:
+    """Pairs whose id an earlier pair (lower shard, then lower position) already has: {shard: [{pos, index, id,
+    first}]}, `first` being the source row of the earlier pair. Ray tasks read the ids and find the duplicates, by
+    a hash of the id, so no process holds every id; the driver receives only the duplicates."""
+    step = -(-len(sids) // MAPPERS)
+    readers = [_ids_by_bucket.options(num_returns=BUCKETS).remote(store, sids[i:i + step])
+               for i in range(0, len(sids), step)]
+    found = get([_bucket_duplicates.remote(*[refs[b] for refs in readers]) for b in range(BUCKETS)])
+    dups: dict[str, list[dict]] = {}
+    for d in sorted((d for bucket in found for d in bucket), key=lambda d: (d["shard"], d["pos"])):
+        dups.setdefault(str(d.pop("shard")), []).append(d)
+    return dups
+
+
+def get(refs: list) -> list:
+    """`ray.get`, except that a task's `UserError` (a storage failure) is raised as itself: one line, without the
+    task's traceback that Ray's wrapper of it carries in its message."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise UserError(str(e.cause)) from None
+        raise
