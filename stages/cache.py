@@ -1,13 +1,17 @@
 """Stage 1: the reference log-prob cache.
 
-    read shard (Ray task) -> tokenize (same task) -> score (vLLM or hf actors) -> driver writes one Parquet per shard
+    read shard, tokenize, write its rejects (Ray task) -> score (vLLM or hf actors) -> write its Parquet file and
+    marker (Ray task) -> the driver counts the shards' stats
+
+A shard travels through the pipeline as one row, so it stays whole and the workers write its files
+(`pipeline/store/shards.py`): the driver never holds scored rows or rejects, only per-shard counts and file stats.
 
 Layout under `cache_dir/<key>/` (the key hashes every input that determines the values, see
 `pipeline/store/fingerprint.py`; finding and checking a cache: `pipeline/store/cache_layout.py`):
 
     manifest.json            written last: its presence means the cache is complete
     data/part-00000.parquet  one file per source shard, usable pairs only (schema: README "Cache schema")
-    rejects.jsonl            unusable rows with their reason
+    rejects.jsonl            unusable rows with their reason (the shards' rejects files, streamed together)
     .work/                   while in progress: the shard plan, a marker + rejects per finished shard
 
 A shard is finished when its marker exists and its file still has the marker's sha256; markers are written after
@@ -31,8 +35,6 @@ from importlib import metadata
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config, to_yaml
@@ -43,20 +45,22 @@ from pipeline.data.rows import tokenize_rows
 from pipeline.data.sources import Reject, Shard, SourcePlan, read_shard
 from pipeline.engines.scorers import ENGINES, SCORE_FIELDS, actor_options, scorer_kwargs
 from pipeline.errors import UserError
+from pipeline.runtime import faults
 from pipeline.runtime.session import connect, progress_bar
+from pipeline.store import shards
 from pipeline.store.cache_layout import CacheInputs, damaged_files, resolve_inputs
 from pipeline.store.fingerprint import SCHEMA_VERSION
 from pipeline.store.storage import Store
 
-IDS = pa.list_(pa.int32())
-TOKENIZED = pa.schema([
-    pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()), pa.field("_index", pa.int64()),
-    pa.field("id", pa.string()),
-    pa.field("prompt_input_ids", IDS), pa.field("chosen_input_ids", IDS), pa.field("rejected_input_ids", IDS),
-    pa.field("reject", pa.string()),  # JSON of the Reject, null for a usable pair
-])
-CACHE_SCHEMA = pa.schema([TOKENIZED.field(n) for n in ("id", "prompt_input_ids", "chosen_input_ids",
-                                                       "rejected_input_ids")] + SCORE_FIELDS)
+# What the tokenize tasks hand the scorers, and the scorers the writers: one row per shard (see
+# pipeline/store/shards.py), its counts, and its pairs (unscored, then scored) nested in `pairs`.
+SHARD_FIELDS = [pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()), pa.field("rows", pa.int64()),
+                pa.field("rejected", pa.int64()), pa.field("reasons", pa.string()),  # reasons: JSON {reason: count}
+                # A storage failure (full disk, unreachable URI): the UserError's line, handed on to the driver
+                # as data, so that it is one line there (a raised one would come with Ray's tracebacks).
+                pa.field("error", pa.string())]
+SCORED_PAIR = pa.struct(list(shards.PAIR) + SCORE_FIELDS)
+CACHE_SCHEMA = pa.schema([SCORED_PAIR.field(n) for n in ("id", *shards.TOKEN_COLUMNS)] + SCORE_FIELDS)
 
 
 @dataclass
@@ -75,35 +79,82 @@ class CacheResult:
         return f"{self.uri}/rejects.jsonl"
 
 
-# ---------------------------------------------------------------- setup (driver)
-
-
 # ---------------------------------------------------------------- Ray tasks
 
 
 def _tokenize_shards(batch: pa.Table, jobs: list[dict], tokenizer_dir: str, chat_template: str | None,
                      max_length: int, max_prompt_length: int, marker: str) -> pa.Table:
-    """Ray Data task: (job, shard) ids in, one row per source row out (usable pairs and rejects alike)."""
+    """Ray Data task: (job, shard) ids in; per shard, its rejects go to its rejects file here and one row comes out,
+    holding its usable pairs in source order."""
     tok = load_tokenizer(tokenizer_dir, chat_template)
-    cols: dict[str, list] = {f.name: [] for f in TOKENIZED}
+    heads: list[dict] = []
+    packed = []
     for job_id, shard_id in zip(batch.column("job").to_pylist(), batch.column("shard").to_pylist()):
-        source = SourcePlan.from_dict(jobs[job_id]["plan"])
-        rows = read_shard(source, source.shards[shard_id])
-        pairs, rejects = tokenize_rows(rows, tok, jobs[job_id]["fmt"], max_length, max_prompt_length, marker)
-        for p in pairs:
-            for name, value in (("_job", job_id), ("_shard", shard_id), ("_index", p.index), ("id", p.id),
-                                ("prompt_input_ids", p.prompt_input_ids), ("chosen_input_ids", p.chosen_input_ids),
-                                ("rejected_input_ids", p.rejected_input_ids), ("reject", None)):
-                cols[name].append(value)
-        for r in rejects:
-            for name, value in (("_job", job_id), ("_shard", shard_id), ("_index", r.index), ("id", r.id),
-                                ("prompt_input_ids", []), ("chosen_input_ids", []), ("rejected_input_ids", []),
-                                ("reject", r.to_json())):
-                cols[name].append(value)
-    return pa.table(cols, schema=TOKENIZED)
+        job = jobs[job_id]
+        source = SourcePlan.from_dict(job["plan"])
+        shard = source.shards[shard_id]
+        pairs, rejects = tokenize_rows(read_shard(source, shard), tok, job["fmt"], max_length, max_prompt_length,
+                                       marker)
+        try:
+            shards.write_rejects(Store(job["uri"]), shard_id, rejects)
+            error = None
+        except UserError as e:
+            pairs, error = [], str(e)
+        pairs.sort(key=lambda p: p.index)
+        packed.append(shards.pack(pa.Table.from_pylist([vars(p) | {"_index": p.index} for p in pairs],
+                                                       schema=pa.schema(list(shards.PAIR)))))
+        heads.append({"_job": job_id, "_shard": shard_id, "rows": shard.stop - shard.start,
+                      "rejected": len(rejects), "reasons": shards.reasons_json(rejects), "error": error})
+    out = pa.Table.from_pylist(heads, schema=pa.schema(SHARD_FIELDS))
+    return out.append_column(pa.field("pairs", pa.list_(shards.PAIR)), pa.concat_arrays(packed))
 
 
-# ---------------------------------------------------------------- writing (driver)
+class _ShardScorer:
+    """Ray Data actor: adds the reference log-probs to whole shards (one row each), `batch_size` pairs per call of
+    the engine (`pipeline/engines/scorers.py`)."""
+
+    def __init__(self, engine: str, batch_size: int, **engine_kwargs):
+        self.scorer = ENGINES[engine](**engine_kwargs)
+        self.batch_size = batch_size
+        # The Ray node scoring the shards: the cache manifest records where the work ran.
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scored = []
+        for value in batch.column("pairs"):
+            pairs = shards.unpack(value)
+            pairs = pairs.append_column("reject", pa.nulls(pairs.num_rows, pa.string()))  # all usable
+            parts = [self.scorer(pairs.slice(i, self.batch_size)) for i in range(0, pairs.num_rows, self.batch_size)]
+            if not parts:  # a shard of rejects only
+                parts = [pa.table({f.name: pa.nulls(0, f.type) for f in SCORED_PAIR}, pa.schema(list(SCORED_PAIR)))]
+            scored.append(shards.pack(pa.concat_tables(p.select(SCORED_PAIR.names) for p in parts)))
+        out = batch.drop_columns(["pairs"]).append_column("_node", pa.array([self.node] * batch.num_rows))
+        return out.append_column(pa.field("pairs", pa.list_(SCORED_PAIR)), pa.concat_arrays(scored))
+
+
+def _write_shards(batch: pa.Table, uris: list[str]) -> pa.Table:
+    """Ray Data task: per scored shard, its data file, then its marker (pipeline/store/shards.py); what comes out
+    is the shard's stats only."""
+    stats = []
+    for head, value in zip(batch.drop_columns(["pairs"]).to_pylist(), batch.column("pairs")):
+        store, sid = Store(uris[head["_job"]]), head["_shard"]
+        pairs = shards.unpack(value)
+        row = {"_job": head["_job"], "_shard": sid, "rows": head["rows"], "pairs": pairs.num_rows,
+               "rejected": head["rejected"], "error": head["error"]}
+        if not row["error"]:
+            try:
+                digest, size = shards.write_data(store, sid, pairs, CACHE_SCHEMA)
+                faults.reach("shard_written")
+                shards.write_marker(store, sid, pairs, digest, size, head["rows"], head["rejected"],
+                                    json.loads(head["reasons"]), [head["_node"]] if head["_node"] else [])
+                row.update(sha256=digest, bytes=size)
+            except UserError as e:
+                row["error"] = str(e)
+        stats.append(row)
+    return pa.Table.from_pylist(stats, schema=shards.STATS)
+
+
+# ---------------------------------------------------------------- finishing (driver)
 
 
 @dataclass
@@ -114,52 +165,6 @@ class CacheJob:
     store: Store
     plan: SourcePlan
     todo: list[Shard]
-
-
-class _ShardWriter:
-    """Collects scored rows per (job, shard); when a shard is whole, writes its Parquet, rejects and marker."""
-
-    def __init__(self, jobs: list[CacheJob]):
-        self.jobs = jobs
-        self.expected = {(j, s.index): s.stop - s.start for j, job in enumerate(jobs) for s in job.todo}
-        self.parts: dict[tuple[int, int], list[pa.Table]] = {}
-        self.seen: Counter[tuple[int, int]] = Counter()
-
-    def add(self, table: pa.Table) -> None:
-        # One int64 per row naming its (job, shard), to split the batch with vectorised filters.
-        tag = pc.add(pc.multiply(table.column("_job").cast(pa.int64()), 1 << 32), table.column("_shard"))
-        for t in pc.unique(tag).to_pylist():
-            key = (t >> 32, t & 0xFFFFFFFF)
-            part = table.filter(pc.equal(tag, t))
-            self.parts.setdefault(key, []).append(part)
-            self.seen[key] += len(part)
-            if self.seen[key] == self.expected[key]:
-                self._write(self.jobs[key[0]].store, key[1], pa.concat_tables(self.parts.pop(key)))
-
-    @staticmethod
-    def _write(store: Store, sid: int, table: pa.Table) -> None:
-        table = table.sort_by("_index")
-        bad = table.column("reject").is_valid()
-        good = table.filter(pc.invert(bad))
-        indices = good.column("_index").to_pylist()
-        good = good.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
-        reject_lines = table.filter(bad).column("reject").to_pylist()
-        store.write_bytes(f".work/rejects-{sid:05d}.jsonl", "".join(line + "\n" for line in reject_lines).encode())
-        data_rel = f"data/part-{sid:05d}.parquet"
-        digest = store.write_parquet(data_rel, good)
-        reasons = Counter(json.loads(line)["reason"] for line in reject_lines)
-        tokens = sum(pc.sum(pc.list_value_length(good.column(c))).as_py() or 0
-                     for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
-        nodes = sorted(n for n in pc.unique(table.column("_node")).to_pylist() if n) if "_node" in table.column_names \
-            else []
-        store.write_json(f".work/shard-{sid:05d}.json", {
-            "shard": sid, "file": data_rel, "sha256": digest, "rows": len(table), "pairs": len(good),
-            "rejected": len(reject_lines), "reasons": dict(reasons), "tokens": tokens, "nodes": nodes,
-            "indices": indices})
-
-    @property
-    def incomplete(self) -> list[tuple[int, int]]:
-        return sorted(self.parts)
 
 
 def _versions() -> dict[str, str]:
@@ -173,35 +178,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _duplicates(store: Store, plan: SourcePlan, markers: list[dict]) -> dict[str, list[dict]]:
-    """Usable pairs whose id an earlier usable pair (lower source row) already has: {shard: [{pos, index, id,
-    first}]}. Computed once from the shards as scored and recorded before any file changes: a crash while
-    dropping them redoes the same."""
+def _duplicates(store: Store, plan: SourcePlan) -> dict[str, list[dict]]:
+    """Usable pairs whose id an earlier usable pair already has (`shards.find_duplicates`). Computed once from the
+    shards as scored and recorded before any file changes: a crash while dropping them redoes the same."""
     if store.exists(".work/duplicates.json"):
         return store.read_json(".work/duplicates.json")
-
-    seen: dict[str, int | None] = {}
-    dups: dict[str, list[dict]] = {}
-    for shard, m in zip(plan.shards, markers):
-        ids = pq.read_table(store.path(m["file"]), columns=["id"], filesystem=store.fs).column("id").to_pylist()
-        indices = m.get("indices") or [None] * len(ids)  # a repaired cache's kept shards hold no duplicates
-        for pos, (rid, index) in enumerate(zip(ids, indices)):
-            if rid in seen:
-                dups.setdefault(str(shard.index), []).append({"pos": pos, "index": index, "id": rid,
-                                                              "first": seen[rid]})
-            else:
-                seen[rid] = index
+    dups = shards.find_duplicates(store, [s.index for s in plan.shards])
     store.write_json(".work/duplicates.json", dups)
     return dups
 
 
 def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[dict]) -> dict:
     """Remove a shard's duplicate pairs from its file and list them with its rejects; the shard's final record."""
-    table = store.read_parquet(marker["file"])
+    table, sid = store.read_parquet(marker["file"]), marker["shard"]
     if table.num_rows == marker["pairs"]:  # not yet rewritten (a crash may have come after the rewrite)
         drop = {d["pos"] for d in dups}
         table = table.filter(pa.array([i not in drop for i in range(table.num_rows)]))
-        store.write_parquet(marker["file"], table)
+        digest, size = shards.write_data(store, sid, table, CACHE_SCHEMA)
+    else:
+        digest, size = store.sha256(marker["file"]), store.fs.get_file_info(store.path(marker["file"])).size
     raw = dict(read_shard(plan, plan.shards[marker["shard"]]))
     lines = store.read_bytes(f".work/rejects-{marker['shard']:05d}.jsonl").decode().splitlines()
     lines += [Reject(d["index"], d["id"], "duplicate_id", f"id {d['id']!r} is already used by "
@@ -209,21 +204,24 @@ def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[di
                      raw.get(d["index"])).to_json() for d in dups]
     lines.sort(key=lambda line: json.loads(line)["index"])
     store.write_bytes(f".work/rejects-{marker['shard']:05d}.jsonl", "".join(f"{x}\n" for x in lines).encode())
-    tokens = sum(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0
-                 for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
     reasons = Counter(marker["reasons"])
     reasons["duplicate_id"] += len(dups)
-    return {**marker, "sha256": store.sha256(marker["file"]), "pairs": table.num_rows,
-            "rejected": marker["rejected"] + len(dups), "reasons": dict(reasons), "tokens": tokens}
+    return {**marker, "sha256": digest, "bytes": size, "pairs": table.num_rows, "rejected": marker["rejected"] +
+            len(dups), "reasons": dict(reasons), "tokens": shards.token_count(table)}
 
 
 def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) -> dict[str, Any]:
-    markers = [store.read_json(f".work/shard-{s.index:05d}.json") for s in plan.shards]
-    dups = _duplicates(store, plan, markers)
-    markers = [_drop_duplicates(store, plan, m, dups[str(m["shard"])]) if str(m["shard"]) in dups else m
-               for m in markers]
-    rejects = b"".join(store.read_bytes(f".work/rejects-{s.index:05d}.jsonl") for s in plan.shards)
-    rejects_sha = store.write_bytes("rejects.jsonl", rejects)
+    # Without the pairs' source rows (`indices`): the driver keeps O(1) per shard.
+    markers = [{k: v for k, v in store.read_json(shards.marker_file(s.index)).items() if k != "indices"}
+               for s in plan.shards]
+    dups = _duplicates(store, plan)
+    # Ray tasks rewrite the shards that hold duplicates; the driver receives their new records.
+    drop = ray.remote(num_cpus=0.5)(_drop_duplicates)
+    redone = dict(zip([m["shard"] for m in markers if str(m["shard"]) in dups],
+                      shards.get([drop.remote(store, plan, m, dups[str(m["shard"])]) for m in markers
+                                  if str(m["shard"]) in dups])))
+    markers = [redone.get(m["shard"], m) for m in markers]
+    rejects_sha = shards.concat(store, [shards.rejects_file(s.index) for s in plan.shards], "rejects.jsonl")
     reasons: Counter[str] = Counter()
     for m in markers:
         reasons.update(m["reasons"])
@@ -235,11 +233,12 @@ def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) ->
         "engine": engine, "versions": _versions(), "counts": counts,
         # Ray node ids of the scorer actors that scored the shards.
         "scored_on": sorted({n for m in markers for n in m.get("nodes", [])}),
-        "files": [{"path": m["file"], "rows": m["pairs"], "sha256": m["sha256"]} for m in markers],
+        "files": [{"path": m["file"], "rows": m["pairs"], "sha256": m["sha256"],
+                   **({"bytes": m["bytes"]} if "bytes" in m else {})} for m in markers],
         "rejects": {"path": "rejects.jsonl", "rows": counts["rejected"], "sha256": rejects_sha},
         # What a repair needs to recompute one damaged file: the source's shards and each shard's record.
         "plan": {**plan.to_dict(), "path": None},
-        "shards": [{k: v for k, v in m.items() if k != "indices"} for m in markers],
+        "shards": markers,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for name in store.listdir("data"):  # temp files of writes a crash interrupted
@@ -296,29 +295,40 @@ def _pending(store: Store, prep: CacheInputs) -> tuple[SourcePlan, list[Shard]]:
     return plan, [s for s in plan.shards if f"shard-{s.index:05d}.json" not in done]
 
 
-def _score(cfg: Config, jobs: list[CacheJob], writer: _ShardWriter, progress) -> None:
-    """One Ray Data pipeline over the unfinished shards of every job: the scorer engines start once."""
+def _score(cfg: Config, jobs: list[CacheJob], progress) -> dict[tuple[int, int], dict]:
+    """One Ray Data pipeline over the unfinished shards of every job (the scorer engines start once): tasks read and
+    tokenize, actors score, tasks write. The driver receives each written shard's stats, nothing else."""
     ref, prep = cfg.scoring, jobs[0].prep
     items = [{"job": j, "shard": s.index} for j, job in enumerate(jobs) for s in job.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=1,
-        fn_kwargs=dict(jobs=[{"plan": job.plan.to_dict(), "fmt": job.prep.fmt} for job in jobs],
+        fn_kwargs=dict(jobs=[{"plan": job.plan.to_dict(), "fmt": job.prep.fmt, "uri": job.store.uri} for job in jobs],
                        tokenizer_dir=prep.tokenizer_dir, chat_template=prep.chat_template,
                        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                        marker=cfg.data.implicit_prompt_marker))
     ds = ds.map_batches(
-        ENGINES[ref.engine], batch_size=ref.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs=scorer_kwargs(ref.engine, ref, prep.model_dir, cfg.model.dtype, cfg.data.max_length,
-                                            cfg.model.trust_remote_code),
+        _ShardScorer, batch_size=1, batch_format="pyarrow",  # one row: one whole shard
+        fn_constructor_kwargs=dict(engine=ref.engine, batch_size=ref.batch_size, **scorer_kwargs(
+            ref.engine, ref, prep.model_dir, cfg.model.dtype, cfg.data.max_length, cfg.model.trust_remote_code)),
         # Ray Data places its actor pool with SPREAD itself (DataContext.scheduling_strategy): on a cluster the
         # scorers spread over the nodes whatever `ray.placement` says.
         compute=ray.data.ActorPoolStrategy(size=ref.num_actors), **actor_options(ref))
+    # Half a CPU: a writer mostly waits on storage; it must not wait for a scorer's CPU.
+    ds = ds.map_batches(_write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                        fn_kwargs=dict(uris=[job.store.uri for job in jobs]),
+                        **({"runtime_env": {"env_vars": faults.env()}} if faults.env() else {}))
+    written: dict[tuple[int, int], dict] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        writer.add(batch)
-        progress.update(len(batch))
-    if writer.incomplete:
-        raise RuntimeError(f"(job, shard)s {writer.incomplete} did not receive all their rows")
+        for stats in batch.to_pylist():
+            if stats["error"]:
+                raise UserError(stats["error"])
+            written[stats["_job"], stats["_shard"]] = stats
+            progress.update(stats["rows"])
+    missing = sorted({(item["job"], item["shard"]) for item in items} - set(written))
+    if missing:
+        raise RuntimeError(f"(job, shard)s {missing} were not written")
+    return written
 
 
 def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
@@ -350,7 +360,9 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
         connect(cfg)
         total = sum(s.stop - s.start for job in todo for s in job.todo)
         with (progress_factory or progress_bar)(total=total, desc=f"scoring ({cfg.scoring.engine})") as bar:
-            _score(cfg, todo, _ShardWriter(todo), bar)
+            _score(cfg, todo, bar)
+    if jobs:
+        connect(cfg)  # duplicate ids are found by Ray tasks
     for job in jobs.values():
         _finalize(job.store, job.prep, job.plan, cfg.scoring.engine)
     results = []

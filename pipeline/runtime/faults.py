@@ -7,7 +7,8 @@ exits at once with code 1 (`exit`, a crash: no cleanup, no exception handlers) o
 does not crash again. Without the variable `reach` does nothing. This is the only place the variable is read;
 `env()` forwards it to Ray actors and workers, which do not inherit the driver's environment.
 
-Points: `scorer_batch` (stage-1 scorer actor, per batch), `train_step` (Ray Train worker, after each optimizer
+Points: `scorer_batch` (stage-1 scorer actor, per batch), `shard_written` (stage-1 writer task, between a shard's
+data file and its marker), `train_step` (Ray Train worker, after each optimizer
 step), `checkpoint_export` (rank 0, a Hugging Face export half written: weights
 saved, tokenizer not yet),
 `eval_target_sampled` (evaluation driver, after a target's samples are saved), `eval_target_finished` (evaluation

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,28 @@ class Store:
                 pass
             raise
         return sha256_bytes(data)
+
+    @_storage_errors("write")
+    def write_stream(self, rel: str, chunks: Iterable[bytes]) -> str:
+        """Write the bytes of `chunks` atomically, one chunk in memory at a time; returns their sha256."""
+        final = self.path(rel)
+        parent = final.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
+        h = hashlib.sha256()
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                for chunk in chunks:
+                    h.update(chunk)
+                    f.write(chunk)
+            self.fs.move(tmp, final)
+        except BaseException:  # as in write_bytes: no partial file left behind
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+        return h.hexdigest()
 
     def sha256(self, rel: str) -> str | None:
         """sha256 of a file's bytes, streamed; None if it does not exist."""

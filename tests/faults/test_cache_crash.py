@@ -1,5 +1,6 @@
 """Case 3: a crash in the cache stage. A SIGKILLed driver's rerun recomputes only the shards in flight and ends
-with the values of an uninterrupted run; a scorer actor that dies is restarted by Ray Data and its batch retried."""
+with the values of an uninterrupted run; a scorer actor that dies is restarted by Ray Data and its batch retried;
+a writer task that dies between a shard's file and its marker is retried."""
 
 from __future__ import annotations
 
@@ -91,3 +92,14 @@ def test_a_scorer_actor_that_dies_is_restarted_and_its_batch_retried(tiny_model,
     assert not token.exists()  # the fault fired: the actor exited on its 5th batch
     assert r.shards_computed == SHARDS
     assert_same_cache(read_cache(r), straight)
+
+
+def test_a_writer_that_dies_between_a_shards_file_and_its_marker_is_retried(tiny_model, tmp_path, big, straight,
+                                                                           monkeypatch):
+    token = tmp_path / "token"
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("shard_written", token, nth=2))
+    (r,) = cache.run(config(tiny_model, tmp_path, big))
+    assert not token.exists()  # the fault fired: a writer exited with its second shard's file written, no marker
+    assert r.shards_computed == SHARDS
+    assert_same_cache(read_cache(r), straight)
+    assert not any(p.name.startswith(".") for p in Path(r.uri).rglob("*"))
