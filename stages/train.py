@@ -434,18 +434,18 @@ class DPOWorker:
                 pass
             return
         self.upload = export_checkpoint(self.run_store, name, groups, self.lm, self.tokenizer, self.export_dtype)
+        self.logger.sync()  # the rows and TensorBoard events up to this checkpoint, on storage
         if self.run_store.local:
             self._finish_export()
 
     def _finish_export(self) -> None:
-        """Wait for the last export's upload, then prune old checkpoints and publish the metrics (rank 0)."""
+        """Wait for the last export's upload, then prune old checkpoints (rank 0)."""
         if self.upload is None:
             return
         self.upload()
         self.upload = None
         if self.cfg.train.checkpoint.keep:
             prune_checkpoints(self.run_store, self.cfg.train.checkpoint.keep)
-        self.logger.sync()
 
     def _save_state(self, name: str) -> None:
         """The sharded training state (every rank) and trainer_state.json (rank 0), reported to Ray Train as one

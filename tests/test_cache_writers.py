@@ -19,7 +19,6 @@ from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
 from stages import cache
 from tests.conftest import DATA, make_config, read_cache
-from tests.test_storage import s3  # noqa: F401 (the moto S3 fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -166,7 +166,9 @@ def test_s3_metrics_of_a_restarted_run_hold_each_step_once(s3, tmp_path):
     run = f"{s3}/runs/restarted"
     first = MetricsLogger(run, enabled=True)
     first.resume_at(0)
-    _log_steps(first, 1, 40)  # then the worker dies: no close(), the parts hold steps 1-40
+    _log_steps(first, 1, 35)
+    first.sync()  # the checkpoint of step 35: its rows are on storage
+    _log_steps(first, 36, 40)  # then the worker dies: no close()
     second = MetricsLogger(run, enabled=True)  # restarted from the checkpoint of step 35
     second.resume_at(35)
     _log_steps(second, 36, 50)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -58,12 +59,15 @@ class MetricsLogger:
 
     A local run_dir gets the files directly. A URI run_dir (object storage cannot append) gets them at a cost per
     logged step that does not grow with the run: the rows go to `metrics-parts/NNNNNN.jsonl`, blocks of
-    `PART_ROWS` rows of which only the open one is uploaded again; `metrics.jsonl` (all rows) is written at the
-    end. TensorBoard starts a new event file at every checkpoint (`sync`), so each file is uploaded once, closed.
-    A restarted run rebuilds its rows from the parts (or a finished run's metrics.jsonl)."""
+    `PART_ROWS` rows, each uploaded when it fills; the open block is uploaded again only at a checkpoint or when
+    `FLUSH_SECONDS` have passed since the last upload (so about one row's bytes per logged step, and rows at most
+    that late on storage); `metrics.jsonl` (all rows) is written at the end. TensorBoard starts a new event file
+    at every checkpoint (`sync`), so each file is uploaded once, closed. A restarted run rebuilds its rows from the
+    parts (or a finished run's metrics.jsonl): all rows up to its checkpoint, which `sync` uploaded."""
 
     PART_ROWS = 32
     PARTS = "metrics-parts"
+    FLUSH_SECONDS = 30.0
 
     def __init__(self, run_dir: str, enabled: bool):
         self.enabled = enabled
@@ -71,6 +75,7 @@ class MetricsLogger:
             return
         self.store = Store(run_dir)
         self.uploaded_bytes = 0  # to the run_dir, by this logger (URI run_dir only)
+        self.last_upload = float("-inf")  # time.monotonic() of the last part upload
         if self.store.local:
             self.local = Path(self.store.root)
             self.local.mkdir(parents=True, exist_ok=True)
@@ -126,6 +131,11 @@ class MetricsLogger:
         data = "".join(lines).encode()
         self.store.write_bytes(f"{self.PARTS}/{index:06d}.jsonl", data)
         self.uploaded_bytes += len(data)
+        self.last_upload = time.monotonic()
+
+    def _flush_part(self) -> None:
+        if self.part_lines:
+            self._upload_part((self.rows - 1) // self.PART_ROWS, self.part_lines)
 
     def log(self, step: int, metrics: dict[str, float], echo=print) -> None:
         if not self.enabled:
@@ -137,16 +147,19 @@ class MetricsLogger:
             self.part_lines = []
         self.part_lines.append(line)
         self.rows += 1
-        if not self.store.local:  # the open part only: at most PART_ROWS rows per logged step
-            self._upload_part((self.rows - 1) // self.PART_ROWS, self.part_lines)
+        if not self.store.local and (len(self.part_lines) == self.PART_ROWS or
+                                     time.monotonic() - self.last_upload >= self.FLUSH_SECONDS):
+            self._flush_part()
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("pairs", "tokens"))
         echo(f"step {step}: {shown}")
 
     def sync(self) -> None:
-        """At a checkpoint (URI run_dir): close the current TensorBoard file, upload it, start the next."""
+        """At a checkpoint (URI run_dir): upload the open block of rows; close the current TensorBoard file, upload
+        it, start the next."""
         if self.enabled and not self.store.local:
+            self._flush_part()
             self.tb.close()
             self._upload_tensorboard()
             self.tb = self._tensorboard()
