@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 TINY_MODEL := build/tiny-model
 
-.PHONY: install lint test demo tiny bench clean
+.PHONY: install lint test demo tiny bench scale clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ tiny: install $(TINY_MODEL)/config.json
 bench: install
 	$(BIN)/python -m pip install --quiet "trl==1.16.0"   # benchmark-only: the peer we compare training with
 	$(BIN)/python benchmarks/suite.py
+
+# The scale figures of docs/SCALE.md (driver memory vs data size, bytes per worker, memory vs model size, upload
+# bytes per step, source reads): about an hour on 2 cores; writes docs/scale.json.
+scale: install
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf build cache runs
