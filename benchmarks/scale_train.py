@@ -88,28 +88,8 @@ def build(size: str, out: Path) -> int:
     return n
 
 
-def rank_main(rank: int, world: int, mode: str, model_dir: str, work: str, result: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-
-    dist.init_process_group("gloo", init_method=f"file://{work}/pg", rank=rank, world_size=world)
-    anon = AnonPeak()
-    base, anon_base = phase_start(), anon.reset()
-    t0 = time.perf_counter()
-    if mode == "before":
-        policy = parallel.shard_model(parallel.PolicyLogps(load_hf_model(model_dir, "float32")))
-    else:
-        policy = parallel.shard_model(parallel.PolicyLogps(empty_causal_lm(model_dir, "float32")))
-        parallel.materialize(policy, "cpu")
-        parallel.load_hf_weights(policy, model_dir)
-    dist.barrier()
-    load_s, load_peak, load_anon = time.perf_counter() - t0, phase_peak(base), anon.peak - anon_base
-    optimizer = make_optimizer(policy.parameters(), 1e-5, 0.0)
-    for p in policy.parameters():  # the sharded training state: grads and Adam moments allocated
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    dist.barrier()
-    state_mb = _status_mb("VmRSS") - base  # the sharded training state, resident
+def _checkpoint(rank: int, mode: str, policy, optimizer, work: str) -> dict:
+    """One checkpoint: the Hugging Face export, then the training state; times and memory above the state."""
 
     class Tok:
         def save_pretrained(self, d):
@@ -149,16 +129,43 @@ def rank_main(rank: int, world: int, mode: str, model_dir: str, work: str, resul
     dist.barrier()
     save_peak = phase_peak(mark)
     export_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors")) if rank == 0 else 0
-    Path(result, f"{rank}.json").write_text(json.dumps({
-        "load_peak_mb": load_peak, "load_anon_mb": load_anon, "state_mb": state_mb, "export_peak_mb": export_peak,
-        "save_peak_mb": save_peak,
-        "load_s": load_s,
-        "export_s": export_s, "export_bytes": export_bytes, "state_blocked_s": state_blocked,
-        "state_total_s": state_total}))
+    return {"export_peak_mb": export_peak, "save_peak_mb": save_peak, "export_s": export_s,
+            "export_bytes": export_bytes, "state_blocked_s": state_blocked, "state_total_s": state_total}
+
+
+def rank_main(rank: int, world: int, mode: str, model_dir: str, work: str, result: str, checkpoint: bool) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+    dist.init_process_group("gloo", init_method=f"file://{work}/pg", rank=rank, world_size=world)
+    anon = AnonPeak()
+    base, anon_base = phase_start(), anon.reset()
+    t0 = time.perf_counter()
+    if mode == "before":
+        policy = parallel.shard_model(parallel.PolicyLogps(load_hf_model(model_dir, "float32")))
+    else:
+        policy = parallel.shard_model(parallel.PolicyLogps(empty_causal_lm(model_dir, "float32")))
+        parallel.materialize(policy, "cpu")
+        parallel.load_hf_weights(policy, model_dir)
+    dist.barrier()
+    load_s, load_peak, load_anon = time.perf_counter() - t0, phase_peak(base), anon.peak - anon_base
+    optimizer = make_optimizer(policy.parameters(), 1e-5, 0.0)
+    for p in policy.parameters():  # the sharded training state: grads and Adam moments allocated
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    dist.barrier()
+    state_mb = _status_mb("VmRSS") - base  # the sharded training state, resident
+
+    figures = {"load_peak_mb": load_peak, "load_anon_mb": load_anon, "state_mb": state_mb, "load_s": load_s}
+    if checkpoint:
+        figures.update(_checkpoint(rank, mode, policy, optimizer, work))
+    Path(result, f"{rank}.json").write_text(json.dumps(figures))
     dist.destroy_process_group()
 
 
-def measure(sizes=("0.1", "0.5", "1"), world: int = 2) -> list[dict]:
+def measure(sizes=("0.1", "0.5", "1"), world: int = 2, checkpoint_sizes=("0.1", "0.5")) -> list[dict]:
+    """Per size and mode: load + training state on `world` ranks; a checkpoint too for `checkpoint_sizes` (at 1B the
+    background save's host copy of the state would not fit beside it in this machine's 24 GB)."""
     rows = []
     for size in sizes:
         root = Path(tempfile.mkdtemp(prefix=f"scale-train-{size}-"))
@@ -168,20 +175,19 @@ def measure(sizes=("0.1", "0.5", "1"), world: int = 2) -> list[dict]:
                 work, result = root / f"work-{mode}", root / f"result-{mode}"
                 work.mkdir()
                 result.mkdir()
-                mp.spawn(rank_main, args=(world, mode, str(root / "model"), str(work), str(result)), nprocs=world)
+                mp.spawn(rank_main, args=(world, mode, str(root / "model"), str(work), str(result),
+                                                 size in checkpoint_sizes), nprocs=world)
                 ranks = [json.loads((result / f"{r}.json").read_text()) for r in range(world)]
-                rows.append({
-                    "size": size, "params_m": n / 1e6, "mode": mode, "weights_fp32_mb": 4 * n / 2**20,
-                    "state_sharded_mb": 16 * n / 2**20,  # fp32 params + grads + 2 Adam moments, all ranks
-                    "load_peak_mb": sum(r["load_peak_mb"] for r in ranks),
-                    "load_anon_mb": sum(r["load_anon_mb"] for r in ranks),
-                    "state_mb": sum(r["state_mb"] for r in ranks),
-                    "export_peak_mb": max(r["export_peak_mb"] for r in ranks),  # above the resident state
-                    "save_peak_mb": max(r["save_peak_mb"] for r in ranks),
-                    "load_s": max(r["load_s"] for r in ranks), "export_s": max(r["export_s"] for r in ranks),
-                    "export_mb": ranks[0]["export_bytes"] / 2**20,
-                    "state_blocked_s": max(r["state_blocked_s"] for r in ranks),
-                    "state_total_s": max(r["state_total_s"] for r in ranks)})
+                row = {"size": size, "params_m": n / 1e6, "mode": mode, "weights_fp32_mb": 4 * n / 2**20,
+                       "state_sharded_mb": 16 * n / 2**20,  # fp32 params + grads + 2 Adam moments, all ranks
+                       "load_peak_mb": sum(r["load_peak_mb"] for r in ranks),
+                       "load_anon_mb": sum(r["load_anon_mb"] for r in ranks),
+                       "state_mb": sum(r["state_mb"] for r in ranks), "load_s": max(r["load_s"] for r in ranks)}
+                if size in checkpoint_sizes:  # peaks above the resident state, of the worst rank
+                    row.update({k: max(r[k] for r in ranks) for k in ("export_peak_mb", "save_peak_mb", "export_s",
+                                                                      "state_blocked_s", "state_total_s")})
+                    row["export_mb"] = ranks[0]["export_bytes"] / 2**20
+                rows.append(row)
                 shutil.rmtree(work)
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -194,11 +200,13 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'size':>5} {'params':>7} {'mode':>6} | {'load peak':>9} {'/fp32':>5} {'anon':>5} | {'state':>7} | "
           f"{'load s':>6} | {'export':>7} {'s':>5} {'+peak':>7} | {'state blocked':>13} {'written':>7} {'+peak':>7}")
     for r in rows:
-        print(f"{r['size']:>5} {r['params_m']:>6.0f}M {r['mode']:>6} | {r['load_peak_mb']:>7.0f}MB "
-              f"{r['load_peak_mb'] / r['weights_fp32_mb']:>5.2f} {r['load_anon_mb'] / r['weights_fp32_mb']:>5.2f} | "
-              f"{r['state_mb']:>5.0f}MB | {r['load_s']:>6.1f} | "
-              f"{r['export_mb']:>5.0f}MB {r['export_s']:>5.1f} {r['export_peak_mb']:>5.0f}MB | "
-              f"{r['state_blocked_s']:>12.2f}s {r['state_total_s']:>6.2f}s {r['save_peak_mb']:>5.0f}MB")
+        line = (f"{r['size']:>5} {r['params_m']:>6.0f}M {r['mode']:>6} | {r['load_peak_mb']:>7.0f}MB "
+                f"{r['load_peak_mb'] / r['weights_fp32_mb']:>5.2f} {r['load_anon_mb'] / r['weights_fp32_mb']:>5.2f} | "
+                f"{r['state_mb']:>5.0f}MB | {r['load_s']:>6.1f} | ")
+        if "export_mb" in r:
+            line += (f"{r['export_mb']:>5.0f}MB {r['export_s']:>5.1f} {r['export_peak_mb']:>5.0f}MB | "
+                     f"{r['state_blocked_s']:>12.2f}s {r['state_total_s']:>6.2f}s {r['save_peak_mb']:>5.0f}MB")
+        print(line)
 
 
 if __name__ == "__main__":
