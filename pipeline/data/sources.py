@@ -187,8 +187,7 @@ def plan_source(src: DataSource, shard_size: int, sources_dir: Store | str | Pat
     info = _file_info(file, src.path)
     suffix = PurePosixPath(file.root).suffix.lower()
     if info.type == pafs.FileType.File and suffix not in _SUFFIXES:
-        raise UserError(f"data file {src.path!r} has an unsupported extension; use .jsonl (or .json holding JSON "
-                        f"Lines) or .parquet")
+        raise UserError(f"data file {src.path!r} has an unsupported extension; use .jsonl, .json or .parquet")
     if info.type != pafs.FileType.File and suffix in _SUFFIXES:
         raise UserError(f"data file {src.path!r} not found; check data.*.path")
     if info.type != pafs.FileType.File and not file.local:
