@@ -32,6 +32,7 @@ _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 # Plans this process made or read, by `_memo_key`: every stage of a `run` (plan, cache, training's and
 # evaluation's cache lookups, the evaluation prompts) asks for the same source, and must not read it again.
 _PLANS: dict[str, dict[str, Any]] = {}
+_KEPT: set[tuple[str, str]] = set()  # (sources_dir, plan key) written there
 SETTLE_NS = 2_000_000_000
 
 # ---------------------------------------------------------------- sources and shards
@@ -205,6 +206,7 @@ def plan_source(src: DataSource, shard_size: int, sources_dir: Store | str | Pat
     memo = f"plans/{key}.json"
     if settled and key not in _PLANS and sources.exists(memo):
         _PLANS[key] = sources.read_json(memo)
+        _KEPT.add((sources.uri, key))
     if not settled or key not in _PLANS:
         if kind == "jsonl":
             _check_json_lines(file, src.path)
@@ -214,8 +216,19 @@ def plan_source(src: DataSource, shard_size: int, sources_dir: Store | str | Pat
         if not settled:
             return plan
         _PLANS[key] = plan.to_dict()
-        sources.write_bytes(memo, json.dumps(_PLANS[key], separators=(",", ":")).encode())
+    _keep(sources, memo, key)
     return SourcePlan.from_dict(_PLANS[key])
+
+
+def _keep(sources: Store, memo: str, key: str) -> None:
+    """Write a plan under `sources` for later runs, once cache_dir exists: `dpo-pipeline plan` creates nothing, and
+    the first stage that writes cache_dir makes the next lookup keep it."""
+    if (sources.uri, key) in _KEPT:
+        return
+    if sources.fs.get_file_info(sources.root.rsplit("/", 1)[0]).type == pafs.FileType.NotFound:
+        return
+    sources.write_bytes(memo, json.dumps(_PLANS[key], separators=(",", ":")).encode())
+    _KEPT.add((sources.uri, key))
 
 
 @functools.lru_cache(maxsize=16)
