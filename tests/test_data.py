@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -756,3 +757,37 @@ def test_a_file_uri_plans_and_reads_like_the_path(tmp_path):
         assert by_uri.path == f"file://{local}" and read_all(by_uri) == read_all(by_path) == list(enumerate(records))
     with pytest.raises(UserError, match="not found"):
         plan_source(DataSource(path=f"file://{tmp_path}/missing.jsonl"), 4, tmp_path / "s")
+
+
+def _reference_shards(data: bytes, shard_size: int, limit: int | None) -> list[tuple[int, int, int, int]]:
+    """The shard plan worked out line by line: (start, stop, byte_start, byte_stop)."""
+    shards, rows, offset = [], 0, 0
+    for line in data.splitlines(keepends=True):  # (the test data holds no b"\r")
+        if line.strip() and (limit is None or rows < limit):
+            if rows % shard_size == 0:
+                if shards:
+                    shards[-1][3] = offset
+                shards.append([rows, rows, offset, offset])
+            rows += 1
+            shards[-1][1] = rows
+        offset += len(line)
+    if shards:
+        shards[-1][3] = len(data)
+    return [tuple(s) for s in shards]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shard_plan_equals_a_line_by_line_reading(tmp_path, monkeypatch, seed):
+    rng = random.Random(seed)
+    lines = [rng.choice([b"", b"  \t", json.dumps({"prompt": "x" * rng.randint(0, 30)}).encode()])
+             for _ in range(rng.randint(0, 60))]
+    data = b"\n".join(lines) + rng.choice([b"", b"\n"])
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    monkeypatch.setattr(sources, "_CHUNK", rng.choice([1, 5, 64, 1 << 20]))
+    for shard_size in (1, 3, 7):
+        for limit in (None, 1, 4, 100):
+            plan = sources._plan_jsonl(sources.Store(str(path)), shard_size, limit)
+            assert [(s.start, s.stop, s.byte_start, s.byte_stop) for s in plan.shards] == \
+                _reference_shards(data, shard_size, limit)
+            assert plan.sha256 == hashlib.sha256(data).hexdigest()

@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate, compress
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -70,16 +71,7 @@ def _plan_jsonl(file: Store, shard_size: int, limit: int | None) -> SourcePlan:
     row begins. Blank lines are not rows."""
     h = hashlib.sha256()
     starts: list[tuple[int, int]] = []  # (row, byte offset) of each shard's first row
-    rows = offset = total = 0
-
-    def note(line: bytes, size: int) -> None:
-        nonlocal rows, offset
-        if line.strip() and (limit is None or rows < limit):
-            if rows % shard_size == 0:
-                starts.append((rows, offset))
-            rows += 1
-        offset += size
-
+    rows = base = total = 0
     with file.fs.open_input_stream(file.root) as f:
         tail = b""
         while chunk := f.read(_CHUNK):
@@ -89,14 +81,28 @@ def _plan_jsonl(file: Store, shard_size: int, limit: int | None) -> SourcePlan:
                 continue
             lines = (tail + chunk).split(b"\n")
             tail = lines.pop()
-            for line in lines:
-                note(line, len(line) + 1)
+            rows, base = _shard_starts(lines, rows, base, shard_size, limit, starts)
         if tail:
-            note(tail, len(tail))
-    bounds = [b for _, b in starts[1:]] + [total]  # a shard ends where the next begins, the last at the end
+            rows, base = _shard_starts([tail], rows, base, shard_size, limit, starts)
     ends = [r for r, _ in starts[1:]] + [rows]
+    bounds = [b for _, b in starts[1:]] + [total]  # a shard ends where the next begins, the last at the end
     shards = [Shard(i, r, stop, b, b_stop) for i, ((r, b), stop, b_stop) in enumerate(zip(starts, ends, bounds))]
     return SourcePlan("jsonl", file.uri, h.hexdigest(), rows, shards)
+
+
+def _shard_starts(lines: list[bytes], rows: int, base: int, shard_size: int, limit: int | None,
+                  starts: list[tuple[int, int]]) -> tuple[int, int]:
+    """Append (row, byte offset) for each shard's first row among `lines` (each ended by a newline; the first
+    begins at byte `base`, after `rows` rows); returns the rows and the offset after them. Per-line work runs in
+    C (map, compress, accumulate): Python loops only over the shards."""
+    found = list(compress(range(len(lines)), map(bytes.strip, lines)))  # non-blank lines are rows
+    if limit is not None:
+        found = found[:max(0, limit - rows)]
+    ends = list(accumulate(map(len, lines)))
+    for k in range((-rows) % shard_size, len(found), shard_size):
+        i = found[k]
+        starts.append((rows + k, base + (ends[i - 1] if i else 0) + i))  # + i: the newlines before line i
+    return rows + len(found), base + (ends[-1] if lines else 0) + len(lines)
 
 
 def _plan_parquet(file: Store, shard_size: int, limit: int | None, shown: str) -> SourcePlan:
