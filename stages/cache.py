@@ -14,12 +14,13 @@ Layout under `cache_dir/<key>/` (the key hashes every input that determines the 
     rejects.jsonl            unusable rows with their reason (the shards' rejects files, streamed together)
     .work/                   while in progress: the shard plan, a marker + rejects per finished shard
 
-A shard is finished when its marker exists and its file still has the marker's sha256; markers are written after
-the shard's files, all atomically. A rerun skips finished shards, so a crash costs at most the shards in flight;
-a complete cache costs nothing. At the end, a pair whose id an earlier pair already has is dropped (reason
-`duplicate_id`). A complete cache is checked against the manifest's sha256s whenever it is reused or read: a run
-of this stage recomputes only the shards of damaged files (the manifest keeps the shard plan for that); training
-and evaluation refuse a damaged cache.
+A shard is finished when its marker exists and its file is as the marker records it: the same (size, mtime) as
+when written (nothing to read), else the same sha256. Markers are written after the shard's files, all atomically.
+A rerun skips finished shards, so a crash costs at most the shards in flight; a complete cache costs nothing.
+At the end, a pair whose id an earlier pair already has is dropped (reason `duplicate_id`). A complete cache is
+checked against the manifest's sha256s when it is reused or read, once per process (files this process wrote count
+as checked): a run of this stage recomputes only the shards of damaged files (the manifest keeps the shard plan for
+that); training and evaluation refuse a damaged cache.
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ from pipeline.errors import UserError
 from pipeline.runtime import faults
 from pipeline.runtime.session import connect, progress_bar
 from pipeline.store import shards
-from pipeline.store.cache_layout import CacheInputs, damaged_files, resolve_inputs
+from pipeline.store.cache_layout import (
+    CacheInputs,
+    damaged_files,
+    file_stats,
+    remember_verified,
+    resolve_inputs,
+    sha256_files,
+)
 from pipeline.store.fingerprint import SCHEMA_VERSION
 from pipeline.store.storage import Store
 
@@ -206,8 +214,9 @@ def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[di
     store.write_bytes(f".work/rejects-{marker['shard']:05d}.jsonl", "".join(f"{x}\n" for x in lines).encode())
     reasons = Counter(marker["reasons"])
     reasons["duplicate_id"] += len(dups)
-    return {**marker, "sha256": digest, "bytes": size, "pairs": table.num_rows, "rejected": marker["rejected"] +
-            len(dups), "reasons": dict(reasons), "tokens": shards.token_count(table)}
+    return {**marker, "sha256": digest, "bytes": size, "stat": shards.fileshards.file_stat(store, marker["file"]),
+            "pairs": table.num_rows, "rejected": marker["rejected"] + len(dups), "reasons": dict(reasons),
+            "tokens": shards.token_count(table)}
 
 
 def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) -> dict[str, Any]:
@@ -246,6 +255,12 @@ def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) ->
             store.delete(f"data/{name}")
     store.write_json("manifest.json", manifest)  # the commit point
     store.delete(".work")
+    # Their sha256s were taken from the bytes written: a lookup later in this process need not read them again.
+    stats = file_stats(store)
+    for m in markers:
+        if tuple(m.get("stat", ())) == stats.get(m["file"]):
+            remember_verified(store, m["file"], m["sha256"], stats[m["file"]])
+    remember_verified(store, "rejects.jsonl", rejects_sha, stats["rejects.jsonl"])
     return counts
 
 
@@ -286,13 +301,15 @@ def _pending(store: Store, prep: CacheInputs) -> tuple[SourcePlan, list[Shard]]:
     else:
         plan = prep.plan
         store.write_json(".work/plan.json", plan.to_dict())
-    done = set()
-    for name in store.listdir(".work"):
-        if name.startswith("shard-"):
-            marker = store.read_json(f".work/{name}")
-            if store.sha256(marker["file"]) == marker["sha256"]:  # a damaged file is scored again
-                done.add(name)
-    return plan, [s for s in plan.shards if f"shard-{s.index:05d}.json" not in done]
+    stats = file_stats(store)
+    markers = [store.read_json(f".work/{name}") for name in store.listdir(".work") if name.startswith("shard-")]
+    # Unchanged since written (same size and mtime): finished, nothing read. Otherwise (a marker of an older
+    # version, a copied cache) the bytes decide; a damaged file is scored again.
+    done = {m["shard"] for m in markers if m["file"] in stats and tuple(m.get("stat", ())) == stats[m["file"]]}
+    check = [m for m in markers if m["shard"] not in done and m["file"] in stats]
+    digests = sha256_files(store, [m["file"] for m in check], sum(stats[m["file"]][0] for m in check))
+    done |= {m["shard"] for m, digest in zip(check, digests) if digest == m["sha256"]}
+    return plan, [s for s in plan.shards if s.index not in done]
 
 
 def _score(cfg: Config, jobs: list[CacheJob], progress) -> dict[tuple[int, int], dict]:

@@ -7,16 +7,32 @@ forward with a full log-softmax, nothing shared with the pipeline's code.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
+from collections import Counter
 from pathlib import Path
 
+import boto3
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
+from moto.server import ThreadedMotoServer
 from transformers import AutoModelForCausalLM
 
+from pipeline import orchestrate
+from pipeline.config import RayConfig
+from pipeline.data import sources
+from pipeline.errors import UserError
+from pipeline.evaluation.inputs import load_prompts
+from pipeline.runtime.session import init_ray
+from pipeline.store import cache_layout
 from pipeline.store.fingerprint import sha256_file
+from pipeline.store.storage import Store
 from stages import cache
 from tests.conftest import DATA, make_config, read_cache
 
@@ -149,3 +165,107 @@ def test_parquet_source_gives_same_cache_values(tiny_model, tmp_path, ray_local)
                                                                                  "chosen_input_ids"])
     np.testing.assert_allclose(a.column("ref_chosen_logps").to_numpy(), b.column("ref_chosen_logps").to_numpy(),
                                atol=1e-6)
+
+
+def _date_back(root: Path) -> None:
+    """Files written a minute ago, as a later run finds them (one written just now is read again: `plan_source`)."""
+    old = time.time_ns() - 60_000_000_000
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        os.utime(p, ns=(old, old))
+
+
+def test_one_run_reads_the_source_once_and_checks_the_cache_once(tiny_model, tmp_path, ray_local, tokenizer,
+                                                                  monkeypatch):
+    """The driver work of `run` (plan, the cache stage, training's lookup, evaluation's prompts) plans the source
+    (its one full read) once; the cache it wrote is not read back; a later process reads each cache file once."""
+    planned, hashed = Counter(), Counter()
+    real_plan, real_hash = sources._plan_jsonl, cache_layout.sha256_files
+    monkeypatch.setattr(sources, "_plan_jsonl", lambda file, *a: planned.update([file.uri]) or real_plan(file, *a))
+    monkeypatch.setattr(cache_layout, "sha256_files",
+                        lambda store, rels, size: hashed.update(rels) or real_hash(store, rels, size))
+    monkeypatch.setattr(sources, "_PLANS", {})
+    monkeypatch.setattr(cache_layout, "_VERIFIED", {})
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(DATA / "standard.jsonl", data)
+    _date_back(data)
+    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", "eval.num_prompts=4", data=data)
+    orchestrate.plan(cfg, evaluate=False)
+    (r,) = cache.run(cfg)
+    assert cache_layout.find_cache(cfg, "train").pairs == r.counts["pairs"]
+    assert len(load_prompts(cfg, tokenizer, Store(cfg.run_dir).child("eval")).ids) == 4
+    assert planned == {str(data): 1} and not hashed
+
+    monkeypatch.setattr(sources, "_PLANS", {})  # a later process: the plan is remembered under cache_dir
+    monkeypatch.setattr(cache_layout, "_VERIFIED", {})
+    _date_back(Path(r.uri))
+    manifest = json.loads(Path(r.uri, "manifest.json").read_text())
+    files = [f["path"] for f in manifest["files"]] + ["rejects.jsonl"]
+    for _ in range(2):  # the stage's reuse check, then training's lookup: each file read once
+        (again,) = cache.run(cfg)
+        assert again.reused
+        cache_layout.find_cache(cfg, "train")
+    assert planned == {str(data): 1} and hashed == Counter(files)
+    (Path(r.uri) / files[0]).write_bytes(b"damaged")  # rewritten: read again, and refused
+    with pytest.raises(UserError, match="is damaged"):
+        cache_layout.find_cache(cfg, "train")
+    assert hashed[files[0]] == 2
+
+
+def test_cache_checks_in_ray_tasks(tiny_model, tmp_path, ray_local, monkeypatch):
+    """Over `RAY_MIN_BYTES` to check, a joined process hashes cache files in Ray tasks: same verdicts."""
+    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf")
+    (r,) = cache.run(cfg)
+    monkeypatch.setattr(cache_layout, "RAY_MIN_BYTES", 0)
+    store = Store(r.uri)
+    manifest = store.read_json("manifest.json")
+    rels = [f["path"] for f in manifest["files"]]
+    assert cache_layout.sha256_files(store, rels + ["data/missing.parquet"], 1) == \
+        [f["sha256"] for f in manifest["files"]] + [None]
+
+
+@pytest.fixture(scope="module")
+def s3_ray(ray_local):
+    """A bucket on a local moto S3 server, and Ray restarted with its endpoint and credentials in the environment
+    (the read tasks open the source there), as every node of a real cluster has them. Ray is restarted as before
+    afterwards."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.shutdown()
+    init_ray(RayConfig(num_cpus=2))
+    boto3.client("s3").create_bucket(Bucket="dpo-cache-test")
+    try:
+        yield "s3://dpo-cache-test"
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
+        init_ray(RayConfig(num_cpus=2))
+
+
+def test_sources_and_cache_on_s3_give_the_local_values(s3_ray, tiny_model, tmp_path):
+    """The train split at an s3:// URI, the eval split a `datasets` directory exported into an s3:// cache_dir: both
+    cache the values of the local JSONL file."""
+    rows = [json.loads(line) for line in open(DATA / "standard.jsonl")]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    Store(s3_ray).write_bytes("data/standard.jsonl", (DATA / "standard.jsonl").read_bytes())
+    (local,) = cache.run(make_config(tiny_model, tmp_path / "local", "scoring.engine=hf"))
+    remote = {r.split: r for r in cache.run(make_config(
+        tiny_model, tmp_path / "remote", "scoring.engine=hf", f"cache_dir={s3_ray}/cache",
+        f"data.eval.path={tmp_path / 'ds'}", data=f"{s3_ray}/data/standard.jsonl"))}
+    assert remote["train"].key == local.key and remote["train"].uri == f"{s3_ray}/cache/{local.key}"
+    assert [n for n in Store(f"{s3_ray}/cache/sources").listdir() if n.endswith(".parquet")]  # the export
+    want = read_cache(local)
+    for r in remote.values():
+        store = Store(r.uri)
+        got = pa.concat_tables(store.read_parquet(f["path"]) for f in store.read_json("manifest.json")["files"])
+        assert got.select(["id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]) == \
+            want.select(["id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
+        for side in ("chosen", "rejected"):
+            np.testing.assert_allclose(got.column(f"ref_{side}_logps").to_numpy(),
+                                       want.column(f"ref_{side}_logps").to_numpy(), atol=TOL)

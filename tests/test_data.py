@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
 import shutil
+import time
 from pathlib import Path
 
 import datasets
@@ -17,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataSource
+from pipeline.data import sources
 from pipeline.data.models import load_tokenizer
 from pipeline.data.rows import Pair, tokenize_rows
 from pipeline.data.sources import Reject, SourcePlan, plan_source, read_shard
@@ -597,15 +601,15 @@ def test_datasets_dict_directory_split(tmp_path):
         plan_source(DataSource(path=str(tmp_path / "dd"), split="validation"), 2, tmp_path / "sources")
 
 
-@pytest.mark.parametrize("prefix", ["", "  \n"])
-def test_json_array_file(tmp_path, prefix):
-    records = standard_records(5)
+@pytest.mark.parametrize("prefix", ["", "  \n", "\ufeff"])
+def test_json_array_file_is_refused_pointing_at_json_lines(tmp_path, prefix):
+    # Reading a JSON array means holding it whole in the driver's memory: refused, naming the conversion.
     path = tmp_path / "d.json"
-    path.write_text(prefix + json.dumps(records, indent=2))
-    plan = plan_source(DataSource(path=str(path)), 2, tmp_path / "sources")
-    assert plan.num_rows == 5
-    assert read_all(plan) == list(enumerate(records))
-    assert path.read_text() == prefix + json.dumps(records, indent=2)  # the user's file is not touched
+    path.write_text(prefix + json.dumps(standard_records(5), indent=2))
+    with pytest.raises(UserError, match=r"is a JSON array, .* convert it to JSON Lines .*jq -c") as info:
+        plan_source(DataSource(path=str(path)), 2, tmp_path / "sources")
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert not (tmp_path / "sources").exists()  # nothing converted, nothing remembered
 
 
 def test_json_lines_with_json_extension(tmp_path):
@@ -691,19 +695,6 @@ def test_reject_to_json_keeps_non_ascii_readable():
     assert "café" in r.to_json()
 
 
-def test_json_array_with_non_ascii_and_surrogates(tokenizer, tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text('[{"prompt": "caf\\u00e9?", "chosen": "Great.", "rejected": "Dull."},'
-                    ' {"prompt": "bad\\ud800", "chosen": "Great.", "rejected": "Dull."}]')
-    plan = plan_source(DataSource(path=str(path)), 10, tmp_path / "sources")
-    rows = read_all(plan)
-    assert rows[0] == (0, {"prompt": "café?", "chosen": "Great.", "rejected": "Dull."})
-    assert rows[1][1]["prompt"] == "bad\ud800"
-    pairs, rejects = tokenize_rows(rows, tokenizer, "auto", 128, 64, MARKER)
-    assert [p.index for p in pairs] == [0]
-    assert [(r.index, r.reason) for r in rejects] == [(1, "invalid_utf8")]
-
-
 @pytest.mark.parametrize("content", [b'[{"prompt": "a", "chosen": "b", "rejected": "c"},', b'[1, 2, \xff]'])
 def test_broken_json_array_is_a_user_error(tmp_path, content):
     path = tmp_path / "d.json"
@@ -712,3 +703,91 @@ def test_broken_json_array_is_a_user_error(tmp_path, content):
         plan_source(DataSource(path=str(path)), 4, tmp_path / "sources")
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- each source read once per version, any location
+
+
+def _settle(path: Path) -> None:
+    """Date a file's mtime back a minute: a file written just now is not remembered (see `plan_source`)."""
+    old = time.time_ns() - 60_000_000_000
+    os.utime(path, ns=(old, old))
+
+
+@pytest.mark.parametrize("limit", [None, 5])
+def test_plan_does_not_depend_on_the_read_size(tmp_path, monkeypatch, limit):
+    records = standard_records(13)
+    path = write_jsonl(tmp_path / "d.jsonl", records, blank_lines=True, trailing_newline=False)
+    whole = plan_source(DataSource(path=str(path), limit=limit), 4, tmp_path / "a")
+    monkeypatch.setattr(sources, "_CHUNK", 7)  # rows cross the boundaries of the reads
+    small = plan_source(DataSource(path=str(path), limit=limit), 4, tmp_path / "b")
+    assert small == whole and small.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert read_all(small) == list(enumerate(records[:limit]))
+
+
+def test_a_source_is_read_once_per_version(tmp_path, monkeypatch):
+    reads = []
+    real = sources._plan_jsonl
+    monkeypatch.setattr(sources, "_plan_jsonl", lambda file, *a: reads.append(file.uri) or real(file, *a))
+    monkeypatch.setattr(sources, "_PLANS", {})
+    path = write_jsonl(tmp_path / "d.jsonl", standard_records(6))
+    src = DataSource(path=str(path))
+    fresh = plan_source(src, 4, tmp_path / "s")  # written just now: planned, not remembered
+    assert plan_source(src, 4, tmp_path / "s") == fresh and len(reads) == 2
+    _settle(path)
+    first = plan_source(src, 4, tmp_path / "s")
+    assert plan_source(src, 4, tmp_path / "s") == first and len(reads) == 3  # this process remembers it
+    monkeypatch.setattr(sources, "_PLANS", {})  # a later process: the plan kept under sources_dir
+    assert plan_source(src, 4, tmp_path / "s") == first and len(reads) == 3
+    assert plan_source(src, 2, tmp_path / "s").shards != first.shards and len(reads) == 4  # other shards: read
+    write_jsonl(path, standard_records(7))  # a new version of the file
+    _settle(path)
+    again = plan_source(src, 4, tmp_path / "s")
+    assert again.num_rows == 7 and again.sha256 != first.sha256 and len(reads) == 5
+
+
+def test_a_file_uri_plans_and_reads_like_the_path(tmp_path):
+    records = standard_records(9)
+    path = write_jsonl(tmp_path / "d.jsonl", records, blank_lines=True)
+    parquet = _write_parquet(tmp_path / "d.parquet", records)
+    for local in (path, parquet):
+        by_path = plan_source(DataSource(path=str(local)), 4, tmp_path / "s")
+        by_uri = plan_source(DataSource(path=f"file://{local}"), 4, f"file://{tmp_path}/s")
+        assert (by_uri.sha256, by_uri.num_rows, by_uri.shards) == (by_path.sha256, by_path.num_rows, by_path.shards)
+        assert by_uri.path == f"file://{local}" and read_all(by_uri) == read_all(by_path) == list(enumerate(records))
+    with pytest.raises(UserError, match="not found"):
+        plan_source(DataSource(path=f"file://{tmp_path}/missing.jsonl"), 4, tmp_path / "s")
+
+
+def _reference_shards(data: bytes, shard_size: int, limit: int | None) -> list[tuple[int, int, int, int]]:
+    """The shard plan worked out line by line: (start, stop, byte_start, byte_stop)."""
+    shards, rows, offset = [], 0, 0
+    for line in data.splitlines(keepends=True):  # (the test data holds no b"\r")
+        if line.strip() and (limit is None or rows < limit):
+            if rows % shard_size == 0:
+                if shards:
+                    shards[-1][3] = offset
+                shards.append([rows, rows, offset, offset])
+            rows += 1
+            shards[-1][1] = rows
+        offset += len(line)
+    if shards:
+        shards[-1][3] = len(data)
+    return [tuple(s) for s in shards]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shard_plan_equals_a_line_by_line_reading(tmp_path, monkeypatch, seed):
+    rng = random.Random(seed)
+    lines = [rng.choice([b"", b"  \t", json.dumps({"prompt": "x" * rng.randint(0, 30)}).encode()])
+             for _ in range(rng.randint(0, 60))]
+    data = b"\n".join(lines) + rng.choice([b"", b"\n"])
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    monkeypatch.setattr(sources, "_CHUNK", rng.choice([1, 5, 64, 1 << 20]))
+    for shard_size in (1, 3, 7):
+        for limit in (None, 1, 4, 100):
+            plan = sources._plan_jsonl(sources.Store(str(path)), shard_size, limit)
+            assert [(s.start, s.stop, s.byte_start, s.byte_stop) for s in plan.shards] == \
+                _reference_shards(data, shard_size, limit)
+            assert plan.sha256 == hashlib.sha256(data).hexdigest()

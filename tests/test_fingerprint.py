@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
@@ -287,14 +288,14 @@ def test_run_dir_and_cache_dir_keep_key(model, tmp_path):
     assert a.key == b.key
 
 
-def test_json_array_source_key_independent_of_cache_dir(model, tmp_path):
+def test_source_key_independent_of_cache_dir_and_of_how_the_file_is_named(model, tmp_path):
     rows = [json.loads(line) for line in (DATA / "standard.jsonl").read_text().splitlines() if line.strip()]
-    f = tmp_path / "data.json"
-    f.write_text(json.dumps(rows))
-    a = prep(model, tmp_path, f"cache_dir={tmp_path / 'c1'}", data=f)
-    b = prep(model, tmp_path, f"cache_dir={tmp_path / 'c2'}", data=f)
-    assert a.key == b.key
-    assert a.inputs["data"]["rows"] == len(rows)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    a = prep(model, tmp_path, f"cache_dir={tmp_path / 'c1'}", data=tmp_path / "ds")
+    b = prep(model, tmp_path, f"cache_dir=file://{tmp_path}/c2", data=tmp_path / "ds")
+    assert a.key == b.key and a.inputs["data"]["rows"] == len(rows)
+    assert a.plan.path.startswith(f"{tmp_path}/c1/sources/") and b.plan.path.startswith(f"file://{tmp_path}/c2/sources/")
+    assert prep(model, tmp_path, data=f"file://{DATA / 'standard.jsonl'}").key == prep(model, tmp_path).key
 
 
 @pytest.mark.parametrize("name, content", [

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.config import DataSource
+from pipeline.data.sources import plan_source, read_shard
 from pipeline.dpo.metrics import MetricsLogger
 from pipeline.errors import UserError
 from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
@@ -16,7 +21,7 @@ from pipeline.runtime import cluster
 from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.storage import Store, local_copy
 from stages.evaluate import _checkpoint_problem, select_targets
-from tests.conftest import make_config
+from tests.conftest import DATA, make_config
 
 
 def _hf_dir(path):
@@ -96,6 +101,35 @@ def test_s3_store_checkpoints_local_copies_and_report(s3, tmp_path, monkeypatch)
     assert rep.report == f"{run.uri}/eval/report.md" and run.read_bytes("eval/report.md").startswith(b"# ")
     run.delete("checkpoints/step_000002")
     assert list_checkpoints(run) == []
+
+
+def test_sources_at_an_s3_uri_and_exports_under_an_s3_cache_dir(s3, tmp_path, monkeypatch):
+    """A JSONL or Parquet source at an s3:// URI is planned and read through pyarrow.fs like the local file; a
+    `datasets` directory is exported into the cache_dir at s3://, where a read task on any node finds it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DPO_PIPELINE_STAGING", str(tmp_path / "staging"))
+    rows = [json.loads(line) for line in (DATA / "standard.jsonl").read_text().splitlines() if line.strip()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=5)
+    bucket = Store(s3)
+    bucket.write_bytes("data/d.jsonl", (DATA / "standard.jsonl").read_bytes())
+    bucket.write_bytes("data/d.parquet", (tmp_path / "d.parquet").read_bytes())
+    sources = Store(f"{s3}/cache").child("sources")
+    for name, local in (("d.jsonl", DATA / "standard.jsonl"), ("d.parquet", tmp_path / "d.parquet")):
+        want = plan_source(DataSource(path=str(local)), 7, tmp_path / "sources")
+        got = plan_source(DataSource(path=f"{s3}/data/{name}"), 7, sources)
+        assert (got.kind, got.sha256, got.num_rows, got.shards) == (want.kind, want.sha256, want.num_rows, want.shards)
+        assert got.path == f"{s3}/data/{name}"
+        assert [r for sh in got.shards for r in read_shard(got, sh)] == list(enumerate(rows))
+    with pytest.raises(UserError, match="not found"):
+        plan_source(DataSource(path=f"{s3}/data/missing.jsonl"), 7, sources)
+    with pytest.raises(UserError, match="a URI must name a .jsonl or .parquet file"):
+        plan_source(DataSource(path=f"{s3}/data"), 7, sources)
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    plan = plan_source(DataSource(path=str(tmp_path / "ds")), 7, sources)
+    assert plan.path.startswith(f"{s3}/cache/sources/") and plan.path.endswith(".parquet")
+    assert [r for sh in plan.shards for r in read_shard(plan, sh)] == list(enumerate(rows))
+    assert not (tmp_path / "home").exists() and not list((tmp_path / "staging").rglob("*.parquet"))  # nothing kept
 
 
 # ---------------------------------------------------------------- shared storage on several nodes

@@ -34,8 +34,10 @@ class TokenizerConfig(_Strict):
 
 
 class DataSource(_Strict):
-    path: str = Field(description="A local `.jsonl`/`.json` or `.parquet` file, a directory saved with "
-                                  "`datasets.save_to_disk`, or a `datasets` hub name.")
+    path: str = Field(description="A JSON Lines (`.jsonl`, or `.json` holding JSON Lines; JSON arrays are refused) "
+                                  "or `.parquet` file at a local path or a `file://`, `s3://`, `gs://` URI; or a "
+                                  "local directory saved with `datasets.save_to_disk`, or a `datasets` hub name "
+                                  "(exported to Parquet under `cache_dir`, where every node reads it).")
     format: Literal["auto", "standard", "conversational", "implicit"] = Field(
         "auto", description="`standard`: prompt/chosen/rejected strings; `conversational`: lists of "
                             "{role, content} messages; `implicit`: chosen/rejected whole transcripts sharing the "

@@ -9,13 +9,16 @@ is intact. Stage 1 writes caches; training, evaluation and `plan` find and check
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+import ray
 
 from pipeline.config import Config, DataSource
 from pipeline.data.models import effective_template_sha, read_chat_template, resolve_model, resolve_tokenizer
-from pipeline.data.sources import SourcePlan, plan_source
+from pipeline.data.sources import SETTLE_NS, SourcePlan, plan_source
 from pipeline.errors import UserError
 from pipeline.store.fingerprint import cache_key
 from pipeline.store.storage import Store
@@ -36,10 +39,10 @@ class CacheInputs:
     fmt: str
 
 
-def sources_dir(cfg: Config) -> Path:
-    """Where `datasets` sources are exported to Parquet (on this machine when cache_dir is a URI)."""
-    return Path(cfg.cache_dir) / "sources" if "://" not in cfg.cache_dir else \
-        Path.home() / ".cache" / "dpo-pipeline" / "sources"
+def sources_dir(cfg: Config) -> Store:
+    """Where `datasets` sources are exported to Parquet and source plans remembered: under cache_dir, which every
+    node sees (a local path or a URI)."""
+    return Store(cfg.cache_dir).child("sources")
 
 
 def resolve_inputs(cfg: Config, split: str, src: DataSource) -> CacheInputs:
@@ -73,10 +76,65 @@ def keyed_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return keyed
 
 
+# Cache files whose bytes this process hashed (or wrote) and found equal to their manifest's sha256, by
+# (uri, size, mtime_ns): within one `run` the cache, training and evaluation each check the cache, which must read
+# it once, not three times. A rewrite changes size or mtime, and the file is read again.
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+# Below this many bytes to check, threads in this process are quicker than starting Ray tasks.
+RAY_MIN_BYTES = 1 << 30
+
+
+def file_stats(store: Store, rel: str = "") -> dict[str, tuple[int, int]]:
+    """{path under `rel`: (size, mtime_ns)} of the files there, from one listing (not one request per file)."""
+    return {path: (size, mtime) for path, size, mtime in store.stamp(rel)}
+
+
+def remember_verified(store: Store, rel: str, sha256: str, stat: tuple[int, int]) -> None:
+    """Note that file `rel`, at (size, mtime_ns) `stat`, holds bytes with this sha256 (this process wrote them)."""
+    _VERIFIED[(f"{store.uri}/{rel}", *stat)] = sha256
+
+
+def _sha256_many(uri: str, rels: list[str]) -> list[str | None]:
+    store = Store(uri)
+    return [store.sha256(rel) for rel in rels]
+
+
+_sha256_task = ray.remote(num_cpus=0)(_sha256_many)  # I/O bound, and must not wait for CPUs actors hold
+
+
+def sha256_files(store: Store, rels: list[str], total_bytes: int) -> list[str | None]:
+    """sha256 of each file (None if missing), read in parallel: by Ray tasks spread over the nodes when this
+    process has joined Ray and there is much to read, else by a pool of threads here (hashing and pyarrow's reads
+    release the GIL)."""
+    if not rels:
+        return []
+    if ray.is_initialized() and total_bytes >= RAY_MIN_BYTES:
+        n = min(len(rels), 2 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+        groups = [rels[i::n] for i in range(n)]
+        refs = [_sha256_task.options(scheduling_strategy="SPREAD").remote(store.uri, g) for g in groups]
+        digests = {rel: d for g, ds in zip(groups, ray.get(refs)) for rel, d in zip(g, ds)}
+        return [digests[rel] for rel in rels]
+    with ThreadPoolExecutor(max_workers=min(8, len(rels))) as pool:
+        return list(pool.map(store.sha256, rels))
+
+
 def damaged_files(store: Store, manifest: dict[str, Any]) -> list[str]:
-    """The cache files (and rejects file) whose bytes differ from the manifest's sha256, or that are missing."""
+    """The cache files (and rejects file) whose bytes differ from the manifest's sha256, or that are missing. A
+    file is read at most once per process while its (size, mtime) stay the same."""
     entries = manifest["files"] + ([manifest["rejects"]] if "rejects" in manifest else [])
-    return [f["path"] for f in entries if store.sha256(f["path"]) != f["sha256"]]
+    start = time.time_ns()
+    stats = file_stats(store)
+
+    def verified(f: dict[str, Any]) -> bool:
+        return f["path"] in stats and _VERIFIED.get((f"{store.uri}/{f['path']}", *stats[f["path"]])) == f["sha256"]
+
+    todo = [f for f in entries if f["path"] in stats and not verified(f)]
+    digests = sha256_files(store, [f["path"] for f in todo], sum(stats[f["path"]][0] for f in todo))
+    intact = {f["path"] for f, digest in zip(todo, digests) if digest == f["sha256"]}
+    for f in todo:
+        if f["path"] in intact and stats[f["path"]][1] < start - SETTLE_NS:  # see plan_source: not "racy"
+            remember_verified(store, f["path"], f["sha256"], stats[f["path"]])
+    return [f["path"] for f in entries if f["path"] not in intact and not verified(f)]
 
 
 @dataclass

@@ -86,13 +86,21 @@ def write_data(store: Store, sid: int, pairs: pa.Table, schema: pa.Schema) -> tu
 def write_marker(store: Store, sid: int, pairs: pa.Table, digest: str, size: int, rows: int, rejected: int,
                  reasons: dict[str, int], nodes: list[str]) -> dict[str, Any]:
     """The shard's marker, written after its files: from now on the shard is finished (while its data file keeps
-    this sha256). `indices` (the pairs' source rows) let the end of the stage name the rows duplicate ids came
-    from."""
-    marker = {"shard": sid, "file": data_file(sid), "sha256": digest, "bytes": size, "rows": rows,
+    this sha256; `stat` lets a resumed or finishing run see it unchanged without reading it). `indices` (the pairs'
+    source rows) let the end of the stage name the rows duplicate ids came from."""
+    marker = {"shard": sid, "file": data_file(sid), "sha256": digest, "bytes": size,
+              "stat": file_stat(store, data_file(sid)), "rows": rows,
               "pairs": pairs.num_rows, "rejected": rejected, "reasons": reasons, "tokens": token_count(pairs),
               "nodes": nodes, "indices": pairs.column("_index").to_pylist()}
     store.write_json(marker_file(sid), marker)
     return marker
+
+
+def file_stat(store: Store, rel: str) -> list[int]:
+    """[size, mtime_ns] of a file just written: recorded in its marker, so that a resumed or finishing run knows the
+    file is unchanged without reading it."""
+    info = store.fs.get_file_info(store.path(rel))
+    return [info.size, info.mtime_ns or 0]
 
 
 def read_chunks(store: Store, rel: str, size: int = 8 << 20) -> Iterator[bytes]:

@@ -157,6 +157,20 @@ class Store:
                 pass
             raise
         return h.hexdigest()
+    @_storage_errors("write", rel_arg=1)
+    def upload_file(self, local: str | Path, rel: str) -> None:
+        """Copy a local file to `rel`, streamed. An object store shows an object once its upload is complete; a
+        failed upload is deleted, so that no reader finds part of a file."""
+        self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
+        try:
+            pafs.copy_files(str(local), self.path(rel), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        except BaseException:
+            try:
+                self.fs.delete_file(self.path(rel))
+            except OSError:
+                pass
+            raise
 
     def sha256(self, rel: str) -> str | None:
         """sha256 of a file's bytes, streamed; None if it does not exist."""
