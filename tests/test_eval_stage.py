@@ -14,12 +14,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.data.models import load_tokenizer
+from pipeline.evaluation.inputs import Prompts, read_prompts
 from stages import cache, evaluate
 from tests.conftest import DATA, make_config, read_cache
 
@@ -85,6 +87,12 @@ def _samples(result, name: str):
     return pq.read_table(Path(result.eval_dir) / name / "samples.parquet")
 
 
+def _prompts(result) -> pa.Table:
+    """The prompts the stage tokenized (its prompt files), with their global index."""
+    manifest = json.loads((Path(result.eval_dir) / "prompts" / "manifest.json").read_text())
+    return read_prompts(Prompts.from_dict(manifest["prompts"]))
+
+
 def test_broken_checkpoint_fails_alone_with_its_reason(scenario):
     first = scenario["first"]
     assert [f["name"] for f in first.failures] == ["step_000003"]
@@ -143,10 +151,9 @@ def test_kl_of_the_reference_against_itself_is_zero(scenario):
 def test_logps_and_kl_equal_independent_forwards(scenario, tiny_model, name):
     cfg = scenario["cfg"]
     t = _samples(scenario["first"], name)
-    prompts = evaluate.load_prompts(cfg, load_tokenizer(str(tiny_model)), evaluate.Store(str(Path(cfg.run_dir))))
-    seqs = [prompts.ids[p] + c for p, c in zip(t.column("prompt_index").to_pylist(),
-                                               t.column("completion_ids").to_pylist())]
-    starts = [len(prompts.ids[p]) for p in t.column("prompt_index").to_pylist()]
+    ids = _prompts(scenario["first"]).column("prompt_input_ids").to_pylist()
+    seqs = [ids[p] + c for p, c in zip(t.column("prompt_index").to_pylist(), t.column("completion_ids").to_pylist())]
+    starts = [len(ids[p]) for p in t.column("prompt_index").to_pylist()]
     policy = _seq_logps(str(Path(cfg.run_dir) / "checkpoints" / name), seqs, starts)
     ref = _seq_logps(str(tiny_model), seqs, starts)
     np.testing.assert_allclose(t.column("logp").to_numpy(), policy, atol=1e-3)
@@ -212,8 +219,9 @@ def test_win_rate_against_the_datasets_chosen_responses(scenario, tiny_model):
     result = evaluate.run(cfg)
     assert result.evaluated == [] and len(result.reused) == 4
     tok = load_tokenizer(str(tiny_model))
-    prompts = evaluate.load_prompts(cfg, tok, evaluate.Store(str(Path(cfg.run_dir))))
-    chosen = np.array([tok.decode(c, skip_special_tokens=True).count("a") for c in prompts.chosen])
+    prompts = _prompts(result)
+    chosen = np.array([tok.decode(c, skip_special_tokens=True).count("a")
+                       for c in prompts.column("chosen_input_ids").to_pylist()])
     for row in result.rows:
         t = _samples(result, row["name"])
         mine = np.array(t.column("reward").to_pylist())

@@ -6,14 +6,15 @@ import hashlib
 
 import numpy as np
 import pytest
+import ray
 
 from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
-from pipeline.engines.actors import sample_seed
+from pipeline.engines.actors import RewardRunner, sample_seed
 from pipeline.errors import UserError, error_line
 from pipeline.evaluation.rewards import build_reward
 from pipeline.evaluation.summary import preference_metrics
-from stages.evaluate import _reward_fn, select_targets
+from stages.evaluate import select_targets
 from tests.conftest import make_config
 from tests.test_rewards import save_reward_model
 
@@ -134,16 +135,21 @@ def test_preference_rows_give_prompt_and_chosen(tokenizer):
         [tokenizer.eos_token_id]
 
 
+def _score(reward, prompts, completions):
+    """Run beside the reward (in its actor): what a chunk's rewards are computed with."""
+    return reward(prompts, completions)
+
+
 @pytest.mark.ray
 def test_reward_model_runs_in_a_ray_actor_with_the_same_values(tiny_model, tmp_path, ray_local):
     rm = save_reward_model(tmp_path / "rm", tiny_model, num_labels=1)
     cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
-    remote, close = _reward_fn(cfg)
+    runner = RewardRunner(cfg.eval.reward)
     try:
         prompts, completions = ["the movie was", "the film"], [" great", " boring and dull"]
-        got = remote(prompts, completions)
+        got = ray.get(runner.run(_score, prompts, completions))
     finally:
-        close()
+        runner.close()
     np.testing.assert_allclose(got, build_reward(cfg.eval.reward)(prompts, completions), atol=1e-6)
     assert got.dtype == np.float64 and len(got) == 2
 
@@ -153,4 +159,4 @@ def test_reward_model_config_errors_surface_as_one_line(tiny_model, tmp_path, ra
     rm = save_reward_model(tmp_path / "rm2", tiny_model, id2label={0: "NEGATIVE", 1: "POSITIVE"})
     cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
     with pytest.raises(UserError, match="set eval.reward.label"):
-        _reward_fn(cfg)
+        RewardRunner(cfg.eval.reward)
