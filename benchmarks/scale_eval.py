@@ -74,7 +74,8 @@ def run_size(work: Path, model: Path, size: int, new_tokens: int, code: Path) ->
         "eval.reward.negative=[bad, awful, dull]",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]),
-           "RAY_AUTH_MODE": "disabled", "VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
+           # A fresh local Ray instance per size: never one of the other Ray instances running on this machine.
+           "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, *overrides], env=env, cwd=case, capture_output=True,
                           text=True)
@@ -86,13 +87,24 @@ def run_size(work: Path, model: Path, size: int, new_tokens: int, code: Path) ->
 
 
 def measure(sizes=(1_000, 5_000, 20_000), new_tokens: int = 8, code: Path = ROOT,
-            work: Path | None = None) -> list[dict]:
+            work: Path | None = None, on_row=None) -> list[dict]:
     """One row per size: prompts, driver peak RSS (MB), wall time of `evaluate.run` (s), and the checkpoint's
-    reward / KL / win rate (a check that the work was done)."""
+    reward / KL / win rate (a check that the work was done). `on_row(row)` is called as each size finishes."""
+    rows = []
     with tempfile.TemporaryDirectory(prefix="scale-eval-") as tmp:
         root = Path(work or tmp)
         model = tiny_model(root)
-        return [run_size(root, model, size, new_tokens, Path(code)) for size in sizes]
+        for size in sizes:
+            rows.append(run_size(root, model, size, new_tokens, Path(code)))
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows
+
+
+def _print_row(r: dict) -> None:
+    win = "" if r["win_rate"] is None else f"{r['win_rate']:.3f}"
+    print(f"{r['prompts']:>8} {r['peak_rss_mb']:>12.1f} {r['wall_s']:>8.1f} {r['samples']:>8} "
+          f"{r['reward_mean']:>8.3f} {r['kl_mean']:>9.5f} {win:>6}", flush=True)
 
 
 def main() -> None:
@@ -102,11 +114,10 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose stage runs (default: this one)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    rows = measure(tuple(args.sizes), args.new_tokens, args.code)
-    print(f"{'prompts':>8} {'peak RSS MB':>12} {'wall s':>8} {'samples':>8} {'reward':>8} {'KL':>8} {'win':>6}")
-    for r in rows:
-        print(f"{r['prompts']:>8} {r['peak_rss_mb']:>12.1f} {r['wall_s']:>8.1f} {r['samples']:>8} "
-              f"{r['reward_mean']:>8.3f} {r['kl_mean']:>8.4f} {r['win_rate']:>6.3f}")
+    print(f"stage code: {args.code}; {args.new_tokens} new tokens, 1 sample per prompt, checkpoint + reference")
+    print(f"{'prompts':>8} {'peak RSS MB':>12} {'wall s':>8} {'samples':>8} {'reward':>8} {'KL':>9} {'win':>6}",
+          flush=True)
+    rows = measure(tuple(args.sizes), args.new_tokens, args.code, on_row=_print_row)
     growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1
     print(f"peak RSS growth {rows[0]['prompts']} -> {rows[-1]['prompts']} prompts: {growth:+.1%} (goal: within 15%)")
     if args.json:

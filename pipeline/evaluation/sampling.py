@@ -167,6 +167,7 @@ class SamplingScheduler:
         if isinstance(out, dict):  # a chunk's counts; its samples are in its part file
             slot.job.parts[out["first"]] = out
             self.progress.update(out["rows"])
+            faults.reach("eval_chunk_sampled")
         if not self._submit(slot):
             self._finish(slot)
 
