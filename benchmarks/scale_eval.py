@@ -75,7 +75,8 @@ def run_size(work: Path, model: Path, size: int, new_tokens: int, code: Path) ->
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]),
            # A fresh local Ray instance per size: never one of the other Ray instances running on this machine.
-           "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
+           "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "VLLM_LOGGING_LEVEL": "ERROR",
+           "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, *overrides], env=env, cwd=case, capture_output=True,
                           text=True)

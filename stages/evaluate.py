@@ -2,23 +2,32 @@
 
 `run` calls the phases in this order (the numbers themselves are computed in `pipeline.evaluation`):
 
-    prompts, select targets  `prepare`: `eval.prompts` tokenized like the cache, the reference and the checkpoints
-                             of `eval.checkpoints` (an unusable one fails here), and from settings and weights the
-                             keys that say which targets are already evaluated
-    sample (engines)         `eval.num_actors` vLLM engines in Ray actors: completions with their log-probs under
-                             each target, and its log-probs of the held-out cached pairs. An engine that finishes a
-                             target takes the next of its architecture (`engine_signature`), weights swapped in place
-    reference log-probs      every sample under the reference, by the stage-1 scorer (cached by content)
-    rewards, finish          per target: `eval.reward` of every sample, per-sample Parquet, statistics
-    summary, report          summary rows with win rates across targets; the report with plots
+    prompts, select targets  `prepare`: `eval.prompts` tokenized like the cache by Ray tasks into prompt files,
+                             the reference and the checkpoints of `eval.checkpoints` (an unusable one fails here),
+                             and from settings and weights the keys that say which targets are already evaluated
+    sample (engines)         `eval.num_actors` vLLM engines in Ray actors: each reads a chunk of prompts (a prompt
+                             file) and writes its completions with their log-probs, and its log-probs of the
+                             held-out cached pairs. An engine that finishes a target takes the next of its
+                             architecture (`engine_signature`), weights swapped in place
+    reference log-probs      every chunk of samples under the reference, by the stage-1 scorer (cached by content)
+    rewards, finish          per chunk, in Ray tasks (or the reward model's actor): `eval.reward`, the per-sample
+                             rows and their statistics; per target, merged rows and result.json
+    summary, report          win rates from the sample files (Ray tasks); summary rows; the report with plots
 
-Layout under `<run_dir>/eval/` (reference log-probs: `<cache_dir>/eval-reference/<key>.parquet`):
+The driver plans and counts: it passes file URIs and row ranges and gets back counts, content keys and
+per-chunk statistics (`summary.ChunkStats`), never the prompts' or samples' rows.
 
+Layout under `<run_dir>/eval/` (reference log-probs: `<cache_dir>/eval-reference/<key>.parquet`, one per chunk):
+
+    prompts/*.parquet, manifest.json       the tokenized prompts (one file per `eval.batch_prompts` source rows);
+                                           reused while the manifest's key (source, tokenizer, settings) matches
     <name>/identity.json                   the weights' hash, reused while their files' (size, mtime) match
-    <name>/sampled.parquet, sampled.json   after sampling: the resume point (sampled.json, written last, holds
-                                           the sampling key)
+    <name>/sampled-parts/<key>/*.parquet   chunks sampled so far: a crash loses only the chunks in flight
+    <name>/sampled.parquet, sampled.json   after sampling (a row group per chunk): the resume point (sampled.json,
+                                           written last, holds the sampling key); held_out.parquet: the
+                                           target's log-probs of the held-out pairs
     <name>/samples.parquet, result.json    final per-sample rows and summary; result.json (written last) holds
-                                           the target's key
+                                           the target's key; win_rate.json: its win rate against the baseline
     chosen_rewards.json                    the chosen responses' rewards (`eval.win_rate_baseline: chosen`)
     summary.csv, summary.json, report.md, *.png
                                            every target evaluated with the current settings
@@ -43,7 +52,7 @@ from pipeline.data.models import load_tokenizer, read_chat_template, resolve_mod
 from pipeline.engines.actors import RewardRunner
 from pipeline.errors import UserError
 from pipeline.evaluation import summary
-from pipeline.evaluation.chunks import SampledChunk, concat_files, sampled_chunks
+from pipeline.evaluation.chunks import concat_files, sampled_chunks
 from pipeline.evaluation.inputs import HeldOutPairs, Prompts, load_held_out_pairs, load_prompts
 from pipeline.evaluation.reference import reference_logps
 from pipeline.evaluation.report import write_report
@@ -278,7 +287,7 @@ def _score_and_finish(cfg: Config, plan: EvalPlan, jobs: list[TargetJob], progre
     try:
         tok = ray.put(plan.tok)
         calls = {job.target.name: [runner.run(summary.finish_chunk, chunk, plan.prompts.files, ref_uris[chunk], tok,
-                                              _part_uri(job, chunk)) for chunk in chunks[job.target.name]]
+                                              _part_uri(job, chunk.group)) for chunk in chunks[job.target.name]]
                  for job in jobs}
         total = sum(len(job_calls) for job_calls in calls.values())
         with progress_factory(total=total, desc="rewards, results", unit="chunk") as bar:
@@ -293,8 +302,9 @@ def _score_and_finish(cfg: Config, plan: EvalPlan, jobs: list[TargetJob], progre
         runner.close()
 
 
-def _part_uri(job: TargetJob, chunk: SampledChunk) -> str:
-    return f"{job.store.uri}/samples-parts/{chunk.group:06d}.parquet"
+def _part_uri(job: TargetJob, group: int) -> str:
+    """Where a chunk's per-sample rows go before the target's are merged into samples.parquet."""
+    return f"{job.store.uri}/samples-parts/{group:06d}.parquet"
 
 
 def _finish(cfg: Config, plan: EvalPlan, job: TargetJob, calls: list[ray.ObjectRef], bar) -> None:
@@ -308,7 +318,7 @@ def _finish(cfg: Config, plan: EvalPlan, job: TargetJob, calls: list[ray.ObjectR
     if plan.held_out is not None and job.sampled_meta.get("held_out"):
         preference = ray.remote(summary.held_out_preference).options(num_cpus=0).remote(
             f"{job.store.uri}/held_out.parquet", plan.held_out.files, cfg.train.loss.beta)
-    parts = [_part_uri(job, SampledChunk(job.target.name, "", g)) for g in range(len(calls))]
+    parts = [_part_uri(job, group) for group in range(len(calls))]
     ray.get(ray.remote(concat_files).options(num_cpus=0).remote(parts, f"{job.store.uri}/samples.parquet"))
     job.store.delete("samples-parts")
     stats_dict = summary.target_stats(stats, plan.prompts.count, job.sampled_meta,
