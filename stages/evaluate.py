@@ -341,7 +341,7 @@ def _report(cfg: Config, plan: EvalPlan, evaluated: list[TargetJob], sampling: S
         connect(cfg)
         task = ray.remote(summary.record_win_rate).options(num_cpus=1)
         ray.get([task.remote(job) for job in jobs])
-    rows = summary.summary_rows(plan.eval_store, plan.settings_key)
+    rows = summary.summary_rows(plan.eval_store, plan.settings_key, cfg.eval.win_rate_baseline, chosen_key)
     paths = {t.name: t.path for t in plan.targets}
     failures = {**plan.failures, **sampling.failures}
     failed = [{"name": name, "path": paths[name], "error": message} for name, message in failures.items()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet
 import pytest
 import ray
 
@@ -12,8 +14,10 @@ from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
 from pipeline.engines.actors import RewardRunner, sample_seed
 from pipeline.errors import UserError, error_line
+from pipeline.evaluation.chunks import PROMPTS, PromptFile, concat_files, prompt_rows, write_table
+from pipeline.evaluation.report import standard_error
 from pipeline.evaluation.rewards import build_reward
-from pipeline.evaluation.summary import preference_metrics
+from pipeline.evaluation.summary import Moments, preference_metrics
 from stages.evaluate import select_targets
 from tests.conftest import make_config
 from tests.test_rewards import save_reward_model
@@ -160,3 +164,35 @@ def test_reward_model_config_errors_surface_as_one_line(tiny_model, tmp_path, ra
     cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
     with pytest.raises(UserError, match="set eval.reward.label"):
         RewardRunner(cfg.eval.reward)
+
+
+def test_chunk_statistics_merge_to_those_of_all_values():
+    """A target's mean and standard error come from per-chunk Moments: equal to numpy over all values at once,
+    whatever the chunking (including empty chunks)."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.3, 2.0, 1001)
+    for cuts in ([500], [1, 2, 3, 700], [0, 0, 1000], []):
+        merged = Moments()
+        for part in np.split(values, cuts):
+            merged = merged.merge(Moments.of(part))
+        assert merged.n == len(values)
+        assert merged.mean == pytest.approx(values.mean(), rel=1e-12)
+        assert merged.standard_error == pytest.approx(standard_error(values), rel=1e-10)
+    assert Moments.of(values[:1]).standard_error is None
+
+
+def test_prompt_rows_span_files_and_carry_the_global_index(tmp_path):
+    files = []
+    for i, rows in enumerate((3, 0, 4)):
+        uri = str(tmp_path / f"{i}.parquet")
+        first = sum(f.rows for f in files)
+        write_table(uri, pa.table({"id": [f"r{first + k}" for k in range(rows)],
+                                   "prompt_input_ids": [[first + k] for k in range(rows)],
+                                   "chosen_input_ids": [None] * rows, "prompt": [""] * rows}, schema=PROMPTS))
+        files.append(PromptFile(uri, first, rows))
+    got = prompt_rows(files, 2, 6, ["prompt_index", "id"])
+    assert got.column("prompt_index").to_pylist() == [2, 3, 4, 5]
+    assert got.column("id").to_pylist() == ["r2", "r3", "r4", "r5"]
+    merged = str(tmp_path / "all.parquet")
+    assert concat_files([f.uri for f in files], merged) == 7
+    assert pa.parquet.ParquetFile(merged).metadata.num_row_groups == 3

@@ -198,19 +198,28 @@ class WinRateJob:
     key: str
 
 
+def _baseline(results: list[tuple[dict[str, Any], Store]], baseline: str,
+              chosen_key: str | None) -> tuple[str, str | None] | None:
+    """(the baseline's key, the reference's results directory or None for the chosen responses), or None when
+    there is no baseline (no reference result, no chosen rewards)."""
+    if baseline == "reference_model":
+        return next(((r["key"], s.uri) for r, s in results if r["is_reference"]), None)
+    return (chosen_key, None) if chosen_key is not None else None
+
+
+def _win_rate_key(result: dict[str, Any], baseline: str, base: tuple[str, str | None]) -> str:
+    return sha256_json({"target": result["key"], "baseline": baseline, "base": base[0]})
+
+
 def win_rate_jobs(eval_store: Store, settings_key: str, baseline: str, chosen_key: str | None) -> list[WinRateJob]:
     """The win rates of `summary_rows` not yet recorded for the current baseline."""
     results = _results(eval_store, settings_key)
-    base = None
-    if baseline == "reference_model":
-        base = next(((r["key"], s.uri) for r, s in results if r["is_reference"]), None)
-    elif chosen_key is not None:
-        base = (chosen_key, None)
+    base = _baseline(results, baseline, chosen_key)
     jobs = []
     for result, store in results:
         if result["stats"]["reward_mean"] is None or base is None:
             continue
-        key = sha256_json({"target": result["key"], "baseline": baseline, "base": base[0]})
+        key = _win_rate_key(result, baseline, base)
         if store.exists("win_rate.json") and store.read_json("win_rate.json")["key"] == key:
             continue
         jobs.append(WinRateJob(store.uri, f"{store.uri}/samples.parquet",
@@ -236,16 +245,19 @@ def record_win_rate(job: WinRateJob) -> None:
     Store(job.target).write_json("win_rate.json", {"key": job.key, "win_rate": value, "win_rate_se": se})
 
 
-def summary_rows(eval_store: Store, settings_key: str) -> list[dict[str, Any]]:
+def summary_rows(eval_store: Store, settings_key: str, baseline: str, chosen_key: str | None) -> list[dict[str, Any]]:
     """Summary rows (SUMMARY_COLUMNS) of every target under `eval_store` evaluated with these settings, with
-    their recorded win rates (`win_rate_jobs`; none where there is no baseline)."""
+    their win rates against the current baseline as recorded by `record_win_rate` (none without a baseline)."""
+    results = _results(eval_store, settings_key)
+    base = _baseline(results, baseline, chosen_key)
     rows = []
-    for result, store in _results(eval_store, settings_key):
+    for result, store in results:
         row = {"name": result["name"], "path": result["path"], "step": result["step"], **result["stats"],
                "win_rate": None, "win_rate_se": None}
-        if result["stats"]["reward_mean"] is not None and store.exists("win_rate.json"):
+        if result["stats"]["reward_mean"] is not None and base is not None and store.exists("win_rate.json"):
             recorded = store.read_json("win_rate.json")
-            row["win_rate"], row["win_rate_se"] = recorded["win_rate"], recorded["win_rate_se"]
+            if recorded["key"] == _win_rate_key(result, baseline, base):
+                row["win_rate"], row["win_rate_se"] = recorded["win_rate"], recorded["win_rate_se"]
         rows.append({k: row.get(k) for k in SUMMARY_COLUMNS})
     return rows
 
