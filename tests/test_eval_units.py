@@ -6,7 +6,6 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet
 import pytest
 import ray
 
@@ -14,13 +13,22 @@ from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
 from pipeline.engines.actors import RewardRunner, sample_seed
 from pipeline.errors import UserError, error_line
-from pipeline.evaluation.chunks import PROMPTS, PromptFile, concat_files, prompt_rows, write_table
+from pipeline.evaluation.chunks import (
+    PROMPTS,
+    PromptFile,
+    concat_files,
+    prompt_rows,
+    read_metadata,
+    sampled_chunks,
+    write_table,
+)
 from pipeline.evaluation.report import standard_error
 from pipeline.evaluation.rewards import build_reward
 from pipeline.evaluation.summary import Moments, preference_metrics
 from stages.evaluate import select_targets
 from tests.conftest import make_config
 from tests.test_rewards import save_reward_model
+from tests.test_storage import s3  # noqa: F401 (the moto S3 fixture)
 
 
 @pytest.fixture
@@ -181,18 +189,31 @@ def test_chunk_statistics_merge_to_those_of_all_values():
     assert Moments.of(values[:1]).standard_error is None
 
 
-def test_prompt_rows_span_files_and_carry_the_global_index(tmp_path):
+def _chunk_files_round_trip(root: str) -> None:
     files = []
     for i, rows in enumerate((3, 0, 4)):
-        uri = str(tmp_path / f"{i}.parquet")
+        uri = f"{root}/prompts/{i}.parquet"
         first = sum(f.rows for f in files)
         write_table(uri, pa.table({"id": [f"r{first + k}" for k in range(rows)],
                                    "prompt_input_ids": [[first + k] for k in range(rows)],
-                                   "chosen_input_ids": [None] * rows, "prompt": [""] * rows}, schema=PROMPTS))
+                                   "chosen_input_ids": [None] * rows, "prompt": [""] * rows}, schema=PROMPTS),
+                    {"rows": rows})
         files.append(PromptFile(uri, first, rows))
+    assert read_metadata(files[2].uri) == {"rows": 4}
     got = prompt_rows(files, 2, 6, ["prompt_index", "id"])
     assert got.column("prompt_index").to_pylist() == [2, 3, 4, 5]
     assert got.column("id").to_pylist() == ["r2", "r3", "r4", "r5"]
-    merged = str(tmp_path / "all.parquet")
+    merged = f"{root}/sampled.parquet"
     assert concat_files([f.uri for f in files], merged) == 7
-    assert pa.parquet.ParquetFile(merged).metadata.num_row_groups == 3
+    chunks = sampled_chunks("t", merged)
+    assert [len(c.read(["id"])) for c in chunks] == [3, 0, 4]  # a row group per file
+    assert chunks[2].read(["id"]).column("id").to_pylist() == ["r3", "r4", "r5", "r6"]
+
+
+def test_chunk_files_on_a_local_disk(tmp_path):
+    """Prompt rows across files with their global index; files merged as row groups, read back as chunks."""
+    _chunk_files_round_trip(str(tmp_path))
+
+
+def test_chunk_files_on_s3(s3):  # noqa: F811 (the fixture imported above)
+    _chunk_files_round_trip(f"{s3}/run/eval")
