@@ -9,6 +9,11 @@ rate against the reference's samples, the transformers reference scorer), and re
 
 `--code` runs the stage of another checkout (e.g. main, for the figures before a change): its root goes first on
 the subprocess's PYTHONPATH. The goal (issue 14, item 9): peak RSS flat within 15% from 1k to 20k prompts.
+
+Measured 2026-11-30 on the shared 2-core machine, `--new-tokens 4`, one size per invocation (`--sizes N`):
+driver peak RSS 642.9 / 666.9 / 725.1 MB at 1k / 5k / 20k prompts before (commit 87b5a68, the driver holding
+every sample: +12.8%, growing with the samples), 613.6 / 614.3 / 615.1 MB after (+0.2%). Wall times (s) before
+232 / 179 / 210, after 368 / 216 / 234: other test runs shared the 2 cores, so they compare loosely.
 """
 
 from __future__ import annotations
