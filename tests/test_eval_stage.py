@@ -9,17 +9,24 @@ forwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.data.models import load_tokenizer
+from pipeline.evaluation.inputs import Prompts, read_prompts
+from pipeline.evaluation.summary import ChunkStats
+from pipeline.store.storage import Store
 from stages import cache, evaluate
 from tests.conftest import DATA, make_config, read_cache
 
@@ -68,7 +75,8 @@ def scenario(tiny_model, tmp_path_factory, ray_local):
     for name in ("config.json", "generation_config.json"):  # the others' architecture: it is swapped into an engine
         shutil.copy(tiny_model / name, broken / name)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    first = evaluate.run(cfg)
+    with _driver_spy() as received:
+        first = evaluate.run(cfg)
     first_report = Path(first.report).read_text()
     ref_cache = Path(cfg.cache_dir) / "eval-reference"
     first_ref_files = sorted(p.name for p in ref_cache.iterdir())
@@ -78,11 +86,52 @@ def scenario(tiny_model, tmp_path_factory, ray_local):
     shutil.copytree(ckpts / "step_000001", ckpts / "step_000004")
     second = evaluate.run(cfg)
     return dict(cfg=cfg, first=first, first_report=first_report, second=second, first_ref_files=first_ref_files,
-                ref_cache=ref_cache, mtimes=mtimes)
+                ref_cache=ref_cache, mtimes=mtimes, received=received)
+
+
+@contextlib.contextmanager
+def _driver_spy():
+    """Records every value the driver gets back from Ray (`ray.get`), and fails any Parquet read in the driver:
+    the samples are read and written by the workers only."""
+    received, real_get = [], ray.get
+
+    def get(refs, *args, **kwargs):
+        out = real_get(refs, *args, **kwargs)
+        received.extend(out if isinstance(refs, list) else [out])
+        return out
+
+    def no_read(*args, **kwargs):
+        raise AssertionError(f"the driver read a Parquet file: {args[:2]}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "get", get)
+        mp.setattr(pq, "read_table", no_read)
+        mp.setattr(Store, "read_parquet", no_read)
+        mp.setattr(pq.ParquetFile, "read_row_group", no_read)
+        yield received
 
 
 def _samples(result, name: str):
     return pq.read_table(Path(result.eval_dir) / name / "samples.parquet")
+
+
+def _prompts(result) -> pa.Table:
+    """The prompts the stage tokenized (its prompt files), with their global index."""
+    manifest = json.loads((Path(result.eval_dir) / "prompts" / "manifest.json").read_text())
+    return read_prompts(Prompts.from_dict(manifest["prompts"]))
+
+
+def test_the_driver_gets_counts_and_aggregates_never_samples(scenario):
+    """Run 1 (3 targets of 12 samples, in chunks of up to 4 prompts) went with the driver reading no Parquet file
+    (the spy fails any read) and getting back only small values: chunk counts, content keys, per-chunk
+    statistics."""
+    received = scenario["received"]
+    kinds = {type(x).__name__ for x in received}
+    assert {"dict", "tuple", "ChunkStats"} <= kinds, kinds
+    assert not [x for x in received if isinstance(x, (pa.Table, pa.RecordBatch, np.ndarray, list))]
+    assert max(len(pickle.dumps(x)) for x in received) < 1024
+    stats = [x for x in received if isinstance(x, ChunkStats)]
+    assert len(stats) >= 6 and sum(s.samples for s in stats) == 36  # 3 targets x 6 prompts x 2 samples
 
 
 def test_broken_checkpoint_fails_alone_with_its_reason(scenario):
@@ -143,10 +192,9 @@ def test_kl_of_the_reference_against_itself_is_zero(scenario):
 def test_logps_and_kl_equal_independent_forwards(scenario, tiny_model, name):
     cfg = scenario["cfg"]
     t = _samples(scenario["first"], name)
-    prompts = evaluate.load_prompts(cfg, load_tokenizer(str(tiny_model)), evaluate.Store(str(Path(cfg.run_dir))))
-    seqs = [prompts.ids[p] + c for p, c in zip(t.column("prompt_index").to_pylist(),
-                                               t.column("completion_ids").to_pylist())]
-    starts = [len(prompts.ids[p]) for p in t.column("prompt_index").to_pylist()]
+    ids = _prompts(scenario["first"]).column("prompt_input_ids").to_pylist()
+    seqs = [ids[p] + c for p, c in zip(t.column("prompt_index").to_pylist(), t.column("completion_ids").to_pylist())]
+    starts = [len(ids[p]) for p in t.column("prompt_index").to_pylist()]
     policy = _seq_logps(str(Path(cfg.run_dir) / "checkpoints" / name), seqs, starts)
     ref = _seq_logps(str(tiny_model), seqs, starts)
     np.testing.assert_allclose(t.column("logp").to_numpy(), policy, atol=1e-3)
@@ -212,8 +260,9 @@ def test_win_rate_against_the_datasets_chosen_responses(scenario, tiny_model):
     result = evaluate.run(cfg)
     assert result.evaluated == [] and len(result.reused) == 4
     tok = load_tokenizer(str(tiny_model))
-    prompts = evaluate.load_prompts(cfg, tok, evaluate.Store(str(Path(cfg.run_dir))))
-    chosen = np.array([tok.decode(c, skip_special_tokens=True).count("a") for c in prompts.chosen])
+    prompts = _prompts(result)
+    chosen = np.array([tok.decode(c, skip_special_tokens=True).count("a")
+                       for c in prompts.column("chosen_input_ids").to_pylist()])
     for row in result.rows:
         t = _samples(result, row["name"])
         mine = np.array(t.column("reward").to_pylist())

@@ -5,17 +5,30 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow as pa
 import pytest
+import ray
 
 from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
-from pipeline.engines.actors import sample_seed
+from pipeline.engines.actors import RewardRunner, sample_seed
 from pipeline.errors import UserError, error_line
+from pipeline.evaluation.chunks import (
+    PROMPTS,
+    PromptFile,
+    concat_files,
+    prompt_rows,
+    read_metadata,
+    sampled_chunks,
+    write_table,
+)
+from pipeline.evaluation.report import standard_error
 from pipeline.evaluation.rewards import build_reward
-from pipeline.evaluation.summary import preference_metrics
-from stages.evaluate import _reward_fn, select_targets
+from pipeline.evaluation.summary import Moments, preference_metrics
+from stages.evaluate import select_targets
 from tests.conftest import make_config
 from tests.test_rewards import save_reward_model
+from tests.test_storage import s3  # noqa: F401 (the moto S3 fixture)
 
 
 @pytest.fixture
@@ -134,16 +147,21 @@ def test_preference_rows_give_prompt_and_chosen(tokenizer):
         [tokenizer.eos_token_id]
 
 
+def _score(reward, prompts, completions):
+    """Run beside the reward (in its actor): what a chunk's rewards are computed with."""
+    return reward(prompts, completions)
+
+
 @pytest.mark.ray
 def test_reward_model_runs_in_a_ray_actor_with_the_same_values(tiny_model, tmp_path, ray_local):
     rm = save_reward_model(tmp_path / "rm", tiny_model, num_labels=1)
     cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
-    remote, close = _reward_fn(cfg)
+    runner = RewardRunner(cfg.eval.reward)
     try:
         prompts, completions = ["the movie was", "the film"], [" great", " boring and dull"]
-        got = remote(prompts, completions)
+        got = ray.get(runner.run(_score, prompts, completions))
     finally:
-        close()
+        runner.close()
     np.testing.assert_allclose(got, build_reward(cfg.eval.reward)(prompts, completions), atol=1e-6)
     assert got.dtype == np.float64 and len(got) == 2
 
@@ -153,4 +171,49 @@ def test_reward_model_config_errors_surface_as_one_line(tiny_model, tmp_path, ra
     rm = save_reward_model(tmp_path / "rm2", tiny_model, id2label={0: "NEGATIVE", 1: "POSITIVE"})
     cfg = make_config(tiny_model, tmp_path, "eval.reward.type=model", f"eval.reward.model={rm}")
     with pytest.raises(UserError, match="set eval.reward.label"):
-        _reward_fn(cfg)
+        RewardRunner(cfg.eval.reward)
+
+
+def test_chunk_statistics_merge_to_those_of_all_values():
+    """A target's mean and standard error come from per-chunk Moments: equal to numpy over all values at once,
+    whatever the chunking (including empty chunks)."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.3, 2.0, 1001)
+    for cuts in ([500], [1, 2, 3, 700], [0, 0, 1000], []):
+        merged = Moments()
+        for part in np.split(values, cuts):
+            merged = merged.merge(Moments.of(part))
+        assert merged.n == len(values)
+        assert merged.mean == pytest.approx(values.mean(), rel=1e-12)
+        assert merged.standard_error == pytest.approx(standard_error(values), rel=1e-10)
+    assert Moments.of(values[:1]).standard_error is None
+
+
+def _chunk_files_round_trip(root: str) -> None:
+    files = []
+    for i, rows in enumerate((3, 0, 4)):
+        uri = f"{root}/prompts/{i}.parquet"
+        first = sum(f.rows for f in files)
+        write_table(uri, pa.table({"id": [f"r{first + k}" for k in range(rows)],
+                                   "prompt_input_ids": [[first + k] for k in range(rows)],
+                                   "chosen_input_ids": [None] * rows, "prompt": [""] * rows}, schema=PROMPTS),
+                    {"rows": rows})
+        files.append(PromptFile(uri, first, rows))
+    assert read_metadata(files[2].uri) == {"rows": 4}
+    got = prompt_rows(files, 2, 6, ["prompt_index", "id"])
+    assert got.column("prompt_index").to_pylist() == [2, 3, 4, 5]
+    assert got.column("id").to_pylist() == ["r2", "r3", "r4", "r5"]
+    merged = f"{root}/sampled.parquet"
+    assert concat_files([f.uri for f in files], merged) == 7
+    chunks = sampled_chunks("t", merged)
+    assert [len(c.read(["id"])) for c in chunks] == [3, 0, 4]  # a row group per file
+    assert chunks[2].read(["id"]).column("id").to_pylist() == ["r3", "r4", "r5", "r6"]
+
+
+def test_chunk_files_on_a_local_disk(tmp_path):
+    """Prompt rows across files with their global index; files merged as row groups, read back as chunks."""
+    _chunk_files_round_trip(str(tmp_path))
+
+
+def test_chunk_files_on_s3(s3):  # noqa: F811 (the fixture imported above)
+    _chunk_files_round_trip(f"{s3}/run/eval")

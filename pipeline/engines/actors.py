@@ -13,11 +13,22 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 from safetensors import safe_open
 from transformers import AutoConfig
 
 from pipeline.engines.scorers import ENGINES, VllmScorer
 from pipeline.errors import UserError
+from pipeline.evaluation.chunks import (
+    PromptChunk,
+    PromptFile,
+    SampledChunk,
+    chunk_prompts,
+    completion_sequences,
+    write_table,
+)
+from pipeline.evaluation.inputs import read_pairs
 from pipeline.evaluation.rewards import build_reward
 from pipeline.runtime.session import quiet_worker_logs
 from pipeline.store.fingerprint import sha256_json
@@ -168,6 +179,27 @@ class CheckpointEngine:
                     cols[name].append(value)
         return {"table": pa.table(cols, schema=SAMPLED), "seconds": seconds}
 
+    def sample_chunk(self, chunk: PromptChunk, seed: int, params: dict[str, Any], out_uri: str,
+                     model_dir: str | None = None) -> dict[str, Any]:
+        """Sample one chunk of the prompt files and write its rows (sorted by prompt and sample) to `out_uri`,
+        with the counts in the file's metadata. Returns the counts only: {rows, tokens, seconds, first}."""
+        ids = chunk.read(["prompt_input_ids"]).column("prompt_input_ids").to_pylist()
+        seeds = [sample_seed(seed, chunk.first + i) for i in range(len(ids))]
+        out = self.sample(ids, seeds, params, chunk.first, model_dir)
+        table = out["table"].sort_by([("prompt_index", "ascending"), ("sample_index", "ascending")])
+        tokens = int(pc.sum(pc.list_value_length(table.column("completion_ids"))).as_py() or 0)
+        stats = {"rows": len(table), "tokens": tokens, "seconds": out["seconds"]}
+        write_table(out_uri, table, stats)
+        return {**stats, "first": chunk.first}
+
+    def score_held_out(self, files: list[str], out_uri: str, model_dir: str | None = None) -> int:
+        """Summed log-probs of the held-out pairs (cache files `files`) under this target, written to `out_uri`
+        (policy_chosen_logps, policy_rejected_logps, in cache order). Returns the number of pairs."""
+        pairs = read_pairs(files, ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
+        chosen, rejected = self.score_pairs(pairs, model_dir)
+        write_table(out_uri, pa.table({"policy_chosen_logps": chosen, "policy_rejected_logps": rejected}))
+        return len(pairs)
+
     def score_pairs(self, pairs: pa.Table, model_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Summed log-probs of chosen and rejected under this target (stage-1 scorer code on cache rows)."""
         try:
@@ -195,9 +227,20 @@ class ReferenceEngine:
         finally:
             self.sync_log()
 
+    def score_chunk(self, chunk: SampledChunk, prompt_files: list[PromptFile], out_uri: str, size: int) -> int:
+        """Per-token log π_ref of a chunk of sampled rows, `size` sequences per scorer call, written to `out_uri`
+        (the content-keyed cache entry). Returns the rows scored."""
+        rows = chunk.read(["prompt_index", "completion_ids"])
+        sequences, starts = completion_sequences(rows, chunk_prompts(rows, prompt_files, ["prompt_input_ids"]))
+        logps: list[np.ndarray] = []
+        for lo in range(0, len(sequences), size):
+            logps += self.token_logps(sequences[lo:lo + size], starts[lo:lo + size])
+        write_table(out_uri, pa.table({"ref_token_logps": pa.array(logps, pa.list_(pa.float32()))}))
+        return len(logps)
+
 
 class RewardEngine:
-    """A reward model in a Ray actor (GPU if `eval.reward.use_gpu`); rules and callables run in the driver."""
+    """A reward model in a Ray actor (GPU if `eval.reward.use_gpu`); rules and callables run in Ray tasks."""
 
     def __init__(self, reward_cfg, device: str):
         quiet_worker_logs()
@@ -213,3 +256,42 @@ class RewardEngine:
 
     def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         return self.fn(prompts, completions)
+
+    def run(self, fn, *args):
+        """`fn(reward, *args)` here, beside the model: the samples come from storage, only `fn`'s (small) result
+        goes back."""
+        return fn(self.fn, *args)
+
+
+def run_with_reward(reward_cfg, fn, *args):
+    """Ray task: `fn(reward, *args)` with a rule or callable reward built in this worker (cheap to build); the
+    reward is None without `eval.reward`."""
+    return fn(build_reward(reward_cfg) if reward_cfg is not None else None, *args)
+
+
+class RewardRunner:
+    """Runs `fn(reward, *args)` where the reward is: a Ray task per call for rules and callables, the reward
+    model's actor (on a GPU with `reward.use_gpu`) for a model, which `close()` kills."""
+
+    def __init__(self, reward_cfg):
+        self.reward_cfg, self.actor = reward_cfg, None
+        self.task = ray.remote(run_with_reward).options(num_cpus=1)
+        if reward_cfg is not None and reward_cfg.type != "model":
+            build_reward(reward_cfg)  # a bad rule or callable fails here, as a one-line error, before any task
+        if reward_cfg is not None and reward_cfg.type == "model":
+            self.actor = ray.remote(RewardEngine).options(num_cpus=1, num_gpus=1 if reward_cfg.use_gpu else 0).remote(
+                reward_cfg, "cuda" if reward_cfg.use_gpu else "cpu")
+            error = ray.get(self.actor.ready.remote())
+            if error:
+                self.close()
+                raise UserError(error)
+
+    def run(self, fn, *args) -> ray.ObjectRef:
+        if self.actor is not None:
+            return self.actor.run.remote(fn, *args)
+        return self.task.remote(self.reward_cfg, fn, *args)
+
+    def close(self) -> None:
+        if self.actor is not None:
+            ray.kill(self.actor)
+            self.actor = None

@@ -3,62 +3,170 @@ that preference accuracy is measured on."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import ray
 
 from pipeline.config import Config
 from pipeline.data.rows import tokenize_prompts
-from pipeline.data.sources import plan_source, read_shard
+from pipeline.data.sources import Shard, SourcePlan, plan_source, read_shard
 from pipeline.errors import UserError
+from pipeline.evaluation.chunks import PROMPTS, PromptChunk, PromptFile, prompt_rows, read_table, split_uri, write_table
+from pipeline.runtime.session import connect
 from pipeline.store.cache_layout import find_cache, sources_dir
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
 
+PROMPTS_LAYOUT = 1  # bump when the prompt files change form: older ones are written again
+
 
 @dataclass
 class Prompts:
-    """The evaluation prompts, index-aligned: token ids, the dataset's chosen response (None where a row has
-    none), the decoded prompt text; `sha256` keys their content, `rejected` counts unusable rows."""
+    """The evaluation prompts, tokenized into `<eval_dir>/prompts/*.parquet` by Ray tasks (`chunks.PROMPTS`
+    rows): the files in order, the number of prompts, a key of their content, and the unusable rows."""
 
-    ids: list[list[int]]
-    chosen: list[list[int] | None]
-    texts: list[str]
+    files: list[PromptFile]
+    count: int
     sha256: str
     rejected: int
 
+    def chunks(self) -> list[PromptChunk]:
+        """One sampling call per file (files hold up to `eval.batch_prompts` prompts)."""
+        return [PromptChunk(f.uri, 0, f.rows, f.first) for f in self.files if f.rows]
 
-def load_prompts(cfg: Config, tok, eval_dir: Store) -> Prompts:
-    """`eval.prompts` (default: the eval split, else train) tokenized like the cache; rejects go to
-    `<eval_dir>/prompt_rejects.jsonl`. At most `eval.num_prompts` (all when 0)."""
+    def to_dict(self) -> dict[str, Any]:
+        return {"files": [asdict(f) for f in self.files], "count": self.count, "sha256": self.sha256,
+                "rejected": self.rejected}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Prompts:
+        return cls([PromptFile(**f) for f in d["files"]], d["count"], d["sha256"], d["rejected"])
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How a source's rows become prompts (as in the cache)."""
+
+    format: str
+    max_length: int
+    max_prompt_length: int
+    marker: str | None
+
+
+def load_prompts(cfg: Config, tok, eval_dir: Store, tokenizer_identity: dict[str, Any]) -> Prompts:
+    """`eval.prompts` (default: the eval split, else train) tokenized like the cache, by Ray tasks (one per
+    `eval.batch_prompts` rows of the source) that write the prompt files; rejects go to
+    `<eval_dir>/prompt_rejects.jsonl`. At most `eval.num_prompts` (all when 0). Files written for the same source
+    and settings are reused (then Ray is not needed)."""
     src = cfg.eval.prompts or cfg.data.eval or cfg.data.train
-    plan = plan_source(src, cfg.scoring.shard_size, sources_dir(cfg))
-    items, rejects = [], []
-    for shard in plan.shards:
-        got, bad = tokenize_prompts(read_shard(plan, shard), tok, src.format, cfg.data.max_length,
-                                    cfg.data.max_prompt_length, cfg.data.implicit_prompt_marker)
-        items += got
-        rejects += bad
-        if cfg.eval.num_prompts and len(items) >= cfg.eval.num_prompts:
-            break
-    items = items[:cfg.eval.num_prompts] if cfg.eval.num_prompts else items
-    eval_dir.write_bytes("prompt_rejects.jsonl", "".join(r.to_json() + "\n" for r in rejects).encode())
-    if not items:
-        raise UserError(f"no usable prompts in {src.path!r} ({len(rejects)} rejected, reasons in "
+    plan = plan_source(src, cfg.eval.batch_prompts, sources_dir(cfg))
+    settings = PromptSettings(src.format, cfg.data.max_length, cfg.data.max_prompt_length,
+                              cfg.data.implicit_prompt_marker)
+    key = sha256_json({"layout": PROMPTS_LAYOUT, "source": plan.sha256, "settings": asdict(settings),
+                       "tokenizer": tokenizer_identity, "num_prompts": cfg.eval.num_prompts,
+                       "batch_prompts": cfg.eval.batch_prompts})
+    store = eval_dir.child("prompts")
+    if store.exists("manifest.json") and store.read_json("manifest.json")["key"] == key:
+        prompts = Prompts.from_dict(store.read_json("manifest.json")["prompts"])
+    else:
+        connect(cfg)
+        store.delete("")
+        prompts = _tokenize(plan, tok, settings, store, eval_dir, cfg.eval.num_prompts)
+        store.write_json("manifest.json", {"key": key, "prompts": prompts.to_dict()})
+    if not prompts.count:
+        raise UserError(f"no usable prompts in {src.path!r} ({prompts.rejected} rejected, reasons in "
                         f"{eval_dir.uri}/prompt_rejects.jsonl); point eval.prompts at prompt data")
-    return Prompts([i.prompt_input_ids for i in items], [i.chosen_input_ids for i in items],
-                   tok.batch_decode([i.prompt_input_ids for i in items], skip_special_tokens=True),
-                   sha256_json([[i.id, i.prompt_input_ids, i.chosen_input_ids] for i in items]), len(rejects))
+    return prompts
+
+
+def _tokenize(plan: SourcePlan, tok, settings: PromptSettings, store: Store, eval_dir: Store,
+              limit: int | None) -> Prompts:
+    """Tokenize shards in order, a few at a time, until `limit` prompts are there; then one task cuts the last
+    file to the limit, gathers the rejects and keys the content."""
+    tok_ref, window = ray.put(tok), max(2, int(ray.cluster_resources().get("CPU", 2)))
+    counts: dict[int, tuple[int, int]] = {}  # shard -> (prompts, rejects)
+    pending: dict[ray.ObjectRef, int] = {}
+    task = ray.remote(tokenize_prompt_shard).options(num_cpus=1)
+    next_shard, used = 0, None
+    while used is None and (pending or next_shard < len(plan.shards)):
+        while next_shard < len(plan.shards) and len(pending) < window:
+            shard = plan.shards[next_shard]
+            pending[task.remote(plan, shard, tok_ref, settings, store.uri)] = next_shard
+            next_shard += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        counts[pending.pop(done[0])] = ray.get(done[0])
+        used = _shards_needed(counts, limit)
+    ray.get(list(pending))  # their files are not used; let them finish before the listing is final
+    used = len(plan.shards) if used is None else used
+    files, first = [], 0
+    for i in range(used):
+        rows = counts[i][0] if limit is None else min(counts[i][0], limit - first)
+        files.append(PromptFile(f"{store.uri}/{i:06d}.parquet", first, rows))
+        first += rows
+    sha = ray.get(ray.remote(finish_prompts).options(num_cpus=1).remote(
+        files, [f"{store.uri}/{i:06d}.rejects.jsonl" for i in range(used)], f"{eval_dir.uri}/prompt_rejects.jsonl"))
+    return Prompts(files, first, sha, sum(counts[i][1] for i in range(used)))
+
+
+def _shards_needed(counts: dict[int, tuple[int, int]], limit: int | None) -> int | None:
+    """How many leading shards hold `limit` prompts, once known; None while not (or without a limit)."""
+    total, i = 0, 0
+    while limit and i in counts:
+        total += counts[i][0]
+        i += 1
+        if total >= limit:
+            return i
+    return None
+
+
+def tokenize_prompt_shard(plan: SourcePlan, shard: Shard, tok, settings: PromptSettings,
+                          out_uri: str) -> tuple[int, int]:
+    """Ray task: one source shard's prompts into `<out>/<shard>.parquet`, its rejects into
+    `<out>/<shard>.rejects.jsonl`. Returns (prompts, rejects)."""
+    items, rejects = tokenize_prompts(read_shard(plan, shard), tok, settings.format, settings.max_length,
+                                      settings.max_prompt_length, settings.marker)
+    prompt_ids = [i.prompt_input_ids for i in items]
+    table = pa.table({"id": [i.id for i in items], "prompt_input_ids": prompt_ids,
+                      "chosen_input_ids": [i.chosen_input_ids for i in items],
+                      "prompt": tok.batch_decode(prompt_ids, skip_special_tokens=True)}, schema=PROMPTS)
+    store = Store(out_uri)
+    store.write_parquet(f"{shard.index:06d}.parquet", table)
+    store.write_bytes(f"{shard.index:06d}.rejects.jsonl", "".join(r.to_json() + "\n" for r in rejects).encode())
+    return len(items), len(rejects)
+
+
+def finish_prompts(files: list[PromptFile], rejects: list[str], rejects_uri: str) -> str:
+    """Ray task: cut each file to its `rows` (the last one may hold more than `eval.num_prompts` needs), write
+    the used shards' rejects into one file, and return the key of the prompts' content (ids and token ids)."""
+    h = hashlib.sha256()
+    for f in files:
+        table = read_table(f.uri)
+        if len(table) > f.rows:
+            table = table.slice(0, f.rows)
+            write_table(f.uri, table)
+        for row in table.select(["id", "prompt_input_ids", "chosen_input_ids"]).to_pylist():
+            h.update(json.dumps(list(row.values())).encode())
+    out = b"".join(split_uri(uri)[0].read_bytes(split_uri(uri)[1]) for uri in rejects)
+    split_uri(rejects_uri)[0].write_bytes(split_uri(rejects_uri)[1], out)
+    return h.hexdigest()
+
+
+def read_prompts(prompts: Prompts) -> pa.Table:
+    """All prompts in one table (with `prompt_index`): for inspection and tests, not for the stage."""
+    return prompt_rows(prompts.files, 0, prompts.count, ["prompt_index", "id", "prompt_input_ids",
+                                                         "chosen_input_ids", "prompt"])
 
 
 @dataclass
 class HeldOutPairs:
-    """The cached held-out pairs that preference accuracy is measured on."""
+    """The cached held-out pairs that preference accuracy is measured on: the eval split's cache files (read by
+    the engines, not by the driver) and that cache's key."""
 
-    inputs: pa.Table  # prompt_input_ids, chosen_input_ids, rejected_input_ids
-    ref_chosen: np.ndarray  # summed reference log-probs, from the cache
-    ref_rejected: np.ndarray
+    files: list[str]
     cache_key: str
 
 
@@ -67,8 +175,9 @@ def load_held_out_pairs(cfg: Config) -> HeldOutPairs | None:
     if not cfg.eval.preference_accuracy or cfg.data.eval is None:
         return None
     cache = find_cache(cfg, "eval")
-    store = Store(cache.uri)
-    table = pa.concat_tables([store.read_parquet(f.removeprefix(cache.uri + "/")) for f in cache.files])
-    return HeldOutPairs(table.select(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]),
-                        table.column("ref_chosen_logps").to_numpy(), table.column("ref_rejected_logps").to_numpy(),
-                        store.read_json("manifest.json")["key"])
+    return HeldOutPairs(list(cache.files), Store(cache.uri).read_json("manifest.json")["key"])
+
+
+def read_pairs(files: list[str], columns: list[str]) -> pa.Table:
+    """Columns of the held-out pairs, in cache order."""
+    return pa.concat_tables([read_table(uri, columns) for uri in files])

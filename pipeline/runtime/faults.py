@@ -11,7 +11,8 @@ Points: `scorer_batch` (stage-1 scorer actor, per batch), `shard_written` (stage
 data file and its marker), `train_step` (Ray Train worker, after each optimizer
 step), `checkpoint_export` (rank 0, a Hugging Face export half written: weights
 saved, tokenizer not yet),
-`eval_target_sampled` (evaluation driver, after a target's samples are saved), `eval_target_finished` (evaluation
+`eval_chunk_sampled` (evaluation driver, after an engine wrote a chunk of samples), `eval_target_sampled`
+(evaluation driver, after a target's samples are saved), `eval_target_finished` (evaluation
 driver, after a target's result.json is written).
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runtime.faults import InjectedFault
@@ -50,3 +51,41 @@ def test_finished_checkpoints_survive_a_crash_and_a_rerun_does_only_the_rest(tin
     assert (eval_dir / "step_000001/result.json").stat().st_mtime_ns == result_1
     assert [row["name"] for row in r.rows] == ["step_000001", "step_000002"] and not r.failures
     assert all(row["kl_mean"] is not None for row in r.rows)
+
+
+def test_a_crash_mid_target_keeps_its_written_chunks_and_the_samples_are_those_of_one_run(tiny_model, tmp_path,
+                                                                                         ray_local, monkeypatch):
+    """Chunks of 2 prompts: the driver dies after the first chunk, then after the second; each rerun samples only
+    the chunks not written. The final samples equal those of an uninterrupted run in one chunk."""
+    settings = ["eval.include_reference_model=false", "eval.preference_accuracy=false", "eval.num_prompts=6",
+                "eval.samples_per_prompt=2", "eval.max_new_tokens=8", "eval.engine_kwargs={enforce_eager: true}",
+                "scoring.engine=hf"]
+    cfg = make_config(tiny_model, tmp_path, *settings, "eval.batch_prompts=2")
+    ckpt = _checkpoint(tiny_model, Path(cfg.run_dir) / "checkpoints" / "step_000001", seed=1)
+    target = Path(cfg.run_dir) / "eval" / "step_000001"
+
+    def written() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (target / "sampled-parts").rglob("*.parquet")}
+
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("eval_chunk_sampled", tmp_path / "t1", action="raise"))
+    with pytest.raises(InjectedFault):
+        evaluate.run(cfg)
+    first = written()
+    assert len(first) == 1
+    # This process reached the point once already (faults count per process): the 2nd reach is the next chunk.
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("eval_chunk_sampled", tmp_path / "t2", action="raise", nth=2))
+    with pytest.raises(InjectedFault):
+        evaluate.run(cfg)
+    second = written()
+    assert len(second) == 2 and all(second[name] == mtime for name, mtime in first.items())  # not sampled again
+
+    monkeypatch.delenv("DPO_PIPELINE_FAULT")
+    r = evaluate.run(cfg)
+    assert r.evaluated == ["step_000001"] and not (target / "sampled-parts").exists()
+    resumed = pq.read_table(target / "samples.parquet")
+    assert resumed.column("prompt_index").to_pylist() == [i for i in range(6) for _ in range(2)]
+    whole = make_config(tiny_model, tmp_path / "whole", *settings, "eval.batch_prompts=6",
+                        f"eval.checkpoints=[{ckpt}]")
+    evaluate.run(whole)
+    once = pq.read_table(Path(whole.run_dir) / "eval" / "step_000001" / "samples.parquet")
+    assert resumed.column("completion_ids").to_pylist() == once.column("completion_ids").to_pylist()

@@ -1,0 +1,212 @@
+"""Stage 3's sampling: targets, their jobs, and the scheduler that keeps `eval.num_actors` vLLM engines busy.
+
+The engines read their chunk of the prompt files and write its samples (`<target>/sampled-parts/<key>/`); the
+driver hands out chunks and adds up counts. A target whose chunks are all written is merged into
+`sampled.parquet` by a Ray task, then `sampled.json` (its resume point) is written. A crash loses only the
+chunks in flight: a rerun samples the missing chunks of an unfinished target.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from pipeline.config import Config
+from pipeline.engines.actors import CheckpointEngine, read_engine_signature
+from pipeline.engines.scorers import actor_options, scorer_kwargs
+from pipeline.errors import error_line
+from pipeline.evaluation.chunks import PromptChunk, concat_files, read_metadata
+from pipeline.evaluation.inputs import HeldOutPairs, Prompts
+from pipeline.evaluation.reference import engine_max_length
+from pipeline.runtime import faults
+from pipeline.runtime.cluster import spread
+from pipeline.store.storage import Store
+
+
+@dataclass
+class Target:
+    """One model to evaluate: the reference or a checkpoint."""
+
+    name: str
+    path: str
+    step: int | None
+    is_reference: bool = False
+    error: str | None = None  # found unusable before any engine started
+
+
+@dataclass
+class TargetJob:
+    """A target left to evaluate: where its results go, its keys, and what is sampled already."""
+
+    target: Target
+    store: Store  # <eval_dir>/<name>
+    sample_key: str  # weights + sampling settings: the key of sampled.json
+    key: str  # sample_key + scoring settings: the key of result.json
+    sampled: bool = False  # sampled.parquet and sampled.json are there, with this sample_key
+    sampled_meta: dict[str, Any] = field(default_factory=dict)  # sampled.json
+    parts: dict[int, dict[str, Any]] = field(default_factory=dict)  # chunks sampled before a crash: first -> counts
+
+    @property
+    def parts_dir(self) -> Store:
+        return self.store.child(f"sampled-parts/{self.sample_key[:16]}")
+
+    def find_parts(self) -> None:
+        """The chunks an interrupted run wrote for this sample key (other keys' parts are dropped)."""
+        for stale in self.store.listdir("sampled-parts"):
+            if stale != self.sample_key[:16]:
+                self.store.delete(f"sampled-parts/{stale}")
+        for name in self.parts_dir.listdir():
+            if name.endswith(".parquet") and name[:-len(".parquet")].isdigit():
+                self.parts[int(name[:-len(".parquet")])] = read_metadata(f"{self.parts_dir.uri}/{name}")
+
+
+@dataclass
+class EngineSlot:
+    """One running engine actor and the target it serves now, with that target's progress."""
+
+    actor: Any  # a CheckpointEngine actor
+    log: str  # the engine's log, under the first target it served
+    job: TargetJob
+    todo: list[PromptChunk] = field(default_factory=list)  # chunks not yet submitted
+    held_out_done: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+
+def merge_sampled(parts_uri: str, firsts: list[int], target_uri: str, held_out: bool) -> int:
+    """Ray task: a target's sampled chunks into `sampled.parquet` (a row group per chunk, in prompt order), and
+    its held-out log-probs beside. Returns the rows."""
+    rows = concat_files([f"{parts_uri}/{first:09d}.parquet" for first in sorted(firsts)],
+                        f"{target_uri}/sampled.parquet")
+    if held_out:
+        concat_files([f"{parts_uri}/held_out.parquet"], f"{target_uri}/held_out.parquet")
+    return rows
+
+
+class SamplingScheduler:
+    """`eval.num_actors` engine actors at once; chunked calls (a prompt file of up to `eval.batch_prompts`
+    prompts each) feed the progress bar. An actor that finishes a target takes the next queued target of the same
+    architecture (`engine_signature`) and swaps its weights in place, so a run's checkpoints cost one engine
+    start, not one each. A target whose call fails fails alone (its engine goes with it); on any error or
+    interrupt every engine is killed, the chunks written so far stay."""
+
+    def __init__(self, cfg: Config, prompts: Prompts, held_out: HeldOutPairs | None, eos: int | None):
+        eval_cfg = cfg.eval
+        self.cfg, self.prompts, self.held_out = cfg, prompts, held_out
+        self.params = dict(n=eval_cfg.samples_per_prompt, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
+                           max_tokens=eval_cfg.max_new_tokens, stop_token_ids=[eos] if eos is not None else None)
+        self.failures: dict[str, str] = {}  # target name -> error line
+        self.engine_starts = 0
+        self.queue: list[TargetJob] = []  # targets waiting for an engine
+        self.slots: list[EngineSlot] = []  # engines running now
+        self.in_flight: dict[ray.ObjectRef, EngineSlot] = {}  # one call per slot
+        self.signatures: dict[str, str | None] = {}  # target name -> engine_signature
+        self.progress = None
+
+    def run(self, jobs: list[TargetJob], progress) -> None:
+        self.queue, self.progress = list(jobs), progress
+        self.signatures = {job.target.name: read_engine_signature(job.target.path) for job in jobs}
+        engine_cls = ray.remote(CheckpointEngine)
+        try:
+            while self.queue or self.in_flight:
+                while self.queue and len(self.slots) < self.cfg.eval.num_actors:
+                    self._start_engine(engine_cls, self.queue.pop(0))
+                if self.in_flight:
+                    done, _ = ray.wait(list(self.in_flight), num_returns=1)
+                    self._receive(done[0])
+        finally:  # on an error or an interrupt too: the engines go (written chunks stay)
+            for slot in self.slots:
+                ray.kill(slot.actor)
+
+    def _start_engine(self, engine_cls, job: TargetJob) -> None:
+        eval_cfg = self.cfg.eval
+        kwargs = scorer_kwargs("vllm", eval_cfg, job.target.path, self.cfg.model.dtype, engine_max_length(self.cfg))
+        kwargs["seed"] = eval_cfg.seed
+        log = f"{job.store.uri}/engine.log"
+        actor = engine_cls.options(**actor_options(eval_cfg, spread(self.cfg))).remote(kwargs, log)
+        self.engine_starts += 1
+        self._serve(EngineSlot(actor, log, job))
+
+    def _serve(self, slot: EngineSlot) -> None:
+        """The slot starts its target: chunks written by an earlier run count as done."""
+        job = slot.job
+        slot.todo = [c for c in self.prompts.chunks() if c.first not in job.parts]
+        self.progress.update(sum(p["rows"] for p in job.parts.values()))
+        self.slots.append(slot)
+        if not self._submit(slot):
+            self._finish(slot)
+
+    def _submit(self, slot: EngineSlot) -> bool:
+        """The slot's next call: a chunk of prompts, then the held-out pairs (not for the reference, whose
+        log-probs of them are the cache's). False when the target is done."""
+        job = slot.job
+        if slot.todo:
+            chunk = slot.todo.pop(0)
+            call = slot.actor.sample_chunk.remote(chunk, self.cfg.eval.seed, self.params,
+                                                  f"{job.parts_dir.uri}/{chunk.first:09d}.parquet", job.target.path)
+            self.in_flight[call] = slot
+            return True
+        if self.held_out is not None and not job.target.is_reference and not slot.held_out_done \
+                and not job.parts_dir.exists("held_out.parquet"):
+            call = slot.actor.score_held_out.remote(self.held_out.files, f"{job.parts_dir.uri}/held_out.parquet",
+                                                    job.target.path)
+            slot.held_out_done = True
+            self.in_flight[call] = slot
+            return True
+        return False
+
+    def _receive(self, call: ray.ObjectRef) -> None:
+        slot = self.in_flight.pop(call)
+        try:
+            out = ray.get(call)
+        except Exception as exc:  # this target alone fails (its engine goes with it); the others go on
+            self._fail(slot, exc)
+            return
+        if isinstance(out, dict):  # a chunk's counts; its samples are in its part file
+            slot.job.parts[out["first"]] = out
+            self.progress.update(out["rows"])
+            faults.reach("eval_chunk_sampled")
+        if not self._submit(slot):
+            self._finish(slot)
+
+    def _finish(self, slot: EngineSlot) -> None:
+        self._save(slot)
+        self._hand_over(slot)
+        faults.reach("eval_target_sampled")
+
+    def _fail(self, slot: EngineSlot, exc: Exception) -> None:
+        self.failures[slot.job.target.name] = f"{error_line(exc)} (engine log: {slot.log})"
+        total = self.cfg.eval.samples_per_prompt * self.prompts.count
+        self.progress.update(total - sum(p["rows"] for p in slot.job.parts.values()))  # the bar still ends at 100%
+        self.slots.remove(slot)
+        ray.kill(slot.actor)
+
+    def _hand_over(self, slot: EngineSlot) -> None:
+        """The finished slot's engine takes the next queued target of its architecture, or goes (freeing it
+        before the next target starts)."""
+        self.slots.remove(slot)
+        signature = self.signatures[slot.job.target.name]
+        following = next((job for job in self.queue
+                          if signature is not None and self.signatures[job.target.name] == signature), None)
+        if following is None:
+            ray.kill(slot.actor)
+        else:
+            self.queue.remove(following)
+            self._serve(EngineSlot(slot.actor, slot.log, following))
+
+    def _save(self, slot: EngineSlot) -> None:
+        """sampled.parquet (merged from the chunks by a Ray task), then sampled.json (the target's resume
+        point); then the chunks go."""
+        job = slot.job
+        held_out = job.parts_dir.exists("held_out.parquet")
+        ray.get(ray.remote(merge_sampled).options(num_cpus=0).remote(job.parts_dir.uri, list(job.parts),
+                                                                     job.store.uri, held_out))
+        seconds = sum(p["seconds"] for p in job.parts.values())
+        meta = {"sample_key": job.sample_key, "sampling_s": seconds,
+                "tokens": sum(p["tokens"] for p in job.parts.values()),
+                "wall_s": time.perf_counter() - slot.started, "held_out": held_out}
+        job.store.write_json("sampled.json", meta)
+        job.store.delete("sampled-parts")
+        job.sampled, job.sampled_meta = True, meta
