@@ -60,9 +60,9 @@ from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
 from pipeline.runtime import faults
 from pipeline.runtime.session import connect, progress_bar
-from pipeline.store.checkpoints import list_checkpoints
-from pipeline.store.fingerprint import model_files_hash, sha256_json
-from pipeline.store.storage import Store, local_copy
+from pipeline.store.checkpoints import checkpoint_hash, list_checkpoints
+from pipeline.store.fingerprint import sha256_json
+from pipeline.store.storage import Store
 
 SAMPLES_LAYOUT = 2  # sampled.parquet in row groups (one per chunk), held-out log-probs in held_out.parquet
 
@@ -230,14 +230,15 @@ def _job(target: Target, store: Store, sampling: dict[str, Any], scoring: dict[s
 
 
 def _weights_hash(target: Target, store: Store) -> str:
-    """Content hash of a target's weights. Hashing a large model takes a while: the hash is recorded with the
-    files' (size, mtime) and reused while they match."""
+    """Content hash of a target's weights: the one our training recorded in the checkpoint when it wrote it, else
+    the files hashed (a checkpoint at a URI downloaded once); recorded with the files' (size, mtime) and reused
+    while they match."""
     stamp = sha256_json(Store(target.path).stamp())  # local or URI: the files' (path, size, mtime)
     if store.exists("identity.json"):
         record = store.read_json("identity.json")
         if record.get("stamp") == stamp:
             return record["sha256"]
-    digest = model_files_hash(local_copy(target.path))  # a checkpoint at a URI is downloaded once to hash it
+    digest = checkpoint_hash(target.path)
     store.write_json("identity.json", {"path": target.path, "stamp": stamp, "sha256": digest})
     return digest
 

@@ -28,7 +28,6 @@ from pipeline.evaluation.summary import Moments, preference_metrics
 from stages.evaluate import select_targets
 from tests.conftest import make_config
 from tests.test_rewards import save_reward_model
-from tests.test_storage import s3  # noqa: F401 (the moto S3 fixture)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
 from pipeline.runtime import cluster
 from pipeline.store.checkpoints import list_checkpoints
+from pipeline.store.fingerprint import model_files_hash
 from pipeline.store.storage import Store, local_copy
 from stages.evaluate import _checkpoint_problem, select_targets
 from tests.conftest import DATA, make_config
@@ -209,3 +210,20 @@ def test_s3_metrics_of_a_restarted_run_hold_each_step_once(s3, tmp_path):
     second.close()
     rows = Store(run).read_bytes("metrics.jsonl").decode().splitlines()
     assert [json.loads(r)["step"] for r in rows] == list(range(1, 51))
+
+
+def test_a_recorded_checkpoint_hash_is_read_not_computed(s3, tmp_path, monkeypatch):
+    """Evaluation keys a checkpoint by its content hash: for our exports the hash recorded when it was written
+    (dpo_checkpoint.json, a few hundred bytes), so a checkpoint on s3 is never downloaded just to hash it."""
+    from pipeline.store import checkpoints
+
+    src = _hf_dir(tmp_path / "export")
+    (src / checkpoints.RECORD).write_text(json.dumps({"model_files_sha256": "ab" * 32}))
+    run = Store(f"{s3}/runs/hashed")
+    run.upload_dir(src, "checkpoints/step_000001", last="config.json")
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoints, "local_copy", lambda uri: pytest.fail(f"downloaded {uri}"))
+        assert checkpoints.checkpoint_hash(f"{run.uri}/checkpoints/step_000001") == "ab" * 32
+    (src / checkpoints.RECORD).unlink()  # not one of ours: hashed from a local copy, as model_files_hash does
+    run.upload_dir(src, "checkpoints/step_000002", last="config.json")
+    assert checkpoints.checkpoint_hash(f"{run.uri}/checkpoints/step_000002") == model_files_hash(src)
