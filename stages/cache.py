@@ -214,7 +214,7 @@ def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[di
     store.write_bytes(f".work/rejects-{marker['shard']:05d}.jsonl", "".join(f"{x}\n" for x in lines).encode())
     reasons = Counter(marker["reasons"])
     reasons["duplicate_id"] += len(dups)
-    return {**marker, "sha256": digest, "bytes": size, "stat": shards.fileshards.file_stat(store, marker["file"]),
+    return {**marker, "sha256": digest, "bytes": size, "stat": shards.file_stat(store, marker["file"]),
             "pairs": table.num_rows, "rejected": marker["rejected"] + len(dups), "reasons": dict(reasons),
             "tokens": shards.token_count(table)}
 

@@ -181,7 +181,11 @@ class EvalPlan:
 
 
 def prepare(cfg: Config) -> EvalPlan:
-    """Resolve prompts, settings and targets; find which targets are already evaluated with these settings."""
+    """Resolve prompts, settings and targets; find which targets are already evaluated with these settings.
+    Targets and the held-out cache first: a user error there stops the stage before Ray starts (prompts are
+    tokenized in Ray tasks)."""
+    held_out = load_held_out_pairs(cfg)
+    targets = select_targets(cfg)
     eval_store = Store(cfg.run_dir).child("eval")
     eval_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     tok_path = cfg.tokenizer.path or cfg.model.path
@@ -189,7 +193,6 @@ def prepare(cfg: Config) -> EvalPlan:
     template = read_chat_template(cfg.tokenizer.chat_template)
     tok = load_tokenizer(resolved_tok.local_dir, template)
     prompts = load_prompts(cfg, tok, eval_store, {"tokenizer": resolved_tok.identity, "chat_template": template})
-    held_out = load_held_out_pairs(cfg)
     eval_cfg = cfg.eval
     reference = {"model": resolve_model(cfg.model.path, cfg.model.revision).identity, "dtype": cfg.model.dtype}
     sampling = {"samples_per_prompt": eval_cfg.samples_per_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
@@ -200,8 +203,6 @@ def prepare(cfg: Config) -> EvalPlan:
     scoring = {"reference": reference, "reward": reward_identity(eval_cfg.reward) if eval_cfg.reward else None,
                "beta": cfg.train.loss.beta}
     settings_key = sha256_json({"sampling": sampling, "scoring": scoring})
-
-    targets = select_targets(cfg)
     jobs, reused = [], []
     for target in targets:
         if target.error:
