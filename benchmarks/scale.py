@@ -64,8 +64,8 @@ def run_part(name: str, quick: bool):
         "cache": ("scale_cache", {"sizes": (10_000,)} if quick else {}),
         "train_data": ("scale_training_data", {"reads_pairs": 1024, "driver_pairs": (2_000,)} if quick else {}),
         "train_memory": ("scale_train", {"sizes": ("0.1",)} if quick else {}),
-        "eval": ("scale_eval", {"sizes": (1_000,)} if quick else {}),
-        "reads": ("scale_reads", {"size_gb": 0.05} if quick else {}),
+        "eval": ("scale_eval", {"sizes": (1_000,), "new_tokens": 4} if quick else {"new_tokens": 4}),
+        "reads": ("scale_reads", {"gb": 0.05} if quick else {}),
     }[name]
     return importlib.import_module(module).measure(**kwargs)
 
