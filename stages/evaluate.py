@@ -19,7 +19,7 @@ per-chunk statistics (`summary.ChunkStats`), never the prompts' or samples' rows
 
 Layout under `<run_dir>/eval/` (reference log-probs: `<cache_dir>/eval-reference/<key>.parquet`, one per chunk):
 
-    prompts/*.parquet, manifest.json       the tokenized prompts (one file per `eval.batch_prompts` source rows);
+    prompts/*.parquet, manifest.json       the tokenized prompts (files of up to `eval.batch_prompts` prompts);
                                            reused while the manifest's key (source, tokenizer, settings) matches
     <name>/identity.json                   the weights' hash, reused while their files' (size, mtime) match
     <name>/sampled-parts/<key>/*.parquet   chunks sampled so far: a crash loses only the chunks in flight

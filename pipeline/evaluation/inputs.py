@@ -21,7 +21,7 @@ from pipeline.store.cache_layout import find_cache, sources_dir
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
 
-PROMPTS_LAYOUT = 1  # bump when the prompt files change form: older ones are written again
+PROMPTS_LAYOUT = 2  # bump when the prompt files change form: older ones are written again
 
 
 @dataclass
@@ -59,23 +59,25 @@ class PromptSettings:
 
 def load_prompts(cfg: Config, tok, eval_dir: Store, tokenizer_identity: dict[str, Any]) -> Prompts:
     """`eval.prompts` (default: the eval split, else train) tokenized like the cache, by Ray tasks (one per
-    `eval.batch_prompts` rows of the source) that write the prompt files; rejects go to
-    `<eval_dir>/prompt_rejects.jsonl`. At most `eval.num_prompts` (all when 0). Files written for the same source
-    and settings are reused (then Ray is not needed)."""
+    `scoring.shard_size` rows of the source) that write the prompt files (up to `eval.batch_prompts` prompts
+    each); rejects go to `<eval_dir>/prompt_rejects.jsonl`. At most `eval.num_prompts` (all when 0). Files written
+    for the same source and settings are reused (then Ray is not needed)."""
     src = cfg.eval.prompts or cfg.data.eval or cfg.data.train
-    plan = plan_source(src, cfg.eval.batch_prompts, sources_dir(cfg))
+    # Planned with the cache's shard size: a data split's plan is then the one the cache stage made (the source
+    # is read once per run); each shard's prompts are written as files of up to eval.batch_prompts.
+    plan = plan_source(src, cfg.scoring.shard_size, sources_dir(cfg))
     settings = PromptSettings(src.format, cfg.data.max_length, cfg.data.max_prompt_length,
                               cfg.data.implicit_prompt_marker)
     key = sha256_json({"layout": PROMPTS_LAYOUT, "source": plan.sha256, "settings": asdict(settings),
                        "tokenizer": tokenizer_identity, "num_prompts": cfg.eval.num_prompts,
-                       "batch_prompts": cfg.eval.batch_prompts})
+                       "batch_prompts": cfg.eval.batch_prompts, "shard_size": cfg.scoring.shard_size})
     store = eval_dir.child("prompts")
     if store.exists("manifest.json") and store.read_json("manifest.json")["key"] == key:
         prompts = Prompts.from_dict(store.read_json("manifest.json")["prompts"])
     else:
         connect(cfg)
         store.delete("")
-        prompts = _tokenize(plan, tok, settings, store, eval_dir, cfg.eval.num_prompts)
+        prompts = _tokenize(plan, tok, settings, store, eval_dir, cfg.eval.num_prompts, cfg.eval.batch_prompts)
         store.write_json("manifest.json", {"key": key, "prompts": prompts.to_dict()})
     if not prompts.count:
         raise UserError(f"no usable prompts in {src.path!r} ({prompts.rejected} rejected, reasons in "
@@ -84,18 +86,18 @@ def load_prompts(cfg: Config, tok, eval_dir: Store, tokenizer_identity: dict[str
 
 
 def _tokenize(plan: SourcePlan, tok, settings: PromptSettings, store: Store, eval_dir: Store,
-              limit: int | None) -> Prompts:
+              limit: int | None, per_file: int) -> Prompts:
     """Tokenize shards in order, a few at a time, until `limit` prompts are there; then one task cuts the last
     file to the limit, gathers the rejects and keys the content."""
     tok_ref, window = ray.put(tok), max(2, int(ray.cluster_resources().get("CPU", 2)))
-    counts: dict[int, tuple[int, int]] = {}  # shard -> (prompts, rejects)
+    counts: dict[int, tuple[list[int], int]] = {}  # shard -> (prompts per file, rejects)
     pending: dict[ray.ObjectRef, int] = {}
     task = ray.remote(tokenize_prompt_shard).options(num_cpus=1)
     next_shard, used = 0, None
     while used is None and (pending or next_shard < len(plan.shards)):
         while next_shard < len(plan.shards) and len(pending) < window:
             shard = plan.shards[next_shard]
-            pending[task.remote(plan, shard, tok_ref, settings, store.uri)] = next_shard
+            pending[task.remote(plan, shard, tok_ref, settings, store.uri, per_file)] = next_shard
             next_shard += 1
         done, _ = ray.wait(list(pending), num_returns=1)
         counts[pending.pop(done[0])] = ray.get(done[0])
@@ -104,9 +106,11 @@ def _tokenize(plan: SourcePlan, tok, settings: PromptSettings, store: Store, eva
     used = len(plan.shards) if used is None else used
     files, first = [], 0
     for i in range(used):
-        rows = counts[i][0] if limit is None else min(counts[i][0], limit - first)
-        files.append(PromptFile(f"{store.uri}/{i:06d}.parquet", first, rows))
-        first += rows
+        for j, n in enumerate(counts[i][0]):
+            rows = n if limit is None else min(n, limit - first)
+            if rows > 0:
+                files.append(PromptFile(f"{store.uri}/{i:06d}-{j:04d}.parquet", first, rows))
+                first += rows
     sha = ray.get(ray.remote(finish_prompts).options(num_cpus=1).remote(
         files, [f"{store.uri}/{i:06d}.rejects.jsonl" for i in range(used)], f"{eval_dir.uri}/prompt_rejects.jsonl"))
     return Prompts(files, first, sha, sum(counts[i][1] for i in range(used)))
@@ -116,17 +120,18 @@ def _shards_needed(counts: dict[int, tuple[int, int]], limit: int | None) -> int
     """How many leading shards hold `limit` prompts, once known; None while not (or without a limit)."""
     total, i = 0, 0
     while limit and i in counts:
-        total += counts[i][0]
+        total += sum(counts[i][0])
         i += 1
         if total >= limit:
             return i
     return None
 
 
-def tokenize_prompt_shard(plan: SourcePlan, shard: Shard, tok, settings: PromptSettings,
-                          out_uri: str) -> tuple[int, int]:
-    """Ray task: one source shard's prompts into `<out>/<shard>.parquet`, its rejects into
-    `<out>/<shard>.rejects.jsonl`. Returns (prompts, rejects)."""
+def tokenize_prompt_shard(plan: SourcePlan, shard: Shard, tok, settings: PromptSettings, out_uri: str,
+                          per_file: int) -> tuple[list[int], int]:
+    """Ray task: one source shard's prompts into `<out>/<shard>-<j>.parquet`, files of up to `per_file` prompts
+    (one sampling call each), its rejects into `<out>/<shard>.rejects.jsonl`. Returns (prompts per file,
+    rejects)."""
     items, rejects = tokenize_prompts(read_shard(plan, shard), tok, settings.format, settings.max_length,
                                       settings.max_prompt_length, settings.marker)
     prompt_ids = [i.prompt_input_ids for i in items]
@@ -134,9 +139,13 @@ def tokenize_prompt_shard(plan: SourcePlan, shard: Shard, tok, settings: PromptS
                       "chosen_input_ids": [i.chosen_input_ids for i in items],
                       "prompt": tok.batch_decode(prompt_ids, skip_special_tokens=True)}, schema=PROMPTS)
     store = Store(out_uri)
-    store.write_parquet(f"{shard.index:06d}.parquet", table)
+    sizes = []
+    for j, start in enumerate(range(0, max(len(table), 1), per_file)):
+        part = table.slice(start, per_file)
+        store.write_parquet(f"{shard.index:06d}-{j:04d}.parquet", part)
+        sizes.append(len(part))
     store.write_bytes(f"{shard.index:06d}.rejects.jsonl", "".join(r.to_json() + "\n" for r in rejects).encode())
-    return len(items), len(rejects)
+    return sizes, len(rejects)
 
 
 def finish_prompts(files: list[PromptFile], rejects: list[str], rejects_uri: str) -> str:
