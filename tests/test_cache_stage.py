@@ -192,7 +192,7 @@ def test_one_run_reads_the_source_once_and_checks_the_cache_once(tiny_model, tmp
     orchestrate.plan(cfg, evaluate=False)
     (r,) = cache.run(cfg)
     assert cache_layout.find_cache(cfg, "train").pairs == r.counts["pairs"]
-    assert len(load_prompts(cfg, tokenizer, Store(cfg.run_dir).child("eval")).ids) == 4
+    assert load_prompts(cfg, tokenizer, Store(cfg.run_dir).child("eval"), {"tokenizer": "tiny"}).count == 4
     assert planned == {str(data): 1} and not hashed
 
     monkeypatch.setattr(sources, "_PLANS", {})  # a later process: the plan is remembered under cache_dir
