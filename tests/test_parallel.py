@@ -137,11 +137,11 @@ def test_sharded_state_restores_straight_from_s3(s3, tmp_path):
 
     saved, saved_opt = model_and_optimizer(0)
     save_sharded_state(tmp_path / "state", saved, saved_opt)
-    run = Store(f"{s3}/runs/r1")
+    run = Store(f"{s3}/runs/restore")  # moto's buckets live on across tests of one process: a prefix of its own
     run.upload_dir(tmp_path / "state", "ray/checkpoint_000002/state", last=".metadata")
 
     restored, restored_opt = model_and_optimizer(1)
-    fs, path = pafs.FileSystem.from_uri(f"{s3}/runs/r1/ray/checkpoint_000002/state")
+    fs, path = pafs.FileSystem.from_uri(f"{s3}/runs/restore/ray/checkpoint_000002/state")
     counting = _CountingS3(fs)
     load_sharded_state(path, counting, restored, restored_opt)
     for a, b in zip(saved.state_dict().values(), restored.state_dict().values()):
