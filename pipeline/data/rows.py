@@ -5,7 +5,8 @@ Tokenization rules (identical prompt tokens for chosen and rejected, by construc
   without, and EOS is appended to each response.
 - `conversational`: the prompt messages are rendered with the chat template and `add_generation_prompt=True`;
   each response is the rest of the rendering of prompt + response messages (it ends with the template's
-  end-of-turn). Nothing is added.
+  end-of-turn), tokenized in context: the tokens of the whole rendering after the prompt's tokens, so that
+  prompt + response are the tokens of the rendering. Nothing is added.
 - Truncation: a prompt longer than `max_prompt_length` rejects the row (`prompt_too_long`); responses are cut on
   the right so that prompt + response <= `max_length` (a cut response loses its EOS).
 """
@@ -195,6 +196,25 @@ def _encode_prompts(tok, texts: list[_Texts]) -> list[list[int]]:
     return [next(chat_ids) if t.chat else next(plain_ids) for t in texts]
 
 
+def _encode_responses(tok, texts: list[_Texts], prompt_ids: list[list[int]], responses: list[str]) -> list[list[int]]:
+    """Response token ids, in row order. A plain response is encoded alone (EOS is appended later). A chat response
+    is encoded in context: the whole rendering, minus the prompt's tokens. Encoded alone, its first token can differ
+    from the one the model sees after its generation prompt: SentencePiece tokenizers (Mistral, Phi-3; Metaspace
+    with prepend_scheme="first") prepend "▁" to the start of a text, so "<|assistant|>\n" + "The" gives an extra
+    "▁" token that neither the rendering nor generation ever has. Each chat prompt is tokenized once more per
+    response (batched, in Rust). Where the rendering's tokens do not start with the prompt's (a merge across the
+    boundary), the response is encoded alone, so that chosen and rejected keep the prompt's tokens."""
+    ids: list[list[int]] = [[] for _ in texts]
+    plain = [i for i, t in enumerate(texts) if not t.chat]
+    chat = [i for i, t in enumerate(texts) if t.chat and responses[i]]  # prompt-only rows have no response
+    for i, r in zip(plain, _encode(tok, [responses[i] for i in plain], special=False)):
+        ids[i] = r
+    for i, whole in zip(chat, _encode(tok, [texts[i].prompt + responses[i] for i in chat], special=False)):
+        p = prompt_ids[i]
+        ids[i] = whole[len(p):] if whole[:len(p)] == p else _encode(tok, [responses[i]], special=False)[0]
+    return ids
+
+
 def _normalised(rows: list[tuple[int, Any]], to_texts) -> tuple[list[tuple[int, str, _Texts, Any]], list[Reject]]:
     """Rows -> (index, id, texts, row) of the usable ones, and rejects with their reason; `to_texts(row)` raises
     `_Bad` for an unusable row."""
@@ -228,9 +248,10 @@ def tokenize_rows(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int, m
     if not ok:
         return [], rejects
 
-    prompt_ids = _encode_prompts(tok, [t for _, _, t, _ in ok])
-    chosen_ids = _encode(tok, [t.chosen for _, _, t, _ in ok], special=False)
-    rejected_ids = _encode(tok, [t.rejected for _, _, t, _ in ok], special=False)
+    row_texts = [t for _, _, t, _ in ok]
+    prompt_ids = _encode_prompts(tok, row_texts)
+    chosen_ids = _encode_responses(tok, row_texts, prompt_ids, [t.chosen for t in row_texts])
+    rejected_ids = _encode_responses(tok, row_texts, prompt_ids, [t.rejected for t in row_texts])
 
     pairs: list[Pair] = []
     eos = tok.eos_token_id
@@ -282,8 +303,9 @@ def tokenize_prompts(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int
     """Prompts to sample from: the prompt (and chosen response, truncated like the cache) of preference rows, or
     rows holding only a `prompt` (a string or a list of messages). Same reasons for rejects as `tokenize_rows`."""
     ok, rejects = _normalised(rows, lambda row: _prompt_texts(row, fmt, tok, marker))
-    prompt_ids = _encode_prompts(tok, [t for _, _, t, _ in ok])
-    chosen_ids = _encode(tok, [t.chosen for _, _, t, _ in ok], special=False)
+    row_texts = [t for _, _, t, _ in ok]
+    prompt_ids = _encode_prompts(tok, row_texts)
+    chosen_ids = _encode_responses(tok, row_texts, prompt_ids, [t.chosen for t in row_texts])
     items: list[PromptItem] = []
     eos = tok.eos_token_id
     for (index, rid, texts, row), p, c in zip(ok, prompt_ids, chosen_ids):
