@@ -21,6 +21,7 @@ written in the background (train.checkpoint.async_save) and listed by Ray only o
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import shutil
@@ -45,17 +46,27 @@ from tqdm import tqdm
 
 from pipeline.config import Config, to_yaml
 from pipeline.data.lanes import LanePlan, lane_batches, plan_lanes
-from pipeline.data.models import empty_causal_lm, load_tokenizer
+from pipeline.data.models import disable_dropout, empty_causal_lm, load_tokenizer, merge_adapter
+from pipeline.dpo.lora import (
+    AdaptersDisabled,
+    add_adapters,
+    initial_adapter_values,
+    is_adapter_param,
+    is_trained,
+    peft_state,
+)
 from pipeline.dpo.metrics import MetricsLogger, StepSums
 from pipeline.dpo.parallel import (
     PolicyLogps,
     apply_fsdp,
     async_save_sharded_state,
+    full_shapes,
     hf_weight_groups,
     load_hf_weights,
     load_sharded_state,
     materialize,
     save_sharded_state,
+    set_full_values,
 )
 from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step
 from pipeline.errors import RunFailed, UserError, error_line
@@ -64,9 +75,12 @@ from pipeline.runtime.cluster import spread
 from pipeline.runtime.session import connect, quiet_worker_logs
 from pipeline.store.cache_layout import CacheRef, find_cache
 from pipeline.store.checkpoints import (
+    ADAPTER_CONFIG,
     SHARD_BYTES,
+    export_adapter,
     export_checkpoint,
     export_dtype,
+    export_hf,
     list_checkpoints,
     prune_checkpoints,
     remove_interrupted_exports,
@@ -266,7 +280,9 @@ class DPOWorker:
         self.lm, self.policy = self._policy()
         reference = self._reference() if self.cfg.train.ref_logps == "in_loop" else None
         optim = self.cfg.train.optim
-        self.optimizer = make_optimizer(self.policy.parameters(), optim.lr, optim.weight_decay)
+        # Under LoRA only the adapters (and modules_to_save copies) train: optimizer state for those alone.
+        self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad], optim.lr,
+                                        optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
         self.compute = StepCompute(self.policy, reference, self.cfg.train.loss, pad_id, self.device)
@@ -313,14 +329,25 @@ class DPOWorker:
         model is allocated on any rank)."""
         parallel = self.cfg.train.parallel
         lm = empty_causal_lm(self.plan.model_dir, "float32", self.cfg.model.trust_remote_code)
+        if not self.cfg.train.dropout:
+            disable_dropout(lm)
+        if self.cfg.train.lora:
+            lm = add_adapters(lm, self.cfg.train.lora)  # the base frozen, adapters trainable
         lm.train()
         policy = apply_fsdp(PolicyLogps(lm), getattr(torch, parallel.param_dtype), parallel.activation_checkpointing,
                             parallel.cpu_offload, parallel.compile)
         self._fill(policy)
+        if self.cfg.train.lora:
+            # The same initial adapters on every rank (B = 0: the policy starts as the reference).
+            shapes = full_shapes(policy, is_adapter_param)
+            set_full_values(policy, initial_adapter_values(shapes, self.cfg.train.seed))
         return lm, policy
 
-    def _reference(self) -> PolicyLogps:
-        """The frozen in-loop reference, sharded, in the model's dtype (loaded the same way as the policy)."""
+    def _reference(self) -> torch.nn.Module:
+        """The frozen in-loop reference, sharded, in the model's dtype (loaded the same way as the policy); under
+        LoRA the policy itself with its adapters disabled (no second model)."""
+        if self.cfg.train.lora:
+            return AdaptersDisabled(self.policy)
         ref = empty_causal_lm(self.plan.model_dir, self.cfg.model.dtype, self.cfg.model.trust_remote_code).eval()
         ref.requires_grad_(False)
         ref = apply_fsdp(PolicyLogps(ref), getattr(torch, self.cfg.model.dtype))
@@ -428,15 +455,31 @@ class DPOWorker:
         """`checkpoints/<name>` as a Hugging Face model: the weights gathered one group at a time in the export
         dtype (a collective), written by rank 0; at a URI run_dir uploaded in the background."""
         self._finish_export()
-        groups = hf_weight_groups(self.policy, self.export_dtype, SHARD_BYTES, self.device)
+        lora = self.cfg.train.lora
+        groups = hf_weight_groups(self.policy, self.export_dtype, SHARD_BYTES, self.device,
+                                  select=is_trained if lora else None)
         if self.rank != 0:
             for _ in groups[1]:  # take part in the gathers
                 pass
             return
-        self.upload = export_checkpoint(self.run_store, name, groups, self.lm, self.tokenizer, self.export_dtype)
+        if lora:
+            tensors = peft_state(self.lm, {k: v for part in groups[1] for k, v in part.items()})
+            config = self.lm.peft_config["default"]
+            config.base_model_name_or_path = self.base_model_name()
+            merge = functools.partial(merge_adapter, self.plan.model_dir, self.export_dtype) if lora.merge else None
+            write = functools.partial(export_adapter, tensors, config, self.tokenizer, merge=merge)
+            self.upload = export_checkpoint(self.run_store, name, write, last=ADAPTER_CONFIG)
+        else:
+            write = functools.partial(export_hf, groups, self.lm, self.tokenizer, self.export_dtype)
+            self.upload = export_checkpoint(self.run_store, name, write)
         self.logger.sync()  # the rows and TensorBoard events up to this checkpoint, on storage
         if self.run_store.local:
             self._finish_export()
+
+    def base_model_name(self) -> str:
+        """What an adapter's `base_model_name_or_path` names: the hub id as configured, else the local directory."""
+        path = self.cfg.model.path
+        return self.plan.model_dir if Path(path).is_dir() or "://" in path else path
 
     def _finish_export(self) -> None:
         """Wait for the last export's upload, then prune old checkpoints (rank 0)."""

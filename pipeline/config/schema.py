@@ -216,6 +216,21 @@ class CheckpointConfig(_Strict):
                                                "is copied to host memory.")
 
 
+class LoraSettings(_Strict):
+    """LoRA adapters (peft): the base model stays frozen, only the adapters train."""
+
+    rank: int = Field(16, gt=0, description="Adapter rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: adapter updates are scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: names (`[q_proj, v_proj]`), a regex, or "
+                                  "`all-linear` (every linear layer but the output head).")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full beside the adapters (e.g. `[lm_head]`), saved with them.")
+    merge: bool = Field(False, description="Also write each checkpoint's merged full model (base + adapters) in "
+                                           "`merged/` (built on rank 0's host: one full model in its memory).")
+
+
 class TrainConfig(_Strict):
     ref_logps: Literal["cached", "in_loop"] = Field(
         "cached", description="Where the reference log-probs come from. `cached`: the stage-1 cache, no reference "
@@ -232,8 +247,14 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (default: epochs).")
     seed: int = Field(0, description="Seed of the per-epoch shuffle.")
     shuffle: bool = Field(True, description="Shuffle pairs each epoch (seeded; identical for any worker count).")
+    dropout: bool = Field(False, description="Keep the model's dropout layers active in training. Off by default, "
+                                             "as in the DPO paper: dropout makes the policy's log-probs noisy "
+                                             "(GPT-2, OPT, Falcon and Phi-3 ship with it on).")
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Eval loss/accuracy on the cached eval split every N steps.")
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of every weight (set any "
+                                                        "key, e.g. `train.lora.rank=16`); checkpoints are PEFT "
+                                                        "adapters, evaluated by one vLLM engine of the base.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Workers and FSDP2 settings.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and learning-rate schedule.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
+from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from pipeline.errors import UserError
 from pipeline.store.fingerprint import (
@@ -59,6 +62,28 @@ def resolve_model(path: str, revision: str | None = None, key: str = "model.path
     if not (Path(local) / "config.json").is_file():
         raise UserError(f"{key} {path!r} has no config.json; point it at a Hugging Face model directory")
     return ResolvedPath(local, hub or {"local_sha256": model_files_hash(local)})
+
+
+def check_causal_lm(local_dir: str, trust_remote_code: bool = False, key: str = "model.path") -> None:
+    """Refuse, in one line and before anything starts, a model this pipeline cannot train: one that is not a
+    decoder-only causal LM transformers knows (an encoder-decoder such as T5 or BART, an encoder such as BERT), or
+    custom code without model.trust_remote_code. Reads config.json only."""
+    config = json.loads((Path(local_dir) / "config.json").read_text())
+    model_type = config.get("model_type", "?")
+    archs = ", ".join(config.get("architectures") or []) or model_type
+    if config.get("is_encoder_decoder"):
+        raise UserError(f"{key} is an encoder-decoder model ({archs}); DPO here trains decoder-only causal LMs "
+                        f"(Llama, Qwen, Mistral, Gemma, GPT-2, Pythia, ...): point {key} at one")
+    remote = "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    if remote and not trust_remote_code:
+        raise UserError(f"{key} ({archs}) needs the model's own code; set model.trust_remote_code: true if you "
+                        f"trust it")
+    if not remote and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{key} ({archs}, model_type {model_type!r}) is not a causal LM transformers knows; point "
+                        f"{key} at a decoder-only causal LM")
+    if not remote and any(a.endswith(("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification"))
+                          for a in config.get("architectures") or []):
+        raise UserError(f"{key} is not a causal LM ({archs}); point {key} at a decoder-only causal LM")
 
 
 def resolve_tokenizer(path: str, revision: str | None = None) -> ResolvedPath:
@@ -119,6 +144,25 @@ def load_hf_model(local_dir: str, dtype: str = "float32", device: str = "cpu", t
     model = AutoModelForCausalLM.from_pretrained(local_dir, dtype=getattr(torch, DTYPES[dtype]),
                                                  trust_remote_code=trust_remote_code)
     return model.to(device).eval()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout of `model` off, also in training mode: `nn.Dropout` modules and the float rates attention
+    layers keep as attributes (`attention_dropout`, passed to the attention kernel while training). The config is
+    left as it is, so checkpoints keep the model's own settings."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def merge_adapter(base_dir: str, dtype: torch.dtype, adapter_dir: Path, out_dir: Path) -> None:
+    """A full Hugging Face model of base + LoRA adapter (peft's merge_and_unload), in `dtype`, at `out_dir`: loads
+    the whole base model into this host's memory."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(out_dir))
 
 
 @contextlib.contextmanager

@@ -34,6 +34,23 @@ def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.
     head = model.get_output_embeddings()
     out = []
     for s in range(0, h.shape[0], chunk_tokens):
-        logits = head(h[s:s + chunk_tokens]).float()
+        logits = output_logits(model.config, head(h[s:s + chunk_tokens]).float())
         out.append(logits.gather(-1, targets[s:s + chunk_tokens, None])[:, 0] - logits.logsumexp(-1))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+
+def output_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What the model's own forward does to the LM head's output, by the config fields transformers' causal LMs
+    read: Cohere's `logit_scale` (multiply), Granite's `logits_scaling` (divide), Gemma-2/3's
+    `final_logit_softcapping` (cap * tanh(logits / cap))."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None)
+    if isinstance(scale, (int, float)):
+        logits = logits * scale
+    scaling = getattr(text, "logits_scaling", None)
+    if isinstance(scaling, (int, float)):
+        logits = logits / scaling
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

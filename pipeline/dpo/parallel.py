@@ -13,7 +13,7 @@ needed for the first three).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from pipeline.data.models import load_hf_model
 from pipeline.dpo.logprobs import selective_token_logps
+from pipeline.dpo.lora import hf_param_name
 from pipeline.errors import UserError
 
 
@@ -52,12 +53,21 @@ class PolicyLogps(nn.Module):
         return selective_token_logps(self.lm, input_ids, attention_mask, score_mask)
 
 
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    layers = getattr(lm.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UserError(f"cannot find the decoder blocks of {type(lm).__name__} (expected `model.layers`); "
-                        f"use a Llama/Qwen/Mistral-style causal LM")
-    return layers
+def decoder_blocks(lm: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, in order: the modules whose class the model declares unsplittable
+    (transformers' `_no_split_modules`: `LlamaDecoderLayer`, `GPT2Block`, `GPTNeoXLayer`, ...), whatever attribute
+    path holds them (`model.layers`, `transformer.h`, `gpt_neox.layers`, `model.decoder.layers`)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under peft's wrapper
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks, inside = [], ()
+    for path, module in lm.named_modules():
+        if type(module).__name__ in names and not path.startswith(inside):  # outermost blocks only
+            blocks.append(module)
+            inside = inside + (f"{path}.",)
+    if not blocks:
+        raise UserError(f"{type(base).__name__} declares no decoder block classes (`_no_split_modules`), so FSDP "
+                        f"cannot shard it block by block; use a transformers causal LM that declares them")
+    return blocks
 
 
 # ---------------------------------------------------------------- applying FSDP2
@@ -68,7 +78,7 @@ def apply_activation_checkpointing(lm: nn.Module) -> None:
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compile_decoder_blocks(layers: nn.ModuleList) -> None:
+def compile_decoder_blocks(layers: list[nn.Module]) -> None:
     """torch.compile each decoder block (dynamic shapes); sharded afterwards, the compiled code runs inside FSDP's
     hooks."""
     for layer in layers:
@@ -80,7 +90,7 @@ def shard_model(model: PolicyLogps, param_dtype: torch.dtype = torch.float32, cp
     norm, head) the root. Parameters compute in `param_dtype`; gradients reduce in fp32."""
     kwargs = dict(mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-    layers = decoder_layers(model.lm)
+    layers = decoder_blocks(model.lm)
     for i, layer in enumerate(layers):
         # The last block's parameters are needed again at the start of backward: keep them gathered.
         fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
@@ -95,7 +105,7 @@ def apply_fsdp(model: PolicyLogps, param_dtype: torch.dtype = torch.float32, act
     if activation_checkpointing:
         apply_activation_checkpointing(model.lm)
     if compile_blocks:
-        compile_decoder_blocks(decoder_layers(model.lm))
+        compile_decoder_blocks(decoder_blocks(model.lm))
     return shard_model(model, param_dtype, cpu_offload)
 
 
@@ -127,7 +137,8 @@ def load_hf_weights(policy: PolicyLogps, model_dir: str) -> None:
 
     Safetensors: every rank reads only the slices of its own shards (DCP's Hugging Face reader; safetensors reads
     a slice without the rest of the file), cast to the parameters' dtype. Other formats: rank 0 loads the model
-    whole and broadcasts each shard to its owner."""
+    whole and broadcasts each shard to its owner. Under LoRA (peft names) the base weights are loaded and the
+    adapters left for `set_full_values`; a modules_to_save copy gets the weights of the module it copies."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         return _broadcast_from_rank0(policy, model_dir)
@@ -136,16 +147,39 @@ def load_hf_weights(policy: PolicyLogps, model_dir: str) -> None:
         with safe_open(str(f), framework="pt") as handle:
             stored.update(handle.keys())
     aliases = _tied_aliases(policy.lm)
-    state = {k.removeprefix("lm."): v for k, v in get_model_state_dict(policy).items()}
-    wanted = {}
-    for name, tensor in state.items():
-        if name in stored:
-            wanted[name] = tensor
-        elif not any(alias in stored for alias in aliases.get(name, [])):
-            raise UserError(f"{model_dir} holds no weights for {name!r}; point model.path at a complete "
+    base = policy.lm.get_base_model() if hasattr(policy.lm, "get_base_model") else policy.lm
+    tied = getattr(base, "_tied_weights_keys", None)
+    tied = tied if isinstance(tied, dict) else {}  # e.g. {"lm_head.weight": "model.embed_tokens.weight"}
+    state = get_model_state_dict(policy)
+    sources: dict[str, list[str]] = {}  # checkpoint name -> the policy's state keys it fills
+    for key in state:
+        name = key.removeprefix("lm.")
+        hf = hf_param_name(name)
+        if hf is None:
+            continue
+        if hf not in stored and tied.get(hf) in stored:
+            hf = tied[hf]  # a copy of a tied head (modules_to_save) starts from the embedding it is tied to
+        if hf in stored:
+            sources.setdefault(hf, []).append(key)
+        elif not any(hf_param_name(alias) in stored for alias in aliases.get(name, [])):
+            raise UserError(f"{model_dir} holds no weights for {hf!r}; point model.path at a complete "
                             f"Hugging Face model directory")
+    wanted = {hf: state[keys[0]] for hf, keys in sources.items()}
     dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(model_dir)))
-    set_model_state_dict(policy, {f"lm.{k}": v for k, v in wanted.items()}, options=StateDictOptions(strict=False))
+    set_model_state_dict(policy, {key: wanted[hf] for hf, keys in sources.items() for key in keys},
+                         options=StateDictOptions(strict=False))
+
+
+def full_shapes(policy: nn.Module, select: Callable[[str], bool]) -> dict[str, torch.Size]:
+    """State-dict names -> full (unsharded) shapes of the parameters whose name inside the policy's model
+    (`lm.` removed) `select` picks."""
+    return {k: v.shape for k, v in get_model_state_dict(policy).items() if select(k.removeprefix("lm."))}
+
+
+def set_full_values(policy: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Set parameters (state-dict names) from full tensors every rank holds identically; each rank keeps its
+    shards (a collective for a sharded policy)."""
+    set_model_state_dict(policy, values, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _broadcast_from_rank0(policy: PolicyLogps, model_dir: str) -> None:
@@ -171,13 +205,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def hf_weight_groups(policy: PolicyLogps, dtype: torch.dtype, max_group_bytes: int,
-                     device: torch.device | str = "cpu") -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
+                     device: torch.device | str = "cpu", select: Callable[[str], bool] | None = None,
+                     ) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
     """The whole model's weights under Hugging Face names (tied weights once), cast to `dtype` before they are
     gathered, in groups of at most `max_group_bytes` (one tensor may exceed it): (number of groups, iterator).
 
     A collective: every rank must run the iterator to its end; rank 0 gets each group on the CPU, the others empty
-    dicts. No rank ever holds more than one group and one tensor of the full model."""
+    dicts. No rank ever holds more than one group and one tensor of the full model. `select(name)`: only those
+    weights (e.g. LoRA's trained ones)."""
     state = get_model_state_dict(policy)
+    if select is not None:
+        state = {k: v for k, v in state.items() if select(k.removeprefix("lm."))}
     aliases, seen, names = _tied_aliases(policy), set(), []
     for name in state:
         if not seen.intersection(aliases.get(name, [name])):

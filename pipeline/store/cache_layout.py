@@ -17,7 +17,13 @@ from typing import Any
 import ray
 
 from pipeline.config import Config, DataSource
-from pipeline.data.models import effective_template_sha, read_chat_template, resolve_model, resolve_tokenizer
+from pipeline.data.models import (
+    check_causal_lm,
+    effective_template_sha,
+    read_chat_template,
+    resolve_model,
+    resolve_tokenizer,
+)
 from pipeline.data.sources import SETTLE_NS, SourcePlan, plan_source
 from pipeline.errors import UserError
 from pipeline.store.fingerprint import cache_key
@@ -48,6 +54,7 @@ def sources_dir(cfg: Config) -> Store:
 def resolve_inputs(cfg: Config, split: str, src: DataSource) -> CacheInputs:
     """Resolve model/tokenizer/data, hash them and derive the cache key."""
     model = resolve_model(cfg.model.path, cfg.model.revision)
+    check_causal_lm(model.local_dir, cfg.model.trust_remote_code)
     tok_path = cfg.tokenizer.path or cfg.model.path
     tokenizer = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
     template = read_chat_template(cfg.tokenizer.chat_template)

@@ -79,21 +79,48 @@ def export_hf(groups: tuple[int, Iterable[dict]], lm, tokenizer, dtype: torch.dt
     os.replace(tmp, out_dir)
 
 
-def export_checkpoint(run_store: Store, name: str, groups: tuple[int, Iterable[dict]], lm, tokenizer,
-                      dtype: torch.dtype) -> Callable[[], None]:
-    """Export `<run_dir>/checkpoints/<name>`: in place at a local run_dir; at a URI, written on this machine's disk,
-    then uploaded (files in parallel, config.json last: the checkpoint is complete) by a background thread, so
-    training goes on. Returns the function that waits for the upload to finish."""
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA checkpoint's marker (written last), as config.json is a model's
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_adapter(tensors: dict[str, torch.Tensor], adapter_config, tokenizer, out_dir: Path,
+                   merge: Callable[[Path, Path], None] | None = None) -> None:
+    """Write a LoRA checkpoint atomically: the adapter in PEFT format (`tensors` under peft's saved names,
+    `adapter_config` a peft config whose `save_pretrained` writes adapter_config.json), the tokenizer, the hash
+    record, and with `merge(adapter_dir, merged_dir)` the merged full model in `merged/`."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    adapter_config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if merge is not None:
+        merge(tmp, tmp / "merged")
+        tokenizer.save_pretrained(str(tmp / "merged"))
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None
+    (tmp / RECORD).write_text(json.dumps({"model_files_sha256": model_files_hash(tmp), "dtype": dtype,
+                                          "adapter": True}, indent=2))
+    faults.reach("checkpoint_export")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def export_checkpoint(run_store: Store, name: str, write: Callable[[Path], None],
+                      last: str = "config.json") -> Callable[[], None]:
+    """Export `<run_dir>/checkpoints/<name>` with `write(out_dir)` (`export_hf` or `export_adapter`): in place at
+    a local run_dir; at a URI, written on this machine's disk, then uploaded (files in parallel, `last` last: the
+    checkpoint is complete) by a background thread, so training goes on. Returns the function that waits for the
+    upload to finish."""
     if run_store.local:
-        export_hf(groups, lm, tokenizer, dtype, Path(run_store.path(f"checkpoints/{name}")))
+        write(Path(run_store.path(f"checkpoints/{name}")))
         return lambda: None
     tmp = tempfile.TemporaryDirectory()
-    export_hf(groups, lm, tokenizer, dtype, Path(tmp.name) / name)
+    write(Path(tmp.name) / name)
     pool = ThreadPoolExecutor(1)
 
     def upload():
         with tmp:
-            run_store.upload_dir(Path(tmp.name) / name, f"checkpoints/{name}", last="config.json")
+            run_store.upload_dir(Path(tmp.name) / name, f"checkpoints/{name}", last=last)
     future = pool.submit(upload)
     pool.shutdown(wait=False)
     return future.result
