@@ -8,7 +8,8 @@
     sample (engines)         `eval.num_actors` vLLM engines in Ray actors: each reads a chunk of prompts (a prompt
                              file) and writes its completions with their log-probs, and its log-probs of the
                              held-out cached pairs. An engine that finishes a target takes the next of its
-                             architecture (`engine_signature`), weights swapped in place
+                             architecture (`engine_signature`), weights swapped in place; LoRA adapters share
+                             an engine of the reference model with LoRA on, a `LoRARequest` each
     reference log-probs      every chunk of samples under the reference, by the stage-1 scorer (cached by content)
     rewards, finish          per chunk, in Ray tasks (or the reward model's actor): `eval.reward`, the per-sample
                              rows and their statistics; per target, merged rows and result.json
@@ -48,8 +49,10 @@ from typing import Any
 import ray
 
 from pipeline.config import Config, to_yaml
+from pipeline.data.adapters import base_mismatch, read_adapter
 from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
 from pipeline.engines.actors import RewardRunner
+from pipeline.engines.lora import serving_problem
 from pipeline.errors import UserError
 from pipeline.evaluation import summary
 from pipeline.evaluation.chunks import concat_files, sampled_chunks
@@ -60,7 +63,7 @@ from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
 from pipeline.runtime import faults
 from pipeline.runtime.session import connect, progress_bar
-from pipeline.store.checkpoints import checkpoint_hash, list_checkpoints
+from pipeline.store.checkpoints import checkpoint_hash, is_adapter, list_checkpoints
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
 
@@ -97,7 +100,8 @@ def run(cfg: Config, progress_factory=None) -> EvalResult:
 
 
 def select_targets(cfg: Config) -> list[Target]:
-    """`eval.checkpoints` (+ the reference) -> targets with unique names. Unusable paths become failed targets."""
+    """`eval.checkpoints` (+ the reference) -> targets with unique names. Unusable paths become failed targets;
+    a LoRA adapter that is not one of the reference model's, or that vLLM cannot serve, is a user error."""
     selection = cfg.eval.checkpoints
     targets: list[Target] = []
     if cfg.eval.include_reference_model:
@@ -117,8 +121,39 @@ def select_targets(cfg: Config) -> list[Target]:
         if name in names:  # same directory name from elsewhere: disambiguate by the path
             name = f"{name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
         names.add(name)
-        targets.append(Target(name, path, _step_of(Path(path).name), error=_checkpoint_problem(path)))
+        targets.append(_checkpoint_target(name, path))
+    _check_adapters(cfg, [t for t in targets if t.adapter is not None])
     return targets
+
+
+def _checkpoint_target(name: str, path: str) -> Target:
+    """A checkpoint's target: a full model or a LoRA adapter (read from its config and weights' header), or a
+    failed one with its reason."""
+    target = Target(name, path, _step_of(Path(path).name), error=_checkpoint_problem(path))
+    if target.error is None and is_adapter(path):
+        try:
+            target.adapter = read_adapter(path)
+        except ValueError as e:
+            target.error = f"{path}: {e}"
+    return target
+
+
+def _check_adapters(cfg: Config, targets: list[Target]) -> None:
+    """Adapters are evaluated on an engine of the reference model (`model.path`): each must be one of its adapters
+    and one vLLM gives the exact log-probs of (see `pipeline.engines.lora`)."""
+    if not targets:
+        return
+    base = resolve_model(cfg.model.path, cfg.model.revision).local_dir
+    for target in targets:
+        problem = serving_problem(target.adapter)
+        if problem is not None:
+            raise UserError(f"{target.path} is a LoRA adapter vLLM cannot evaluate exactly ({problem}); evaluate "
+                            f"its merged model instead ({target.path}/merged, written with train.lora.merge)")
+        mismatch = base_mismatch(target.adapter, base, cfg.model.path, cfg.model.trust_remote_code)
+        if mismatch is not None:
+            recorded = f" ({target.adapter.base})" if target.adapter.base else ""
+            raise UserError(f"{target.path} is not a LoRA adapter of model.path {cfg.model.path}: {mismatch}; set "
+                            f"model.path to the adapter's base model{recorded}")
 
 
 def _run_checkpoints(cfg: Config, selection: str) -> list[str]:
@@ -151,8 +186,9 @@ def _checkpoint_problem(path: str) -> str | None:
     store = Store(path)
     if not store.exists(""):
         return f"{path} does not exist"
-    if not store.exists("config.json"):
-        return f"{path} has no config.json: not a Hugging Face model directory"
+    if not store.exists("config.json") and not is_adapter(path):
+        return (f"{path} has no config.json or adapter_config.json: not a Hugging Face model or PEFT adapter "
+                f"directory")
     return None
 
 
@@ -218,7 +254,10 @@ def prepare(cfg: Config) -> EvalPlan:
 
 def _job(target: Target, store: Store, sampling: dict[str, Any], scoring: dict[str, Any]) -> TargetJob | None:
     """The target's job, with its saved samples when their key matches; None when its result is current."""
-    sample_key = sha256_json({"sampling": sampling, "weights": _weights_hash(target, store)})
+    weights: Any = _weights_hash(target, store)
+    if target.adapter is not None:  # its samples are those of its base model with it
+        weights = {"adapter": weights, "base": scoring["reference"]["model"]}
+    sample_key = sha256_json({"sampling": sampling, "weights": weights})
     key = sha256_json({"sample_key": sample_key, "scoring": scoring})
     if store.exists("result.json") and store.read_json("result.json")["key"] == key:
         return None

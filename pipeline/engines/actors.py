@@ -18,6 +18,8 @@ import ray
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from pipeline.data.adapters import read_adapter
+from pipeline.engines.lora import AdapterRequests, LoraEngine
 from pipeline.engines.scorers import ENGINES, VllmScorer
 from pipeline.errors import UserError
 from pipeline.evaluation.chunks import (
@@ -31,6 +33,7 @@ from pipeline.evaluation.chunks import (
 from pipeline.evaluation.inputs import read_pairs
 from pipeline.evaluation.rewards import build_reward
 from pipeline.runtime.session import quiet_worker_logs
+from pipeline.store.checkpoints import is_adapter
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store, local_copy, staging_dir
 
@@ -50,7 +53,11 @@ def sample_seed(seed: int, prompt_index: int) -> int:
 
 def check_checkpoint(model_dir: str) -> None:
     """Read a checkpoint's config and weight headers: a broken one fails here with its reason, rather than as
-    "engine core initialization failed" from inside vLLM's engine process."""
+    "engine core initialization failed" from inside vLLM's engine process. An adapter: its config and the
+    header of its weights."""
+    if is_adapter(model_dir):
+        read_adapter(model_dir)
+        return
     try:
         AutoConfig.from_pretrained(model_dir)
     except Exception as e:
@@ -121,11 +128,14 @@ def redirect_output(log_uri: str | None):
 class CheckpointEngine:
     """A vLLM engine for evaluation targets (Ray actor): samples completions, scores held-out pairs. It serves a
     series of checkpoints of one architecture: `model_dir` on a call swaps the weights in place (no engine
-    restart; see `engine_signature`). Kill it to free the engine."""
+    restart; see `engine_signature`). With `lora`, an engine of the base model (`scorer_kwargs["model_dir"]`)
+    with LoRA on: `model_dir` on a call is the base itself or one of its adapters, whose `LoRARequest` the
+    engine's requests carry from then on (no weights move). Kill it to free the engine."""
 
-    def __init__(self, scorer_kwargs: dict[str, Any], log_path: str | None = None):
+    def __init__(self, scorer_kwargs: dict[str, Any], log_path: str | None = None, lora: LoraEngine | None = None):
         self.sync_log = redirect_output(log_path)
-        self.model_dir = scorer_kwargs["model_dir"]
+        self.model_dir = self.base_dir = scorer_kwargs["model_dir"]
+        self.adapters = AdapterRequests() if lora is not None else None
         try:
             quiet_worker_logs()
             # A checkpoint at a URI is downloaded to this node first: vLLM loads local directories.
@@ -138,14 +148,23 @@ class CheckpointEngine:
                 # ("CPU Generator does not use offset", engine dead): schedule every prompt whole.
                 scorer_kwargs = {**scorer_kwargs, "engine_kwargs": {"enable_chunked_prefill": False,
                                                                     **scorer_kwargs.get("engine_kwargs", {})}}
+            if lora is not None:
+                scorer_kwargs = {**scorer_kwargs, "engine_kwargs": {**lora.engine_kwargs(),
+                                                                    **scorer_kwargs.get("engine_kwargs", {})}}
             self.engine = VllmScorer(**scorer_kwargs)
         finally:
             self.sync_log()
 
     def use(self, model_dir: str | None) -> None:
         """Serve `model_dir` from now on: its weights are loaded into the running engine, in place. Only for a
-        checkpoint with the engine's `engine_signature`; cached KV blocks of the old weights are dropped."""
+        checkpoint with the engine's `engine_signature`; cached KV blocks of the old weights are dropped. On a
+        LoRA engine: the adapter's `LoRARequest` goes on every request (none for the base); vLLM loads the adapter
+        at its first request, and keys its prefix cache by it."""
         if model_dir is None or model_dir == self.model_dir:
+            return
+        if self.adapters is not None:
+            self.engine.lora_request = None if model_dir == self.base_dir else self._adapter_request(model_dir)
+            self.model_dir = model_dir
             return
         local = local_copy(model_dir)
         check_checkpoint(local)
@@ -153,6 +172,15 @@ class CheckpointEngine:
         self.engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": local})
         self.engine.llm.reset_prefix_cache()
         self.model_dir = model_dir
+
+    def _adapter_request(self, model_dir: str):
+        """The `LoRARequest` of an adapter of the base (a URI: its own files downloaded to this node, not the
+        merged model beside them)."""
+        local = local_copy(model_dir, top_level=True)
+        if not is_adapter(local):
+            raise ValueError(f"{model_dir} is not a LoRA adapter (this engine serves its base model and adapters)")
+        read_adapter(local)
+        return self.adapters.get(model_dir, local)
 
     def sample(self, prompts: list[list[int]], seeds: list[int], params: dict[str, Any],
                first: int, model_dir: str | None = None) -> dict[str, Any]:
@@ -166,7 +194,7 @@ class CheckpointEngine:
         try:
             self.use(model_dir)
             outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps,
-                                            use_tqdm=False)
+                                            use_tqdm=False, lora_request=self.engine.lora_request)
             seconds = time.perf_counter() - t0
         finally:
             self.sync_log()

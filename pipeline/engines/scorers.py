@@ -91,12 +91,15 @@ class VllmScorer(_Scorer):
         # output as flat lists (no per-position dicts), which we slice without a per-token Python loop.
         self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                                      flat_logprobs=True)
+        # The LoRA adapter every request carries (a `LoRARequest`, on an engine started with LoRA on); None: the
+        # model itself.
+        self.lora_request = None
 
     def token_logps(self, sequences, starts):
         from vllm.inputs import TokensPrompt  # noqa: PLC0415 (lazy: vLLM is optional, loaded in the actor)
 
         prompts = [TokensPrompt(prompt_token_ids=s.tolist()) for s in sequences]
-        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        outs = self.llm.generate(prompts, self.params, use_tqdm=False, lora_request=self.lora_request)
         result = []
         for seq, start, out in zip(sequences, starts, outs):
             flat = out.prompt_logprobs  # position 0 has no entry; position t >= 1 has exactly one: token t

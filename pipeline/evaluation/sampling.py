@@ -15,7 +15,10 @@ from typing import Any
 import ray
 
 from pipeline.config import Config
+from pipeline.data.adapters import AdapterInfo
+from pipeline.data.models import resolve_model
 from pipeline.engines.actors import CheckpointEngine, read_engine_signature
+from pipeline.engines.lora import LoraEngine
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.errors import error_line
 from pipeline.evaluation.chunks import PromptChunk, concat_files, read_metadata
@@ -23,6 +26,7 @@ from pipeline.evaluation.inputs import HeldOutPairs, Prompts
 from pipeline.evaluation.reference import engine_max_length
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import spread
+from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
 
 
@@ -35,6 +39,7 @@ class Target:
     step: int | None
     is_reference: bool = False
     error: str | None = None  # found unusable before any engine started
+    adapter: AdapterInfo | None = None  # a LoRA adapter of the reference model (else a full model)
 
 
 @dataclass
@@ -90,7 +95,11 @@ class SamplingScheduler:
     prompts each) feed the progress bar. An actor that finishes a target takes the next queued target of the same
     architecture (`engine_signature`) and swaps its weights in place, so a run's checkpoints cost one engine
     start, not one each. A target whose call fails fails alone (its engine goes with it); on any error or
-    interrupt every engine is killed, the chunks written so far stay."""
+    interrupt every engine is killed, the chunks written so far stay.
+
+    LoRA adapters (and the reference, when there are adapters to sample) are served by engines of the reference
+    model with LoRA on (`LoraEngine`, sized for all of them): an adapter is a `LoRARequest` on the requests, so
+    a run's adapters cost one engine start and no weight load."""
 
     def __init__(self, cfg: Config, prompts: Prompts, held_out: HeldOutPairs | None, eos: int | None):
         eval_cfg = cfg.eval
@@ -103,11 +112,13 @@ class SamplingScheduler:
         self.slots: list[EngineSlot] = []  # engines running now
         self.in_flight: dict[ray.ObjectRef, EngineSlot] = {}  # one call per slot
         self.signatures: dict[str, str | None] = {}  # target name -> engine_signature
+        self.lora: LoraEngine | None = None  # the LoRA engine the adapters to sample need
         self.progress = None
 
     def run(self, jobs: list[TargetJob], progress) -> None:
         self.queue, self.progress = list(jobs), progress
-        self.signatures = {job.target.name: read_engine_signature(job.target.path) for job in jobs}
+        self.lora = LoraEngine.serving([job.target.adapter for job in jobs if job.target.adapter is not None])
+        self.signatures = {job.target.name: self._signature(job.target) for job in jobs}
         engine_cls = ray.remote(CheckpointEngine)
         try:
             while self.queue or self.in_flight:
@@ -120,12 +131,24 @@ class SamplingScheduler:
             for slot in self.slots:
                 ray.kill(slot.actor)
 
+    def _on_lora_engine(self, target: Target) -> bool:
+        """Served by a LoRA engine of the reference model: an adapter, or the reference beside adapters."""
+        return self.lora is not None and (target.adapter is not None or target.is_reference)
+
+    def _signature(self, target: Target) -> str | None:
+        """Targets with equal signatures share engines: a LoRA engine's, or their `engine_signature`."""
+        if self._on_lora_engine(target):
+            return sha256_json({"lora": self.lora.rank, "modules": self.lora.modules})
+        return read_engine_signature(target.path)
+
     def _start_engine(self, engine_cls, job: TargetJob) -> None:
         eval_cfg = self.cfg.eval
-        kwargs = scorer_kwargs("vllm", eval_cfg, job.target.path, self.cfg.model.dtype, engine_max_length(self.cfg))
+        lora = self.lora if self._on_lora_engine(job.target) else None
+        model_dir = resolve_model(self.cfg.model.path, self.cfg.model.revision).local_dir if lora else job.target.path
+        kwargs = scorer_kwargs("vllm", eval_cfg, model_dir, self.cfg.model.dtype, engine_max_length(self.cfg))
         kwargs["seed"] = eval_cfg.seed
         log = f"{job.store.uri}/engine.log"
-        actor = engine_cls.options(**actor_options(eval_cfg, spread(self.cfg))).remote(kwargs, log)
+        actor = engine_cls.options(**actor_options(eval_cfg, spread(self.cfg))).remote(kwargs, log, lora)
         self.engine_starts += 1
         self._serve(EngineSlot(actor, log, job))
 

@@ -1,6 +1,7 @@
 """Checkpoint layout: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory, complete once its
-config.json exists (written, or uploaded, last). Training exports checkpoints here (`export_checkpoint`, then
-`prune_checkpoints` under train.keep_checkpoints); evaluation and `run` list them.
+config.json exists (written, or uploaded, last), or a PEFT LoRA adapter of the reference model (`train.lora`),
+complete once its adapter_config.json exists (written last; no config.json). Training exports checkpoints here
+(`export_checkpoint`, then `prune_checkpoints` under train.keep_checkpoints); evaluation and `run` list them.
 """
 
 from __future__ import annotations
@@ -21,13 +22,24 @@ from pipeline.runtime import faults
 from pipeline.store.fingerprint import combine_file_hashes, model_files_hash, sha256_file
 from pipeline.store.storage import Store, local_copy
 
+# The file written last into a checkpoint: it marks a full model's, or an adapter's, export complete.
+MODEL_MARKER = "config.json"
+ADAPTER_MARKER = "adapter_config.json"
+
 
 def list_checkpoints(run_store: Store) -> list[str]:
-    """The complete Hugging Face checkpoints of a run, oldest first: `<run_dir>/checkpoints/step_*` holding a
-    config.json (written last)."""
-    names = sorted(n for n in run_store.listdir("checkpoints")
-                   if n.startswith("step_") and run_store.exists(f"checkpoints/{n}/config.json"))
+    """The complete checkpoints of a run, oldest first: `<run_dir>/checkpoints/step_*` holding a config.json
+    (a full model) or an adapter_config.json (a LoRA adapter), each written last."""
+    names = sorted(n for n in run_store.listdir("checkpoints") if n.startswith("step_") and any(
+        run_store.exists(f"checkpoints/{n}/{marker}") for marker in (MODEL_MARKER, ADAPTER_MARKER)))
     return [f"{run_store.uri}/checkpoints/{n}" for n in names]
+
+
+def is_adapter(path: str | Path) -> bool:
+    """Whether a checkpoint directory (local or URI) is a PEFT adapter (adapter_config.json, no config.json) rather
+    than a full model."""
+    store = Store(str(path))
+    return store.exists(ADAPTER_MARKER) and not store.exists(MODEL_MARKER)
 
 
 def remove_interrupted_exports(run_store: Store) -> None:
@@ -144,8 +156,13 @@ def recorded_hash(model_dir: str | Path) -> str | None:
 
 def checkpoint_hash(path: str) -> str:
     """`model_files_hash` of a checkpoint directory (local or URI): the recorded one of our exports, else the
-    files hashed (a URI downloaded once to a node-local copy)."""
-    return recorded_hash(path) or model_files_hash(local_copy(path))
+    files hashed (a URI downloaded once to a node-local copy). For an adapter: of its adapter files (config and
+    weights; a merged model in `merged/` is not part of it)."""
+    recorded = recorded_hash(path)
+    if recorded is not None:
+        return recorded
+    adapter = is_adapter(path)
+    return model_files_hash(local_copy(path, top_level=adapter), top_level=adapter)
 
 
 def prune_checkpoints(run_store: Store, keep: int) -> None:

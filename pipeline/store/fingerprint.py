@@ -50,8 +50,10 @@ def list_files(root: Path) -> list[Path]:
                                                                         p.relative_to(root).parts))
 
 
-def model_files_hash(model_dir: str | Path) -> str:
+def model_files_hash(model_dir: str | Path, top_level: bool = False) -> str:
     """Hash of the files that define a local model's computation: config and weights, not tokenizer or docs.
+    `top_level`: the directory's own files only, not its subdirectories' (a LoRA adapter: a merged model may sit
+    in its `merged/`).
 
     Every stage resolves the model (for its key), some several times per run; reading gigabytes of weights each
     time would dominate a run that has nothing to compute. The hash is memoised per process on the files'
@@ -60,6 +62,8 @@ def model_files_hash(model_dir: str | Path) -> str:
     stamp = []
     for p in list_files(root):
         rel = p.relative_to(root).as_posix()
+        if top_level and "/" in rel:
+            continue
         if p.name in TOKENIZER_FILES or p.name in TEMPLATE_FILES or p.name in IGNORED_FILES or \
                 rel.startswith(f"{TEMPLATE_DIR}/"):
             continue

@@ -250,22 +250,30 @@ def staging_dir() -> Path:
     return Path(os.environ.get("DPO_PIPELINE_STAGING", Path.home() / ".cache" / "dpo-pipeline" / "staging"))
 
 
-def local_copy(uri: str) -> str:
+def local_copy(uri: str, top_level: bool = False) -> str:
     """A local directory holding the files of directory `uri`: the directory itself on a local disk; otherwise a
-    copy in `staging_dir()`, downloaded again only when the files' sizes or times changed."""
+    copy in `staging_dir()`, downloaded again only when the files' sizes or times changed. `top_level`: only the
+    directory's own files, not its subdirectories (a LoRA adapter without the merged model beside it)."""
     store = Store(uri)
     if store.local:
         return store.root
-    stamp = json.dumps(store.stamp())
-    if not stamp or stamp == "[]":
+    files = [entry for entry in store.stamp() if not top_level or "/" not in entry[0]]
+    if not files:
         raise FileNotFoundError(f"{uri} holds no files")
-    dest = staging_dir() / hashlib.sha256(store.uri.encode()).hexdigest()[:20] / store.uri.rsplit("/", 1)[-1]
+    stamp = json.dumps(files)
+    key = hashlib.sha256(f"{store.uri}{'?top' if top_level else ''}".encode()).hexdigest()[:20]
+    dest = staging_dir() / key / store.uri.rsplit("/", 1)[-1]
     marker = dest / ".stamp.json"
     if marker.is_file() and marker.read_text() == stamp:
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    store.download_dir("", tmp)
+    if top_level:
+        for name, _, _ in files:
+            pafs.copy_files(store.path(name), str(tmp / name), source_filesystem=store.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+    else:
+        store.download_dir("", tmp)
     (tmp / ".stamp.json").write_text(stamp)
     if dest.exists():
         shutil.rmtree(dest, ignore_errors=True)
