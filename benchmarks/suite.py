@@ -94,6 +94,21 @@ def training(work: Path, args, params: int, with_in_loop: bool) -> dict:
     return {"params": params, "rows": rows}
 
 
+LORA = ("train.lora.rank=16", "train.lora.alpha=32")
+
+
+def lora(work: Path, args) -> list[dict]:
+    """Full fine-tuning vs LoRA (rank 16 on every linear layer) on the same model, data and batches: one Ray Train
+    worker, cached reference; the optimizer state is what the worker's AdamW holds after the last step."""
+    rows = []
+    for name, extra in (("full", ()), ("lora", LORA)):
+        row = measure(work, args, ("cached",), extra, tag=f"-{name}")[0]
+        run_dir = work / f"cached-{name}"
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        rows.append({**row, "mode": name, "optim_state_mb": last["optim_state_mb"]})
+    return rows
+
+
 def engine_rate(engine: str, model_dir: Path, data_uri: str, batch_pairs: int = 64) -> dict:
     """Our scorer itself, in this process (as TRL's pass runs): the cache's rows in batches of `batch_pairs`,
     exactly as the stage's actor gets them, after one small warm-up batch. Tokens: prompt + response, both sides."""
@@ -169,7 +184,7 @@ def scaling(work: Path, args) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs (figures noisy)")
-    p.add_argument("--sections", default="scoring,training,sampling,scaling")
+    p.add_argument("--sections", default="scoring,training,sampling,scaling,lora")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown from a saved JSON file")
@@ -239,6 +254,11 @@ def main() -> None:
             (mid / "sampling").mkdir()
             out["sampling"] = sampling(mid, args)
             save("sampling", t0)
+        if "lora" in sections:
+            t0 = time.perf_counter()
+            build_data(mid / "data.jsonl", args.pairs)
+            out["lora"] = lora(mid, args)
+            save("lora", t0)
         if "scaling" in sections:
             t0 = time.perf_counter()
             build_data(mid / "data.jsonl", args.pairs)
@@ -396,6 +416,19 @@ def render(out: dict) -> str:
         for row in out["sampling"]:
             L.append(f"| {row['engine']} | {row['start_s']:.1f} | {row['sampling_s']:.2f} | "
                      f"{row['tokens_per_s']:,.0f} |")
+        L.append("")
+    if "lora" in out:
+        s = out["settings"]
+        L += ["## LoRA vs full fine-tuning", "",
+              f"The mid model, one Ray Train worker (2 torch threads), cached reference, global batch "
+              f"{s['global_batch']}, micro-batch {s['micro_batch']}, {s['steps']} steps, fp32; LoRA rank 16, alpha 32 "
+              "on every linear layer (`train.lora`), the base frozen. Optimizer state: AdamW's moments the worker "
+              "holds after the last step.", "",
+              "| training | pairs/s | tokens/s | peak RSS MB per worker | optimizer state MB |",
+              "|---|---:|---:|---:|---:|"]
+        for row in out["lora"]:
+            L.append(f"| {row['mode']} | {row['pairs_per_s']:.2f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['peak_rss_mb']:,.0f} | {row['optim_state_mb']:,.1f} |")
         L.append("")
     if "scaling" in out:
         sc = out["scaling"]

@@ -68,7 +68,7 @@ from pipeline.dpo.parallel import (
     save_sharded_state,
     set_full_values,
 )
-from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step
+from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_state_bytes, optimizer_step
 from pipeline.errors import RunFailed, UserError, error_line
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import spread
@@ -429,14 +429,14 @@ class DPOWorker:
         return metrics
 
     def _worker_maxima(self) -> dict[str, float]:
-        """The largest peak resident memory of any worker process so far, and the most cache bytes any worker has
-        read (a collective)."""
-        t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, self.read_bytes / 2**20],
-                         dtype=torch.float64)
+        """The largest of any worker: peak resident memory so far, cache bytes read, optimizer state held (its
+        shards: Adam's two moments of the trained parameters; a collective)."""
+        t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, self.read_bytes / 2**20,
+                          optimizer_state_bytes(self.optimizer) / 2**20], dtype=torch.float64)
         if dist.is_initialized():
             t = t.to(self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return {"peak_rss_mb": float(t[0]), "data/read_mb": float(t[1])}
+        return {"peak_rss_mb": float(t[0]), "data/read_mb": float(t[1]), "optim_state_mb": float(t[2])}
 
     def _evaluate(self) -> dict[str, float]:
         """Loss and reward accuracy/margin on the eval split; each rank scores its slice of every chunk."""

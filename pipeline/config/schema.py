@@ -226,7 +226,8 @@ class LoraSettings(_Strict):
         "all-linear", description="Modules that get adapters: names (`[q_proj, v_proj]`), a regex, or "
                                   "`all-linear` (every linear layer but the output head).")
     modules_to_save: list[str] | None = Field(
-        None, description="Modules trained in full beside the adapters (e.g. `[lm_head]`), saved with them.")
+        None, description="Modules trained in full beside the adapters (e.g. `[embed_tokens]`), saved with them. "
+                          "vLLM does not serve such adapters: evaluate their merged model (`merge: true`).")
     merge: bool = Field(False, description="Also write each checkpoint's merged full model (base + adapters) in "
                                            "`merged/` (built on rank 0's host: one full model in its memory).")
 

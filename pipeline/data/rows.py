@@ -25,6 +25,10 @@ ROLES = {"system", "user", "assistant", "tool"}
 # ---------------------------------------------------------------- formats
 
 
+# How rows become tokens, for the cache key: 2 = a chat response is the rendering's tokens after the prompt's
+# (before: the response encoded alone, which added a leading-space token with SentencePiece tokenizers).
+TOKENIZATION_VERSION = 2
+
 class _Bad(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)

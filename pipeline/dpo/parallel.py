@@ -35,6 +35,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+    revert_weight_conversion,
+)
 
 from pipeline.data.models import load_hf_model
 from pipeline.dpo.logprobs import selective_token_logps
@@ -146,28 +153,66 @@ def load_hf_weights(policy: PolicyLogps, model_dir: str) -> None:
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
             stored.update(handle.keys())
-    aliases = _tied_aliases(policy.lm)
     base = policy.lm.get_base_model() if hasattr(policy.lm, "get_base_model") else policy.lm
+    names = checkpoint_to_model_names(base, stored)
+    if names is None:  # fused or split on load (transformers' weight converters): its own loader does that
+        return _broadcast_from_rank0(policy, model_dir)
+    aliases = _tied_aliases(policy.lm)
     tied = getattr(base, "_tied_weights_keys", None)
-    tied = tied if isinstance(tied, dict) else {}  # e.g. {"lm_head.weight": "model.embed_tokens.weight"}
+    tied = tied if isinstance(tied, dict) and getattr(base.config, "tie_word_embeddings", False) else {}
     state = get_model_state_dict(policy)
-    sources: dict[str, list[str]] = {}  # checkpoint name -> the policy's state keys it fills
+    sources: dict[str, list[str]] = {}  # stored name -> the policy's state keys it fills
     for key in state:
         name = key.removeprefix("lm.")
         hf = hf_param_name(name)
         if hf is None:
             continue
-        if hf not in stored and tied.get(hf) in stored:
-            hf = tied[hf]  # a copy of a tied head (modules_to_save) starts from the embedding it is tied to
-        if hf in stored:
-            sources.setdefault(hf, []).append(key)
-        elif not any(hf_param_name(alias) in stored for alias in aliases.get(name, [])):
+        if hf not in names and tied.get(hf) in names:
+            hf = tied[hf]  # a trained copy of a tied head (modules_to_save) starts from the embedding
+        if hf in names:
+            sources.setdefault(names[hf], []).append(key)
+        elif not any(hf_param_name(alias) in names for alias in aliases.get(name, [])):
             raise UserError(f"{model_dir} holds no weights for {hf!r}; point model.path at a complete "
                             f"Hugging Face model directory")
-    wanted = {hf: state[keys[0]] for hf, keys in sources.items()}
+    wanted = {src: state[keys[0]] for src, keys in sources.items()}
     dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(model_dir)))
-    set_model_state_dict(policy, {key: wanted[hf] for hf, keys in sources.items() for key in keys},
+    set_model_state_dict(policy, {key: wanted[src] for src, keys in sources.items() for key in keys},
                          options=StateDictOptions(strict=False))
+
+
+def _weight_transforms(base: nn.Module, legacy: bool) -> tuple[list, list]:
+    """transformers' checkpoint conversions for this model class: (renamings, converters)."""
+    transforms = get_model_conversion_mapping(base, add_legacy=legacy) if hasattr(base, "config") else []
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def checkpoint_to_model_names(base: nn.Module, stored: set[str]) -> dict[str, str] | None:
+    """Model parameter name -> the name it is stored under, by transformers' own renaming rules (GPT-NeoX's
+    `embed_out` is the model's `lm_head`, a checkpoint of the bare decoder lacks the `model.` prefix, ...); None
+    when a stored tensor must be fused or split on load (a converter), which only a whole-model load does."""
+    renamings, converters = _weight_transforms(base, legacy=True)
+    known = dict.fromkeys([n for n, _ in base.named_parameters(remove_duplicate=False)]
+                          + [n for n, _ in base.named_buffers()], True)
+    out = {}
+    for key in sorted(stored):
+        name, converter = rename_source_key(key, renamings, converters, getattr(base, "base_model_prefix", None),
+                                            known)
+        if converter is not None:
+            return None
+        out[name] = key
+    return out
+
+
+def model_to_checkpoint_names(lm: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A group of exported weights renamed as transformers itself saves the model (its renamings reversed:
+    `lm_head` is saved as GPT-NeoX's `embed_out`), so older loaders and vLLM read the checkpoint. Models whose
+    loading fuses tensors keep the model's names (transformers reads them as they are)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    renamings, converters = _weight_transforms(base, legacy=False)
+    if converters or not renamings:
+        return lambda group: group
+    return lambda group: revert_weight_conversion(base, group)
 
 
 def full_shapes(policy: nn.Module, select: Callable[[str], bool]) -> dict[str, torch.Size]:
@@ -231,6 +276,7 @@ def hf_weight_groups(policy: PolicyLogps, dtype: torch.dtype, max_group_bytes: i
         groups[-1].append(name)
         size += nbytes
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rename = model_to_checkpoint_names(policy.lm) if select is None else (lambda group: group)
 
     def gather():
         for group in groups:
@@ -239,7 +285,7 @@ def hf_weight_groups(policy: PolicyLogps, dtype: torch.dtype, max_group_bytes: i
                 tensor = full_tensor(state[name].detach().to(device=device, dtype=dtype))
                 if rank0:
                     out[name.removeprefix("lm.")] = tensor.cpu()
-            yield out
+            yield rename(out) if rank0 else out
     return len(groups), gather()
 
 

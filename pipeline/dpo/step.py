@@ -85,6 +85,17 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0, fused: bool = T
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this rank holds (its shards of each tensor)."""
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                local = v.to_local() if hasattr(v, "to_local") else v
+                total += local.numel() * local.element_size()
+    return total
+
+
 def optimizer_step(policy: nn.Module, opt: torch.optim.Optimizer, max_grad_norm: float | None) -> torch.Tensor:
     """Clip (None or 0: only measure) and step; returns the pre-clip gradient norm (a device tensor)."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))

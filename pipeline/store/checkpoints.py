@@ -109,7 +109,7 @@ def export_adapter(tensors: dict[str, torch.Tensor], adapter_config, tokenizer, 
         merge(tmp, tmp / "merged")
         tokenizer.save_pretrained(str(tmp / "merged"))
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None
-    (tmp / RECORD).write_text(json.dumps({"model_files_sha256": model_files_hash(tmp), "dtype": dtype,
+    (tmp / RECORD).write_text(json.dumps({"model_files_sha256": model_files_hash(tmp, top_level=True), "dtype": dtype,
                                           "adapter": True}, indent=2))
     faults.reach("checkpoint_export")
     if out_dir.exists():
