@@ -163,7 +163,8 @@ def run(cfg: Config) -> TrainResult:
         _check_cpus(cfg)
     # Paths resolved here: Ray Train workers run in another working directory.
     plan = WorkerPlan(cfg, run_store.uri, train_cache.model_dir, train_cache.tokenizer_dir, train_cache.chat_template,
-                      lanes.lanes, lanes.rows_per_lane, per_epoch, total, faults.env())
+                      lanes.lanes, lanes.rows_per_lane, per_epoch, total, faults.env(),
+                      train_cache.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path)
     trainer = _trainer(cfg, plan, run_store, _eval_dataset(eval_cache))
     try:
         result = trainer.fit()
@@ -232,6 +233,7 @@ class WorkerPlan:
     steps_per_epoch: int
     total_steps: int
     fault_env: dict[str, str] = field(default_factory=dict)  # faults.env() of the driver
+    adapter_base: str = ""  # LoRA exports' base_model_name_or_path: the hub id as configured, else model_dir
 
     def to_dict(self) -> dict[str, Any]:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "cfg": self.cfg.model_dump(mode="json")}
@@ -465,7 +467,7 @@ class DPOWorker:
         if lora:
             tensors = peft_state(self.lm, {k: v for part in groups[1] for k, v in part.items()})
             config = self.lm.peft_config["default"]
-            config.base_model_name_or_path = self.base_model_name()
+            config.base_model_name_or_path = self.plan.adapter_base
             merge = functools.partial(merge_adapter, self.plan.model_dir, self.export_dtype) if lora.merge else None
             write = functools.partial(export_adapter, tensors, config, self.tokenizer, merge=merge)
             self.upload = export_checkpoint(self.run_store, name, write, last=ADAPTER_CONFIG)
@@ -475,11 +477,6 @@ class DPOWorker:
         self.logger.sync()  # the rows and TensorBoard events up to this checkpoint, on storage
         if self.run_store.local:
             self._finish_export()
-
-    def base_model_name(self) -> str:
-        """What an adapter's `base_model_name_or_path` names: the hub id as configured, else the local directory."""
-        path = self.cfg.model.path
-        return self.plan.model_dir if Path(path).is_dir() or "://" in path else path
 
     def _finish_export(self) -> None:
         """Wait for the last export's upload, then prune old checkpoints (rank 0)."""

@@ -62,6 +62,7 @@ def test_checkpoint_is_a_peft_adapter_with_its_merged_model(runs, tiny_model):
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
     assert any(".lora_B." in k and v.abs().max() > 0 for k, v in saved.items())  # trained (B starts at 0)
     assert recorded_hash(ckpt) == model_files_hash(ckpt, top_level=True)
+    assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
     # PeftModel loads it with every adapter weight, under the names peft itself saves.
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(ckpt)).eval()
