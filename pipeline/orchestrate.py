@@ -76,7 +76,9 @@ def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
         pairs = manifest["counts"]["pairs"]
         files = manifest["files"]
         _, _, total = train.plan_steps(cfg, [f["path"] for f in files], [f["rows"] for f in files])
-        return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs")
+        lora = cfg.train.lora
+        what = f", LoRA rank {lora.rank} adapters" if lora else ""
+        return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs{what}")
     return Step("train", "run", "after the cache: no training run for these inputs")
 
 
