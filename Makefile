@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 TINY_MODEL := build/tiny-model
 
-.PHONY: install lint test demo tiny bench scale clean
+.PHONY: install lint test test-families demo tiny bench scale clean
 
 install: $(STAMP)
 
@@ -27,7 +27,11 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The model-family matrix beyond `make test`'s (OPT, Mistral, Gemma, Gemma-2, Phi-3, Falcon; ~5 min). CI runs both.
+test-families: install
+	DPO_TEST_FAMILIES=extended $(BIN)/python -m pytest -q tests/test_families.py
 
 $(TINY_MODEL)/config.json: | install
 	$(BIN)/dpo-pipeline tiny-assets $(TINY_MODEL)

@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
@@ -45,15 +43,15 @@ from ray.train.torch import TorchTrainer
 from tqdm import tqdm
 
 from pipeline.config import Config, to_yaml
-from pipeline.data.lanes import LanePlan, lane_batches, plan_lanes
+from pipeline.data.lanes import TRAIN_COLUMNS, LanePlan, lane_batches, plan_steps, read_train_columns
 from pipeline.data.models import disable_dropout, empty_causal_lm, load_tokenizer, merge_adapter
 from pipeline.dpo.lora import (
     AdaptersDisabled,
+    adapter_export,
     add_adapters,
     initial_adapter_values,
     is_adapter_param,
     is_trained,
-    peft_state,
 )
 from pipeline.dpo.metrics import MetricsLogger, StepSums
 from pipeline.dpo.parallel import (
@@ -91,18 +89,6 @@ from pipeline.store.storage import Store
 # ---------------------------------------------------------------- driver
 
 
-# The cache columns a training step reads: the per-token reference log-prob lists (as large as the token ids) stay
-# on storage; `id` seeds the shuffle.
-TRAIN_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "ref_chosen_logps",
-                 "ref_rejected_logps")
-
-
-def read_train_columns(uri: str) -> pa.Table:
-    """A cache file's `TRAIN_COLUMNS` (the per-token log-prob lists stay on storage)."""
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-    return pq.read_table(path, columns=list(TRAIN_COLUMNS), filesystem=fs)
-
-
 def _check_cpus(cfg: Config) -> None:
     """Ray Data streams the eval split to the workers only with at least one CPU the workers do not hold; without
     it the run would wait forever (measured with Ray 2.60)."""
@@ -122,23 +108,6 @@ class TrainResult:
     checkpoints: list[str]
     final_metrics: dict[str, Any]
     run_dir: str
-
-
-def plan_steps(cfg: Config, files: list[str], rows: list[int]) -> tuple[LanePlan, int, int]:
-    """(the data lanes, steps per epoch, total steps) for a cache's files and their row counts."""
-    lanes = plan_lanes(files, rows, cfg.train.global_batch_pairs)
-    workers = cfg.train.parallel.num_workers
-    if len(lanes.lanes) % workers:
-        raise UserError(f"train.parallel.num_workers={workers} does not divide the {len(lanes.lanes)} data lanes "
-                        f"of this cache ({len(files)} files, global batch {cfg.train.global_batch_pairs}); use a "
-                        f"number of workers that divides {len(lanes.lanes)}, or rebuild the cache with a smaller "
-                        f"scoring.shard_size (more files)")
-    per_epoch = lanes.steps_per_epoch
-    if per_epoch == 0:
-        raise UserError(f"the cache has {sum(rows)} pairs, fewer than train.global_batch_pairs="
-                        f"{cfg.train.global_batch_pairs}; lower the global batch")
-    total = per_epoch * cfg.train.epochs
-    return lanes, per_epoch, min(total, cfg.train.max_steps or total)
 
 
 # Settings that change neither the weights nor which checkpoints are written.
@@ -465,9 +434,7 @@ class DPOWorker:
                 pass
             return
         if lora:
-            tensors = peft_state(self.lm, {k: v for part in groups[1] for k, v in part.items()})
-            config = self.lm.peft_config["default"]
-            config.base_model_name_or_path = self.plan.adapter_base
+            tensors, config = adapter_export(self.lm, groups[1], self.plan.adapter_base)
             merge = functools.partial(merge_adapter, self.plan.model_dir, self.export_dtype) if lora.merge else None
             write = functools.partial(export_adapter, tensors, config, self.tokenizer, merge=merge)
             self.upload = export_checkpoint(self.run_store, name, write, last=ADAPTER_CONFIG)

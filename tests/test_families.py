@@ -6,6 +6,9 @@ the exported checkpoint loads in transformers with every weight, and in vLLM as 
 the running engine, or a fresh engine for a tied head: `engine_signature`) with log-probs equal to transformers.
 Llama itself is covered by test_train.py. The vLLM engines run one after another inside one Ray actor (in-process
 engine cores: ~6-10 s per model instead of ~25 s for a new engine process).
+
+Tiers (~45 s a family): `make test` runs the DPO paper's families (GPT-2, Pythia) and a tied head (Qwen2);
+`make test-families` (CI runs both) the rest: DPO_TEST_FAMILIES=core|extended|all.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.engines.actors import CheckpointEngine, read_engine_signature
 from pipeline.errors import UserError
 from stages import cache, train
@@ -33,6 +37,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 STEPS = ("scoring.engine=hf", "train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.optim.lr=1e-3",
          "train.max_steps=2", "train.log_every=1", "train.checkpoint.every=2")
 TWO_WORKERS = ("train.parallel.num_workers=2", "train.parallel.num_cpus_per_worker=0.5")
+
+
+CORE = ("gpt2", "gpt_neox", "qwen2")
+TIER = os.environ.get("DPO_TEST_FAMILIES", "core")
+TESTED = [f for f in FAMILIES if TIER == "all" or (f in CORE) == (TIER == "core")]
 
 
 def hf_pair_logps(model_dir: Path, table) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +110,7 @@ def engines(ray_local):
         ray.kill(host)
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", TESTED)
 def test_family_caches_trains_and_exports(pipeline_runs, name):
     model_dir, _, rows, result = pipeline_runs(name)
     # The cache equals an independent transformers computation, per sequence.
@@ -124,7 +133,7 @@ def test_family_caches_trains_and_exports(pipeline_runs, name):
     assert moved > 1e-5
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", TESTED)
 def test_family_scores_and_serves_checkpoints_in_vllm(pipeline_runs, engines, name):
     model_dir, _, rows, result = pipeline_runs(name)
     ckpt = result.checkpoints[-1]
@@ -149,7 +158,7 @@ def test_family_scores_and_serves_checkpoints_in_vllm(pipeline_runs, engines, na
     assert np.abs(served[0] - base[0]).max() > 1e-4  # the engine serves the trained weights, not the base's
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("name", [f for f in ("gpt2", "gpt_neox") if f in TESTED])
 def test_two_workers_equal_one_worker(pipeline_runs, name):
     """For the DPO paper's own families (GPT-2, Pythia): a 1-worker run computes the 2-worker run's steps. Compared
     by what the weights compute, not weight by weight: attention key biases get a gradient that is zero in exact
@@ -167,6 +176,20 @@ def test_two_workers_equal_one_worker(pipeline_runs, name):
         np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)
     start = hf_pair_logps(pipeline_runs(name)[0], rows)
     assert np.abs(a[0] - start[0]).max() > 1e-3  # both trained: the comparison can fail
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_scored_logps_are_the_models_own(tmp_path, name):
+    """Every family, fast (no Ray): the training/scoring log-probs (decoder, then the head on scored positions only,
+    then what the model's forward does to logits: Gemma-2's softcapping) equal the model's own forward."""
+    model = AutoModelForCausalLM.from_pretrained(build_family(tmp_path / name, name), dtype=torch.float32).eval()
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    score[:, :10] = False
+    with torch.no_grad():
+        want = torch.log_softmax(model(ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0][score[:, 1:]]
+        got = selective_token_logps(model, ids, None, score)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_encoder_decoder_is_refused_before_anything_starts(tmp_path):

@@ -20,6 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import Config
+from pipeline.errors import UserError
 
 Piece = tuple[str, int, int]  # (file, first row, end row)
 
@@ -87,3 +92,32 @@ def lane_batches(lane: list[Piece], lane_id: int, rows_per_lane: int, seed: int,
         while pending.num_rows >= rows_per_lane:
             yield pending.slice(0, rows_per_lane)
             pending = pending.slice(rows_per_lane)
+
+
+# The cache columns a training step reads: the per-token reference log-prob lists (as large as the token ids) stay
+# on storage; `id` seeds the shuffle.
+TRAIN_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "ref_chosen_logps",
+                 "ref_rejected_logps")
+
+
+def read_train_columns(uri: str) -> pa.Table:
+    """A cache file's `TRAIN_COLUMNS` (the per-token log-prob lists stay on storage)."""
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    return pq.read_table(path, columns=list(TRAIN_COLUMNS), filesystem=fs)
+
+
+def plan_steps(cfg: Config, files: list[str], rows: list[int]) -> tuple[LanePlan, int, int]:
+    """(the data lanes, steps per epoch, total steps) for a cache's files and their row counts."""
+    lanes = plan_lanes(files, rows, cfg.train.global_batch_pairs)
+    workers = cfg.train.parallel.num_workers
+    if len(lanes.lanes) % workers:
+        raise UserError(f"train.parallel.num_workers={workers} does not divide the {len(lanes.lanes)} data lanes "
+                        f"of this cache ({len(files)} files, global batch {cfg.train.global_batch_pairs}); use a "
+                        f"number of workers that divides {len(lanes.lanes)}, or rebuild the cache with a smaller "
+                        f"scoring.shard_size (more files)")
+    per_epoch = lanes.steps_per_epoch
+    if per_epoch == 0:
+        raise UserError(f"the cache has {sum(rows)} pairs, fewer than train.global_batch_pairs="
+                        f"{cfg.train.global_batch_pairs}; lower the global batch")
+    total = per_epoch * cfg.train.epochs
+    return lanes, per_epoch, min(total, cfg.train.max_steps or total)

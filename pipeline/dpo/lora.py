@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -96,3 +96,13 @@ def peft_state(lm: PeftModel, trained: dict[str, torch.Tensor]) -> dict[str, tor
     """Gathered trainable tensors (names as in `lm`, without the `lm.` of the policy) under the names peft saves
     (`base_model.model.<module>.lora_A.weight`, ...): what `PeftModel.from_pretrained` and vLLM load."""
     return get_peft_model_state_dict(lm, state_dict=trained)
+
+
+def adapter_export(lm: PeftModel, groups: Iterable[dict[str, torch.Tensor]],
+                   base_name: str) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The gathered trainable weights (`hf_weight_groups(select=is_trained)` on rank 0) under peft's names, and
+    the adapter's config naming `base_name` as its base: what `export_adapter` writes."""
+    tensors = peft_state(lm, {k: v for part in groups for k, v in part.items()})
+    config = lm.peft_config["default"]
+    config.base_model_name_or_path = base_name
+    return tensors, config
