@@ -10,10 +10,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 
 from pipeline.config import RayConfig, load_config
 from pipeline.data.models import load_tokenizer
@@ -50,6 +52,19 @@ def read_cache(result):
     """All rows of a finished cache, in manifest order (a CacheResult or anything with `.uri`)."""
     manifest = json.loads(Path(result.uri, "manifest.json").read_text())
     return pa.concat_tables(pq.read_table(f"{result.uri}/{f['path']}") for f in manifest["files"])
+
+
+def sequence_logps(model, sequences: list[list[int]], starts: list[int]):
+    """Independent computation: one unpadded forward per sequence through `model` (a transformers causal LM, or
+    one with a peft adapter), a full log-softmax in float64, the log-probs of tokens [start:] summed."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for seq, start in zip(sequences, starts):
+            ids = torch.tensor([seq])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            out.append(float(logp[torch.arange(len(seq) - 1), ids[0, 1:]][start - 1:].sum()))
+    return np.array(out)
 
 
 def make_config(tiny_model: Path, tmp_path: Path, *overrides: str, data: str | Path = DATA / "standard.jsonl"):

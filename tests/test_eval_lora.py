@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from pipeline.engines.lora import allowed_rank
 from stages import cache, evaluate
 from tests.adapter_fixtures import make_adapter
-from tests.conftest import DATA, make_config, read_cache
+from tests.conftest import DATA, make_config, read_cache, sequence_logps
 from tests.test_eval_stage import _prompts, _samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -32,14 +32,7 @@ def _seq_logps(base: Path, adapter: Path | None, sequences: list[list[int]], sta
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for seq, start in zip(sequences, starts):
-            ids = torch.tensor([seq])
-            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-            out.append(float(logp[torch.arange(len(seq) - 1), ids[0, 1:]][start - 1:].sum()))
-    return np.array(out)
+    return sequence_logps(model, sequences, starts)
 
 
 @pytest.fixture(scope="module")

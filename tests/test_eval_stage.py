@@ -28,7 +28,7 @@ from pipeline.evaluation.inputs import Prompts, read_prompts
 from pipeline.evaluation.summary import ChunkStats
 from pipeline.store.storage import Store
 from stages import cache, evaluate
-from tests.conftest import DATA, make_config, read_cache
+from tests.conftest import DATA, make_config, read_cache, sequence_logps
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 pytest.importorskip("vllm")
@@ -47,15 +47,7 @@ def _checkpoint(tiny_model: Path, out: Path, seed: int) -> Path:
 
 
 def _seq_logps(model_dir: str, sequences: list[list[int]], starts: list[int]) -> np.ndarray:
-    """Independent computation: one unpadded forward per sequence, a full log-softmax, summed response tokens."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for seq, start in zip(sequences, starts):
-            ids = torch.tensor([seq])
-            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-            out.append(float(logp[torch.arange(len(seq) - 1), ids[0, 1:]][start - 1:].sum()))
-    return np.array(out)
+    return sequence_logps(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), sequences, starts)
 
 
 @pytest.fixture(scope="module")
