@@ -29,7 +29,7 @@ from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.engines.actors import CheckpointEngine, read_engine_signature
 from pipeline.errors import UserError
 from stages import cache, train
-from tests.conftest import make_config, read_cache
+from tests.conftest import make_config, read_cache, sequence_logps
 from tests.families import FAMILIES, build_family
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -46,17 +46,11 @@ TESTED = [f for f in FAMILIES if TIER == "all" or (f in CORE) == (TIER == "core"
 
 def hf_pair_logps(model_dir: Path, table) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs from a plain transformers forward (full log-softmax), pair by pair."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = {"chosen": [], "rejected": []}
-    for row in table.to_pylist():
-        prompt = row["prompt_input_ids"]
-        for side in out:
-            ids = torch.tensor([prompt + row[f"{side}_input_ids"]])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-            token = logp.gather(-1, ids[0, 1:, None])[:, 0]
-            out[side].append(float(token[len(prompt) - 1:].sum()))
-    return np.array(out["chosen"]), np.array(out["rejected"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = table.to_pylist()
+    starts = [len(r["prompt_input_ids"]) for r in rows]
+    return tuple(sequence_logps(model, [r["prompt_input_ids"] + r[f"{side}_input_ids"] for r in rows], starts)
+                 for side in ("chosen", "rejected"))
 
 
 def metrics(run_dir: str) -> list[dict]:
