@@ -237,7 +237,7 @@ def prepare(cfg: Config) -> EvalPlan:
                 "eos": tok.eos_token_id, "dtype": cfg.model.dtype,
                 "preference_cache": held_out.cache_key if held_out else None}
     scoring = {"reference": reference, "reward": reward_identity(eval_cfg.reward) if eval_cfg.reward else None,
-               "beta": cfg.train.loss.beta}
+               "beta": cfg.train.reward_beta}
     settings_key = sha256_json({"sampling": sampling, "scoring": scoring})
     jobs, reused = [], []
     for target in targets:
@@ -358,7 +358,7 @@ def _finish(cfg: Config, plan: EvalPlan, job: TargetJob, calls: list[ray.ObjectR
     preference = None
     if plan.held_out is not None and job.sampled_meta.get("held_out"):
         preference = ray.remote(summary.held_out_preference).options(num_cpus=0).remote(
-            f"{job.store.uri}/held_out.parquet", plan.held_out.files, cfg.train.loss.beta)
+            f"{job.store.uri}/held_out.parquet", plan.held_out.files, cfg.train.reward_beta)
     parts = [_part_uri(job, group) for group in range(len(calls))]
     ray.get(ray.remote(concat_files).options(num_cpus=0).remote(parts, f"{job.store.uri}/samples.parquet"))
     job.store.delete("samples-parts")

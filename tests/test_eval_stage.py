@@ -217,7 +217,7 @@ def test_preference_accuracy_equals_the_implicit_reward_formula(scenario, tiny_m
         seqs = [p + r for p, r in zip(prompts, pairs.column(f"{side}_input_ids").to_pylist())]
         logps[side] = _seq_logps(str(Path(cfg.run_dir) / "checkpoints" / "step_000002"), seqs,
                                  [len(p) for p in prompts])
-    beta = cfg.train.loss.beta
+    beta = cfg.train.reward_beta
     margins = beta * ((logps["chosen"] - pairs.column("ref_chosen_logps").to_numpy())
                       - (logps["rejected"] - pairs.column("ref_rejected_logps").to_numpy()))
     row = next(r for r in scenario["second"].rows if r["name"] == "step_000002")

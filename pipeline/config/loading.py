@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +82,23 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dic
     return out
 
 
+def models_in(ann: Any) -> list[type[BaseModel]]:
+    """The config sections a field's annotation holds (through Optional, unions, Annotated and lists)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for a in typing.get_args(ann) for m in models_in(a)]
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
     """Field names allowed at the section `loc` points into (for 'did you mean')."""
     model: type[BaseModel] = Config
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return []
-        ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        candidates = models_in(field.annotation)
         if not candidates:
             return []
         model = candidates[0]
@@ -100,7 +109,8 @@ def _one_line(err: ValidationError) -> str:
     errors = err.errors()
     # An unknown key usually also makes its intended key "missing": name the typo, it is the real problem.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(first["loc"])
+    # Union branches add their tag (`term`/`terms` of train.loss) or validator to the location: not config keys.
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and (p in ("term", "terms") or "[" in p)))
     key = ".".join(str(p) for p in loc)
     more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
@@ -198,7 +208,7 @@ def reference_markdown() -> str:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
-            subs = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            subs = models_in(ann)
             key = f"{prefix}{name}"
             if subs:
                 walk(subs[0], key + ".")

@@ -7,9 +7,9 @@ turns every problem into a one-line `UserError`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class _Strict(BaseModel):
@@ -167,14 +167,93 @@ class EvalConfig(EngineSettings):
         return self
 
 
+# Each loss type's own parameters (beyond `type`, `weight` and `beta`, which every type has). The functions are in
+# pipeline/dpo/losses.py (one per type, the paper cited), the README lists them.
+REFERENCE_FREE = ("sft", "simpo", "orpo")  # need no reference log-probs, so no cache
+_MARGIN = ("sft_weight", "length_normalize", "ld_alpha", "wpo")  # any reference-based type
+LOSS_PARAMS: dict[str, tuple[str, ...]] = {
+    "sigmoid": ("label_smoothing", *_MARGIN),
+    "ipo": _MARGIN,
+    "hinge": _MARGIN,
+    "robust": ("label_smoothing", *_MARGIN),
+    "exo_pair": ("label_smoothing", *_MARGIN),
+    "nca_pair": _MARGIN,
+    "bco_pair": _MARGIN,
+    "sppo_hard": _MARGIN,
+    "aot": ("label_smoothing", "sft_weight", "length_normalize", "ld_alpha"),
+    "aot_pair": ("label_smoothing", "sft_weight", "length_normalize", "ld_alpha"),
+    "apo_zero": _MARGIN,
+    "apo_down": _MARGIN,
+    "discopop": ("discopop_tau", *_MARGIN),
+    "f_divergence": ("divergence", "f_alpha", *_MARGIN),
+    "sft": (),
+    "simpo": ("gamma", "label_smoothing", "wpo"),
+    "orpo": ("wpo",),
+}
+
+
 class LossConfig(_Strict):
-    type: Literal["sigmoid", "ipo", "hinge", "robust", "sft"] = Field(
-        "sigmoid", description="`sigmoid`: DPO; `ipo`; `hinge`: SLiC; `robust`: robust DPO; `sft`: Preferred-FT, "
-                               "fine-tuning on the chosen responses only (see pipeline/dpo/losses.py).")
-    beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint to the reference.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: assumed label-noise rate (`sigmoid`: "
-                                                                   "conservative DPO; `robust`).")
-    sft_weight: float = Field(0.0, ge=0, description="Weight of an SFT (mean token NLL) term on chosen responses.")
+    """One preference loss (a term of `train.loss`, which is one of these or a weighted list of them)."""
+
+    type: Literal[tuple(LOSS_PARAMS)] = Field(  # type: ignore[valid-type]
+        "sigmoid", description="The loss (README \"Preference losses\"): `sigmoid` (DPO; cDPO with label_smoothing), "
+                               "`ipo`, `hinge` (SLiC), `robust` (rDPO), `exo_pair`, `nca_pair`, `bco_pair`, "
+                               "`sppo_hard`, `aot`, `aot_pair`, `apo_zero`, `apo_down`, `discopop`, `f_divergence`, "
+                               "`sft` (Preferred-FT); reference-free: `simpo`, `orpo`.")
+    weight: float = Field(1.0, gt=0, description="Weight of this term in a list of losses (their weighted sum).")
+    beta: float = Field(0.1, gt=0, description="β: strength of the KL constraint to the reference (`ipo`: τ; "
+                                               "`simpo`: the reward scale, 2.0-2.5 in the paper; `orpo`: λ).")
+    label_smoothing: float | None = Field(
+        None, ge=0, lt=0.5, description="ε, the assumed label-noise rate: `sigmoid` (cDPO), `robust`, `aot`, "
+                                        "`aot_pair`, `simpo` (default 0); `exo_pair` (default 1e-3, must be > 0).")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an SFT term (the chosen response's mean token NLL) "
+                                                     "added to a reference-based loss (RPO).")
+    length_normalize: bool | None = Field(
+        None, description="Mean instead of sum of token log-probs (policy and reference): length-normalized DPO. "
+                          "Default: true for `ipo` (its authors' form, as TRL), else false.")
+    ld_alpha: float | None = Field(
+        None, ge=0, le=1, description="LD-DPO: tokens past the shorter response's length weigh α (policy and "
+                                      "reference; reads the cache's per-token reference log-probs). 1: DPO.")
+    wpo: bool = Field(False, description="WPO: weight each pair by the policy's own length-normalized probability of "
+                                         "its two responses (no gradient through the weight).")
+    discopop_tau: float = Field(0.05, gt=0, description="`discopop`: τ, the temperature of the mixing.")
+    divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
+        "reverse_kl", description="`f_divergence`: the f-divergence to the reference (reverse_kl is DPO).")
+    f_alpha: float = Field(0.5, gt=0, le=1, description="`f_divergence` with alpha_divergence: α of "
+                                                        "f'(u) = (1 - u^-α)/α (→0: reverse KL, 1: forward KL).")
+    gamma: float = Field(0.5, ge=0, description="`simpo`: γ, the target reward margin.")
+
+    @model_validator(mode="after")
+    def _own_parameters(self) -> LossConfig:
+        allowed = {"type", "weight", "beta", *LOSS_PARAMS[self.type]}
+        # Set to other than its default (a dumped config lists every field at its default: that is not a choice).
+        stray = sorted(n for n in set(self.model_fields_set) - allowed
+                       if getattr(self, n) != type(self).model_fields[n].default)
+        if stray:
+            raise ValueError(f"{', '.join(stray)} is not a parameter of the {self.type} loss; remove it (its "
+                             f"parameters: {', '.join(sorted(allowed - {'type'}))})")
+        if self.type == "exo_pair" and self.label_smoothing == 0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (the paper uses 1e-3); set it or leave it unset")
+        if self.ld_alpha is not None and self.length_normalize:
+            raise ValueError("ld_alpha and length_normalize are two ways to reduce token log-probs; set one")
+        return self
+
+    @property
+    def smoothing(self) -> float:
+        if self.label_smoothing is not None:
+            return self.label_smoothing
+        return 1e-3 if self.type == "exo_pair" else 0.0
+
+    @property
+    def normalized(self) -> bool:
+        """Mean token log-probs: simpo and orpo always; ipo unless length_normalize=false."""
+        if self.type in ("simpo", "orpo"):
+            return True
+        return self.length_normalize if self.length_normalize is not None else self.type == "ipo"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.type not in REFERENCE_FREE
 
 
 class ParallelConfig(_Strict):
@@ -237,7 +316,10 @@ class TrainConfig(_Strict):
         "cached", description="Where the reference log-probs come from. `cached`: the stage-1 cache, no reference "
                               "model in memory; `in_loop`: load the reference model and compute them per batch "
                               "(to measure the gain).")
-    loss: LossConfig = Field(default_factory=LossConfig, description="The preference loss.")
+    loss: Annotated[Annotated[LossConfig, Tag("term")] | Annotated[list[LossConfig], Tag("terms")],
+                    Discriminator(lambda v: "terms" if isinstance(v, list) else "term")] = Field(
+        default_factory=LossConfig, description="The preference loss, or a list of them trained on their weighted "
+                                                "sum (e.g. MPO: sigmoid + bco_pair + sft).")
     cache_path: str | None = Field(None, description="Train-split cache directory to use; default: found by key "
                                                      "in cache_dir. Refused if built for other inputs.")
     micro_batch_pairs: int = Field(2, gt=0, description="Pairs per forward pass on each worker.")
@@ -261,8 +343,29 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig,
                                          description="Checkpointing and restarts.")
 
+    @property
+    def losses(self) -> list[LossConfig]:
+        """`loss` as a list of terms."""
+        return self.loss if isinstance(self.loss, list) else [self.loss]
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any term reads reference log-probs (else training needs no cache and no reference model)."""
+        return any(term.needs_reference for term in self.losses)
+
+    @property
+    def reward_beta(self) -> float:
+        """β of the implicit rewards reported (training metrics, evaluation): the first term's."""
+        return self.losses[0].beta
+
     @model_validator(mode="after")
     def _batches_divide(self) -> TrainConfig:
+        if isinstance(self.loss, list):
+            if not self.loss:
+                raise ValueError("train.loss is an empty list; give at least one {type: ...}")
+            types = [t.type for t in self.loss]
+            if len(set(types)) != len(types):
+                raise ValueError(f"train.loss lists a type twice ({types}); give each type once with its weight")
         per_step = self.micro_batch_pairs * self.parallel.num_workers
         if self.global_batch_pairs % per_step:
             raise ValueError(f"global_batch_pairs ({self.global_batch_pairs}) must be a multiple of "

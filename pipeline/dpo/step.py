@@ -56,7 +56,7 @@ class StepCompute:
         policy_chosen, policy_rejected = sums[:b], sums[b:]
         loss = self.loss
         out = preference_loss(loss.type, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss.beta,
-                              loss.label_smoothing, loss.sft_weight, batch.response_lengths[:b])
+                              loss.smoothing, loss.sft_weight, batch.response_lengths[:b])
         return out, policy_chosen, policy_rejected, tokens
 
     def accumulate(self, pairs: pa.Table, micro_batch_pairs: int, sums: StepSums) -> None:
