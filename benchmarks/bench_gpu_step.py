@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing the package
+from pipeline.config import LossConfig  # noqa: E402
 from pipeline.dpo.metrics import StepSums  # noqa: E402
 from pipeline.dpo.parallel import PolicyLogps, apply_fsdp  # noqa: E402
 from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step  # noqa: E402
@@ -130,8 +130,7 @@ def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[fl
             policy.set_requires_gradient_sync = lambda *a, **k: None  # keep FSDP's default: sync every backward
     cuda = device.type == "cuda"
     opt = make_optimizer(policy.parameters(), lr=1e-6, fused=not v.get("foreach"))
-    loss = SimpleNamespace(type="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
-    compute = StepCompute(policy, None, loss, pad_id=0, device=device, attention_mask=bool(v.get("mask")))
+    compute = StepCompute(policy, None, [LossConfig()], pad_id=0, device=device, attention_mask=bool(v.get("mask")))
     micro = args.micro_batch * v.get("micro", 1)
     autocast = (torch.autocast(device.type, dtype=dtype) if not v.get("fsdp", True) and dtype != torch.float32
                 else torch.autocast(device.type, enabled=False))

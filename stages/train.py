@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import functools
 import json
-import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from ray.train.torch import TorchTrainer
 from tqdm import tqdm
 
 from pipeline.config import Config, to_yaml
-from pipeline.data.lanes import TRAIN_COLUMNS, LanePlan, lane_batches, plan_steps, read_train_columns
+from pipeline.data.lanes import LanePlan, lane_batches, plan_steps, read_train_columns, train_columns
 from pipeline.data.models import disable_dropout, empty_causal_lm, load_tokenizer, merge_adapter
 from pipeline.dpo.lora import (
     AdaptersDisabled,
@@ -53,6 +52,7 @@ from pipeline.dpo.lora import (
     is_adapter_param,
     is_trained,
 )
+from pipeline.dpo.losses import LossState
 from pipeline.dpo.metrics import MetricsLogger, StepSums
 from pipeline.dpo.parallel import (
     PolicyLogps,
@@ -66,7 +66,7 @@ from pipeline.dpo.parallel import (
     save_sharded_state,
     set_full_values,
 )
-from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_state_bytes, optimizer_step
+from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, worker_maxima
 from pipeline.errors import RunFailed, UserError, error_line
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import spread
@@ -134,7 +134,7 @@ def run(cfg: Config) -> TrainResult:
     plan = WorkerPlan(cfg, run_store.uri, train_cache.model_dir, train_cache.tokenizer_dir, train_cache.chat_template,
                       lanes.lanes, lanes.rows_per_lane, per_epoch, total, faults.env(),
                       train_cache.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path)
-    trainer = _trainer(cfg, plan, run_store, _eval_dataset(eval_cache))
+    trainer = _trainer(cfg, plan, run_store, _eval_dataset(eval_cache, train_columns(cfg.train)))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -148,11 +148,11 @@ def run(cfg: Config) -> TrainResult:
     return TrainResult(total, ckpts, dict(result.metrics or {}), run_store.uri)
 
 
-def _eval_dataset(eval_cache: CacheRef | None) -> dict[str, Any]:
+def _eval_dataset(eval_cache: CacheRef | None, columns: tuple[str, ...]) -> dict[str, Any]:
     """The eval split as a Ray dataset (`eval`), streamed whole to every worker, in the cache's order."""
     if eval_cache is None:
         return {}
-    return {"eval": ray.data.read_parquet(eval_cache.files, columns=list(TRAIN_COLUMNS))}
+    return {"eval": ray.data.read_parquet(eval_cache.files, columns=list(columns))}
 
 
 def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str, Any]) -> TorchTrainer:
@@ -249,14 +249,15 @@ class DPOWorker:
         self.tokenizer = load_tokenizer(self.plan.tokenizer_dir, self.plan.chat_template)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.lm, self.policy = self._policy()
-        reference = self._reference() if self.cfg.train.ref_logps == "in_loop" else None
+        in_loop = self.cfg.train.ref_logps == "in_loop" and self.cfg.train.needs_reference
+        reference = self._reference() if in_loop else None
         optim = self.cfg.train.optim
         # Under LoRA only the adapters (and modules_to_save copies) train: optimizer state for those alone.
         self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad], optim.lr,
                                         optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
-        self.compute = StepCompute(self.policy, reference, self.cfg.train.loss, pad_id, self.device)
+        self.compute = StepCompute(self.policy, reference, self.cfg.train.losses, pad_id, self.device)
         self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0)
         self.nodes = self._worker_nodes()
         self.export_dtype = export_dtype(self.cfg.train.checkpoint.dtype, self.plan.model_dir)
@@ -350,6 +351,7 @@ class DPOWorker:
             meta = json.loads(f.read())
         self.step = self.saved_step = meta["step"]
         self.scheduler.load_state_dict(meta["scheduler"])
+        self.compute.state = LossState(**meta.get("loss_state", {}))
         if self.rank == 0:
             print(f"resumed from step {self.step} ({ckpt.path})")
 
@@ -368,7 +370,7 @@ class DPOWorker:
             faults.reach("train_step")
 
     def _read(self, uri: str) -> pa.Table:
-        table = read_train_columns(uri)
+        table = read_train_columns(uri, train_columns(self.cfg.train))
         self.read_bytes += table.nbytes
         return table
 
@@ -394,20 +396,12 @@ class DPOWorker:
         norm = optimizer_step(self.policy, self.optimizer, self.cfg.train.optim.max_grad_norm)
         self.scheduler.step()
         metrics = sums.reduce(self.device)
+        metrics.update(self.compute.state.update(metrics))
         elapsed = now() - t0
         metrics.update({"grad_norm": float(norm), "lr": lr, "tokens_per_s": metrics.pop("tokens") / elapsed,
-                        "pairs_per_s": metrics.pop("pairs") / elapsed, **self._worker_maxima()})
+                        "pairs_per_s": metrics.pop("pairs") / elapsed,
+                        **worker_maxima(self.read_bytes, self.optimizer, self.device)})
         return metrics
-
-    def _worker_maxima(self) -> dict[str, float]:
-        """The largest of any worker: peak resident memory so far, cache bytes read, optimizer state held (its
-        shards: Adam's two moments of the trained parameters; a collective)."""
-        t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, self.read_bytes / 2**20,
-                          optimizer_state_bytes(self.optimizer) / 2**20], dtype=torch.float64)
-        if dist.is_initialized():
-            t = t.to(self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return {"peak_rss_mb": float(t[0]), "data/read_mb": float(t[1]), "optim_state_mb": float(t[2])}
 
     def _evaluate(self) -> dict[str, float]:
         """Loss and reward accuracy/margin on the eval split; each rank scores its slice of every chunk."""
@@ -461,7 +455,8 @@ class DPOWorker:
         local = Path(tempfile.mkdtemp(prefix="dpo-state-"))
         if self.rank == 0:
             (local / "trainer_state.json").write_text(json.dumps(
-                {"step": self.step, "scheduler": self.scheduler.state_dict(), "hf_checkpoint": name}))
+                {"step": self.step, "scheduler": self.scheduler.state_dict(), "hf_checkpoint": name,
+                 "loss_state": asdict(self.compute.state)}))
         meta = {**self.metrics, "step": self.step, "hf_checkpoint": name, "worker_nodes": self.nodes}
         if not self.cfg.train.checkpoint.async_save:
             save_sharded_state(local / "state", self.policy, self.optimizer)

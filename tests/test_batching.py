@@ -7,9 +7,10 @@ import pyarrow as pa
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pipeline.config import LossConfig
 from pipeline.dpo.batching import by_length, collate
 from pipeline.dpo.logprobs import selective_token_logps
-from pipeline.dpo.losses import preference_loss
+from pipeline.dpo.losses import SequenceLogps, preference_loss
 
 
 def _pairs(n: int, seed: int = 0) -> pa.Table:
@@ -47,7 +48,8 @@ def test_step_gradient_is_unchanged_by_the_grouping():
         for i in range(0, 12, 4):  # micro-batches of 4 pairs, loss summed over the 12 pairs
             b = collate(table.slice(i, 4))
             sums = b.sequence_sums(selective_token_logps(lm, b.input_ids, b.attention_mask, b.score_mask).double())
-            preference_loss("sigmoid", sums[:4], sums[4:], b.ref_chosen, b.ref_rejected, 0.1).losses.sum().backward()
+            s = SequenceLogps(sums, torch.cat([b.ref_chosen, b.ref_rejected]), b.response_lengths.double())
+            preference_loss([LossConfig()], s).losses.sum().backward()
         return torch.cat([p.grad.flatten() for p in lm.parameters()])
 
     g = grad(t)

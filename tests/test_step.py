@@ -3,21 +3,20 @@ torch.compile'd blocks compute the gradient of the plain formula."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pipeline.config import LossConfig
 from pipeline.dpo.batching import collate
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
 from pipeline.dpo.step import StepCompute
 from tests.test_batching import _pairs
 
-LOSS = SimpleNamespace(type="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0)
+LOSS = LossConfig(type="sigmoid", beta=0.1)
 
 
 @pytest.fixture()
@@ -53,7 +52,7 @@ def test_fsdp_step_gradient_equals_the_formula(process_group, compile_blocks):
     want_loss, want = _reference_grads(pairs)
     policy = apply_fsdp(PolicyLogps(_lm()), torch.float32, compile_blocks=compile_blocks)
     sums = StepSums()
-    StepCompute(policy, None, LOSS, pad_id=0, device="cpu").accumulate(pairs, 5, sums)  # micro-batches 5, 5, 2
+    StepCompute(policy, None, [LOSS], pad_id=0, device="cpu").accumulate(pairs, 5, sums)  # micro-batches 5, 5, 2
     m = sums.reduce("cpu")
     assert m["pairs"] == 12
     assert m["loss"] == pytest.approx(want_loss, rel=1e-5)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import Config
+from pipeline.config import Config, TrainConfig
 from pipeline.errors import UserError
 
 Piece = tuple[str, int, int]  # (file, first row, end row)
@@ -100,10 +100,22 @@ TRAIN_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_i
                  "ref_rejected_logps")
 
 
-def read_train_columns(uri: str) -> pa.Table:
-    """A cache file's `TRAIN_COLUMNS` (the per-token log-prob lists stay on storage)."""
+# Read only for LD-DPO (`ld_alpha`), which weighs each reference token by its position.
+TOKEN_LOGP_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+
+
+def train_columns(train: TrainConfig) -> tuple[str, ...]:
+    """The cache columns the configured loss reads: `TRAIN_COLUMNS`, and the per-token reference log-probs for
+    LD-DPO with cached reference log-probs."""
+    cached = train.needs_reference and train.ref_logps == "cached"
+    ld = any(t.ld_alpha is not None for t in train.losses)
+    return TRAIN_COLUMNS + (TOKEN_LOGP_COLUMNS if cached and ld else ())
+
+
+def read_train_columns(uri: str, columns: tuple[str, ...] = TRAIN_COLUMNS) -> pa.Table:
+    """A cache file's `columns` (by default `TRAIN_COLUMNS`: the per-token log-prob lists stay on storage)."""
     fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-    return pq.read_table(path, columns=list(TRAIN_COLUMNS), filesystem=fs)
+    return pq.read_table(path, columns=list(columns), filesystem=fs)
 
 
 def plan_steps(cfg: Config, files: list[str], rows: list[int]) -> tuple[LanePlan, int, int]:

@@ -20,6 +20,7 @@ class PairBatch:
     response_lengths: torch.Tensor  # [2B] float32
     ref_chosen: torch.Tensor  # [B] float64 sums from the cache (zeros if absent)
     ref_rejected: torch.Tensor  # [B]
+    ref_tail: torch.Tensor | None = None  # [2B] cached sums past the pair's shorter response (LD-DPO), if read
 
     @property
     def pairs(self) -> int:
@@ -35,9 +36,19 @@ class PairBatch:
         return torch.zeros(self.score_mask.shape[0], dtype=token_logps.dtype,
                            device=token_logps.device).index_add_(0, rows, token_logps)
 
+    def tail_sums(self, token_logps: torch.Tensor) -> torch.Tensor:
+        """[N] scored-token log-probs -> [2B] sums over each response's tokens past the shorter response of its
+        pair (LD-DPO's "verbose" part; Liu et al. 2024)."""
+        position = (self.score_mask.cumsum(1) - 1)[self.score_mask]  # [N] index within its response
+        rows = self.score_mask.nonzero()[:, 0]
+        b = self.pairs
+        shared = torch.minimum(self.response_lengths[:b], self.response_lengths[b:]).repeat(2)
+        return self.sequence_sums(token_logps * (position >= shared[rows]))
+
     def to(self, device) -> PairBatch:
-        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.score_mask,
-                                                   self.response_lengths, self.ref_chosen, self.ref_rejected)))
+        return PairBatch(*(t.to(device) if t is not None else None for t in (
+            self.input_ids, self.attention_mask, self.score_mask, self.response_lengths, self.ref_chosen,
+            self.ref_rejected, self.ref_tail)))
 
 
 def list_column(col) -> list[np.ndarray]:
@@ -87,4 +98,18 @@ def collate(table: pa.Table, pad_id: int = 0) -> PairBatch:
             return torch.from_numpy(table.column(name).to_numpy().astype(np.float64))
         return torch.zeros(table.num_rows, dtype=torch.float64)
 
-    return PairBatch(ids, attn, score, lengths, ref("ref_chosen_logps"), ref("ref_rejected_logps"))
+    return PairBatch(ids, attn, score, lengths, ref("ref_chosen_logps"), ref("ref_rejected_logps"),
+                     _cached_tails(table, lengths))
+
+
+def _cached_tails(table: pa.Table, lengths: torch.Tensor) -> torch.Tensor | None:
+    """[2B] sums of the cached per-token reference log-probs past each pair's shorter response, if the table has
+    them (read only for LD-DPO)."""
+    if "ref_chosen_token_logps" not in table.column_names:
+        return None
+    b = table.num_rows
+    shared = torch.minimum(lengths[:b], lengths[b:]).to(torch.int64).tolist()
+    tails = [float(np.asarray(tokens[k:], np.float64).sum())
+             for side in ("chosen", "rejected")
+             for tokens, k in zip(list_column(table.column(f"ref_{side}_token_logps")), shared)]
+    return torch.tensor(tails, dtype=torch.float64)

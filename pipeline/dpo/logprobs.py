@@ -14,14 +14,16 @@ import torch
 
 
 def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          score_mask: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+                          score_mask: torch.Tensor, chunk_tokens: int = 4096, log_sum_sq: bool = False):
     """log p(input_ids[b, t] | input_ids[b, :t]) for every (b, t) with score_mask[b, t], in row-major order.
 
     Args:
         input_ids, score_mask: [B, T]; right padding; score_mask[:, 0] must be False.
         attention_mask: [B, T], or None for right-padded rows (the same result, faster).
+        log_sum_sq: also return log Σ_v p(v)² at each scored token (WPO's weights), without gradient.
     Returns:
-        [N] float32, N = score_mask.sum(); the log-probs of the masked tokens, row by row, left to right.
+        [N] float32, N = score_mask.sum(); the log-probs of the masked tokens, row by row, left to right (and
+        with `log_sum_sq`, a second [N] tensor).
     """
     # use_cache=False: no KV cache is built for a scoring/training forward (it also forced torch.compile to
     # recompile per layer).
@@ -32,11 +34,18 @@ def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.
     h = hidden[:, :-1][pred_mask]  # [N, H]
     targets = input_ids[:, 1:][pred_mask]  # [N]
     head = model.get_output_embeddings()
-    out = []
+    out, sq = [], []
     for s in range(0, h.shape[0], chunk_tokens):
         logits = output_logits(model.config, head(h[s:s + chunk_tokens]).float())
-        out.append(logits.gather(-1, targets[s:s + chunk_tokens, None])[:, 0] - logits.logsumexp(-1))
-    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+        norm = logits.logsumexp(-1)
+        out.append(logits.gather(-1, targets[s:s + chunk_tokens, None])[:, 0] - norm)
+        if log_sum_sq:
+            with torch.no_grad():
+                sq.append((2 * logits).logsumexp(-1) - 2 * norm)
+    logps = torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+    if log_sum_sq:
+        return logps, torch.cat(sq) if sq else logps.detach().clone()
+    return logps
 
 
 def output_logits(config, logits: torch.Tensor) -> torch.Tensor:

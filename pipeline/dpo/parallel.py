@@ -50,14 +50,15 @@ from pipeline.errors import UserError
 
 
 class PolicyLogps(nn.Module):
-    """forward(input_ids, attention_mask, score_mask) -> [N] log-probs of the scored tokens (row-major)."""
+    """forward(input_ids, attention_mask, score_mask) -> [N] log-probs of the scored tokens (row-major); with
+    `log_sum_sq`, also log Σ_v p(v)² at each (WPO)."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, score_mask):
-        return selective_token_logps(self.lm, input_ids, attention_mask, score_mask)
+    def forward(self, input_ids, attention_mask, score_mask, log_sum_sq: bool = False):
+        return selective_token_logps(self.lm, input_ids, attention_mask, score_mask, log_sum_sq=log_sum_sq)
 
 
 def decoder_blocks(lm: nn.Module) -> list[nn.Module]:

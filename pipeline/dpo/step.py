@@ -10,15 +10,16 @@ and steps the optimizer. Nothing here waits for the device until the caller read
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+import resource
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipeline.dpo.batching import by_length, collate
-from pipeline.dpo.losses import PairOutputs, preference_loss
+from pipeline.dpo.losses import LossState, PairOutputs, SequenceLogps, preference_loss
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import full_tensor, set_gradient_sync
 
@@ -26,15 +27,17 @@ from pipeline.dpo.parallel import full_tensor, set_gradient_sync
 @dataclass
 class StepCompute:
     """The compute of training steps: the policy (a `PolicyLogps`, FSDP-sharded or not), an optional in-loop
-    reference (None: the cached reference log-probs in the rows are used), the `train.loss` settings, the
-    tokenizer's pad id and the device."""
+    reference (None: the cached reference log-probs in the rows are used, if any term needs them), the terms of
+    `train.loss`, the tokenizer's pad id and the device. `state` holds what stateful losses carry between steps
+    (BCO's running reward mean); the caller updates it after each step and checkpoints it."""
 
     policy: nn.Module
     reference: nn.Module | None
-    loss: Any  # pipeline.config LossConfig: type, beta, label_smoothing, sft_weight
+    terms: list  # pipeline.config LossConfig, one per term of train.loss
     pad_id: int
     device: torch.device | str
     attention_mask: bool = False  # True: pass the padding mask anyway (only to measure what leaving it out saves)
+    state: LossState = field(default_factory=LossState)
 
     def forward(self, table: pa.Table) -> tuple[PairOutputs, torch.Tensor, torch.Tensor, int]:
         """Per-pair outputs, policy log-prob sums (chosen, rejected) and the real token count of one micro-batch;
@@ -42,22 +45,28 @@ class StepCompute:
         cpu = collate(table, self.pad_id)
         tokens = cpu.tokens  # counted on the host: no device sync
         batch = cpu.to(self.device)
+        wpo = any(t.wpo for t in self.terms)
+        ld = any(t.ld_alpha is not None for t in self.terms)
         # Right padding: every pad comes after the tokens it could disturb, so plain causal attention (no mask)
         # gives the scored tokens the same log-probs and lets attention use its fastest kernel.
         mask = batch.attention_mask if self.attention_mask else None
-        sums = batch.sequence_sums(self.policy(batch.input_ids, mask, batch.score_mask).float())
-        b = batch.pairs
+        out = self.policy(batch.input_ids, mask, batch.score_mask, **({"log_sum_sq": True} if wpo else {}))
+        token_logps, sq = (out[0].float(), out[1]) if wpo else (out.float(), None)
+        s = SequenceLogps(batch.sequence_sums(token_logps), None, batch.response_lengths)
+        if ld:
+            s.policy_tail = batch.tail_sums(token_logps)
+        if wpo:
+            s.wpo_logps = batch.sequence_sums(token_logps.detach() - sq) / batch.response_lengths
         if self.reference is not None:
             with torch.no_grad():
-                ref = batch.sequence_sums(self.reference(batch.input_ids, mask, batch.score_mask).float())
-            ref_chosen, ref_rejected = ref[:b], ref[b:]
-        else:
-            ref_chosen, ref_rejected = batch.ref_chosen.float(), batch.ref_rejected.float()
-        policy_chosen, policy_rejected = sums[:b], sums[b:]
-        loss = self.loss
-        out = preference_loss(loss.type, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss.beta,
-                              loss.smoothing, loss.sft_weight, batch.response_lengths[:b])
-        return out, policy_chosen, policy_rejected, tokens
+                ref = self.reference(batch.input_ids, mask, batch.score_mask).float()
+            s.reference = batch.sequence_sums(ref)
+            s.reference_tail = batch.tail_sums(ref) if ld else None
+        elif any(t.needs_reference for t in self.terms):
+            s.reference = torch.cat([batch.ref_chosen, batch.ref_rejected]).float()
+            s.reference_tail = batch.ref_tail.float() if ld else None
+        b = batch.pairs
+        return preference_loss(self.terms, s, self.state), s.policy[:b], s.policy[b:], tokens
 
     def accumulate(self, pairs: pa.Table, micro_batch_pairs: int, sums: StepSums) -> None:
         """Forward + backward over `pairs` (this rank's share of a global batch) in length-grouped micro-batches;
@@ -94,6 +103,17 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
                 local = v.to_local() if hasattr(v, "to_local") else v
                 total += local.numel() * local.element_size()
     return total
+
+
+def worker_maxima(read_bytes: int, opt: torch.optim.Optimizer, device) -> dict[str, float]:
+    """The largest of any worker (a collective): peak resident memory so far, cache bytes read, optimizer state
+    held (its shards: Adam's two moments of the trained parameters)."""
+    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, read_bytes / 2**20,
+                      optimizer_state_bytes(opt) / 2**20], dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return {"peak_rss_mb": float(t[0]), "data/read_mb": float(t[1]), "optim_state_mb": float(t[2])}
 
 
 def optimizer_step(policy: nn.Module, opt: torch.optim.Optimizer, max_grad_norm: float | None) -> torch.Tensor:
