@@ -3,6 +3,8 @@ torch.compile'd blocks compute the gradient of the plain formula."""
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import LossConfig
 from pipeline.dpo.batching import collate
+from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import PolicyLogps, apply_fsdp
 from pipeline.dpo.step import StepCompute
@@ -60,3 +63,62 @@ def test_fsdp_step_gradient_equals_the_formula(process_group, compile_blocks):
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _with_cached_tokens(pairs, ref_lm):
+    """`pairs` with the reference's per-token log-probs and sums, as the cache holds them."""
+    b = collate(pairs)
+    with torch.no_grad():
+        flat = selective_token_logps(ref_lm, b.input_ids, None, b.score_mask)
+    per_seq = torch.split(flat, b.score_mask.sum(1).tolist())
+    n = b.pairs
+    cols = {f"ref_{side}_token_logps": pa.array([t.tolist() for t in per_seq[i * n:(i + 1) * n]],
+                                                pa.list_(pa.float32())) for i, side in enumerate(("chosen", "rejected"))}
+    pairs = pairs.drop_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    sums = [np.array([t.double().sum().item() for t in per_seq[i * n:(i + 1) * n]]) for i in range(2)]
+    pairs = pairs.append_column("ref_chosen_logps", pa.array(sums[0])).append_column("ref_rejected_logps",
+                                                                                       pa.array(sums[1]))
+    for name, col in cols.items():
+        pairs = pairs.append_column(name, col)
+    return pairs
+
+
+def _ld_wpo_formula(pairs, lm, ref_lm, alpha: float, beta: float) -> torch.Tensor:
+    """LD-DPO (α) with WPO weights per pair, from full softmaxes, pair by pair (no batching code)."""
+    out = []
+    for row in pairs.to_pylist():
+        p, c, r = row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]
+        shared = min(len(c), len(r))
+        seq_logps, wpo = [], []
+        for resp in (c, r):
+            ids = torch.tensor([p + resp])
+            logp_pol = torch.log_softmax(lm(ids).logits[0, :-1].double(), -1)
+            logp_ref = torch.log_softmax(ref_lm(ids).logits[0, :-1].double(), -1)
+            k = torch.arange(len(p) - 1, len(p) + len(resp) - 1)
+            tgt = torch.tensor(resp)
+            weight = torch.tensor([1.0 if i < shared else alpha for i in range(len(resp))], dtype=torch.float64)
+            pol, ref = logp_pol[k, tgt], logp_ref[k, tgt]
+            seq_logps.append(((pol * weight).sum(), (ref * weight).sum()))
+            sq = torch.log((logp_pol[k].exp() ** 2).sum(-1))  # log Σ_v p(v)²
+            wpo.append(torch.exp((pol - sq).mean()).item())
+        (pw, rw), (pl, rl) = seq_logps
+        out.append(-F.logsigmoid(beta * ((pw - rw) - (pl - rl))) * wpo[0] * wpo[1])
+    return torch.stack(out)
+
+
+def test_ld_dpo_and_wpo_from_the_cache_equal_in_loop_and_the_formula():
+    torch.manual_seed(1)
+    ref_lm = _lm()
+    with torch.no_grad():  # a policy that differs from the reference
+        lm = _lm()
+        for p in lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = _with_cached_tokens(_pairs(6, seed=4), ref_lm)
+    terms = [LossConfig(type="sigmoid", ld_alpha=0.5, wpo=True)]
+    cached = StepCompute(PolicyLogps(lm), None, terms, pad_id=0, device="cpu").forward(pairs)[0]
+    in_loop = StepCompute(PolicyLogps(lm), PolicyLogps(ref_lm), terms, pad_id=0, device="cpu").forward(pairs)[0]
+    torch.testing.assert_close(cached.losses, in_loop.losses, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        want = _ld_wpo_formula(pairs, lm, ref_lm, alpha=0.5, beta=0.1)
+    torch.testing.assert_close(cached.losses.double(), want, rtol=1e-4, atol=1e-6)
+    assert cached.extras["wpo/weight"].shape == (6,)

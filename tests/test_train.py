@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.data import lanes
 from pipeline.engines.actors import ReferenceEngine
 from pipeline.errors import UserError
 from pipeline.store import cache_layout
@@ -63,9 +64,13 @@ def test_training_reads_only_the_columns_a_step_uses(base):
     ref = cache_layout.find_cache(base("columns"), "train")
     full = pq.read_schema(ref.files[0]).names
     assert "ref_chosen_token_logps" in full  # the cache has the per-token lists...
-    got = train.read_train_columns(ref.files[0])
-    assert got.column_names == list(train.TRAIN_COLUMNS)  # ...training reads only these
-    assert set(train.TRAIN_COLUMNS) < set(full)
+    got = lanes.read_train_columns(ref.files[0], lanes.train_columns(base("columns").train))
+    assert got.column_names == list(lanes.TRAIN_COLUMNS)  # ...training reads only these
+    assert set(lanes.TRAIN_COLUMNS) < set(full)
+    # LD-DPO reads the per-token reference log-probs too (cached reference only)
+    assert lanes.train_columns(base("ld", "train.loss.ld_alpha=0.5").train)[-2:] == lanes.TOKEN_LOGP_COLUMNS
+    assert lanes.train_columns(base("ld", "train.loss.ld_alpha=0.5", "train.ref_logps=in_loop").train) == \
+        lanes.TRAIN_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +182,26 @@ def test_mismatched_cache_is_refused(base):
         cache_layout.find_cache(base("x", f"train.cache_path={eval_cache.uri}"), "train")
     with pytest.raises(UserError, match="no complete reference cache"):
         cache_layout.find_cache(base("x", "data.max_length=100"), "train")
+
+
+def test_three_new_losses_train_as_one_weighted_combination(base):
+    """2 steps of BCO (its running mean checkpointed), f-DPO (Jensen–Shannon) on LD-DPO log-probs (the cache's
+    per-token reference log-probs) and ORPO with WPO weights."""
+    loss = ("train.loss=[{type: bco_pair, weight: 0.5}, {type: f_divergence, divergence: js_divergence, "
+            "ld_alpha: 0.5}, {type: orpo, weight: 0.2, wpo: true}]")
+    cfg = base("combo", loss, "train.max_steps=2")
+    result = train.run(cfg)
+    rows = metrics(cfg.run_dir)
+    first = rows[0]
+    # Step 1, policy == reference: BCO is 2 ln 2 (δ = 0), f-DPO ln 2; the total is the weighted sum.
+    assert first["loss/bco_pair"] == pytest.approx(2 * math.log(2), abs=1e-4)
+    assert first["loss/f_divergence"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["loss"] == pytest.approx(0.5 * first["loss/bco_pair"] + first["loss/f_divergence"]
+                                          + 0.2 * first["loss/orpo"], abs=1e-5)
+    assert abs(first["bco/batch_reward"]) < 1e-4 and 0 < first["wpo/weight"] and math.isfinite(first["orpo/log_odds"])
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    # The running mean is the mean of the steps' batch rewards, and is saved with the training state.
+    assert rows[1]["bco/reward_mean"] == pytest.approx((rows[0]["bco/batch_reward"] + rows[1]["bco/batch_reward"]) / 2)
+    state = json.loads(next(Path(cfg.run_dir, "ray").glob("checkpoint_*/trainer_state.json")).read_text())
+    assert state["loss_state"] == {"bco_mean": pytest.approx(rows[1]["bco/reward_mean"]), "bco_steps": 2}
+    assert [Path(c).name for c in result.checkpoints] == ["step_000002"]
