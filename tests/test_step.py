@@ -72,8 +72,9 @@ def _with_cached_tokens(pairs, ref_lm):
         flat = selective_token_logps(ref_lm, b.input_ids, None, b.score_mask)
     per_seq = torch.split(flat, b.score_mask.sum(1).tolist())
     n = b.pairs
+    sides = enumerate(("chosen", "rejected"))
     cols = {f"ref_{side}_token_logps": pa.array([t.tolist() for t in per_seq[i * n:(i + 1) * n]],
-                                                pa.list_(pa.float32())) for i, side in enumerate(("chosen", "rejected"))}
+                                                pa.list_(pa.float32())) for i, side in sides}
     pairs = pairs.drop_columns(["ref_chosen_logps", "ref_rejected_logps"])
     sums = [np.array([t.double().sum().item() for t in per_seq[i * n:(i + 1) * n]]) for i in range(2)]
     pairs = pairs.append_column("ref_chosen_logps", pa.array(sums[0])).append_column("ref_rejected_logps",

@@ -66,13 +66,13 @@ def ipo_loss(x: Logps, beta: float) -> torch.Tensor:
 
 
 def hinge_loss(x: Logps, beta: float) -> torch.Tensor:
-    """SLiC-HF calibration loss (Zhao et al. 2023, eq. 1, δ = 1/β, against the reference as in the DPO paper's
-    appendix): max(0, 1 − β h)."""
+    """SLiC-HF's calibration loss (Zhao et al. 2023) with δ = 1/β, on the margin against the reference (as TRL):
+    max(0, 1 − β h)."""
     return torch.relu(1 - beta * x.margin)
 
 
 def robust_loss(x: Logps, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Robust DPO (rDPO; Chowdhury et al. 2024, eq. 5), unbiased under label noise of rate ε < 1/2:
+    """Robust DPO (rDPO; Chowdhury et al. 2024, "Provably Robust DPO"), unbiased under label noise of rate ε < 1/2:
     [−(1 − ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε)."""
     z = beta * x.margin
     return (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
@@ -87,15 +87,16 @@ def exo_pair_loss(x: Logps, beta: float, label_smoothing: float = 1e-3) -> torch
 
 
 def nca_pair_loss(x: Logps, beta: float) -> torch.Tensor:
-    """NCA (Chen et al. 2024, eq. 12, K = 2), with r = β log u:
+    """NCA (Chen et al. 2024, "Noise Contrastive Alignment", K = 2 responses), with r = β log u:
     −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l)."""
     rw, rl = beta * x.chosen_ratio, beta * x.rejected_ratio
     return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
 
 
 def bco_pair_loss(x: Logps, beta: float, delta: float = 0.0) -> torch.Tensor:
-    """BCO (Jung et al. 2024, eq. 7) on pairs: −log σ(β log u_w − δ) − log σ(−(β log u_l − δ)), δ the running
-    mean of the rewards β log u of the earlier steps (`LossState.bco_mean`, checkpointed)."""
+    """BCO (Jung et al. 2024, "Binary Classifier Optimization") on pairs:
+    −log σ(β log u_w − δ) − log σ(−(β log u_l − δ)), δ the running mean of the rewards β log u of the earlier
+    steps (`LossState.bco_mean`, checkpointed)."""
     return -F.logsigmoid(beta * x.chosen_ratio - delta) - F.logsigmoid(-(beta * x.rejected_ratio - delta))
 
 
@@ -106,8 +107,9 @@ def sppo_hard_loss(x: Logps, beta: float) -> torch.Tensor:
 
 
 def aot_loss(x: Logps, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """AOT (Melnyk et al. 2024, eq. 9), paired: the logistic loss on sort(log π_w − log π_l) −
-    sort(log π_ref,w − log π_ref,l), both sorted over the micro-batch (so it depends on micro_batch_pairs)."""
+    """AOT (Melnyk et al. 2024, "Distributional Preference Alignment via Optimal Transport"), paired: the
+    logistic loss on sort(log π_w − log π_l) − sort(log π_ref,w − log π_ref,l), both sorted over the micro-batch
+    (so it depends on micro_batch_pairs)."""
     policy = torch.sort(x.policy_chosen - x.policy_rejected, dim=0).values
     ref = torch.sort(x.ref_chosen - x.ref_rejected, dim=0).values
     return _smoothed(beta * (policy - ref), label_smoothing)
@@ -160,7 +162,7 @@ def f_scores(log_u: torch.Tensor, divergence: str, alpha: float = 0.5) -> torch.
 
 
 def f_divergence_loss(x: Logps, beta: float, divergence: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
-    """f-DPO (Wang et al. 2024, eq. 10): −log σ(β f'(u_w) − β f'(u_l)); reverse KL is DPO."""
+    """f-DPO (Wang et al. 2024): −log σ(β f'(u_w) − β f'(u_l)); reverse KL is DPO."""
     return -F.logsigmoid(beta * (f_scores(x.chosen_ratio, divergence, alpha)
                                  - f_scores(x.rejected_ratio, divergence, alpha)))
 
@@ -260,7 +262,7 @@ class SequenceLogps:
 
 
 def term_logps(s: SequenceLogps, term: LossConfig) -> Logps:
-    """The term's `Logps`: sums; LD-DPO's shared + α·tail = sum − (1 − α)·tail (Liu et al. 2024, eq. 8); or means
+    """The term's `Logps`: sums; LD-DPO's shared + α·tail = sum − (1 − α)·tail (Liu et al. 2024, LD-DPO); or means
     (length-normalized)."""
     policy = s.policy
     ref = s.reference if s.reference is not None else torch.zeros_like(policy)
