@@ -185,7 +185,7 @@ def test_mismatched_cache_is_refused(base):
 
 
 def test_three_new_losses_train_as_one_weighted_combination(base):
-    """2 steps of BCO (its running mean checkpointed), f-DPO (Jensen–Shannon) on LD-DPO log-probs (the cache's
+    """2 steps (then a third, resumed) of BCO (its running mean checkpointed and restored), f-DPO (Jensen–Shannon) on LD-DPO log-probs (the cache's
     per-token reference log-probs) and ORPO with WPO weights."""
     loss = ("train.loss=[{type: bco_pair, weight: 0.5}, {type: f_divergence, divergence: js_divergence, "
             "ld_alpha: 0.5}, {type: orpo, weight: 0.2, wpo: true}]")
@@ -205,3 +205,8 @@ def test_three_new_losses_train_as_one_weighted_combination(base):
     state = json.loads(next(Path(cfg.run_dir, "ray").glob("checkpoint_*/trainer_state.json")).read_text())
     assert state["loss_state"] == {"bco_mean": pytest.approx(rows[1]["bco/reward_mean"]), "bco_steps": 2}
     assert [Path(c).name for c in result.checkpoints] == ["step_000002"]
+    # One more step, resumed from that checkpoint: δ continues from the restored mean (not from 0).
+    train.run(base("combo", loss, "train.max_steps=3"))
+    rows = metrics(cfg.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[2]["bco/reward_mean"] == pytest.approx(sum(r["bco/batch_reward"] for r in rows) / 3, abs=1e-9)
