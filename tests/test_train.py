@@ -185,8 +185,8 @@ def test_mismatched_cache_is_refused(base):
 
 
 def test_three_new_losses_train_as_one_weighted_combination(base):
-    """2 steps (then a third, resumed) of BCO (its running mean checkpointed and restored), f-DPO (Jensen–Shannon) on LD-DPO log-probs (the cache's
-    per-token reference log-probs) and ORPO with WPO weights."""
+    """2 steps (then a third, resumed) of BCO (its running mean checkpointed and restored), f-DPO
+    (Jensen–Shannon) on LD-DPO log-probs (the cache's per-token reference log-probs) and ORPO with WPO weights."""
     loss = ("train.loss=[{type: bco_pair, weight: 0.5}, {type: f_divergence, divergence: js_divergence, "
             "ld_alpha: 0.5}, {type: orpo, weight: 0.2, wpo: true}]")
     cfg = base("combo", loss, "train.max_steps=2")
