@@ -354,6 +354,14 @@ class TrainConfig(_Strict):
         return any(term.needs_reference for term in self.losses)
 
     @property
+    def loss_summary(self) -> str:
+        """The loss in a few words, e.g. `sigmoid β=0.1` or `0.8×sigmoid + 0.2×bco_pair + sft` (for the plan)."""
+        terms = self.losses
+        if len(terms) == 1:
+            return f"{terms[0].type} β={terms[0].beta:g}"
+        return " + ".join(t.type if t.weight == 1 else f"{t.weight:g}×{t.type}" for t in terms)
+
+    @property
     def reward_beta(self) -> float:
         """β of the implicit rewards reported (training metrics, evaluation): the first term's."""
         return self.losses[0].beta
