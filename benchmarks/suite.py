@@ -7,7 +7,8 @@ Prints one table and writes docs/bench.json and docs/BENCHMARKS.md. Sections:
 - training: our cached-reference and in-loop modes beside TRL `DPOTrainer` with and without a precomputed
   reference: pairs/s, tokens/s, peak RSS per worker;
 - sampling: vLLM (the evaluation stage's engine) vs transformers `generate`, tokens/s;
-- scaling: whole cache + training cost against the number of pairs, and 1 vs 2 training workers.
+- scaling: whole cache + training cost against the number of pairs, and 1 vs 2 training workers;
+- lora: full fine-tuning vs LoRA; losses: what the loss variants cost per step beside DPO's.
 
 Models are built from configs (no download): the mid-size one (8 x 512 Llama, head_dim 64, ~28M params) for
 every section, the tiny one (`dpo-pipeline tiny-assets`) for scoring and training beside TRL. Data: generated
@@ -109,6 +110,28 @@ def lora(work: Path, args) -> list[dict]:
     return rows
 
 
+LOSS_VARIANTS = (  # (name, train.loss overrides)
+    ("sigmoid", ()),
+    ("mpo: 0.8 sigmoid + 0.2 bco_pair + sft", (
+        "train.loss=[{type: sigmoid, weight: 0.8}, {type: bco_pair, weight: 0.2}, {type: sft}]",)),
+    ("sigmoid, ld_alpha 0.5", ("train.loss.ld_alpha=0.5",)),
+    ("sigmoid, wpo", ("train.loss.wpo=true",)),
+    ("simpo", ("train.loss.type=simpo", "train.loss.beta=2.0")),
+)
+
+
+def losses(work: Path, args) -> list[dict]:
+    """What a loss variant costs per step beside DPO's: the same model, data and batches, one Ray Train worker,
+    cached reference. LD-DPO reads the per-token reference log-probs too; WPO computes log Σ p² over the vocabulary
+    at every response token; the MPO mix adds two terms on the same forward."""
+    rows = []
+    for i, (name, extra) in enumerate(LOSS_VARIANTS):
+        row = measure(work, args, ("cached",), extra, tag=f"-loss{i}")[0]
+        last = json.loads((work / f"cached-loss{i}" / "metrics.jsonl").read_text().splitlines()[-1])
+        rows.append({**row, "mode": name, "data_read_mb": last["data/read_mb"]})
+    return rows
+
+
 def engine_rate(engine: str, model_dir: Path, data_uri: str, batch_pairs: int = 64) -> dict:
     """Our scorer itself, in this process (as TRL's pass runs): the cache's rows in batches of `batch_pairs`,
     exactly as the stage's actor gets them, after one small warm-up batch. Tokens: prompt + response, both sides."""
@@ -184,7 +207,7 @@ def scaling(work: Path, args) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs (figures noisy)")
-    p.add_argument("--sections", default="scoring,training,sampling,scaling,lora")
+    p.add_argument("--sections", default="scoring,training,sampling,scaling,lora,losses")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown from a saved JSON file")
@@ -259,6 +282,11 @@ def main() -> None:
             build_data(mid / "data.jsonl", args.pairs)
             out["lora"] = lora(mid, args)
             save("lora", t0)
+        if "losses" in sections:
+            t0 = time.perf_counter()
+            build_data(mid / "data.jsonl", args.pairs)
+            out["losses"] = losses(mid, args)
+            save("losses", t0)
         if "scaling" in sections:
             t0 = time.perf_counter()
             build_data(mid / "data.jsonl", args.pairs)
@@ -429,6 +457,17 @@ def render(out: dict) -> str:
         for row in out["lora"]:
             L.append(f"| {row['mode']} | {row['pairs_per_s']:.2f} | {row['tokens_per_s']:,.0f} | "
                      f"{row['peak_rss_mb']:,.0f} | {row['optim_state_mb']:,.1f} |")
+        L.append("")
+    if "losses" in out:
+        s = out["settings"]
+        L += ["## Loss variants", "",
+              f"The mid model, one Ray Train worker (2 torch threads), cached reference, global batch "
+              f"{s['global_batch']}, micro-batch {s['micro_batch']}, {s['steps']} steps, fp32 (`train.loss`). Cache "
+              "MB read: by the worker over the run.", "",
+              "| loss | pairs/s | tokens/s | peak RSS MB per worker | cache MB read |", "|---|---:|---:|---:|---:|"]
+        for row in out["losses"]:
+            L.append(f"| {row['mode']} | {row['pairs_per_s']:.2f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['peak_rss_mb']:,.0f} | {row['data_read_mb']:.2f} |")
         L.append("")
     if "scaling" in out:
         sc = out["scaling"]
