@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.data.lanes import TRAIN_COLUMNS, read_train_columns
 from pipeline.engines.actors import ReferenceEngine
 from pipeline.errors import UserError
 from pipeline.store import cache_layout
@@ -63,9 +64,9 @@ def test_training_reads_only_the_columns_a_step_uses(base):
     ref = cache_layout.find_cache(base("columns"), "train")
     full = pq.read_schema(ref.files[0]).names
     assert "ref_chosen_token_logps" in full  # the cache has the per-token lists...
-    got = train.read_train_columns(ref.files[0])
-    assert got.column_names == list(train.TRAIN_COLUMNS)  # ...training reads only these
-    assert set(train.TRAIN_COLUMNS) < set(full)
+    got = read_train_columns(ref.files[0])
+    assert got.column_names == list(TRAIN_COLUMNS)  # ...training reads only these
+    assert set(TRAIN_COLUMNS) < set(full)
 
 
 @pytest.fixture(scope="module")

@@ -95,15 +95,20 @@ def lane_batches(lane: list[Piece], lane_id: int, rows_per_lane: int, seed: int,
 
 
 # The cache columns a training step reads: the per-token reference log-prob lists (as large as the token ids) stay
-# on storage; `id` seeds the shuffle.
-TRAIN_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "ref_chosen_logps",
-                 "ref_rejected_logps")
+# on storage; `id` seeds the shuffle. A reference-free loss reads no reference column (token files have none).
+PAIR_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+TRAIN_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logps", "ref_rejected_logps")
 
 
-def read_train_columns(uri: str) -> pa.Table:
-    """A cache file's `TRAIN_COLUMNS` (the per-token log-prob lists stay on storage)."""
+def train_columns(needs_reference: bool) -> tuple[str, ...]:
+    """The columns a step of a loss that does (or does not) read the reference needs."""
+    return TRAIN_COLUMNS if needs_reference else PAIR_COLUMNS
+
+
+def read_train_columns(uri: str, columns: tuple[str, ...] = TRAIN_COLUMNS) -> pa.Table:
+    """A cache (or token) file's `columns` (the per-token log-prob lists stay on storage)."""
     fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-    return pq.read_table(path, columns=list(TRAIN_COLUMNS), filesystem=fs)
+    return pq.read_table(path, columns=list(columns), filesystem=fs)
 
 
 def plan_steps(cfg: Config, files: list[str], rows: list[int]) -> tuple[LanePlan, int, int]:
