@@ -122,11 +122,15 @@ def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
         _, _, total = train.plan_steps(cfg, [f["path"] for f in files], [f["rows"] for f in files])
         lora = cfg.train.lora
         what = f", LoRA rank {lora.rank} adapters" if lora else ""
-        if not cfg.train.needs_reference:
-            what += f", reference-free ({'+'.join(t.type for t in cfg.train.losses)}: no reference model or cache)"
+        what += f", {_reference_free(cfg)}" if not cfg.train.needs_reference else ""
         return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs{what}")
-    after = "the cache" if cfg.train.needs_reference else "tokenizing"
-    return Step("train", "run", f"after {after}: no training run for these inputs")
+    if not cfg.train.needs_reference:
+        return Step("train", "run", f"after tokenizing: no training run for these inputs, {_reference_free(cfg)}")
+    return Step("train", "run", "after the cache: no training run for these inputs")
+
+
+def _reference_free(cfg: Config) -> str:
+    return f"reference-free ({'+'.join(t.type for t in cfg.train.losses)}: no reference model or cache)"
 
 
 def _plan_eval(cfg: Config, after: bool) -> Step:

@@ -48,7 +48,8 @@ def test_plan_of_a_reference_free_loss_caches_no_train_split(tiny_model, tmp_pat
     eval_data = f"data.eval.path={DATA / 'conversational.jsonl'}"
     steps = orchestrate.plan(make_config(tiny_model, tmp_path, *SFT, eval_data), evaluate=False)
     assert [(s.stage, s.action) for s in steps] == [("tokens/train", "run"), ("cache/eval", "run"), ("train", "run")]
-    assert "training tokenizes 24 rows" in steps[0].why
+    assert "training tokenizes 24 rows" in steps[0].why and "reference-free (sft" in steps[2].why
+    assert not (tmp_path / "cache" / "tokens").exists()  # nothing was run
     # Without preference accuracy nothing is scored: the eval split of `train.eval_every` is tokenized too.
     steps = orchestrate.plan(make_config(tiny_model, tmp_path, *SFT, eval_data, "eval.preference_accuracy=false",
                                          "train.eval_every=1"), evaluate=False)
