@@ -2,6 +2,12 @@
 
     cache (train and eval splits) -> train -> eval
 
+With a reference-free loss (`train.needs_reference` false: `sft`, `simpo`, `orpo` terms only) the train split is not
+cached: training tokenizes it into token files (`pipeline/store/tokens.py`), or reads a complete cache of the same
+inputs if one exists. The eval split is still cached when `eval.preference_accuracy` is on (the default), since that
+measure compares the checkpoints' implicit rewards with the reference's log-probs from the cache; with it off, no
+reference is scored at all (training's eval split, under `train.eval_every`, is tokenized like the train split).
+
 Reuse follows the stages' own content keys: a cache is complete under its key (its manifest exists); a training
 run is finished when `<run_dir>/train.json` holds the key of its cache and weight-shaping settings; a checkpoint is
 evaluated when its `result.json` holds its key. `plan` reads these and says what `run` would do, and why.
@@ -13,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.store.cache_layout import resolve_inputs
+from pipeline.store.cache_layout import CacheInputs, resolve_inputs
 from pipeline.store.storage import Store
+from pipeline.store.tokens import token_store
 from stages import cache, train
 from stages import evaluate as eval_stage  # `evaluate` is run()'s flag
 
@@ -40,26 +47,63 @@ def _splits(cfg: Config):
     return [("train", cfg.data.train)] + ([("eval", cfg.data.eval)] if cfg.data.eval else [])
 
 
+def cached_splits(cfg: Config) -> tuple[str, ...]:
+    """The splits whose reference cache `run` builds (see the module's docstring)."""
+    if cfg.train.needs_reference:
+        return ("train", "eval")
+    return ("eval",) if cfg.eval.preference_accuracy else ()
+
+
 def _plan_cache(cfg: Config) -> tuple[list[Step], dict[str, Any]]:
     steps, preps = [], {}
     for split, src in _splits(cfg):
         prep = preps[split] = resolve_inputs(cfg, split, src)
-        store = Store(cfg.cache_dir).child(prep.key)
-        if store.exists("manifest.json"):
-            pairs = store.read_json("manifest.json")["counts"]["pairs"]
-            steps.append(Step(f"cache/{split}", "reuse", f"complete cache for these inputs: {store.uri} "
-                                                         f"({pairs} pairs)"))
-        elif store.exists(".work/plan.json"):
-            done = sum(n.startswith("shard-") for n in store.listdir(".work"))
-            steps.append(Step(f"cache/{split}", "resume", f"{done}/{len(prep.plan.shards)} shards already scored "
-                                                          f"in {store.uri}"))
-        else:
-            steps.append(Step(f"cache/{split}", "run", f"no cache with key {prep.key}: {prep.plan.num_rows} rows "
-                                                       f"to score with {cfg.scoring.engine}"))
+        if split in cached_splits(cfg):
+            steps.append(_cache_step(cfg, split, prep))
+        elif split == "train" or cfg.train.eval_every:
+            steps.append(_tokens_step(cfg, split, prep))
     return steps, preps
 
 
-def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
+def _cache_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
+    store = Store(cfg.cache_dir).child(prep.key)
+    if store.exists("manifest.json"):
+        pairs = store.read_json("manifest.json")["counts"]["pairs"]
+        return Step(f"cache/{split}", "reuse", f"complete cache for these inputs: {store.uri} ({pairs} pairs)")
+    if store.exists(".work/plan.json"):
+        done = sum(n.startswith("shard-") for n in store.listdir(".work"))
+        return Step(f"cache/{split}", "resume", f"{done}/{len(prep.plan.shards)} shards already scored in {store.uri}")
+    return Step(f"cache/{split}", "run", f"no cache with key {prep.key}: {prep.plan.num_rows} rows to score with "
+                                         f"{cfg.scoring.engine}")
+
+
+def _tokens_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
+    """The split of a reference-free loss: what training will read, or tokenize first."""
+    cache, tokens = Store(cfg.cache_dir).child(prep.key), token_store(cfg, prep)
+    if cache.exists("manifest.json"):
+        pairs = cache.read_json("manifest.json")["counts"]["pairs"]
+        return Step(f"tokens/{split}", "reuse", f"reference-free loss: the token ids of the complete cache "
+                                                f"{cache.uri} ({pairs} pairs)")
+    if tokens.exists("manifest.json"):
+        pairs = tokens.read_json("manifest.json")["counts"]["pairs"]
+        return Step(f"tokens/{split}", "reuse", f"reference-free loss: token files {tokens.uri} ({pairs} pairs)")
+    if tokens.exists(".work/plan.json"):
+        done = sum(n.startswith("shard-") for n in tokens.listdir(".work"))
+        return Step(f"tokens/{split}", "resume", f"reference-free loss: {done}/{len(prep.plan.shards)} shards "
+                                                 f"already tokenized in {tokens.uri}")
+    return Step(f"tokens/{split}", "run", f"reference-free loss, no reference cache: training tokenizes "
+                                          f"{prep.plan.num_rows} rows into {tokens.uri}")
+
+
+def _ready_data(cfg: Config, prep: CacheInputs) -> Store | None:
+    """The complete directory training would read for the train split (a cache, or token files), if any."""
+    stores = [Store(cfg.cache_dir).child(prep.key)]
+    if not cfg.train.needs_reference:
+        stores.append(token_store(cfg, prep))
+    return next((s for s in stores if s.exists("manifest.json")), None)
+
+
+def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
     run = Store(cfg.run_dir)  # a local path or a URI
     other = ""
     if run.exists("train.json"):
@@ -71,15 +115,22 @@ def _plan_train(cfg: Config, cache_key: str, cache_ready: bool) -> Step:
     states = [n for n in run.listdir("ray") if n.startswith("checkpoint_") and run.isdir(f"ray/{n}")]
     if states:
         return Step("train", "resume", f"from the training state {states[-1]} in {run.uri}/ray{other}")
-    if cache_ready:
-        manifest = Store(cfg.cache_dir).child(cache_key).read_json("manifest.json")
+    if ready:
+        manifest = ready.read_json("manifest.json")
         pairs = manifest["counts"]["pairs"]
         files = manifest["files"]
         _, _, total = train.plan_steps(cfg, [f["path"] for f in files], [f["rows"] for f in files])
         lora = cfg.train.lora
         what = f", LoRA rank {lora.rank} adapters" if lora else ""
+        what += f", {_reference_free(cfg)}" if not cfg.train.needs_reference else ""
         return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs{what}")
+    if not cfg.train.needs_reference:
+        return Step("train", "run", f"after tokenizing: no training run for these inputs, {_reference_free(cfg)}")
     return Step("train", "run", "after the cache: no training run for these inputs")
+
+
+def _reference_free(cfg: Config) -> str:
+    return f"reference-free ({'+'.join(t.type for t in cfg.train.losses)}: no reference model or cache)"
 
 
 def _plan_eval(cfg: Config, after: bool) -> Step:
@@ -99,8 +150,7 @@ def _plan_eval(cfg: Config, after: bool) -> Step:
 def plan(cfg: Config, evaluate: bool = True) -> list[Step]:
     """What `run` would do, stage by stage, without running anything (content hashes are computed)."""
     steps, preps = _plan_cache(cfg)
-    cache_ready = steps[0].action == "reuse"
-    train_step = _plan_train(cfg, preps["train"].key, cache_ready)
+    train_step = _plan_train(cfg, preps["train"].key, _ready_data(cfg, preps["train"]))
     if not evaluate:
         return steps + [train_step]
     upstream = any(s.action != "reuse" for s in steps) or train_step.action != "reuse"
@@ -108,13 +158,15 @@ def plan(cfg: Config, evaluate: bool = True) -> list[Step]:
 
 
 def run(cfg: Config, echo=print, evaluate: bool = True) -> RunSummary:
-    """cache -> train -> eval on one Ray instance, skipping what `plan` finds done. `evaluate=False` stops after
+    """cache -> train -> eval on one Ray instance, skipping what `plan` finds done (a reference-free loss caches
+    only what evaluation needs, see the module's docstring). `evaluate=False` stops after
     training (the sentiment experiment evaluates all its runs together)."""
     steps = plan(cfg, evaluate)
     for s in steps:
         echo(f"plan: {s.stage:<12} {s.action:<7} {s.why}")
     summary = RunSummary(steps)
-    summary.caches = {r.split: r.uri for r in cache.run(cfg)}  # cheap when every split is complete
+    if cached_splits(cfg):  # cheap when every split is complete
+        summary.caches = {r.split: r.uri for r in cache.run(cfg, only=cached_splits(cfg))}
     if next(s for s in steps if s.stage == "train").action != "reuse":
         summary.checkpoints = train.run(cfg).checkpoints
     else:

@@ -30,7 +30,6 @@ import importlib.util
 import json
 import platform
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
@@ -39,11 +38,8 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import Config, to_yaml
-from pipeline.data.models import (
-    load_tokenizer,
-)
-from pipeline.data.rows import tokenize_rows
-from pipeline.data.sources import Reject, Shard, SourcePlan, read_shard
+from pipeline.data.models import load_tokenizer
+from pipeline.data.sources import Shard, SourcePlan
 from pipeline.engines.scorers import ENGINES, SCORE_FIELDS, actor_options, scorer_kwargs
 from pipeline.errors import UserError
 from pipeline.runtime import faults
@@ -52,10 +48,8 @@ from pipeline.store import shards
 from pipeline.store.cache_layout import (
     CacheInputs,
     damaged_files,
-    file_stats,
-    remember_verified,
+    pending_shards,
     resolve_inputs,
-    sha256_files,
 )
 from pipeline.store.fingerprint import SCHEMA_VERSION
 from pipeline.store.storage import Store
@@ -101,16 +95,13 @@ def _tokenize_shards(batch: pa.Table, jobs: list[dict], tokenizer_dir: str, chat
         job = jobs[job_id]
         source = SourcePlan.from_dict(job["plan"])
         shard = source.shards[shard_id]
-        pairs, rejects = tokenize_rows(read_shard(source, shard), tok, job["fmt"], max_length, max_prompt_length,
-                                       marker)
+        pairs, rejects = shards.tokenize_shard(source, shard, tok, job["fmt"], max_length, max_prompt_length, marker)
         try:
             shards.write_rejects(Store(job["uri"]), shard_id, rejects)
             error = None
         except UserError as e:
-            pairs, error = [], str(e)
-        pairs.sort(key=lambda p: p.index)
-        packed.append(shards.pack(pa.Table.from_pylist([vars(p) | {"_index": p.index} for p in pairs],
-                                                       schema=pa.schema(list(shards.PAIR)))))
+            pairs, error = pairs.slice(0, 0), str(e)
+        packed.append(shards.pack(pairs))
         heads.append({"_job": job_id, "_shard": shard_id, "rows": shard.stop - shard.start,
                       "rejected": len(rejects), "reasons": shards.reasons_json(rejects), "error": error})
     out = pa.Table.from_pylist(heads, schema=pa.schema(SHARD_FIELDS))
@@ -186,57 +177,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _duplicates(store: Store, plan: SourcePlan) -> dict[str, list[dict]]:
-    """Usable pairs whose id an earlier usable pair already has (`shards.find_duplicates`). Computed once from the
-    shards as scored and recorded before any file changes: a crash while dropping them redoes the same."""
-    if store.exists(".work/duplicates.json"):
-        return store.read_json(".work/duplicates.json")
-    dups = shards.find_duplicates(store, [s.index for s in plan.shards])
-    store.write_json(".work/duplicates.json", dups)
-    return dups
-
-
-def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[dict]) -> dict:
-    """Remove a shard's duplicate pairs from its file and list them with its rejects; the shard's final record."""
-    table, sid = store.read_parquet(marker["file"]), marker["shard"]
-    if table.num_rows == marker["pairs"]:  # not yet rewritten (a crash may have come after the rewrite)
-        drop = {d["pos"] for d in dups}
-        table = table.filter(pa.array([i not in drop for i in range(table.num_rows)]))
-        digest, size = shards.write_data(store, sid, table, CACHE_SCHEMA)
-    else:
-        digest, size = store.sha256(marker["file"]), store.fs.get_file_info(store.path(marker["file"])).size
-    raw = dict(read_shard(plan, plan.shards[marker["shard"]]))
-    lines = store.read_bytes(f".work/rejects-{marker['shard']:05d}.jsonl").decode().splitlines()
-    lines += [Reject(d["index"], d["id"], "duplicate_id", f"id {d['id']!r} is already used by "
-                     + (f"row {d['first']}" if d["first"] is not None else "an earlier row"),
-                     raw.get(d["index"])).to_json() for d in dups]
-    lines.sort(key=lambda line: json.loads(line)["index"])
-    store.write_bytes(f".work/rejects-{marker['shard']:05d}.jsonl", "".join(f"{x}\n" for x in lines).encode())
-    reasons = Counter(marker["reasons"])
-    reasons["duplicate_id"] += len(dups)
-    return {**marker, "sha256": digest, "bytes": size, "stat": shards.file_stat(store, marker["file"]),
-            "pairs": table.num_rows, "rejected": marker["rejected"] + len(dups), "reasons": dict(reasons),
-            "tokens": shards.token_count(table)}
-
-
 def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) -> dict[str, Any]:
-    # Without the pairs' source rows (`indices`): the driver keeps O(1) per shard.
-    markers = [{k: v for k, v in store.read_json(shards.marker_file(s.index)).items() if k != "indices"}
-               for s in plan.shards]
-    dups = _duplicates(store, plan)
-    # Ray tasks rewrite the shards that hold duplicates; the driver receives their new records.
-    drop = ray.remote(num_cpus=0.5)(_drop_duplicates)
-    redone = dict(zip([m["shard"] for m in markers if str(m["shard"]) in dups],
-                      shards.get([drop.remote(store, plan, m, dups[str(m["shard"])]) for m in markers
-                                  if str(m["shard"]) in dups])))
-    markers = [redone.get(m["shard"], m) for m in markers]
-    rejects_sha = shards.concat(store, [shards.rejects_file(s.index) for s in plan.shards], "rejects.jsonl")
-    reasons: Counter[str] = Counter()
-    for m in markers:
-        reasons.update(m["reasons"])
-    counts = {"rows": sum(m["rows"] for m in markers), "pairs": sum(m["pairs"] for m in markers),
-              "rejected": sum(m["rejected"] for m in markers), "reasons": dict(sorted(reasons.items())),
-              "tokens": sum(m["tokens"] for m in markers)}
+    finished = shards.finish(store, plan, CACHE_SCHEMA)
+    markers, counts, rejects_sha = finished.markers, finished.counts, finished.rejects_sha256
     manifest = {
         "schema_version": SCHEMA_VERSION, "key": prep.key, "split": prep.split, "inputs": prep.inputs,
         "engine": engine, "versions": _versions(), "counts": counts,
@@ -250,17 +193,7 @@ def _finalize(store: Store, prep: CacheInputs, plan: SourcePlan, engine: str) ->
         "shards": markers,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    for name in store.listdir("data"):  # temp files of writes a crash interrupted
-        if name.startswith(".tmp-"):
-            store.delete(f"data/{name}")
-    store.write_json("manifest.json", manifest)  # the commit point
-    store.delete(".work")
-    # Their sha256s were taken from the bytes written: a lookup later in this process need not read them again.
-    stats = file_stats(store)
-    for m in markers:
-        if tuple(m.get("stat", ())) == stats.get(m["file"]):
-            remember_verified(store, m["file"], m["sha256"], stats[m["file"]])
-    remember_verified(store, "rejects.jsonl", rejects_sha, stats["rejects.jsonl"])
+    shards.commit(store, manifest, finished)
     return counts
 
 
@@ -291,25 +224,6 @@ def _reopen(store: Store, prep: CacheInputs, manifest: dict[str, Any], damaged: 
 
 
 # ---------------------------------------------------------------- run
-
-
-def _pending(store: Store, prep: CacheInputs) -> tuple[SourcePlan, list[Shard]]:
-    """The shard plan of this cache (the first run's, if resuming) and its unfinished shards."""
-    if store.exists(".work/plan.json"):
-        plan = SourcePlan.from_dict(store.read_json(".work/plan.json"))
-        plan.path = prep.plan.path  # same content (same key); the file may have moved
-    else:
-        plan = prep.plan
-        store.write_json(".work/plan.json", plan.to_dict())
-    stats = file_stats(store)
-    markers = [store.read_json(f".work/{name}") for name in store.listdir(".work") if name.startswith("shard-")]
-    # Unchanged since written (same size and mtime): finished, nothing read. Otherwise (a marker of an older
-    # version, a copied cache) the bytes decide; a damaged file is scored again.
-    done = {m["shard"] for m in markers if m["file"] in stats and tuple(m.get("stat", ())) == stats[m["file"]]}
-    check = [m for m in markers if m["shard"] not in done and m["file"] in stats]
-    digests = sha256_files(store, [m["file"] for m in check], sum(stats[m["file"]][0] for m in check))
-    done |= {m["shard"] for m, digest in zip(check, digests) if digest == m["sha256"]}
-    return plan, [s for s in plan.shards if s.index not in done]
 
 
 def _score(cfg: Config, jobs: list[CacheJob], progress) -> dict[tuple[int, int], dict]:
@@ -348,9 +262,11 @@ def _score(cfg: Config, jobs: list[CacheJob], progress) -> dict[tuple[int, int],
     return written
 
 
-def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
-    """Build (or reuse) the cache of every configured split; record the resolved config in the run dir."""
+def run(cfg: Config, progress_factory=None, only: tuple[str, ...] = ("train", "eval")) -> list[CacheResult]:
+    """Build (or reuse) the cache of every configured split (of those in `only`); record the resolved config in the
+    run dir."""
     splits = [("train", cfg.data.train)] + ([("eval", cfg.data.eval)] if cfg.data.eval else [])
+    splits = [(name, src) for name, src in splits if name in only]
     preps = [resolve_inputs(cfg, name, src) for name, src in splits]  # user errors (missing files) before any write
     jobs: dict[str, CacheJob] = {}  # by key: two splits with the same inputs share one cache
     repaired: dict[str, list[str]] = {}
@@ -365,7 +281,7 @@ def run(cfg: Config, progress_factory=None) -> list[CacheResult]:
                 continue
             _reopen(store, prep, manifest, damaged)
             repaired[prep.key] = damaged
-        jobs[prep.key] = CacheJob(prep, store, *_pending(store, prep))
+        jobs[prep.key] = CacheJob(prep, store, *pending_shards(store, prep))
     run_store = Store(cfg.run_dir)
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     todo = [job for job in jobs.values() if job.todo]

@@ -1,6 +1,7 @@
 """Stage 2: DPO training on Ray Train with FSDP2, reading reference log-probs from the stage-1 cache.
 
-Driver (`run`): find the cache of the configured inputs (refusing one built for other inputs), deal its files to
+Driver (`run`): find the cache of the configured inputs (refusing one built for other inputs; a reference-free loss
+needs none: token files instead, written by Ray tasks when missing, pipeline/store/tokens.py), deal its files to
 data lanes, and run a `TorchTrainer` whose workers get a `WorkerPlan`; the driver never reads the training data.
 Workers (`train_loop`): a `DPOWorker` goes through setup (build the policy on the meta device, shard it with
 `apply_fsdp`, read its shards of the weights, restore the latest checkpoint) -> train (for each optimizer step read
@@ -11,7 +12,8 @@ pipeline/dpo/parallel.py, the checkpoint layout in pipeline/store/checkpoints.py
 Batches are world-size invariant and each worker reads only its share (pipeline/data/lanes.py): the cache's files
 are dealt to K lanes, a global batch of G pairs takes G/K rows from each lane, and worker r of W reads only its K/W
 lanes, so W workers compute exactly the steps one worker would (tested) while each reads 1/W of the cache (only
-`TRAIN_COLUMNS`). Every worker gets the same number of batches; a last partial global batch is dropped.
+`TRAIN_COLUMNS`, without the reference's under a reference-free loss). Every worker gets the same number of
+batches; a last partial global batch is dropped.
 
 Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory in train.checkpoint.dtype
 (moved into place when complete; at a URI run_dir, uploaded in the background with config.json last); the sharded
@@ -67,11 +69,11 @@ from pipeline.dpo.parallel import (
     set_full_values,
 )
 from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, worker_maxima
-from pipeline.errors import RunFailed, UserError, error_line
+from pipeline.errors import RunFailed, error_line
 from pipeline.runtime import faults
-from pipeline.runtime.cluster import spread
+from pipeline.runtime.cluster import check_spare_cpu, spread
 from pipeline.runtime.session import connect, quiet_worker_logs
-from pipeline.store.cache_layout import CacheRef, find_cache
+from pipeline.store.cache_layout import CacheRef
 from pipeline.store.checkpoints import (
     ADAPTER_CONFIG,
     SHARD_BYTES,
@@ -85,21 +87,9 @@ from pipeline.store.checkpoints import (
 )
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
+from pipeline.store.tokens import training_pairs
 
 # ---------------------------------------------------------------- driver
-
-
-def _check_cpus(cfg: Config) -> None:
-    """Ray Data streams the eval split to the workers only with at least one CPU the workers do not hold; without
-    it the run would wait forever (measured with Ray 2.60)."""
-    total = ray.cluster_resources().get("CPU", 0)
-    parallel = cfg.train.parallel
-    held = parallel.num_workers * parallel.num_cpus_per_worker
-    if total - held < 1:
-        raise UserError(f"train.parallel.num_workers × train.parallel.num_cpus_per_worker = {held:g} CPUs leaves "
-                        f"less than 1 of the cluster's {total:g} for the eval data; lower "
-                        f"train.parallel.num_cpus_per_worker (e.g. {max(0.25, (total - 1) / parallel.num_workers):g}) "
-                        f"or add CPUs")
 
 
 @dataclass
@@ -121,20 +111,22 @@ def train_key(cfg: Config, cache_key: str) -> str:
 
 
 def run(cfg: Config) -> TrainResult:
-    train_cache = find_cache(cfg, "train")
-    eval_cache = find_cache(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
-    lanes, per_epoch, total = plan_steps(cfg, train_cache.files, train_cache.file_rows)
+    """Train from the split's reference cache, or, with a reference-free loss, from token files (written here by
+    Ray tasks when missing, `pipeline/store/tokens.py`): no reference cache is needed then."""
+    train_data = training_pairs(cfg, "train")
+    eval_data = training_pairs(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
+    lanes, per_epoch, total = plan_steps(cfg, train_data.files, train_data.file_rows)
     run_store = Store(cfg.run_dir)  # a local path (resolved here) or a URI
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     remove_interrupted_exports(run_store)
     connect(cfg)
-    if eval_cache:
-        _check_cpus(cfg)
+    if eval_data:
+        check_spare_cpu(cfg)
     # Paths resolved here: Ray Train workers run in another working directory.
-    plan = WorkerPlan(cfg, run_store.uri, train_cache.model_dir, train_cache.tokenizer_dir, train_cache.chat_template,
+    plan = WorkerPlan(cfg, run_store.uri, train_data.model_dir, train_data.tokenizer_dir, train_data.chat_template,
                       lanes.lanes, lanes.rows_per_lane, per_epoch, total, faults.env(),
-                      train_cache.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path)
-    trainer = _trainer(cfg, plan, run_store, _eval_dataset(eval_cache, train_columns(cfg.train)))
+                      train_data.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path)
+    trainer = _trainer(cfg, plan, run_store, _eval_dataset(cfg, eval_data))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -142,17 +134,17 @@ def run(cfg: Config) -> TrainResult:
     ckpts = list_checkpoints(run_store)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     # The record `dpo-pipeline run`/`plan` read to skip a finished run with the same inputs (written last).
-    run_store.write_json("train.json", {"key": train_key(cfg, train_cache.key), "steps": total,
+    run_store.write_json("train.json", {"key": train_key(cfg, train_data.key), "steps": total,
                                         "checkpoints": ckpts, "final_metrics": metrics,
                                         "worker_nodes": (result.metrics or {}).get("worker_nodes")})
     return TrainResult(total, ckpts, dict(result.metrics or {}), run_store.uri)
 
 
-def _eval_dataset(eval_cache: CacheRef | None, columns: tuple[str, ...]) -> dict[str, Any]:
+def _eval_dataset(cfg: Config, eval_data: CacheRef | None) -> dict[str, Any]:
     """The eval split as a Ray dataset (`eval`), streamed whole to every worker, in the cache's order."""
-    if eval_cache is None:
+    if eval_data is None:
         return {}
-    return {"eval": ray.data.read_parquet(eval_cache.files, columns=list(columns))}
+    return {"eval": ray.data.read_parquet(eval_data.files, columns=list(train_columns(cfg.train)))}
 
 
 def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str, Any]) -> TorchTrainer:
@@ -250,7 +242,7 @@ class DPOWorker:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.lm, self.policy = self._policy()
         in_loop = self.cfg.train.ref_logps == "in_loop" and self.cfg.train.needs_reference
-        reference = self._reference() if in_loop else None
+        reference = self._reference() if in_loop else None  # a reference-free loss loads none
         optim = self.cfg.train.optim
         # Under LoRA only the adapters (and modules_to_save copies) train: optimizer state for those alone.
         self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad], optim.lr,

@@ -71,6 +71,7 @@ def test_training_reads_only_the_columns_a_step_uses(base):
     assert lanes.train_columns(base("ld", "train.loss.ld_alpha=0.5").train)[-2:] == lanes.TOKEN_LOGP_COLUMNS
     assert lanes.train_columns(base("ld", "train.loss.ld_alpha=0.5", "train.ref_logps=in_loop").train) == \
         lanes.TRAIN_COLUMNS
+    assert lanes.train_columns(base("free", "train.loss.type=simpo").train) == lanes.PAIR_COLUMNS  # no reference
 
 
 @pytest.fixture(scope="module")

@@ -95,9 +95,9 @@ def lane_batches(lane: list[Piece], lane_id: int, rows_per_lane: int, seed: int,
 
 
 # The cache columns a training step reads: the per-token reference log-prob lists (as large as the token ids) stay
-# on storage; `id` seeds the shuffle.
-TRAIN_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "ref_chosen_logps",
-                 "ref_rejected_logps")
+# on storage; `id` seeds the shuffle. A reference-free loss reads no reference column (token files have none).
+PAIR_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+TRAIN_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logps", "ref_rejected_logps")
 
 
 # Read only for LD-DPO (`ld_alpha`), which weighs each reference token by its position.
@@ -105,15 +105,17 @@ TOKEN_LOGP_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
 
 
 def train_columns(train: TrainConfig) -> tuple[str, ...]:
-    """The cache columns the configured loss reads: `TRAIN_COLUMNS`, and the per-token reference log-probs for
-    LD-DPO with cached reference log-probs."""
-    cached = train.needs_reference and train.ref_logps == "cached"
+    """The columns the configured loss reads: `TRAIN_COLUMNS`; only `PAIR_COLUMNS` for a reference-free loss; and
+    the per-token reference log-probs for LD-DPO with cached reference log-probs."""
+    if not train.needs_reference:
+        return PAIR_COLUMNS
     ld = any(t.ld_alpha is not None for t in train.losses)
-    return TRAIN_COLUMNS + (TOKEN_LOGP_COLUMNS if cached and ld else ())
+    return TRAIN_COLUMNS + (TOKEN_LOGP_COLUMNS if ld and train.ref_logps == "cached" else ())
 
 
 def read_train_columns(uri: str, columns: tuple[str, ...] = TRAIN_COLUMNS) -> pa.Table:
-    """A cache file's `columns` (by default `TRAIN_COLUMNS`: the per-token log-prob lists stay on storage)."""
+    """A cache (or token) file's `columns` (by default `TRAIN_COLUMNS`: the per-token log-prob lists stay on
+    storage)."""
     fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
     return pq.read_table(path, columns=list(columns), filesystem=fs)
 

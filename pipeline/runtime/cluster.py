@@ -31,6 +31,19 @@ def spread(cfg: Config) -> bool:
     return cfg.ray.placement == "spread"
 
 
+def check_spare_cpu(cfg: Config) -> None:
+    """Ray Data streams the eval split to the training workers only with at least one CPU the workers do not hold;
+    without it the run would wait forever (measured with Ray 2.60)."""
+    total = ray.cluster_resources().get("CPU", 0)
+    parallel = cfg.train.parallel
+    held = parallel.num_workers * parallel.num_cpus_per_worker
+    if total - held < 1:
+        raise UserError(f"train.parallel.num_workers × train.parallel.num_cpus_per_worker = {held:g} CPUs leaves "
+                        f"less than 1 of the cluster's {total:g} for the eval data; lower "
+                        f"train.parallel.num_cpus_per_worker (e.g. {max(0.25, (total - 1) / parallel.num_workers):g}) "
+                        f"or add CPUs")
+
+
 def _local_paths(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
     """(storage roots on a local disk, {key: path}), (model and data files that exist locally, {key: path})."""
     roots = {}

@@ -25,7 +25,7 @@ from pipeline.data.models import (
     resolve_tokenizer,
 )
 from pipeline.data.rows import TOKENIZATION_VERSION
-from pipeline.data.sources import SETTLE_NS, SourcePlan, plan_source
+from pipeline.data.sources import SETTLE_NS, Shard, SourcePlan, plan_source
 from pipeline.errors import UserError
 from pipeline.store.fingerprint import cache_key
 from pipeline.store.storage import Store
@@ -144,6 +144,27 @@ def damaged_files(store: Store, manifest: dict[str, Any]) -> list[str]:
         if f["path"] in intact and stats[f["path"]][1] < start - SETTLE_NS:  # see plan_source: not "racy"
             remember_verified(store, f["path"], f["sha256"], stats[f["path"]])
     return [f["path"] for f in entries if f["path"] not in intact and not verified(f)]
+
+
+def pending_shards(store: Store, prep: CacheInputs) -> tuple[SourcePlan, list[Shard]]:
+    """The shard plan of an unfinished directory of shards (the first run's, if resuming; `.work/plan.json`) and
+    its unfinished shards (`pipeline/store/shards.py`: a shard is finished when its marker exists and its file is
+    as the marker records it)."""
+    if store.exists(".work/plan.json"):
+        plan = SourcePlan.from_dict(store.read_json(".work/plan.json"))
+        plan.path = prep.plan.path  # same content (same key); the file may have moved
+    else:
+        plan = prep.plan
+        store.write_json(".work/plan.json", plan.to_dict())
+    stats = file_stats(store)
+    markers = [store.read_json(f".work/{name}") for name in store.listdir(".work") if name.startswith("shard-")]
+    # Unchanged since written (same size and mtime): finished, nothing read. Otherwise (a marker of an older
+    # version, a copied cache) the bytes decide; a damaged file is done again.
+    done = {m["shard"] for m in markers if m["file"] in stats and tuple(m.get("stat", ())) == stats[m["file"]]}
+    check = [m for m in markers if m["shard"] not in done and m["file"] in stats]
+    digests = sha256_files(store, [m["file"] for m in check], sum(stats[m["file"]][0] for m in check))
+    done |= {m["shard"] for m, digest in zip(check, digests) if digest == m["sha256"]}
+    return plan, [s for s in plan.shards if s.index not in done]
 
 
 @dataclass

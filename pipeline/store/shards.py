@@ -17,7 +17,9 @@ from __future__ import annotations
 import io
 import json
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -25,8 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.data.sources import Reject
+from pipeline.data.rows import tokenize_rows
+from pipeline.data.sources import Reject, Shard, SourcePlan, read_shard
 from pipeline.errors import UserError
+from pipeline.store.cache_layout import file_stats, remember_verified
 from pipeline.store.storage import Store
 
 IDS = pa.list_(pa.int32())
@@ -69,6 +73,16 @@ def write_rejects(store: Store, sid: int, rejects: list[Reject]) -> int:
     rejects = sorted(rejects, key=lambda r: r.index)
     store.write_stream(rejects_file(sid), (f"{r.to_json()}\n".encode() for r in rejects))
     return len(rejects)
+
+
+def tokenize_shard(plan: SourcePlan, shard: Shard, tok, fmt: str, max_length: int, max_prompt_length: int,
+                   marker: str) -> tuple[pa.Table, list[Reject]]:
+    """A shard read and tokenized (`pipeline/data/rows.py`): its usable pairs in source order (schema `PAIR`) and
+    its rejects. The reference cache and the token files of reference-free training tokenize alike through this."""
+    pairs, rejects = tokenize_rows(read_shard(plan, shard), tok, fmt, max_length, max_prompt_length, marker)
+    pairs.sort(key=lambda p: p.index)
+    table = pa.Table.from_pylist([vars(p) | {"_index": p.index} for p in pairs], schema=pa.schema(list(PAIR)))
+    return table, rejects
 
 
 def token_count(table: pa.Table) -> int:
@@ -119,6 +133,88 @@ def reasons_json(rejects: list[Reject]) -> str:
     for r in rejects:
         counts[r.reason] = counts.get(r.reason, 0) + 1
     return json.dumps(counts)
+
+
+# ---------------------------------------------------------------- finishing: duplicate ids, rejects, counts
+
+
+@dataclass
+class Finished:
+    """A directory of finished shards, as its manifest records them: each shard's final marker (without its source
+    rows), the pairs' counts and the sha256 of `rejects.jsonl`."""
+
+    markers: list[dict[str, Any]]
+    counts: dict[str, Any]
+    rejects_sha256: str
+
+
+def finish(store: Store, plan: SourcePlan, schema: pa.Schema) -> Finished:
+    """Once every shard of `plan` is finished: drop the pairs whose id an earlier pair has (reason `duplicate_id`,
+    by Ray tasks), stream the shards' rejects into `rejects.jsonl` and count. The driver keeps O(1) per shard."""
+    markers = [{k: v for k, v in store.read_json(marker_file(s.index)).items() if k != "indices"}
+               for s in plan.shards]
+    dups = _duplicates_once(store, plan)
+    drop = ray.remote(num_cpus=0.5)(_drop_duplicates)
+    with_dups = [m for m in markers if str(m["shard"]) in dups]
+    redone = dict(zip([m["shard"] for m in with_dups],
+                      get([drop.remote(store, plan, m, dups[str(m["shard"])], schema) for m in with_dups])))
+    markers = [redone.get(m["shard"], m) for m in markers]
+    rejects_sha = concat(store, [rejects_file(s.index) for s in plan.shards], "rejects.jsonl")
+    reasons: Counter[str] = Counter()
+    for m in markers:
+        reasons.update(m["reasons"])
+    counts = {"rows": sum(m["rows"] for m in markers), "pairs": sum(m["pairs"] for m in markers),
+              "rejected": sum(m["rejected"] for m in markers), "reasons": dict(sorted(reasons.items())),
+              "tokens": sum(m["tokens"] for m in markers)}
+    return Finished(markers, counts, rejects_sha)
+
+
+def commit(store: Store, manifest: dict[str, Any], finished: Finished) -> None:
+    """Write the manifest (the commit point: from now on the directory is complete) and drop the work files. The
+    shards' sha256s were taken from the bytes written: a lookup later in this process need not read them again."""
+    for name in store.listdir("data"):  # temp files of writes a crash interrupted
+        if name.startswith(".tmp-"):
+            store.delete(f"data/{name}")
+    store.write_json("manifest.json", manifest)
+    store.delete(".work")
+    stats = file_stats(store)
+    for m in finished.markers:
+        if tuple(m.get("stat", ())) == stats.get(m["file"]):
+            remember_verified(store, m["file"], m["sha256"], stats[m["file"]])
+    remember_verified(store, "rejects.jsonl", finished.rejects_sha256, stats["rejects.jsonl"])
+
+
+def _duplicates_once(store: Store, plan: SourcePlan) -> dict[str, list[dict]]:
+    """Usable pairs whose id an earlier usable pair already has (`find_duplicates`). Computed once from the
+    shards as written and recorded before any file changes: a crash while dropping them redoes the same."""
+    if store.exists(".work/duplicates.json"):
+        return store.read_json(".work/duplicates.json")
+    dups = find_duplicates(store, [s.index for s in plan.shards])
+    store.write_json(".work/duplicates.json", dups)
+    return dups
+
+
+def _drop_duplicates(store: Store, plan: SourcePlan, marker: dict, dups: list[dict], schema: pa.Schema) -> dict:
+    """Remove a shard's duplicate pairs from its file and list them with its rejects; the shard's final record."""
+    table, sid = store.read_parquet(marker["file"]), marker["shard"]
+    if table.num_rows == marker["pairs"]:  # not yet rewritten (a crash may have come after the rewrite)
+        drop = {d["pos"] for d in dups}
+        table = table.filter(pa.array([i not in drop for i in range(table.num_rows)]))
+        digest, size = write_data(store, sid, table, schema)
+    else:
+        digest, size = store.sha256(marker["file"]), store.fs.get_file_info(store.path(marker["file"])).size
+    raw = dict(read_shard(plan, plan.shards[sid]))
+    lines = store.read_bytes(rejects_file(sid)).decode().splitlines()
+    lines += [Reject(d["index"], d["id"], "duplicate_id", f"id {d['id']!r} is already used by "
+                     + (f"row {d['first']}" if d["first"] is not None else "an earlier row"),
+                     raw.get(d["index"])).to_json() for d in dups]
+    lines.sort(key=lambda line: json.loads(line)["index"])
+    store.write_bytes(rejects_file(sid), "".join(f"{x}\n" for x in lines).encode())
+    reasons = Counter(marker["reasons"])
+    reasons["duplicate_id"] += len(dups)
+    return {**marker, "sha256": digest, "bytes": size, "stat": file_stat(store, marker["file"]),
+            "pairs": table.num_rows, "rejected": marker["rejected"] + len(dups), "reasons": dict(reasons),
+            "tokens": token_count(table)}
 
 
 # ---------------------------------------------------------------- duplicate ids, found by Ray tasks
