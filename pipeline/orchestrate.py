@@ -122,7 +122,7 @@ def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
         _, _, total = train.plan_steps(cfg, [f["path"] for f in files], [f["rows"] for f in files])
         lora = cfg.train.lora
         what = f", LoRA rank {lora.rank} adapters" if lora else ""
-        what += f", {_reference_free(cfg)}" if not cfg.train.needs_reference else ""
+        what += f", {_reference_free(cfg)}" if not cfg.train.needs_reference else f", loss {cfg.train.loss_summary}"
         return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs{what}")
     if not cfg.train.needs_reference:
         return Step("train", "run", f"after tokenizing: no training run for these inputs, {_reference_free(cfg)}")
@@ -130,7 +130,7 @@ def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
 
 
 def _reference_free(cfg: Config) -> str:
-    return f"reference-free ({'+'.join(t.type for t in cfg.train.losses)}: no reference model or cache)"
+    return f"reference-free loss {cfg.train.loss_summary}: no reference model or cache"
 
 
 def _plan_eval(cfg: Config, after: bool) -> Step:

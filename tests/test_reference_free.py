@@ -48,7 +48,7 @@ def test_plan_of_a_reference_free_loss_caches_no_train_split(tiny_model, tmp_pat
     eval_data = f"data.eval.path={DATA / 'conversational.jsonl'}"
     steps = orchestrate.plan(make_config(tiny_model, tmp_path, *SFT, eval_data), evaluate=False)
     assert [(s.stage, s.action) for s in steps] == [("tokens/train", "run"), ("cache/eval", "run"), ("train", "run")]
-    assert "training tokenizes 24 rows" in steps[0].why and "reference-free (sft" in steps[2].why
+    assert "training tokenizes 24 rows" in steps[0].why and "reference-free loss sft" in steps[2].why
     assert not (tmp_path / "cache" / "tokens").exists()  # nothing was run
     # Without preference accuracy nothing is scored: the eval split of `train.eval_every` is tokenized too.
     steps = orchestrate.plan(make_config(tiny_model, tmp_path, *SFT, eval_data, "eval.preference_accuracy=false",
@@ -89,8 +89,9 @@ def test_token_files_count_rejects_and_resume(tiny_model, tmp_path, ray_local, m
 
 
 @pytest.mark.ray
-def test_sft_trains_with_no_reference_cache(tiny_model, tmp_path, ray_local):
-    cfg = make_config(tiny_model, tmp_path, *SFT, "train.ref_logps=in_loop", "train.eval_every=2",
+def test_simpo_and_orpo_train_with_no_reference_cache(tiny_model, tmp_path, ray_local):
+    free = "train.loss=[{type: simpo, beta: 2.0}, {type: orpo, weight: 0.5}]"
+    cfg = make_config(tiny_model, tmp_path, *SFT, free, "train.ref_logps=in_loop", "train.eval_every=2",
                       f"data.eval.path={DATA / 'conversational.jsonl'}")
     result = train.run(cfg)
     prep = resolve_inputs(cfg, "train", cfg.data.train)
@@ -100,6 +101,8 @@ def test_sft_trains_with_no_reference_cache(tiny_model, tmp_path, ray_local):
     rows = [json.loads(line) for line in Path(cfg.run_dir, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows) and math.isfinite(rows[1]["eval/loss"])
+    assert rows[0]["loss"] == pytest.approx(rows[0]["loss/simpo"] + 0.5 * rows[0]["loss/orpo"], abs=1e-5)
+    assert math.isfinite(rows[0]["orpo/log_odds"])
     assert [Path(c).name for c in result.checkpoints] == ["step_000002"]
     assert (Path(result.checkpoints[0]) / "config.json").exists()
     # A second run reuses the token files; `plan` finds both them and the finished training.
