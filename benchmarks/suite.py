@@ -468,7 +468,10 @@ def render(out: dict) -> str:
         for row in out["losses"]:
             L.append(f"| {row['mode']} | {row['pairs_per_s']:.2f} | {row['tokens_per_s']:,.0f} | "
                      f"{row['peak_rss_mb']:,.0f} | {row['data_read_mb']:.2f} |")
-        L.append("")
+        L += ["", "What a variant adds to DPO's step: WPO one logsumexp over the vocabulary per response token, a "
+              "list of losses more terms on the same forward, LD-DPO the per-token reference log-probs read from the "
+              "cache (about as many bytes as the token ids). Differences in pairs/s within this machine's "
+              "run-to-run noise (±10%) are no difference.", ""]
     if "scaling" in out:
         sc = out["scaling"]
         L += ["## Scaling", "", "Whole `cache` (hf engine) and `train` (one epoch, cached reference) commands "
