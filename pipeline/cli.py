@@ -51,16 +51,10 @@ def _train(args) -> None:
     print(f"metrics: {r.run_dir}/metrics.jsonl, TensorBoard: {r.run_dir}/tensorboard")
 
 
-def _fmt(v, se=None) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4g}" + (f" ± {se:.2g}" if se is not None else "")
-
-
 def _headline(row: dict) -> str:
-    """One evaluated target's figures, for the terminal."""
-    return (f"reward {_fmt(row['reward_mean'], row['reward_se'])}, KL {_fmt(row['kl_mean'], row['kl_se'])}, "
-            f"win rate {_fmt(row['win_rate'])}, preference accuracy {_fmt(row['pref_accuracy'])}")
+    from pipeline.store.run_status import headline  # noqa: PLC0415 (lazy: torch; see the top)
+
+    return headline(row)
 
 
 def _eval(args) -> int:
@@ -173,6 +167,12 @@ def _demo(args) -> int:
     return 0
 
 
+def _status(args) -> None:
+    from pipeline.store.run_status import run_status, status_lines  # noqa: PLC0415 (lazy: torch; see the top)
+
+    print("\n".join(status_lines(run_status(args.run_dir))))
+
+
 def _tiny_assets(args) -> None:
     from pipeline.demo.tiny import build_tiny_assets  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--address", help="Ray cluster to join (`auto`, HOST:PORT, `ray://HOST:10001`); "
                                              "overrides ray.address and RAY_ADDRESS")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("status", help="where a run stands: stage, steps, checkpoints, evaluated targets, logs "
+                                      "(reads its run_dir; starts nothing)")
+    p.add_argument("run_dir", help="the run's run_dir: a local path or a URI")
+    p.set_defaults(fn=_status)
     p = sub.add_parser("tiny-assets", help="build the tiny test model and tokenizer (no network)")
     p.add_argument("out", help="output directory")
     p.set_defaults(fn=_tiny_assets)

@@ -269,3 +269,23 @@ def test_sources_and_cache_on_s3_give_the_local_values(s3_ray, tiny_model, tmp_p
         for side in ("chosen", "rejected"):
             np.testing.assert_allclose(got.column(f"ref_{side}_logps").to_numpy(),
                                        want.column(f"ref_{side}_logps").to_numpy(), atol=TOL)
+
+
+@pytest.mark.vllm
+def test_the_readme_recipes_read_the_cache(vllm_run):
+    """The README's pandas and `datasets` recipes, run as written, give the cache's rows."""
+    import re
+
+    _, results = vllm_run
+    r = results["train"]
+    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).resolve().parents[1] / "README.md").read_text(), re.S)
+    pandas_block = next(b for b in blocks if "pd.read_parquet" in b)
+    datasets_block = next(b for b in blocks if "load_dataset(\"parquet\"" in b)
+    scope: dict = {}
+    exec(pandas_block.replace('"cache/<key>"', repr(r.uri)), scope)  # noqa: S102 (the README's own code)
+    exec(datasets_block, scope)  # noqa: S102
+    want = read_cache(r)
+    df, ds = scope["df"], scope["ds"]
+    assert df["id"].tolist() == ds["id"] == want.column("id").to_pylist()
+    np.testing.assert_array_equal(df["ref_chosen_logps"].to_numpy(), want.column("ref_chosen_logps").to_numpy())
+    assert ds["rejected_input_ids"] == want.column("rejected_input_ids").to_pylist()

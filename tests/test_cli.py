@@ -1,9 +1,13 @@
-"""The CLI's `plan` and `config` commands. (User errors and crashes: tests/faults.)"""
+"""The CLI's `plan`, `config` and `status` commands. (User errors and crashes: tests/faults.)"""
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
+from pipeline.cli import main
+from pipeline.config import load_config, to_yaml
 from tests.faults.helpers import cli
 
 
@@ -23,3 +27,24 @@ def test_config_command_prints_resolved_config(tiny_model):
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["scoring"]["batch_size"] == 7 and resolved["model"]["path"] == str(tiny_model)
     assert resolved["data"]["train"]["format"] == "auto"  # defaults are filled in
+
+
+def test_status_of_a_run_in_training_and_of_no_run(tmp_path, capsys):
+    """`status` reads the run_dir's files only (a run stopped at step 3 with a training state at step 2)."""
+    run = tmp_path / "run"
+    (run / "ray" / "checkpoint_000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_000002" / "config.json").write_text("{}")
+    cfg = load_config("configs/tiny.yaml", ["train.loss=[{type: sigmoid, weight: 0.8}, {type: sft}]"])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "cache.json").write_text(json.dumps({"train": {"uri": "/c/abc", "counts": {"pairs": 24, "rejected": 1}}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 0.7 - i / 100}) + "\n"
+                                               for i in (1, 2, 3)) + '{"step": 4, "lo')  # cut short by a crash
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "stage: training (loss 0.8×sigmoid + sft)" in out
+    assert "cache (train): /c/abc (24 pairs, 1 rejected)" in out
+    assert "training: 3 step(s) logged (last: loss 0.67); resumable from checkpoint_000002" in out
+    assert "checkpoints: 1 (step_000002)" in out
+    assert main(["status", str(tmp_path / "nothing")]) == 2
+    assert "holds no run (no config.yaml)" in capsys.readouterr().err

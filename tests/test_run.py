@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.orchestrate import plan, run
+from pipeline.store.run_status import run_status, status_lines
 from tests.conftest import DATA, make_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -30,6 +31,14 @@ def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
     assert [Path(c).name for c in first.checkpoints] == ["step_000002"]
     assert [r["name"] for r in first.rows] == ["reference", "step_000002"] and not first.failures
     assert Path(first.report).is_file() and (Path(cfg.run_dir) / "train.json").is_file()
+
+    status = run_status(cfg.run_dir)  # what `dpo-pipeline status` reads: the run_dir's files alone
+    assert status.stage == "evaluated" and status.steps_total == 2 and status.loss == "sigmoid β=0.1"
+    assert [c.rsplit("/", 1)[-1] for c in status.checkpoints] == ["step_000002"]
+    assert [r["name"] for r in status.evaluated] == ["reference", "step_000002"]
+    assert status.caches["train"]["pairs"] == 24 and status.report == f"{status.run_dir}/eval/report.md"
+    text = "\n".join(status_lines(status))
+    assert "[step_000002] reward" in text and "run.log" in text and "engine.log" in text
 
     steps = plan(cfg)
     assert [s.action for s in steps] == ["reuse"] * 4, steps
