@@ -63,6 +63,7 @@ from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
 from pipeline.runtime import faults
 from pipeline.runtime.session import connect, progress_bar
+from pipeline.runtime.trackers import log_evaluation
 from pipeline.store.checkpoints import checkpoint_hash, is_adapter, list_checkpoints
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
@@ -387,6 +388,7 @@ def _report(cfg: Config, plan: EvalPlan, evaluated: list[TargetJob], sampling: S
     failures = {**plan.failures, **sampling.failures}
     failed = [{"name": name, "path": paths[name], "error": message} for name, message in failures.items()]
     report = write_report(plan.eval_store, rows, failed, summary.report_settings(cfg, plan.prompts.count))
+    log_evaluation(cfg, cfg.run_dir, rows, report.plots)  # W&B / MLflow, if logging.report_to has them
     return EvalResult(plan.eval_store.uri, [j.target.name for j in evaluated], reused=plan.reused, failures=failed,
                       report=str(report.report), rows=rows, prompts=plan.prompts.count,
                       prompt_rejects=plan.prompts.rejected, engine_starts=sampling.engine_starts)

@@ -73,6 +73,7 @@ from pipeline.errors import RunFailed, error_line
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import check_spare_cpu, spread
 from pipeline.runtime.session import connect, quiet_worker_logs
+from pipeline.runtime.trackers import open_trackers
 from pipeline.store.cache_layout import CacheRef
 from pipeline.store.checkpoints import (
     ADAPTER_CONFIG,
@@ -250,7 +251,9 @@ class DPOWorker:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
         self.compute = StepCompute(self.policy, reference, self.cfg.train.losses, pad_id, self.device)
-        self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0)
+        self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0,
+                                    tensorboard="tensorboard" in self.cfg.logging.report_to,
+                                    trackers=open_trackers(self.cfg, self.plan.run_dir) if self.rank == 0 else None)
         self.nodes = self._worker_nodes()
         self.export_dtype = export_dtype(self.cfg.train.checkpoint.dtype, self.plan.model_dir)
         # The background writer coordinates over a group of its own (gloo: host memory, any device).

@@ -18,11 +18,34 @@ def _actions(cfg):
     return [(s.stage, s.action) for s in plan(cfg)]
 
 
+def _assert_trackers_recorded(run_dir: Path, rows: list[dict]) -> None:
+    """Training (in the Ray Train worker) and evaluation (the driver) logged to one W&B and one MLflow run: the
+    values of metrics.jsonl at their steps, and each target's figures at its training step."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_trackers import wandb_history
+
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "loss")] == \
+        [(r["step"], r["loss"]) for r in logged]
+    want = sorted(((r["step"] or 0), r["reward_mean"]) for r in rows)
+    assert [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "eval/reward_mean")] == want
+    assert {a.path for a in client.list_artifacts(ids["mlflow"], "eval")} >= {"eval/reward_vs_kl.png"}
+    history = wandb_history(run_dir)
+    assert [(h["_step"], h["loss"]) for h in history if "loss" in h] == [(r["step"], r["loss"]) for r in logged]
+    assert [(h["eval/step"], h["eval/reward_mean"]) for h in history if "eval/step" in h] == want
+
+
 def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
     cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
                       "train.max_steps=2", "train.global_batch_pairs=4", "train.micro_batch_pairs=2",
                       "eval.num_prompts=3", "eval.max_new_tokens=4", "eval.engine_kwargs={enforce_eager: true}",
-                      "eval.reward.type=rule", "eval.reward.rule=length")
+                      "eval.reward.type=rule", "eval.reward.rule=length",
+                      "logging.report_to=[tensorboard, wandb, mlflow]", "logging.wandb_mode=offline")
     assert _actions(cfg) == [("cache/train", "run"), ("cache/eval", "run"), ("train", "run"), ("eval", "run")]
 
     lines: list[str] = []
@@ -32,6 +55,7 @@ def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
     assert [r["name"] for r in first.rows] == ["reference", "step_000002"] and not first.failures
     assert Path(first.report).is_file() and (Path(cfg.run_dir) / "train.json").is_file()
 
+    _assert_trackers_recorded(Path(cfg.run_dir), first.rows)
     status = run_status(cfg.run_dir)  # what `dpo-pipeline status` reads: the run_dir's files alone
     assert status.stage == "evaluated" and status.steps_total == 2 and status.loss == "sigmoid β=0.1"
     assert [c.rsplit("/", 1)[-1] for c in status.checkpoints] == ["step_000002"]

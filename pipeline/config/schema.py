@@ -381,6 +381,21 @@ class TrainConfig(_Strict):
         return self
 
 
+class LoggingConfig(_Strict):
+    """Where metrics go besides `<run_dir>/metrics.jsonl` and the report."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Trackers: `tensorboard` (<run_dir>/tensorboard), `wandb`, `mlflow` (the `trackers` extra). "
+                    "Training metrics every logged step, evaluation figures by checkpoint step, the report's plots, "
+                    "the resolved config as parameters.")
+    project: str = Field("dpo-pipeline", description="W&B project / MLflow experiment name.")
+    run_name: str | None = Field(None, description="Tracker run name; default: the run_dir's last part.")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="W&B mode; default: wandb's own (`WANDB_MODE`, else online). Offline runs are kept in "
+                          "<run_dir>/wandb (`wandb sync` uploads them).")
+
+
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster to join (`auto`, `ray://...`); default: the "
                                                   "`RAY_ADDRESS` variable, else a local Ray instance.")
@@ -401,6 +416,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="DPO training (stage 2).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Checkpoint evaluation by sampling (stage 3).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Experiment trackers.")
     cache_dir: str = Field("cache", description="Root of the content-addressed reference cache: a local path or a "
                                                 "`file://`, `s3://`, `gs://` URI; shared storage on several nodes.")
     run_dir: str = Field("runs/default", description="This run's directory (resolved config, logs, checkpoints, "

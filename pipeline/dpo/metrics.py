@@ -77,8 +77,11 @@ class MetricsLogger:
     PARTS = "metrics-parts"
     FLUSH_SECONDS = 30.0
 
-    def __init__(self, run_dir: str, enabled: bool):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, trackers=None):
+        """`tensorboard`: write event files; `trackers`: a pipeline.runtime.trackers.Trackers (W&B, MLflow) that
+        gets every logged row too, and is closed with this logger."""
         self.enabled = enabled
+        self.trackers = trackers
         if not enabled:
             return
         self.store = Store(run_dir)
@@ -94,7 +97,7 @@ class MetricsLogger:
         self._start_parts(path.read_text().splitlines(keepends=True) if path.exists() else [])
         self.jsonl = open(path, "a")
         self.tb_files = 0
-        self.tb = self._tensorboard()
+        self.tb = self._tensorboard() if tensorboard else None
         self.tb_uploaded: set[str] = set()
 
     def _remote_rows(self) -> bytes:
@@ -159,7 +162,10 @@ class MetricsLogger:
                                      time.monotonic() - self.last_upload >= self.FLUSH_SECONDS):
             self._flush_part()
         for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
+            if self.tb is not None:
+                self.tb.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.log(metrics, step)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("pairs", "tokens"))
         echo(f"step {step}: {shown}")
 
@@ -168,13 +174,14 @@ class MetricsLogger:
         it, start the next."""
         if self.enabled and not self.store.local:
             self._flush_part()
-            self.tb.close()
-            self._upload_tensorboard()
-            self.tb = self._tensorboard()
+            if self.tb is not None:
+                self.tb.close()
+                self._upload_tensorboard()
+                self.tb = self._tensorboard()
 
     def _upload_tensorboard(self) -> None:
         """Closed event files not uploaded yet (each is uploaded once)."""
-        for f in sorted((self.local / "tensorboard").rglob("*")):
+        for f in sorted((self.local / "tensorboard").rglob("*")) if self.tb is not None else []:
             rel = f.relative_to(self.local).as_posix()
             if f.is_file() and rel not in self.tb_uploaded:
                 data = f.read_bytes()
@@ -186,7 +193,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.jsonl.close()
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close()
         if not self.store.local:  # all rows in one file, then the parts go
             data = (self.local / "metrics.jsonl").read_bytes()
             self.store.write_bytes("metrics.jsonl", data)
