@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 TINY_MODEL := build/tiny-model
 
-.PHONY: install lint test test-families demo tiny bench scale clean
+.PHONY: install lint test test-families test-extended demo tiny bench scale clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: install lint
 # The model-family matrix beyond `make test`'s (OPT, Mistral, Gemma, Gemma-2, Phi-3, Falcon; ~5 min). CI runs both.
 test-families: install
 	DPO_TEST_FAMILIES=extended $(BIN)/python -m pytest -q tests/test_families.py
+
+# Everything `make test` leaves out (~10 min; CI runs both): the family matrix above, the two-node cluster run and
+# the demo in miniature (tests marked `extended`).
+test-extended: test-families
+	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q -m extended tests
 
 $(TINY_MODEL)/config.json: | install
 	$(BIN)/dpo-pipeline tiny-assets $(TINY_MODEL)

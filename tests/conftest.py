@@ -1,7 +1,9 @@
 """Shared fixtures. Nothing downloads: the tiny model and tokenizer are built from code, data lives in tests/data.
 
 Tiers: unit tests use no Ray and no vLLM; tests marked `ray` start a local Ray instance (once per session);
-tests marked `vllm` start a vLLM engine (slow: one per module at most).
+tests marked `vllm` start a vLLM engine (slow: one per module at most); tests marked `extended` (the two-node
+cluster run, the demo in miniature) run only with DPO_TEST_EXTENDED=1 (`make test-extended`, which CI runs), to keep
+`make test` under 30 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DATA = Path(__file__).parent / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DPO_TEST_EXTENDED") == "1":
+        return
+    skip = pytest.mark.skip(reason="extended tier: `make test-extended` (CI runs it)")
+    for item in items:
+        if item.get_closest_marker("extended"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

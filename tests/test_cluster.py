@@ -21,7 +21,7 @@ from pipeline.runtime.session import init_ray
 from pipeline.store.storage import Store
 from tests.conftest import DATA
 
-pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.extended]
 pytest.importorskip("vllm")
 
 

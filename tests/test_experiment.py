@@ -13,7 +13,7 @@ from pipeline.demo import experiment, sentiment
 from pipeline.demo.experiment import ExperimentSpec
 from pipeline.demo.sentiment import SftSpec
 
-pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.extended]
 pytest.importorskip("vllm")
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "sentiment.yaml")
