@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
+from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.storage import Store
@@ -52,14 +54,11 @@ def _metrics_rows(store: Store) -> list[dict[str, Any]]:
 
 
 def _loss_summary(config: dict[str, Any]) -> str | None:
-    loss = (config.get("train") or {}).get("loss")
-    terms = loss if isinstance(loss, list) else [loss] if isinstance(loss, dict) else []
-    if not terms:
+    """`TrainConfig.loss_summary` of the run's train section; None if it does not validate (another version's)."""
+    try:
+        return TrainConfig.model_validate(config.get("train") or {}).loss_summary
+    except ValidationError:
         return None
-    if len(terms) == 1:
-        return f"{terms[0].get('type')} β={terms[0].get('beta'):g}"
-    return " + ".join(str(t.get("type")) if t.get("weight", 1) == 1 else f"{t.get('weight'):g}×{t.get('type')}"
-                      for t in terms)
 
 
 def run_status(run_dir: str) -> RunStatus:
