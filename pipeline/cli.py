@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.config import load_config, reference_markdown, to_yaml
 from pipeline.errors import RunFailed, UserError
+from pipeline.runtime.console import NATIVE_STDERR, VERBOSE_ENV
 from pipeline.store.storage import Store, staging_dir, storage_error
 
 # The stages, the orchestration and the demo are imported inside the command that runs them: they load torch,
@@ -49,6 +50,7 @@ def _train(args) -> None:
     print(f"trained {r.steps} step(s); final: {shown}")
     print(f"checkpoints (Hugging Face format): {', '.join(r.checkpoints) or 'none'}")
     print(f"metrics: {r.run_dir}/metrics.jsonl, TensorBoard: {r.run_dir}/tensorboard")
+    print(f"Ray, Ray Train and vLLM logs: {r.run_dir}/logs/")
 
 
 def _headline(row: dict) -> str:
@@ -145,6 +147,7 @@ def _run(args) -> int:
             for f in s.failures:
                 print(f"  [{f['name']}] FAILED: {f['error']}", file=sys.stderr)
             print(f"  report: {s.report}\n  resolved config: {cfg.run_dir}/config.yaml, log: {cfg.run_dir}/run.log")
+            print(f"  Ray, Ray Train and vLLM logs: {cfg.run_dir}/logs/")
         finally:
             sys.stdout, sys.stderr = out, err
     return 1 if s.failures else 0
@@ -208,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in _RAY_COMMANDS:
             p.add_argument("--address", help="Ray cluster to join (`auto`, HOST:PORT, `ray://HOST:10001`); "
                                              "overrides ray.address and RAY_ADDRESS")
+            p.add_argument("--verbose", action="store_true",
+                           help="also show what Ray, Ray Train and vLLM print (always kept in <run_dir>/logs/); "
+                                f"or set {VERBOSE_ENV}=1")
         p.set_defaults(fn=fn)
     p = sub.add_parser("status", help="where a run stands: stage, steps, checkpoints, evaluated targets, logs "
                                       "(reads its run_dir; starts nothing)")
@@ -218,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_tiny_assets)
     sub.add_parser("config-docs", help="print the configuration reference (Markdown)").set_defaults(fn=_config_docs)
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"
+    if argv is None and args.command in _RAY_COMMANDS and args.command != "config":
+        # The real command line (not a test calling main): Ray's C++ records in this process to the run's
+        # logs/driver.log (pipeline/runtime/console.py).
+        NATIVE_STDERR.start()
     if getattr(args, "address", None):
         # JSON-quoted: a YAML scalar such as `10:20` would otherwise not stay a string.
         args.overrides.append(f"ray.address={json.dumps(args.address)}")

@@ -43,7 +43,8 @@ from pipeline.data.sources import Shard, SourcePlan
 from pipeline.engines.scorers import ENGINES, SCORE_FIELDS, actor_options, scorer_kwargs
 from pipeline.errors import UserError
 from pipeline.runtime import faults
-from pipeline.runtime.session import connect, progress_bar
+from pipeline.runtime.console import progress_bar
+from pipeline.runtime.session import connect
 from pipeline.store import shards
 from pipeline.store.cache_layout import (
     CacheInputs,

@@ -62,7 +62,8 @@ from pipeline.evaluation.report import write_report
 from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
 from pipeline.runtime import faults
-from pipeline.runtime.session import connect, progress_bar
+from pipeline.runtime.console import progress_bar
+from pipeline.runtime.session import connect
 from pipeline.runtime.trackers import log_evaluation
 from pipeline.store.checkpoints import checkpoint_hash, is_adapter, list_checkpoints
 from pipeline.store.fingerprint import sha256_json

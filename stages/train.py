@@ -41,7 +41,6 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
-from tqdm import tqdm
 
 from pipeline.config import Config, to_yaml
 from pipeline.data.lanes import LanePlan, lane_batches, plan_steps, read_train_columns, train_columns
@@ -72,6 +71,7 @@ from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimize
 from pipeline.errors import RunFailed, error_line
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import check_spare_cpu, spread
+from pipeline.runtime.console import ROUTER, RemoteBar, say
 from pipeline.runtime.session import connect, quiet_worker_logs
 from pipeline.runtime.trackers import open_trackers
 from pipeline.store.cache_layout import CacheRef
@@ -128,10 +128,12 @@ def run(cfg: Config) -> TrainResult:
                       lanes.lanes, lanes.rows_per_lane, per_epoch, total, faults.env(),
                       train_data.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path)
     trainer = _trainer(cfg, plan, run_store, _eval_dataset(cfg, eval_data))
+    ROUTER.expect("training")
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise _run_failed(e, run_store) from None
+    ROUTER.wait_closed("training", timeout=30.0)  # the workers' last lines (forwarded asynchronously) come first
     ckpts = list_checkpoints(run_store)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     # The record `dpo-pipeline run`/`plan` read to skip a finished run with the same inputs (written last).
@@ -260,8 +262,7 @@ class DPOWorker:
         self.save_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._restore()
         self.logger.resume_at(self.step)  # steps logged after the restored checkpoint are done (and logged) again
-        self.bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", unit="step",
-                        disable=self.rank != 0)
+        self.bar = RemoteBar(self.plan.total_steps, "training", "step", initial=self.step, disable=self.rank != 0)
 
     def train(self) -> None:
         while self.step < self.plan.total_steps:
@@ -283,7 +284,7 @@ class DPOWorker:
         self._report_saved(wait=True)
         self._finish_export()
         if self.rank == 0 and self.blocked_s:
-            print(f"checkpoints: the loop waited {sum(self.blocked_s):.2f} s for {len(self.blocked_s)} "
+            say(f"checkpoints: the loop waited {sum(self.blocked_s):.2f} s for {len(self.blocked_s)} "
                   f"(longest {max(self.blocked_s):.2f} s)")
         self.bar.close()
         self.logger.close()
@@ -348,7 +349,7 @@ class DPOWorker:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.compute.state = LossState(**meta.get("loss_state", {}))
         if self.rank == 0:
-            print(f"resumed from step {self.step} ({ckpt.path})")
+            say(f"resumed from step {self.step} ({ckpt.path})")
 
     # ------------------------------------------------------------ train
 
@@ -378,7 +379,7 @@ class DPOWorker:
             self.metrics.update(self._evaluate())
         self._report_saved(wait=False)
         if self.step % self.cfg.train.log_every == 0 or self.step == self.plan.total_steps:
-            self.logger.log(self.step, self.metrics, echo=self.bar.write)
+            self.logger.log(self.step, self.metrics, echo=self.bar.write, total=self.plan.total_steps)
         if self.cfg.train.checkpoint.every and self.step % self.cfg.train.checkpoint.every == 0:
             self.save()
 

@@ -35,7 +35,8 @@ from pipeline.engines.actors import CheckpointEngine, sample_seed
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.errors import UserError
 from pipeline.evaluation.report import format_mean_se, format_number
-from pipeline.runtime.session import init_ray, progress_bar
+from pipeline.runtime.console import progress_bar
+from pipeline.runtime.session import init_ray
 from pipeline.store.fingerprint import model_files_hash, sha256_json, tokenizer_files_hash
 from pipeline.store.storage import Store
 from stages import evaluate
@@ -126,7 +127,7 @@ def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
 
 def _sample(cfg: Config, spec: ExperimentSpec, ids: list[list[int]], eos: int, log_path: str):
     """Completions of every prompt from π_SFT: stage 3's vLLM engine in a Ray actor, per-prompt seeds."""
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.run_dir)
     kwargs = scorer_kwargs("vllm", cfg.eval, cfg.model.path, cfg.model.dtype,
                            cfg.data.max_prompt_length + spec.max_new_tokens)
     kwargs["seed"] = spec.seed

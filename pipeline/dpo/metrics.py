@@ -62,6 +62,18 @@ class StepSums:
         return out
 
 
+# The console's line per logged step: these metrics, under these short names, in this order (metrics.jsonl, the
+# trackers and TensorBoard have all of them).
+CONSOLE_METRICS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+                   ("eval/loss", "eval loss"), ("eval/rewards/accuracies", "eval acc"), ("grad_norm", "grad norm"),
+                   ("lr", "lr"), ("pairs_per_s", "pairs/s"))
+
+
+def step_line(step: int, metrics: dict[str, float], total: int | None = None) -> str:
+    shown = "  ".join(f"{name} {metrics[k]:.4g}" for k, name in CONSOLE_METRICS if k in metrics)
+    return f"step {step}{f'/{total}' if total else ''}  {shown}"
+
+
 class MetricsLogger:
     """Rank 0 only: one stdout line per logged step, `metrics.jsonl`, and TensorBoard event files.
 
@@ -148,7 +160,8 @@ class MetricsLogger:
         if self.part_lines:
             self._upload_part((self.rows - 1) // self.PART_ROWS, self.part_lines)
 
-    def log(self, step: int, metrics: dict[str, float], echo=print) -> None:
+    def log(self, step: int, metrics: dict[str, float], echo=print, total: int | None = None) -> None:
+        """One row: metrics.jsonl, TensorBoard, the trackers, and `echo` gets the console's line (`step_line`)."""
         if not self.enabled:
             return
         line = json.dumps({"step": step, **metrics}) + "\n"
@@ -166,8 +179,7 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, step)
         if self.trackers is not None:
             self.trackers.log(metrics, step)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("pairs", "tokens"))
-        echo(f"step {step}: {shown}")
+        echo(step_line(step, metrics, total))
 
     def sync(self) -> None:
         """At a checkpoint (URI run_dir): upload the open block of rows; close the current TensorBoard file, upload

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import ray
 import ray.data
-from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from pipeline.config import Config, RayConfig
 from pipeline.runtime.cluster import check_shared_storage
+from pipeline.runtime.console import ROUTER
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Join `ray.address` / `RAY_ADDRESS` if given, else start a local Ray instance (once per process)."""
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+def init_ray(cfg: RayConfig, run_dir: str | None = None) -> None:
+    """Join `ray.address` / `RAY_ADDRESS` if given, else start a local Ray instance (once per process). With
+    `run_dir`, what Ray, Ray Train and vLLM print goes to `<run_dir>/logs/` (pipeline/runtime/console.py)."""
+    if run_dir is not None:
+        ROUTER.use(run_dir)
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    ROUTER.install()
     ctx = ray.data.DataContext.get_current()
     # One progress bar of ours (pairs scored) instead of Ray Data's per-operator bars.
     ctx.enable_progress_bars = False
@@ -33,7 +35,7 @@ def init_ray(cfg: RayConfig) -> None:
 
 def connect(cfg: Config) -> None:
     """`init_ray`, then, on a cluster of several nodes, check that every node sees the run's storage."""
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.run_dir)
     check_shared_storage(cfg)
 
 
@@ -44,7 +46,3 @@ def quiet_worker_logs() -> None:
     for name in ("ray.data", "ray.train", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-def progress_bar(total: int, desc: str, unit: str = "pair"):
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)

@@ -32,7 +32,8 @@ from pipeline.config import Config
 from pipeline.data.models import load_tokenizer
 from pipeline.data.sources import SourcePlan
 from pipeline.errors import UserError
-from pipeline.runtime.session import connect, progress_bar
+from pipeline.runtime.console import progress_bar
+from pipeline.runtime.session import connect
 from pipeline.store import shards
 from pipeline.store.cache_layout import (
     CacheInputs,
