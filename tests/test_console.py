@@ -115,3 +115,17 @@ def test_ray_s_native_records_in_the_driver_leave_the_terminal(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == b"\rscoring:  50%\rscoring: 100%\nerror: the last line before exit\n"
     assert "core_worker.cc:2465: Actor with class name x" in (tmp_path / "run" / "logs" / "driver.log").read_text()
+
+
+def test_asking_for_the_dashboard_without_its_packages_is_a_user_error(monkeypatch, tmp_path):
+    import ray
+
+    from pipeline.config import RayConfig
+    from pipeline.errors import UserError
+    from pipeline.runtime import session
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session, "dashboard_installed", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail(f"Ray started: {kw}"))
+    with pytest.raises(UserError, match=r"install the `dashboard` extra"):
+        session.init_ray(RayConfig(dashboard=True))

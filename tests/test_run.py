@@ -40,7 +40,19 @@ def _assert_trackers_recorded(run_dir: Path, rows: list[dict]) -> None:
     assert [(h["eval/step"], h["eval/reward_mean"]) for h in history if "eval/step" in h] == want
 
 
-def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
+def _assert_console_and_logs(out: str, err: str, run_dir: Path) -> None:
+    """What the person saw: the training bar and a compact line per step, from the Ray Train worker but drawn by
+    the driver; no line of Ray's, Ray Train's or vLLM's own. Those are in the run's log files, by component."""
+    assert "step 1/2  loss 0.6931" in out and "step 2/2  loss" in out and "training: 100%" in err
+    for internal in ("RayTrainWorker pid=", "TrainController pid=", "PlacementGroupCleaner pid=",
+                     "Reporting training result", "Failed to query Ray Train Controller"):
+        assert internal not in out + err, internal
+    logs = run_dir / "logs"
+    assert "Reporting training result" in (logs / "train-workers.log").read_text()
+    assert "TrainController" in (logs / "ray-train.log").read_text()
+
+
+def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local, capsys):
     cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
                       "train.max_steps=2", "train.global_batch_pairs=4", "train.micro_batch_pairs=2",
                       "eval.num_prompts=3", "eval.max_new_tokens=4", "eval.engine_kwargs={enforce_eager: true}",
@@ -55,6 +67,7 @@ def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
     assert [r["name"] for r in first.rows] == ["reference", "step_000002"] and not first.failures
     assert Path(first.report).is_file() and (Path(cfg.run_dir) / "train.json").is_file()
 
+    _assert_console_and_logs(*capsys.readouterr(), Path(cfg.run_dir))
     _assert_trackers_recorded(Path(cfg.run_dir), first.rows)
     status = run_status(cfg.run_dir)  # what `dpo-pipeline status` reads: the run_dir's files alone
     assert status.stage == "evaluated" and status.steps_total == 2 and status.loss == "sigmoid β=0.1"
@@ -62,7 +75,7 @@ def test_plan_run_then_everything_is_reused(tiny_model, tmp_path, ray_local):
     assert [r["name"] for r in status.evaluated] == ["reference", "step_000002"]
     assert status.caches["train"]["pairs"] == 24 and status.report == f"{status.run_dir}/eval/report.md"
     text = "\n".join(status_lines(status))
-    assert "[step_000002] reward" in text and "engine.log" in text  # (run.log: written by the CLI)
+    assert "[step_000002] reward" in text and "engine.log" in text and "logs/train-workers.log" in text
 
     steps = plan(cfg)
     assert [s.action for s in steps] == ["reuse"] * 4, steps

@@ -405,6 +405,10 @@ class RayConfig(_Strict):
                                "actors go where resources are free); `spread`: Ray Train workers and evaluation "
                                "actors over as many nodes as possible (SPREAD). Stage-1 scorer actors always spread "
                                "(Ray Data's default).")
+    dashboard: bool | None = Field(
+        None, description="Start Ray's dashboard with a local Ray instance (its URL is printed); default: when "
+                          "its packages are installed (the `dashboard` extra, `ray[default]`). A joined cluster "
+                          "has the dashboard its head started with.")
 
 
 class Config(_Strict):

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 from matplotlib.figure import Figure
+from transformers.utils import logging as hf_logging
 
 from pipeline import orchestrate
 from pipeline.config import Config, load_config
@@ -175,6 +176,7 @@ def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = 
         raise UserError("eval.reward must be the demo's ground truth (the lexicon rule with "
                         "pipeline/demo/sentiment.py's "
                         "POSITIVE and NEGATIVE words); keep configs/sentiment.yaml's eval.reward")
+    hf_logging.disable_progress_bar()  # (transformers' "Writing model shards" bars: ours say what is built)
     echo(f"π_SFT: {sentiment.build_sft_model(base.model.path, sft, log=echo)}")
     build_pairs(base, spec, log=echo)
     targets: dict[str, str] = {}

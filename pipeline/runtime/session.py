@@ -10,8 +10,9 @@ import ray.data
 from transformers.utils import logging as hf_logging
 
 from pipeline.config import Config, RayConfig
+from pipeline.errors import UserError
 from pipeline.runtime.cluster import check_shared_storage
-from pipeline.runtime.console import ROUTER
+from pipeline.runtime.console import ROUTER, say
 
 
 def init_ray(cfg: RayConfig, run_dir: str | None = None) -> None:
@@ -22,15 +23,30 @@ def init_ray(cfg: RayConfig, run_dir: str | None = None) -> None:
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ctx = ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+            installed = dashboard_installed()
+            if cfg.dashboard and not installed:
+                raise UserError("ray.dashboard is true but Ray's dashboard is not installed; install the "
+                                "`dashboard` extra (pip install -e '.[dashboard]'), or set ray.dashboard=null")
+            # (Not Ray's own default, None: without the packages it would start a dashboard process all the same.)
+            ctx = ray.init(num_cpus=cfg.num_cpus, include_dashboard=installed if cfg.dashboard is None else
+                           cfg.dashboard, log_to_driver=True)
+        if ctx.dashboard_url:
+            say(f"Ray dashboard: http://{ctx.dashboard_url}")
     ROUTER.install()
     ctx = ray.data.DataContext.get_current()
     # One progress bar of ours (pairs scored) instead of Ray Data's per-operator bars.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def dashboard_installed() -> bool:
+    """Whether Ray's dashboard can start here: `ray[default]`'s packages (the `dashboard` extra)."""
+    from ray._private.utils import get_dashboard_dependency_error  # noqa: PLC0415 (Ray's own test of the same)
+
+    return get_dashboard_dependency_error() is None
 
 
 def connect(cfg: Config) -> None:

@@ -3,7 +3,7 @@
 What each stage leaves behind: `config.yaml` (any command), `cache.json` (the cache stage), `metrics.jsonl` or, at
 a URI run_dir while training, `metrics-parts/` (logged steps), `ray/checkpoint_*` (training states), `train.json`
 (a finished training run, written last), `checkpoints/step_*` (exports), `eval/summary.json` (evaluated targets) and
-`eval/report.md`; logs: `run.log`, `eval/<target>/engine.log`.
+`eval/report.md`; logs: `run.log`, `logs/*.log` (Ray's, Ray Train's, vLLM's), `eval/<target>/engine.log`.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def run_status(run_dir: str) -> RunStatus:
     if store.exists("eval/report.md"):
         s.report = f"{store.uri}/eval/report.md"
     s.logs = [f"{store.uri}/run.log"] if store.exists("run.log") else []
+    s.logs += [f"{store.uri}/logs/{n}" for n in sorted(store.listdir("logs")) if n.endswith(".log")]
     s.logs += [f"{store.uri}/eval/{n}/engine.log" for n in store.listdir("eval")
                if store.exists(f"eval/{n}/engine.log")]
     return s
