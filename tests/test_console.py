@@ -129,3 +129,16 @@ def test_asking_for_the_dashboard_without_its_packages_is_a_user_error(monkeypat
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail(f"Ray started: {kw}"))
     with pytest.raises(UserError, match=r"install the `dashboard` extra"):
         session.init_ray(RayConfig(dashboard=True))
+
+
+def test_in_a_file_a_bar_is_a_few_whole_lines_and_said_lines_stand_alone(capsys, monkeypatch):
+    monkeypatch.setattr(console, "FILE_BAR_SECONDS", 3600.0)
+    with console.progress_bar(100, "scoring (vllm)") as bar:
+        for _ in range(100):
+            bar.update(1)
+            if bar.n % 25 == 0:
+                console.say(f"{bar.n} done")
+    out, err = capsys.readouterr()
+    assert out == "25 done\n50 done\n75 done\n100 done\n"  # no bar redrawn around them
+    assert "\r" not in err and len(err.splitlines()) == 2  # the start and the end
+    assert err.splitlines()[-1].startswith("scoring (vllm): 100%")

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pipeline.config import RewardConfig
 from pipeline.demo.tiny import TinyModelSpec, build_model, build_tokenizer
 from pipeline.evaluation.rewards import RULES
+from pipeline.runtime.console import progress_bar
 
 # The lexicon: the ground truth of the demo. Adjectives and verbs, so both kinds of slots carry sentiment.
 POSITIVE = ("great", "good", "wonderful", "brilliant", "moving", "charming", "funny", "delightful", "superb",
@@ -165,7 +165,7 @@ def _fit(model, ids: list[list[int]], spec: SftSpec, pad_id: int, log) -> float:
     rng = random.Random(spec.seed)
     model.train()
     ema = None
-    with tqdm(total=total, desc="SFT of the reference model", unit="step", mininterval=1.0) as bar:
+    with progress_bar(total, "SFT of the reference model", "step") as bar:
         for _ in range(spec.epochs):
             rng.shuffle(batches)
             for batch in batches:

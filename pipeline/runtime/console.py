@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 MARK = "\x1edpo\x1e"  # starts a line a worker meant for the console (ASCII record separators: never in text)
 VERBOSE_ENV = "DPO_VERBOSE"
+FILE_BAR_SECONDS = 30.0  # output to a file: a progress bar's line at most this often
 # Actor classes (as Ray names them in forwarded logs) -> component; the first match wins, else "ray".
 COMPONENTS = (("RayTrainWorker", "train-workers"), ("TrainController", "ray-train"),
               ("PlacementGroupCleaner", "ray-train"), ("PreemptionWatcher", "ray-train"),
@@ -71,7 +72,35 @@ def say(text: str) -> None:
     if in_ray_worker():
         _send({"say": text})
     else:
+        _print(text)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def _print(text: str) -> None:
+    """A line on stdout: on a terminal above the progress bars (tqdm clears and redraws them); else as is."""
+    if _interactive():
         tqdm.write(text, file=sys.stdout)
+    else:
+        print(text, flush=True)
+
+
+class _Lines:
+    """A stream that is not a terminal (a file, a CI log): tqdm's refreshes, `\\r`-rewritten lines on a terminal,
+    become a line each."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class RemoteBar:
@@ -104,9 +133,13 @@ class RemoteBar:
 
 
 def progress_bar(total: int, desc: str, unit: str = "pair", initial: int = 0) -> tqdm:
-    """One of the console's progress bars (stderr, at most one refresh a second)."""
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                mininterval=1.0)
+    """One of the console's progress bars, on stderr: on a terminal redrawn at most once a second; otherwise (output
+    to a file) a line every `FILE_BAR_SECONDS` and one at the end."""
+    if _interactive():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                    mininterval=1.0)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=_Lines(sys.stderr), ncols=100,
+                mininterval=FILE_BAR_SECONDS)
 
 
 def component(data: dict[str, Any]) -> str:
@@ -248,7 +281,7 @@ class LogRouter:
 
     def _console(self, message: dict[str, Any]) -> None:
         if "say" in message:
-            tqdm.write(message["say"], file=sys.stdout)
+            _print(message["say"])
             return
         name = message["bar"]
         with self.lock:
