@@ -158,8 +158,10 @@ def _demo(args) -> int:
 
     r = experiment.run(args.config, args.overrides)
     c = r.checks
-    print(f"\nsentiment experiment ({r.seconds / 60:.1f} min)")
-    for row in r.rows:
+    final = {row["variant"]: row for row in sorted(r.rows, key=lambda row: row["step"] or 0)}  # each run's last
+    print(f"\nsentiment experiment ({r.seconds / 60:.1f} min): π_SFT and each run's final checkpoint "
+          f"({len(r.rows) - 1} checkpoints in the report)")
+    for row in final.values():
         print(f"  [{row['name']}] {_headline(row)}")
     print(f"  DPO vs π_SFT: reward {c['sft_reward']:.3f} -> {c['best_dpo_reward']:.3f} ({c['best_dpo']}, "
           f"{c['dpo_gain_in_se']:.1f} standard errors)")

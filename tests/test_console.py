@@ -142,3 +142,20 @@ def test_in_a_file_a_bar_is_a_few_whole_lines_and_said_lines_stand_alone(capsys,
     assert out == "25 done\n50 done\n75 done\n100 done\n"  # no bar redrawn around them
     assert "\r" not in err and len(err.splitlines()) == 2  # the start and the end
     assert err.splitlines()[-1].startswith("scoring (vllm): 100%")
+
+
+def test_in_a_file_said_lines_hold_back_a_bar_s_next_line(capsys, monkeypatch):
+    monkeypatch.setattr(console, "FILE_BAR_SECONDS", 0.2)
+    import time
+
+    with console.progress_bar(10, "training", "step") as bar:
+        for i in range(10):  # a step line every 0.05 s: the bar has nothing to add until the end
+            time.sleep(0.05)
+            bar.update(1)
+            console.say(f"step {i + 1}/10")
+    assert len(capsys.readouterr().err.splitlines()) == 2
+    with console.progress_bar(4, "sampling", "sample") as bar:
+        for _ in range(4):  # nothing else said: a line each 0.2 s
+            time.sleep(0.25)
+            bar.update(1)
+    assert len(capsys.readouterr().err.splitlines()) >= 4

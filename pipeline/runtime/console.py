@@ -31,6 +31,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 MARK = "\x1edpo\x1e"  # starts a line a worker meant for the console (ASCII record separators: never in text)
 VERBOSE_ENV = "DPO_VERBOSE"
-FILE_BAR_SECONDS = 30.0  # output to a file: a progress bar's line at most this often
+FILE_BAR_SECONDS = 30.0  # output to a file: a progress bar's line after this long without a line
 # Actor classes (as Ray names them in forwarded logs) -> component; the first match wins, else "ray".
 COMPONENTS = (("RayTrainWorker", "train-workers"), ("TrainController", "ray-train"),
               ("PlacementGroupCleaner", "ray-train"), ("PreemptionWatcher", "ray-train"),
@@ -80,11 +81,18 @@ def _interactive() -> bool:
 
 
 def _print(text: str) -> None:
-    """A line on stdout: on a terminal above the progress bars (tqdm clears and redraws them); else as is."""
+    """A line on stdout: on a terminal above the progress bars (tqdm clears and redraws them); else as is, and the
+    bars' next lines wait (lines that show progress, such as training's step lines, make them redundant)."""
     if _interactive():
         tqdm.write(text, file=sys.stdout)
-    else:
-        print(text, flush=True)
+        return
+    print(text, flush=True)
+    t = time.time()
+    for bar in list(_FILE_BARS):
+        bar.last_print_t = t
+
+
+_FILE_BARS: weakref.WeakSet = weakref.WeakSet()  # the open bars writing lines to a file (see `_print`)
 
 
 class _Lines:
@@ -134,12 +142,14 @@ class RemoteBar:
 
 def progress_bar(total: int, desc: str, unit: str = "pair", initial: int = 0) -> tqdm:
     """One of the console's progress bars, on stderr: on a terminal redrawn at most once a second; otherwise (output
-    to a file) a line every `FILE_BAR_SECONDS` and one at the end."""
+    to a file) a line at the start, one after each `FILE_BAR_SECONDS` without other output, and one at the end."""
     if _interactive():
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                     mininterval=1.0)
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=_Lines(sys.stderr), ncols=100,
-                mininterval=FILE_BAR_SECONDS)
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=_Lines(sys.stderr), ncols=100,
+               mininterval=FILE_BAR_SECONDS)
+    _FILE_BARS.add(bar)
+    return bar
 
 
 def component(data: dict[str, Any]) -> str:
