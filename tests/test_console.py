@@ -159,3 +159,40 @@ def test_in_a_file_said_lines_hold_back_a_bar_s_next_line(capsys, monkeypatch):
             time.sleep(0.25)
             bar.update(1)
     assert len(capsys.readouterr().err.splitlines()) >= 4
+
+
+def test_a_second_ray_init_keeps_ray_s_own_printing_and_a_router_error_keeps_the_log_thread(tmp_path, monkeypatch):
+    """`ray.init` registers `partial(print_to_stdstream, ...)` by the module's name, which the router replaces: after
+    a shutdown and a new init the router must still print with Ray's own function (it once called itself until
+    Python's recursion limit killed Ray's log thread, and no worker line reached the driver again)."""
+    import functools
+
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    shown: list[tuple[dict, bool]] = []
+
+    def rays_own(data, ignore_prefix):
+        shown.append((data, ignore_prefix))
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", rays_own)
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    r = LogRouter()
+    r.use(str(tmp_path / "run"))
+    try:
+        for init in range(2):  # what each ray.init does, then the router's install
+            dispatcher.add_handler("ray_print_logs",
+                                   functools.partial(ray_worker.print_to_stdstream, ignore_prefix=bool(init)))
+            assert r.install() and ray_worker.print_to_stdstream == r.pushed
+            dispatcher.emit(_batch("RayTrainWorker", [f"line of init {init}"]))
+            assert shown[-1] == ({**_batch("RayTrainWorker", [f"line of init {init}"])}, bool(init))
+        r.pushed({"pid": "raylet", "lines": ["a worker died"], "is_err": True})
+        assert shown[-1][0]["lines"] == ["a worker died"]
+
+        r.dir = tmp_path / "missing"  # a batch the router cannot write: printed as Ray would, and no exception
+        dispatcher.emit(_batch("RayTrainWorker", ["still shown"]))
+        assert shown[-1][0]["lines"] == ["still shown"]
+    finally:
+        dispatcher.remove_handler("dpo_console")
+        dispatcher.remove_handler("ray_print_logs")
+        r.close()

@@ -24,6 +24,7 @@ controller, a scorer and Ray Data's tasks hold fractions of a CPU each).
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -169,6 +170,7 @@ class LogRouter:
         self.bars: dict[str, tqdm] = {}
         self.closed: set[str] = set()  # bars finished since they were last opened
         self.ray_print = None  # Ray's own printing handler, for --verbose and the cluster's warnings
+        self.ray_print_to_stdstream = None  # Ray's own function behind it (see `install`)
         self.driver_handler: logging.Handler | None = None
         self.installed = False  # in Ray's dispatcher (see `install`)
 
@@ -237,32 +239,48 @@ class LogRouter:
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # noqa: PLC0415
         except ImportError:
             return False
+        import ray._private.worker as ray_worker  # noqa: PLC0415
+
+        # The errors Ray pushes to the driver are printed with `print_to_stdstream` (`listen_error_messages`),
+        # which this router replaces; Ray's own is kept for what the console still shows. `ray.init` registers
+        # its printing handler as `partial(print_to_stdstream, ...)` by the module's name: after a shutdown and a
+        # new init that is this router's `pushed`, so the handler is rebuilt around Ray's own function.
+        if getattr(ray_worker.print_to_stdstream, "__self__", None) is not self:
+            self.ray_print_to_stdstream = ray_worker.print_to_stdstream
         with dispatcher._lock:
             handlers = dict(dispatcher.handlers)
         if "ray_print_logs" in handlers:  # (again after a new ray.init)
-            self.ray_print = handlers["ray_print_logs"]
+            keywords = getattr(handlers["ray_print_logs"], "keywords", {})
+            self.ray_print = functools.partial(self.ray_print_to_stdstream, **keywords)
             dispatcher.remove_handler("ray_print_logs")
             dispatcher.remove_handler("dpo_console")
             dispatcher.add_handler("dpo_console", self)
         self.installed = "dpo_console" in dict(dispatcher.handlers)
         if self.installed:
-            import ray._private.worker as ray_worker  # noqa: PLC0415
-
-            # The errors Ray pushes to the driver are printed with this function (`listen_error_messages`).
-            if getattr(ray_worker.print_to_stdstream, "__self__", None) is not self:
-                ray_worker.print_to_stdstream = self.pushed
+            ray_worker.print_to_stdstream = self.pushed
         return self.installed
 
     def pushed(self, data: dict[str, Any], ignore_prefix: bool = False) -> None:
         """An error Ray pushed to the driver (see the module docstring): ray.log, and the console."""
         lines = data.get("lines") or []
-        written = self._write("ray", data, lines)
+        try:
+            written = self._write("ray", data, lines)
+        except OSError:  # (a full disk: the console still gets it)
+            written = False
         shown = [line for line in lines if verbose() or not written or POOL_SIZE_WARNING not in line]
         if shown and self.ray_print is not None:
             self.ray_print({**data, "lines": shown})
 
     def __call__(self, data: dict[str, Any]) -> None:
-        """One batch of forwarded lines (Ray's log thread)."""
+        """One batch of forwarded lines (Ray's log thread, which must not die: no more lines would arrive)."""
+        try:
+            self._route(data)
+        except Exception:  # noqa: BLE001 (the batch is printed as Ray would; the cause is in driver.log)
+            logging.getLogger("ray").exception("the console's log router failed on a batch of lines")
+            if self.ray_print is not None:
+                self.ray_print(data)
+
+    def _route(self, data: dict[str, Any]) -> None:
         lines = data.get("lines") or []
         rest = [line for line in lines if not line.startswith(MARK)]
         for line in lines:
