@@ -195,7 +195,8 @@ def _chunk_files_round_trip(root: str) -> None:
         first = sum(f.rows for f in files)
         write_table(uri, pa.table({"id": [f"r{first + k}" for k in range(rows)],
                                    "prompt_input_ids": [[first + k] for k in range(rows)],
-                                   "chosen_input_ids": [None] * rows, "prompt": [""] * rows}, schema=PROMPTS),
+                                   "chosen_input_ids": [None] * rows, "prompt": [""] * rows,
+                                   "prompt_source": ["\"\""] * rows}, schema=PROMPTS),
                     {"rows": rows})
         files.append(PromptFile(uri, first, rows))
     assert read_metadata(files[2].uri) == {"rows": 4}

@@ -318,6 +318,12 @@ def test_prompts_for_evaluation(shaped):
     check(shape, tok, [SYSTEM, U1], GOOD, pref.prompt_input_ids, pref.chosen_input_ids)
     (pair,), _ = tokenize_rows([rows[1]], tok, "auto", 512, 256, MARKER)
     assert (pref.prompt_input_ids, pref.chosen_input_ids) == (pair.prompt_input_ids, pair.chosen_input_ids)
+    # The prompt as the row holds it, for datasets built from these prompts (on-policy pairs).
+    assert [json.loads(i.source) for i in (only, pref)] == [history, [SYSTEM, U1]]
+    (text, implicit), _ = tokenize_prompts([(0, {"prompt": "Q: hi", "chosen": " a", "rejected": " b"}),
+                                            (1, {"chosen": f"Q: yo{MARKER} a", "rejected": f"Q: yo{MARKER} b"})],
+                                           tok, "auto", 512, 256, MARKER)
+    assert [json.loads(i.source) for i in (text, implicit)] == ["Q: hi", f"Q: yo{MARKER}"]
 
 
 def test_merge_across_the_prompt_boundary(tmp_path):

@@ -13,6 +13,7 @@ Tokenization rules (identical prompt tokens for chosen and rejected, by construc
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ class _Texts:
     chosen: str
     rejected: str
     chat: bool  # rendered by the chat template: no special tokens added, no EOS appended
+    source: Any = None  # the prompt as the row holds it (a string, or the prompt messages): for datasets built from it
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -134,7 +136,7 @@ def _chat_texts(row: dict[str, Any], tok) -> _Texts:
         raise _Bad("chat_template_error", f"the chat template failed on this row: {str(e)[:200]}") from None
     if not (full_c.startswith(p) and full_r.startswith(p)):
         raise _Bad("chat_template_error", "the rendered conversation does not start with the rendered prompt")
-    return _Texts(p, full_c[len(p):], full_r[len(p):], chat=True)
+    return _Texts(p, full_c[len(p):], full_r[len(p):], chat=True, source=prompt)
 
 
 def normalise(row: Any, fmt: str, tok, marker: str) -> _Texts:
@@ -148,8 +150,9 @@ def normalise(row: Any, fmt: str, tok, marker: str) -> _Texts:
     if chosen == rejected:
         raise _Bad("chosen_equals_rejected", "chosen and rejected are identical")
     if fmt == "standard":
-        return _Texts(_text(row, "prompt"), chosen, rejected, chat=False)
-    return _Texts(*_split_implicit(chosen, rejected, marker), chat=False)
+        return _Texts(_text(row, "prompt"), chosen, rejected, chat=False, source=_text(row, "prompt"))
+    prompt, c, r = _split_implicit(chosen, rejected, marker)
+    return _Texts(prompt, c, r, chat=False, source=prompt)
 
 
 # ---------------------------------------------------------------- tokenization
@@ -285,6 +288,7 @@ class PromptItem:
     id: str
     prompt_input_ids: list[int]
     chosen_input_ids: list[int] | None  # the dataset's chosen response, when the row has one
+    source: str = "null"  # JSON: the prompt as the row holds it (a string, or a list of messages)
 
 
 def _prompt_texts(row: Any, fmt: str, tok, marker: str) -> _Texts:
@@ -297,8 +301,8 @@ def _prompt_texts(row: Any, fmt: str, tok, marker: str) -> _Texts:
                 text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             except Exception as e:
                 raise _Bad("chat_template_error", f"the chat template failed on this row: {str(e)[:200]}") from None
-            return _Texts(text, "", "", chat=True)
-        return _Texts(_text(row, "prompt"), "", "", chat=False)
+            return _Texts(text, "", "", chat=True, source=msgs)
+        return _Texts(_text(row, "prompt"), "", "", chat=False, source=_text(row, "prompt"))
     return normalise(row, fmt, tok, marker)
 
 
@@ -320,5 +324,6 @@ def tokenize_prompts(rows: list[tuple[int, Any]], tok, fmt: str, max_length: int
             continue
         if has_chosen and not texts.chat and eos is not None:
             c = c + [eos]
-        items.append(PromptItem(index, rid, p, c[:max_length - len(p)] if has_chosen else None))
+        items.append(PromptItem(index, rid, p, c[:max_length - len(p)] if has_chosen else None,
+                                json.dumps(texts.source, ensure_ascii=False)))
     return items, rejects

@@ -26,6 +26,7 @@ PROMPTS = pa.schema([
     pa.field("id", pa.string()),
     pa.field("prompt_input_ids", pa.list_(pa.int32())), pa.field("chosen_input_ids", pa.list_(pa.int32())),
     pa.field("prompt", pa.string()),
+    pa.field("prompt_source", pa.string()),  # JSON: the prompt as the source row holds it (text or messages)
 ])
 
 

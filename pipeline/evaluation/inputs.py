@@ -21,7 +21,7 @@ from pipeline.store.cache_layout import find_cache, sources_dir
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
 
-PROMPTS_LAYOUT = 2  # bump when the prompt files change form: older ones are written again
+PROMPTS_LAYOUT = 3  # bump when the prompt files change form: older ones are written again
 
 
 @dataclass
@@ -137,7 +137,8 @@ def tokenize_prompt_shard(plan: SourcePlan, shard: Shard, tok, settings: PromptS
     prompt_ids = [i.prompt_input_ids for i in items]
     table = pa.table({"id": [i.id for i in items], "prompt_input_ids": prompt_ids,
                       "chosen_input_ids": [i.chosen_input_ids for i in items],
-                      "prompt": tok.batch_decode(prompt_ids, skip_special_tokens=True)}, schema=PROMPTS)
+                      "prompt": tok.batch_decode(prompt_ids, skip_special_tokens=True),
+                      "prompt_source": [i.source for i in items]}, schema=PROMPTS)
     store = Store(out_uri)
     sizes = []
     for j, start in enumerate(range(0, max(len(table), 1), per_file)):
