@@ -177,6 +177,8 @@ def test_a_second_ray_init_keeps_ray_s_own_printing_and_a_router_error_keeps_the
 
     monkeypatch.setattr(ray_worker, "print_to_stdstream", rays_own)
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    with dispatcher._lock:  # the session's own handlers (a Ray instance of earlier tests), put back at the end
+        saved = list(dispatcher.handlers)
     r = LogRouter()
     r.use(str(tmp_path / "run"))
     try:
@@ -193,6 +195,6 @@ def test_a_second_ray_init_keeps_ray_s_own_printing_and_a_router_error_keeps_the
         dispatcher.emit(_batch("RayTrainWorker", ["still shown"]))
         assert shown[-1][0]["lines"] == ["still shown"]
     finally:
-        dispatcher.remove_handler("dpo_console")
-        dispatcher.remove_handler("ray_print_logs")
+        with dispatcher._lock:
+            dispatcher.handlers = saved
         r.close()
