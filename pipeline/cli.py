@@ -80,9 +80,31 @@ def _eval(args) -> int:
     return 0
 
 
+def _pairs(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from stages import pairs  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
+
+    r = pairs.run(cfg)
+    c = r.counts
+    state = "unchanged, kept" if r.reused else "written"
+    print(f"pairs {state}: {r.dataset}")
+    print(f"{c['pairs']} pair(s) from {c['prompts']} prompt(s) × {cfg.pairs.samples_per_prompt} sample(s) "
+          f"({c['truncated']} cut at max_new_tokens and {c['unusable']} unusable text dropped, "
+          f"{c['prompts_without_pair']} prompt(s) without a pair); reward {_mean(c['reward_mean'])}, chosen "
+          f"{_mean(c['chosen_reward_mean'])}, rejected {_mean(c['rejected_reward_mean'])}")
+    print(f"train on them: data.train.path={r.dataset}")
+
+
+def _mean(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def _plan(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.orchestrate import plan  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
+    if args.iterate:
+        from pipeline.iterate import plan  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
+    else:
+        from pipeline.orchestrate import plan  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     for s in plan(cfg):
         print(f"{s.stage:<12} {s.action:<7} {s.why}")
@@ -128,28 +150,58 @@ def _run_log(run_dir: str):
     return local, _uploaded(store, "run.log", local)
 
 
-def _run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from pipeline.orchestrate import run  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
-
-    log_path, upload = _run_log(cfg.run_dir)
+@contextlib.contextmanager
+def _logged(run_dir: str):
+    """What the command prints also goes to `<run_dir>/run.log`."""
+    log_path, upload = _run_log(run_dir)
     with upload, open(log_path, "a", encoding="utf-8") as log:  # the log is closed, then uploaded
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
         try:
-            s = run(cfg)
-            print("\nsummary")
-            for split, uri in s.caches.items():
-                print(f"  cache ({split}): {uri}")
-            print(f"  checkpoints: {', '.join(s.checkpoints) or 'none'}")
-            for row in s.rows:
-                print(f"  [{row['name']}] {_headline(row)}")
-            for f in s.failures:
-                print(f"  [{f['name']}] FAILED: {f['error']}", file=sys.stderr)
-            print(f"  report: {s.report}\n  resolved config: {cfg.run_dir}/config.yaml, log: {cfg.run_dir}/run.log")
-            print(f"  Ray, Ray Train and vLLM logs: {cfg.run_dir}/logs/")
+            yield
         finally:
             sys.stdout, sys.stderr = out, err
+
+
+def _rows(rows: list[dict], failures: list[dict]) -> None:
+    for row in rows:
+        print(f"  [{row['name']}] {_headline(row)}")
+    for f in failures:
+        print(f"  [{f['name']}] FAILED: {f['error']}", file=sys.stderr)
+
+
+def _run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from pipeline.orchestrate import run  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
+
+    with _logged(cfg.run_dir):
+        s = run(cfg)
+        print("\nsummary")
+        for split, uri in s.caches.items():
+            print(f"  cache ({split}): {uri}")
+        print(f"  checkpoints: {', '.join(s.checkpoints) or 'none'}")
+        _rows(s.rows, s.failures)
+        print(f"  report: {s.report}\n  resolved config: {cfg.run_dir}/config.yaml, log: {cfg.run_dir}/run.log")
+        print(f"  Ray, Ray Train and vLLM logs: {cfg.run_dir}/logs/")
+    return 1 if s.failures else 0
+
+
+def _iterate(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from pipeline import iterate  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
+
+    with _logged(cfg.run_dir):
+        for step in iterate.plan(cfg):
+            print(f"plan: {step.stage:<16} {step.action:<7} {step.why}")
+        s = iterate.run(cfg)
+        print("\nsummary")
+        for r in s.rounds:
+            print(f"  [round {r['round']}] {r['counts']['pairs']} pairs ({r['pairs']}); π_{r['round']}: "
+                  f"{r['checkpoint']}")
+        _rows(s.rows, s.failures)
+        if s.report:
+            print(f"  report: {s.report}")
+        print(f"  log: {cfg.run_dir}/run.log; Ray, Ray Train and vLLM logs: {cfg.run_dir}/round_<r>/logs/")
     return 1 if s.failures else 0
 
 
@@ -168,6 +220,11 @@ def _demo(args) -> int:
     if "preferred_ft_reward" in c:
         print(f"  Preferred-FT: reward {c['preferred_ft_reward']:.3f} at KL {c['preferred_ft_kl']:.2f}; DPO frontier "
               f"there: {c['dpo_frontier_reward_at_preferred_ft_kl']:.3f}")
+    if "iterative_reward" in c:
+        at_kl = c["offline_frontier_reward_at_iterative_kl"]
+        print(f"  iterative DPO: reward {c['iterative_reward']:.3f} at KL {c['iterative_kl']:.2f} after "
+              f"{c['iterative_steps']} steps; offline DPO frontier there: "
+              + ("none (no checkpoint with so little KL)" if at_kl is None else f"{at_kl:.3f}"))
     print(f"  report (frontier plot): {r.report}")
     return 0
 
@@ -193,20 +250,25 @@ def _config_docs(args) -> None:
 
 
 # Subcommands that start or join Ray take --address (and `config`, which shows its effect).
-_RAY_COMMANDS = ("cache", "train", "eval", "run", "demo", "config")
+_RAY_COMMANDS = ("cache", "pairs", "train", "eval", "run", "iterate", "demo", "config")
+_COMMANDS = (("cache", _cache, "build (or reuse) the reference log-prob cache"),
+             ("pairs", _pairs, "preference pairs from a model's own samples, ranked by a reward (pairs.*)"),
+             ("train", _train, "DPO training from the cache (resumes in the same run_dir)"),
+             ("eval", _eval, "evaluate checkpoints by sampling (only those not yet evaluated)"),
+             ("run", _run, "cache -> train -> eval, skipping what is already done"),
+             ("iterate", _iterate, "iterative DPO: rounds of pairs from the last policy -> cache -> train -> eval "
+                                   "(iterate.*)"),
+             ("plan", _plan, "say what `run` (with --iterate: `iterate`) would do, and why, without running "
+                             "anything"),
+             ("demo", _demo, "the sentiment experiment: π_SFT, sampled pairs, DPO at several β, Preferred-FT, the "
+                             "reward-KL frontier (configs/sentiment.yaml)"),
+             ("config", _config, "print the resolved config"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-pipeline", description="DPO with a cached reference, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, help_ in (("cache", _cache, "build (or reuse) the reference log-prob cache"),
-                            ("train", _train, "DPO training from the cache (resumes in the same run_dir)"),
-                            ("eval", _eval, "evaluate checkpoints by sampling (only those not yet evaluated)"),
-                            ("run", _run, "cache -> train -> eval, skipping what is already done"),
-                            ("plan", _plan, "say what `run` would do, and why, without running anything"),
-                            ("demo", _demo, "the sentiment experiment: π_SFT, sampled pairs, DPO at several β, "
-                                            "Preferred-FT, the reward-KL frontier (configs/sentiment.yaml)"),
-                            ("config", _config, "print the resolved config")):
+    for name, fn, help_ in _COMMANDS:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.path=/models/x")
@@ -216,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--verbose", action="store_true",
                            help="also show what Ray, Ray Train and vLLM print (always kept in <run_dir>/logs/); "
                                 f"or set {VERBOSE_ENV}=1")
+        if name == "plan":
+            p.add_argument("--iterate", action="store_true", help="the plan of `iterate`, round by round")
         p.set_defaults(fn=fn)
     p = sub.add_parser("status", help="where a run stands: stage, steps, checkpoints, evaluated targets, logs "
                                       "(reads its run_dir; starts nothing)")

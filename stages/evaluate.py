@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,8 @@ from typing import Any
 import ray
 
 from pipeline.config import Config, to_yaml
-from pipeline.data.adapters import base_mismatch, read_adapter
 from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
 from pipeline.engines.actors import RewardRunner
-from pipeline.engines.lora import serving_problem
 from pipeline.errors import UserError
 from pipeline.evaluation import summary
 from pipeline.evaluation.chunks import concat_files, sampled_chunks
@@ -61,11 +58,12 @@ from pipeline.evaluation.reference import reference_logps
 from pipeline.evaluation.report import write_report
 from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
+from pipeline.evaluation.targets import check_adapters, checkpoint_target, target_job
 from pipeline.runtime import faults
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
 from pipeline.runtime.trackers import log_evaluation
-from pipeline.store.checkpoints import checkpoint_hash, is_adapter, list_checkpoints
+from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
 
@@ -123,39 +121,9 @@ def select_targets(cfg: Config) -> list[Target]:
         if name in names:  # same directory name from elsewhere: disambiguate by the path
             name = f"{name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
         names.add(name)
-        targets.append(_checkpoint_target(name, path))
-    _check_adapters(cfg, [t for t in targets if t.adapter is not None])
+        targets.append(checkpoint_target(name, path))
+    check_adapters(cfg, [t for t in targets if t.adapter is not None])
     return targets
-
-
-def _checkpoint_target(name: str, path: str) -> Target:
-    """A checkpoint's target: a full model or a LoRA adapter (read from its config and weights' header), or a
-    failed one with its reason."""
-    target = Target(name, path, _step_of(Path(path).name), error=_checkpoint_problem(path))
-    if target.error is None and is_adapter(path):
-        try:
-            target.adapter = read_adapter(path)
-        except ValueError as e:
-            target.error = f"{path}: {e}"
-    return target
-
-
-def _check_adapters(cfg: Config, targets: list[Target]) -> None:
-    """Adapters are evaluated on an engine of the reference model (`model.path`): each must be one of its adapters
-    and one vLLM gives the exact log-probs of (see `pipeline.engines.lora`)."""
-    if not targets:
-        return
-    base = resolve_model(cfg.model.path, cfg.model.revision).local_dir
-    for target in targets:
-        problem = serving_problem(target.adapter)
-        if problem is not None:
-            raise UserError(f"{target.path} is a LoRA adapter vLLM cannot evaluate exactly ({problem}); evaluate "
-                            f"its merged model instead ({target.path}/merged, written with train.lora.merge)")
-        mismatch = base_mismatch(target.adapter, base, cfg.model.path, cfg.model.trust_remote_code)
-        if mismatch is not None:
-            recorded = f" ({target.adapter.base})" if target.adapter.base else ""
-            raise UserError(f"{target.path} is not a LoRA adapter of model.path {cfg.model.path}: {mismatch}; set "
-                            f"model.path to the adapter's base model{recorded}")
 
 
 def _run_checkpoints(cfg: Config, selection: str) -> list[str]:
@@ -173,25 +141,9 @@ def _run_checkpoints(cfg: Config, selection: str) -> list[str]:
     return found
 
 
-def _step_of(name: str) -> int | None:
-    match = re.fullmatch(r"step_(\d+)", name)
-    return int(match.group(1)) if match else None
-
-
 def _target_path(path: str) -> str:
     """A checkpoint location as recorded: a URI as given, a local path made absolute."""
     return path.rstrip("/") if "://" in path else str(Path(path).resolve())
-
-
-def _checkpoint_problem(path: str) -> str | None:
-    """Why a checkpoint directory (local or URI) cannot be evaluated, or None."""
-    store = Store(path)
-    if not store.exists(""):
-        return f"{path} does not exist"
-    if not store.exists("config.json") and not is_adapter(path):
-        return (f"{path} has no config.json or adapter_config.json: not a Hugging Face model or PEFT adapter "
-                f"directory")
-    return None
 
 
 # ---------------------------------------------------------------- prompts, keys: the plan
@@ -245,44 +197,13 @@ def prepare(cfg: Config) -> EvalPlan:
     for target in targets:
         if target.error:
             continue
-        job = _job(target, eval_store.child(target.name), sampling, scoring)
+        job = target_job(target, eval_store.child(target.name), sampling, scoring)
         if job is None:
             reused.append(target.name)
         else:
             jobs.append(job)
     return EvalPlan(eval_store, tok, prompts, held_out, reference, scoring, settings_key, targets,
                     {t.name: t.error for t in targets if t.error}, jobs, reused)
-
-
-def _job(target: Target, store: Store, sampling: dict[str, Any], scoring: dict[str, Any]) -> TargetJob | None:
-    """The target's job, with its saved samples when their key matches; None when its result is current."""
-    weights: Any = _weights_hash(target, store)
-    if target.adapter is not None:  # its samples are those of its base model with it
-        weights = {"adapter": weights, "base": scoring["reference"]["model"]}
-    sample_key = sha256_json({"sampling": sampling, "weights": weights})
-    key = sha256_json({"sample_key": sample_key, "scoring": scoring})
-    if store.exists("result.json") and store.read_json("result.json")["key"] == key:
-        return None
-    job = TargetJob(target, store, sample_key, key)
-    if store.exists("sampled.json") and store.read_json("sampled.json")["sample_key"] == sample_key:
-        job.sampled, job.sampled_meta = True, store.read_json("sampled.json")
-    else:
-        job.find_parts()  # chunks written before an interruption
-    return job
-
-
-def _weights_hash(target: Target, store: Store) -> str:
-    """Content hash of a target's weights: the one our training recorded in the checkpoint when it wrote it, else
-    the files hashed (a checkpoint at a URI downloaded once); recorded with the files' (size, mtime) and reused
-    while they match."""
-    stamp = sha256_json(Store(target.path).stamp())  # local or URI: the files' (path, size, mtime)
-    if store.exists("identity.json"):
-        record = store.read_json("identity.json")
-        if record.get("stamp") == stamp:
-            return record["sha256"]
-    digest = checkpoint_hash(target.path)
-    store.write_json("identity.json", {"path": target.path, "stamp": stamp, "sha256": digest})
-    return digest
 
 
 def _connect(cfg: Config, plan: EvalPlan) -> None:

@@ -44,7 +44,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config, to_yaml
 from pipeline.data.lanes import LanePlan, lane_batches, plan_steps, read_train_columns, train_columns
-from pipeline.data.models import disable_dropout, empty_causal_lm, load_tokenizer, merge_adapter
+from pipeline.data.models import disable_dropout, empty_causal_lm, load_tokenizer, merge_adapter, resolve_model
 from pipeline.dpo.lora import (
     AdaptersDisabled,
     adapter_export,
@@ -78,6 +78,7 @@ from pipeline.store.cache_layout import CacheRef
 from pipeline.store.checkpoints import (
     ADAPTER_CONFIG,
     SHARD_BYTES,
+    checkpoint_hash,
     export_adapter,
     export_checkpoint,
     export_dtype,
@@ -102,13 +103,16 @@ class TrainResult:
 
 
 # Settings that change neither the weights nor which checkpoints are written.
-_UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "parallel": {"num_cpus_per_worker"},
+_UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "init_from": True,
+            "parallel": {"num_cpus_per_worker"},
             "checkpoint": {"max_failures", "keep", "async_save"}}
 
 
 def train_key(cfg: Config, cache_key: str) -> str:
     """Key of a training run's outputs: the train cache's key and the settings that shape the weights."""
-    return sha256_json({"cache": cache_key, "train": cfg.train.model_dump(mode="json", exclude=_UNKEYED)})[:20]
+    init = checkpoint_hash(cfg.train.init_from) if cfg.train.init_from else None  # the weights, not their path
+    return sha256_json({"cache": cache_key, "train": cfg.train.model_dump(mode="json", exclude=_UNKEYED),
+                        **({"init": init} if init else {})})[:20]
 
 
 def run(cfg: Config) -> TrainResult:
@@ -124,9 +128,11 @@ def run(cfg: Config) -> TrainResult:
     if eval_data:
         check_spare_cpu(cfg)
     # Paths resolved here: Ray Train workers run in another working directory.
+    init = resolve_model(cfg.train.init_from, key="train.init_from") if cfg.train.init_from else None
     plan = WorkerPlan(cfg, run_store.uri, train_data.model_dir, train_data.tokenizer_dir, train_data.chat_template,
                       lanes.lanes, lanes.rows_per_lane, per_epoch, total, faults.env(),
-                      train_data.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path)
+                      train_data.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path,
+                      init.local_dir if init else train_data.model_dir)
     trainer = _trainer(cfg, plan, run_store, _eval_dataset(cfg, eval_data))
     ROUTER.expect("training")
     try:
@@ -198,6 +204,7 @@ class WorkerPlan:
     total_steps: int
     fault_env: dict[str, str] = field(default_factory=dict)  # faults.env() of the driver
     adapter_base: str = ""  # LoRA exports' base_model_name_or_path: the hub id as configured, else model_dir
+    policy_dir: str = ""  # the policy's initial weights (`train.init_from`, default model_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "cfg": self.cfg.model_dump(mode="json")}
@@ -296,7 +303,7 @@ class DPOWorker:
         device, sharded, then each rank reads only its own shards' slices of the weights (nothing the size of the
         model is allocated on any rank)."""
         parallel = self.cfg.train.parallel
-        lm = empty_causal_lm(self.plan.model_dir, "float32", self.cfg.model.trust_remote_code)
+        lm = empty_causal_lm(self.plan.policy_dir, "float32", self.cfg.model.trust_remote_code)
         if not self.cfg.train.dropout:
             disable_dropout(lm)
         if self.cfg.train.lora:
@@ -304,7 +311,7 @@ class DPOWorker:
         lm.train()
         policy = apply_fsdp(PolicyLogps(lm), getattr(torch, parallel.param_dtype), parallel.activation_checkpointing,
                             parallel.cpu_offload, parallel.compile)
-        self._fill(policy)
+        self._fill(policy, self.plan.policy_dir)
         if self.cfg.train.lora:
             # The same initial adapters on every rank (B = 0: the policy starts as the reference).
             shapes = full_shapes(policy, is_adapter_param)
@@ -319,13 +326,13 @@ class DPOWorker:
         ref = empty_causal_lm(self.plan.model_dir, self.cfg.model.dtype, self.cfg.model.trust_remote_code).eval()
         ref.requires_grad_(False)
         ref = apply_fsdp(PolicyLogps(ref), getattr(torch, self.cfg.model.dtype))
-        self._fill(ref)
+        self._fill(ref, self.plan.model_dir)
         return ref
 
-    def _fill(self, model: PolicyLogps) -> None:
+    def _fill(self, model: PolicyLogps, weights_dir: str) -> None:
         # With CPU offload FSDP keeps the shards on the CPU and moves them to the GPU per use.
         materialize(model, "cpu" if self.cfg.train.parallel.cpu_offload else self.device)
-        load_hf_weights(model, self.plan.model_dir)
+        load_hf_weights(model, weights_dir)
 
     def _worker_nodes(self) -> list[str]:
         """The Ray node id of every rank (a collective), recorded in train.json: where the training ran."""

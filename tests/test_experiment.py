@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.extended]
 pytest.importorskip("vllm")
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "sentiment.yaml")
-SPEC = ExperimentSpec(betas=(0.5,), train_prompts=24, heldout_prompts=8, samples_per_prompt=4, max_new_tokens=48)
+SPEC = ExperimentSpec(betas=(0.5,), train_prompts=24, heldout_prompts=8, samples_per_prompt=4, max_new_tokens=48,
+                      iterative_rounds=2)
 SFT = SftSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1, reviews=3000,
               epochs=2)
 
@@ -25,7 +26,8 @@ SFT = SftSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, 
 def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local):
     build = tmp_path / "build"
     overrides = [f"model.path={build / 'sft'}", f"data.train.path={build / 'pairs.jsonl'}",
-                 f"data.eval.path={build / 'heldout.jsonl'}", f"cache_dir={tmp_path / 'cache'}",
+                 f"data.eval.path={build / 'heldout.jsonl'}", f"pairs.prompts.path={build / 'prompts.jsonl'}",
+                 f"cache_dir={tmp_path / 'cache'}",
                  f"run_dir={tmp_path / 'runs'}", "scoring.engine=hf", "train.parallel.num_workers=1",
                  "train.parallel.num_cpus_per_worker=1", "train.global_batch_pairs=8", "train.micro_batch_pairs=8",
                  "train.max_steps=4", "train.checkpoint.every=2", "train.eval_every=null", "eval.num_prompts=6",
@@ -40,10 +42,16 @@ def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local
     record = json.loads((build / "PAIRS.json").read_text())
     assert record["samples"] == (24 + 8) * 4 and record["pairs"]["train"] == len(rows)
 
-    # π_SFT and both variants' checkpoints (steps 2 and 4), evaluated under their report names.
+    # π_SFT, both variants' checkpoints (steps 2 and 4) and each round's policy, under their report names.
     names = sorted(r["name"] for r in first.rows)
-    assert names == ["dpo-beta0.5-step2", "dpo-beta0.5-step4", "preferred-ft-step2", "preferred-ft-step4",
-                     "reference"]
+    assert names == ["dpo-beta0.5-step2", "dpo-beta0.5-step4", "iterative-round1", "iterative-round2",
+                     "preferred-ft-step2", "preferred-ft-step4", "reference"]
+    # The iterative arm: its rounds' steps add up; round 2 sampled its pairs from round 1's policy.
+    rounds = {r["name"]: r for r in first.rows if r["variant"] == "iterative"}
+    assert rounds["iterative-round2"]["step"] > rounds["iterative-round1"]["step"] > 0
+    manifest = json.loads((tmp_path / "runs" / "iterative" / "round_2" / "pairs" / "manifest.json").read_text())
+    assert manifest["model"] == rounds["iterative-round1"]["path"]
+    assert "| iterative | 0.5 |" in Path(first.report).read_text() and "iterative_reward" in first.checks
     by_name = {r["name"]: r for r in first.rows}
     assert by_name["reference"]["variant"] == "π_SFT" and by_name["preferred-ft-step4"]["step"] == 4
     assert abs(by_name["reference"]["kl_mean"]) < 1e-2  # π_SFT against itself
@@ -59,6 +67,7 @@ def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local
     # Second run: every stamp and content key matches, nothing is rebuilt, retrained or re-evaluated.
     watched = [build / "sft" / "model.safetensors", build / "pairs.jsonl",
                tmp_path / "runs" / "dpo-beta0.5" / "train.json",
+               tmp_path / "runs" / "iterative" / "round_2" / "train.json",
                tmp_path / "runs" / "eval" / "preferred-ft-step4" / "result.json"]
     before = [p.stat().st_mtime_ns for p in watched]
     second = experiment.run(CONFIG, overrides, SPEC, SFT, echo=lines.append)

@@ -2,9 +2,10 @@
 (`loading`: YAML + dotted overrides, one-line errors, renamed keys, the generated reference)."""
 
 from pipeline.config.loading import load_config, parse_overrides, reference_markdown, to_yaml
+from pipeline.config.onpolicy import IterateConfig, PairsConfig
+from pipeline.config.root import Config
 from pipeline.config.schema import (
                                     CheckpointConfig,
-                                    Config,
                                     DataConfig,
                                     DataSource,
                                     EngineSettings,
@@ -20,6 +21,7 @@ from pipeline.config.schema import (
                                     TrainConfig,
 )
 
-__all__ = ["CheckpointConfig", "Config", "DataConfig", "DataSource", "EngineSettings", "EvalConfig", "LossConfig",
-           "ModelConfig", "OptimConfig", "ParallelConfig", "RayConfig", "RewardConfig", "ScoringConfig",
-           "TokenizerConfig", "TrainConfig", "load_config", "parse_overrides", "reference_markdown", "to_yaml"]
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "DataSource", "EngineSettings", "EvalConfig",
+           "IterateConfig", "LossConfig", "ModelConfig", "OptimConfig", "PairsConfig", "ParallelConfig", "RayConfig",
+           "RewardConfig", "ScoringConfig", "TokenizerConfig", "TrainConfig", "load_config", "parse_overrides",
+           "reference_markdown", "to_yaml"]

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config.schema import Config
+from pipeline.config.root import Config
 from pipeline.errors import UserError
 
 # Keys that have moved (old dotted key -> new dotted key): a config that still uses one gets a one-line error naming
@@ -204,13 +204,19 @@ def to_yaml(cfg: Config) -> str:
 def reference_markdown() -> str:
     """The configuration reference table (README), generated from the field descriptions."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    walked: dict[type[BaseModel], str] = {}  # a section listed once; a second place names the first
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
             subs = models_in(ann)
             key = f"{prefix}{name}"
+            if subs and subs[0] in walked:
+                rows.append(f"| `{key}` | section | `{field.default!r}` | {field.description} Its keys are those of "
+                            f"`{walked[subs[0]]}`. |")
+                continue
             if subs:
+                walked[subs[0]] = f"{key}.*"
                 walk(subs[0], key + ".")
                 continue
             if field.is_required():

@@ -335,6 +335,9 @@ class TrainConfig(_Strict):
                                              "(GPT-2, OPT, Falcon and Phi-3 ship with it on).")
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Eval loss/accuracy on the cached eval split every N steps.")
+    init_from: str | None = Field(None, description="The weights the policy starts from: a full model directory "
+                                                    "of `model.path`'s architecture (e.g. a checkpoint); default: "
+                                                    "`model.path`, the reference.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of every weight (set any "
                                                         "key, e.g. `train.lora.rank=16`); checkpoints are PEFT "
                                                         "adapters, evaluated by one vLLM engine of the base.")
@@ -374,6 +377,9 @@ class TrainConfig(_Strict):
             types = [t.type for t in self.loss]
             if len(set(types)) != len(types):
                 raise ValueError(f"train.loss lists a type twice ({types}); give each type once with its weight")
+        if self.init_from is not None and self.lora is not None:
+            raise ValueError("train.init_from with train.lora: adapters start from model.path; merge the adapters "
+                             "into a model and set model.path to it, or drop train.init_from")
         per_step = self.micro_batch_pairs * self.parallel.num_workers
         if self.global_batch_pairs % per_step:
             raise ValueError(f"global_batch_pairs ({self.global_batch_pairs}) must be a multiple of "
@@ -409,20 +415,3 @@ class RayConfig(_Strict):
         None, description="Start Ray's dashboard with a local Ray instance (its URL is printed); default: when "
                           "its packages are installed (the `dashboard` extra, `ray[default]`). A joined cluster "
                           "has the dashboard its head started with.")
-
-
-class Config(_Strict):
-    model: ModelConfig = Field(description="The reference (and initial policy) model.")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer and chat template.")
-    data: DataConfig = Field(description="Preference data and truncation.")
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig,
-                                   description="Reference log-prob scoring (stage 1; evaluation's sample scoring).")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="DPO training (stage 2).")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Checkpoint evaluation by sampling (stage 3).")
-    ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Experiment trackers.")
-    cache_dir: str = Field("cache", description="Root of the content-addressed reference cache: a local path or a "
-                                                "`file://`, `s3://`, `gs://` URI; shared storage on several nodes.")
-    run_dir: str = Field("runs/default", description="This run's directory (resolved config, logs, checkpoints, "
-                                                     "evaluation): a local path or a `file://`, `s3://`, `gs://` URI; "
-                                                     "shared storage on several nodes.")

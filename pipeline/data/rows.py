@@ -171,6 +171,13 @@ class Pair:
 _CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f]")
 
 
+def text_problem(text: str) -> str | None:
+    """The reason a row with this text would be rejected (`invalid_utf8`, `control_characters`), or None."""
+    if not _is_text(text):
+        return "invalid_utf8"
+    return "control_characters" if _CONTROL.search(text) else None
+
+
 def _is_text(s: str) -> bool:
     """False for strings with lone surrogates: valid JSON escapes, but no tokenizer (or Arrow) accepts them."""
     try:

@@ -27,7 +27,7 @@ import ray
 from matplotlib.figure import Figure
 from transformers.utils import logging as hf_logging
 
-from pipeline import orchestrate
+from pipeline import iterate, orchestrate
 from pipeline.config import Config, load_config
 from pipeline.data.models import load_tokenizer
 from pipeline.demo import sentiment
@@ -55,6 +55,10 @@ class ExperimentSpec:
     all_pairs: bool = True  # train: every two completions with different rewards make a pair; else best vs worst
     max_new_tokens: int = 48
     seed: int = 0
+    # The iterative arm (`dpo-pipeline iterate`, configs/sentiment.yaml's `pairs` and `iterate`): R rounds, each on
+    # a third of the training prompts with pairs sampled from the last round's policy; 0: no such arm.
+    iterative_rounds: int = 3
+    iterative_beta: float = 0.5
     variants: dict[str, list[str]] = field(default_factory=dict)  # filled from the fields above
 
     def __post_init__(self):
@@ -62,6 +66,11 @@ class ExperimentSpec:
         if self.preferred_ft:
             v["preferred-ft"] = ["train.loss.type=sft"]
         object.__setattr__(self, "variants", v)
+
+    @property
+    def arms(self) -> list[str]:
+        """Every run of the experiment: the variants (offline pairs from π_SFT), then the iterative arm."""
+        return list(self.variants) + (["iterative"] if self.iterative_rounds else [])
 
 
 @dataclass
@@ -77,19 +86,22 @@ class ExperimentResult:
 
 def _pairs_stamp(cfg: Config, spec: ExperimentSpec) -> dict[str, Any]:
     return {"sft": model_files_hash(cfg.model.path), "tokenizer": tokenizer_files_hash(cfg.model.path),
-            "pairs": {k: v for k, v in asdict(spec).items() if k not in ("betas", "preferred_ft", "variants")}}
+            "pairs": {k: v for k, v in asdict(spec).items()
+                      if k not in ("betas", "preferred_ft", "variants", "iterative_rounds", "iterative_beta")}}
 
 
 def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
     """Preference pairs the paper's way: `samples_per_prompt` completions per prompt sampled from π_SFT, ranked by
     the ground-truth reward. Training pairs: every two completions with different rewards (`all_pairs`; else the
     best against the worst); held-out pairs: the best against the worst, one per prompt. Written to `data.train`
-    and `data.eval`, then `PAIRS.json` (the stamp, last): skipped when the stamp matches."""
+    and `data.eval`, and the training prompts alone to `pairs.prompts` (the iterative arm samples its own pairs
+    from them), then `PAIRS.json` (the stamp, last): skipped when the stamp matches."""
     train_path, eval_path = Path(cfg.data.train.path), Path(cfg.data.eval.path)
+    prompts_path = Path(cfg.pairs.prompts.path) if cfg.pairs.prompts else None
     stamp_path = train_path.parent / "PAIRS.json"
     stamp = sha256_json(_pairs_stamp(cfg, spec))
     if stamp_path.is_file() and json.loads(stamp_path.read_text())["stamp"] == stamp \
-            and train_path.is_file() and eval_path.is_file():
+            and train_path.is_file() and eval_path.is_file() and (prompts_path is None or prompts_path.is_file()):
         return
     tok = load_tokenizer(cfg.model.path)
     prompts = sentiment.prompts(spec.train_prompts, spec.seed + 1) + \
@@ -117,6 +129,9 @@ def build_pairs(cfg: Config, spec: ExperimentSpec, log=print) -> None:
                         f"max_new_tokens")
     for split, path in (("train", train_path), ("eval", eval_path)):
         path.write_text("".join(r + "\n" for r in rows[split]))
+    if prompts_path is not None:
+        prompts_path.write_text("".join(json.dumps({"id": str(pi), "prompt": prompts[pi]}) + "\n"
+                                        for pi in range(spec.train_prompts)))
     rewards = [s for v in by_prompt.values() for s, _ in v]
     record = {"stamp": stamp, "pairs": {k: len(v) for k, v in rows.items()}, "samples": len(table),
               "finished": len(rewards), "sft_reward_mean": float(np.mean(rewards)),
@@ -189,6 +204,7 @@ def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = 
             step = int(Path(ckpt).name.removeprefix("step_"))
             targets[f"{name}-step{step}"] = ckpt
             variant_of[f"{name}-step{step}"] = name
+    steps_of = _iterative_arm(config, overrides, base, spec, targets, variant_of, echo)
     echo(f"\nevaluation: π_SFT and {len(targets)} checkpoint(s)")
     base.eval.checkpoints = targets
     result = evaluate.run(base)
@@ -197,10 +213,29 @@ def run(config: str, overrides: list[str] | None = None, spec: ExperimentSpec = 
                         f"{result.failures[0]['error']}); see {result.report}")
     variant_of["reference"] = "π_SFT"
     # The eval report also keeps targets of earlier sweeps with these settings; the experiment is this sweep's.
-    rows = [{**r, "variant": variant_of[r["name"]]} for r in result.rows if r["name"] in variant_of]
+    rows = [{**r, "variant": variant_of[r["name"]], "step": steps_of.get(r["name"], r["step"])}
+            for r in result.rows if r["name"] in variant_of]
     checks = frontier_checks(rows, spec)
     report = write_experiment_report(base.run_dir, rows, checks, spec)
     return ExperimentResult(str(report), rows, checks, time.perf_counter() - t0)
+
+
+def _iterative_arm(config: str, overrides: list[str], base: Config, spec: ExperimentSpec, targets: dict[str, str],
+                   variant_of: dict[str, str], echo) -> dict[str, int]:
+    """`iterate` under <run_dir>/iterative (evaluated with the other runs): each round's final policy becomes a
+    target. Returns each target's step counted over the rounds."""
+    if not spec.iterative_rounds:
+        return {}
+    extra = [f"train.loss.beta={spec.iterative_beta}", f"iterate.rounds={spec.iterative_rounds}"]
+    cfg = load_config(config, overrides + extra + ["iterate.evaluate=false",
+                                                   f"run_dir={Path(base.run_dir) / 'iterative'}"])
+    echo(f"\n[iterative] {' '.join(extra)}, iterate.reference={cfg.iterate.reference}")
+    steps, steps_of = 0, {}
+    for rnd in iterate.run(cfg, echo=echo).rounds:
+        steps += int(Path(rnd["checkpoint"]).name.removeprefix("step_"))
+        name = f"iterative-round{rnd['round']}"
+        targets[name], variant_of[name], steps_of[name] = rnd["checkpoint"], "iterative", steps
+    return steps_of
 
 
 def _final(rows: list[dict[str, Any]], variant: str) -> dict[str, Any]:
@@ -229,7 +264,25 @@ def frontier_checks(rows: list[dict[str, Any]], spec: ExperimentSpec) -> dict[st
         checks.update({"preferred_ft_reward": p["reward_mean"], "preferred_ft_kl": p["kl_mean"],
                        "dpo_frontier_reward_at_preferred_ft_kl": at_kl,
                        "dpo_at_least_preferred_ft": bool(at_kl >= p["reward_mean"])})
+    if any(r["variant"] == "iterative" for r in rows):
+        offline = [r for r in rows if r["variant"] in dpo or r["variant"] == "π_SFT"]
+        checks.update(_iterative_checks(rows, spec, offline))
     return checks
+
+
+def _iterative_checks(rows: list[dict[str, Any]], spec: ExperimentSpec, offline: list[dict[str, Any]]) -> dict:
+    """The iterative arm against offline DPO: its final reward and KL, the offline run of its β, and the best reward
+    offline DPO reaches at no more KL than the iterative arm's (its frontier there)."""
+    it = _final(rows, "iterative")
+    same = f"dpo-beta{spec.iterative_beta:g}"
+    o = _final(rows, same) if same in spec.variants else None
+    at_kl = max((r["reward_mean"] for r in offline if r["kl_mean"] <= it["kl_mean"]), default=None)
+    return {"iterative_reward": it["reward_mean"], "iterative_reward_se": it["reward_se"],
+            "iterative_kl": it["kl_mean"], "iterative_steps": it["step"], "offline_same_beta": same if o else None,
+            "offline_same_beta_reward": o["reward_mean"] if o else None,
+            "offline_same_beta_kl": o["kl_mean"] if o else None,
+            "offline_frontier_reward_at_iterative_kl": at_kl,
+            "iterative_above_offline_frontier": bool(at_kl is not None and it["reward_mean"] > at_kl)}
 
 
 def write_experiment_report(run_dir: str, rows: list[dict[str, Any]], checks: dict[str, Any],
@@ -248,9 +301,10 @@ def write_experiment_report(run_dir: str, rows: list[dict[str, Any]], checks: di
              "|---|---:|---:|---:|---:|---:|---:|",
              f"| π_SFT | — | 0 | {format_mean_se(sft['reward_mean'], sft['reward_se'])} | "
              f"{format_mean_se(sft['kl_mean'], sft['kl_se'])} | — | — |"]
-    for v in spec.variants:
+    for v in spec.arms:
         f = _final(rows, v)
-        beta = v.removeprefix("dpo-beta") if v.startswith("dpo-") else "—"
+        beta = v.removeprefix("dpo-beta") if v.startswith("dpo-") else \
+            f"{spec.iterative_beta:g}" if v == "iterative" else "—"
         lines.append(f"| {v} | {beta} | {f['step']} | {format_mean_se(f['reward_mean'], f['reward_se'])} | "
                      f"{format_mean_se(f['kl_mean'], f['kl_se'])} | "
                      f"{format_mean_se(f['win_rate'], f['win_rate_se'])} | {format_number(f['pref_accuracy'])} |")
@@ -265,6 +319,8 @@ def write_experiment_report(run_dir: str, rows: list[dict[str, Any]], checks: di
                      f"DPO frontier at that KL reaches {c['dpo_frontier_reward_at_preferred_ft_kl']:.3f}. "
                      + ("**DPO ≥ Preferred-FT holds.**" if c["dpo_at_least_preferred_ft"] else
                         "**DPO ≥ Preferred-FT does not hold in this run.**"))
+    if "iterative_reward" in c:
+        lines.append(_iterative_line(c, spec))
     lines += ["", "![reward vs KL frontier](frontier.png)", "", "![reward vs step](reward_vs_step.png)", "",
               "Every checkpoint: [eval/report.md](eval/report.md); per-sample completions in "
               "`eval/<checkpoint>/samples.parquet`.", ""]
@@ -273,9 +329,24 @@ def write_experiment_report(run_dir: str, rows: list[dict[str, Any]], checks: di
     return f"{store.uri}/report.md"
 
 
+def _iterative_line(c: dict[str, Any], spec: ExperimentSpec) -> str:
+    line = (f"- Iterative DPO ({spec.iterative_rounds} rounds at β {spec.iterative_beta:g}, each on its own third of "
+            f"the prompts, pairs sampled from the last round's policy; {c['iterative_steps']} steps in all) reaches "
+            f"{c['iterative_reward']:.3f} at KL {c['iterative_kl']:.2f}")
+    if c["offline_same_beta"]:
+        line += (f"; offline DPO at the same β ({c['offline_same_beta']}): {c['offline_same_beta_reward']:.3f} at KL "
+                 f"{c['offline_same_beta_kl']:.2f}")
+    if c["offline_frontier_reward_at_iterative_kl"] is None:
+        return line + "; no offline DPO checkpoint has so little KL. "
+    return line + (f"; the offline DPO frontier at its KL reaches {c['offline_frontier_reward_at_iterative_kl']:.3f}. "
+                   + ("**On-policy rounds reach more reward at the same KL in this run.**"
+                      if c["iterative_above_offline_frontier"] else
+                      "**On-policy rounds do not reach more reward at the same KL in this run.**"))
+
+
 def _series(rows, spec):
     sft = next(r for r in rows if r["variant"] == "π_SFT")
-    for v in spec.variants:
+    for v in spec.arms:
         yield v, [sft] + sorted((r for r in rows if r["variant"] == v), key=lambda r: r["step"] or 0)
 
 

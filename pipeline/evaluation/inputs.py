@@ -34,9 +34,12 @@ class Prompts:
     sha256: str
     rejected: int
 
-    def chunks(self) -> list[PromptChunk]:
-        """One sampling call per file (files hold up to `eval.batch_prompts` prompts)."""
-        return [PromptChunk(f.uri, 0, f.rows, f.first) for f in self.files if f.rows]
+    def chunks(self, lo: int = 0, hi: int | None = None) -> list[PromptChunk]:
+        """One sampling call per file (files hold up to `eval.batch_prompts` prompts), for the prompts with global
+        indices [lo, hi) (default: all)."""
+        hi = self.count if hi is None else hi
+        return [PromptChunk(f.uri, max(lo, f.first) - f.first, min(hi, f.first + f.rows) - f.first, max(lo, f.first))
+                for f in self.files if f.rows and f.first < hi and lo < f.first + f.rows]
 
     def to_dict(self) -> dict[str, Any]:
         return {"files": [asdict(f) for f in self.files], "count": self.count, "sha256": self.sha256,

@@ -114,9 +114,12 @@ class SamplingScheduler:
         self.signatures: dict[str, str | None] = {}  # target name -> engine_signature
         self.lora: LoraEngine | None = None  # the LoRA engine the adapters to sample need
         self.progress = None
+        self.chunks: list[PromptChunk] = []  # what each target samples
 
-    def run(self, jobs: list[TargetJob], progress) -> None:
+    def run(self, jobs: list[TargetJob], progress, chunks: list[PromptChunk] | None = None) -> None:
+        """Sample every job's prompt chunks (default: all the prompts)."""
         self.queue, self.progress = list(jobs), progress
+        self.chunks = self.prompts.chunks() if chunks is None else chunks
         self.lora = LoraEngine.serving([job.target.adapter for job in jobs if job.target.adapter is not None])
         self.signatures = {job.target.name: self._signature(job.target) for job in jobs}
         engine_cls = ray.remote(CheckpointEngine)
@@ -155,7 +158,7 @@ class SamplingScheduler:
     def _serve(self, slot: EngineSlot) -> None:
         """The slot starts its target: chunks written by an earlier run count as done."""
         job = slot.job
-        slot.todo = [c for c in self.prompts.chunks() if c.first not in job.parts]
+        slot.todo = [c for c in self.chunks if c.first not in job.parts]
         self.progress.update(sum(p["rows"] for p in job.parts.values()))
         self.slots.append(slot)
         if not self._submit(slot):
@@ -201,7 +204,7 @@ class SamplingScheduler:
 
     def _fail(self, slot: EngineSlot, exc: Exception) -> None:
         self.failures[slot.job.target.name] = f"{error_line(exc)} (engine log: {slot.log})"
-        total = self.cfg.eval.samples_per_prompt * self.prompts.count
+        total = self.cfg.eval.samples_per_prompt * sum(c.stop - c.start for c in self.chunks)
         self.progress.update(total - sum(p["rows"] for p in slot.job.parts.values()))  # the bar still ends at 100%
         self.slots.remove(slot)
         ray.kill(slot.actor)

@@ -13,7 +13,8 @@ step), `checkpoint_export` (rank 0, a Hugging Face export half written: weights
 saved, tokenizer not yet),
 `eval_chunk_sampled` (evaluation driver, after an engine wrote a chunk of samples), `eval_target_sampled`
 (evaluation driver, after a target's samples are saved), `eval_target_finished` (evaluation
-driver, after a target's result.json is written).
+driver, after a target's result.json is written), `pairs_chunk_scored` (pair generation's driver, after a chunk's
+pairs are written), `iterate_round_done` (`iterate`, after each round).
 """
 
 from __future__ import annotations

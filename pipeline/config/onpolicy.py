@@ -1,0 +1,56 @@
+"""The configuration of on-policy data: `pairs` (preference pairs from a model's own samples, scored by a reward)
+and `iterate` (rounds of pairs -> reference cache -> training -> evaluation). Same conventions as `schema`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config.schema import DataSource, EngineSettings, RewardConfig, _Strict
+
+
+class PairsConfig(EngineSettings):
+    """`dpo-pipeline pairs`: sample `samples_per_prompt` completions per prompt from `model` (vLLM engines in Ray
+    actors, as evaluation samples), score them with `reward`, keep pairs by `rule`."""
+
+    model: str | None = Field(None, description="The model to sample: a directory (a checkpoint, or a LoRA adapter "
+                                                "of `model.path`) or a hub id; default: `model.path`.")
+    prompts: DataSource | None = Field(
+        None, description="Prompts: rows with a `prompt` (text or messages) or preference data (its prompts); "
+                          "default: `data.train`. The pairs are written in the prompts' format: text prompts give "
+                          "`standard` rows, message prompts `conversational` rows.")
+    num_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts.")
+    samples_per_prompt: int = Field(4, ge=2, description="Completions sampled per prompt (K).")
+    max_new_tokens: int = Field(64, gt=0, description="Max tokens per completion (generation stops at EOS).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    seed: int = Field(0, description="Sampling seed (a prompt's samples do not depend on the batching).")
+    batch_prompts: int = Field(256, gt=0, description="Prompts per engine call: the unit of progress and of "
+                                                      "resume after a crash.")
+    reward: RewardConfig | None = Field(None, description="How completions are scored; default: `eval.reward`.")
+    rule: Literal["best_worst", "all_pairs"] = Field(
+        "best_worst", description="`best_worst`: per prompt, the highest-reward completion against the lowest; "
+                                  "`all_pairs`: every two completions of a prompt (the higher reward chosen).")
+    margin: float = Field(0.0, ge=0, description="Keep a pair only when chosen's reward exceeds rejected's by more "
+                                                 "than this; equal rewards never make a pair.")
+    keep_truncated: bool = Field(False, description="Keep completions cut at `max_new_tokens` (default: dropped: "
+                                                    "a response's end is part of what training learns).")
+    output_format: Literal["parquet", "jsonl"] = Field("parquet", description="File format of the pairs.")
+    output_dir: str | None = Field(None, description="Where the pairs go (a local path or URI); default: "
+                                                     "`<run_dir>/pairs`.")
+
+
+class IterateConfig(_Strict):
+    """`dpo-pipeline iterate`: rounds r = 1..R of pairs sampled from π_{r-1} (π_0 = `model.path`), their
+    reference cache, training from π_{r-1}, and evaluation of π_r; under `<run_dir>/round_<r>/`."""
+
+    rounds: int = Field(3, ge=1, description="Rounds R.")
+    reference: Literal["initial", "previous"] = Field(
+        "initial", description="π_ref of round r: `initial` (`model.path`, every round) or `previous` (π_{r-1}, "
+                               "the policy the round's pairs were sampled from).")
+    prompts: Literal["split", "all"] = Field(
+        "split", description="`split`: the prompts are cut into R consecutive parts, round r samples part r (R "
+                             "rounds see the prompts once, as one offline round); `all`: every round samples "
+                             "every prompt (its own seed per round).")
+    evaluate: bool = Field(True, description="Evaluate each round's final policy (`eval` settings).")
