@@ -111,10 +111,18 @@ class RewardConfig(_Strict):
     label: int | str | None = Field(
         None, description="`model`: the logit used as reward, by index or label name; default: the only one.")
     text: Literal["prompt_completion", "completion"] = Field(
-        "prompt_completion", description="`model`: what the reward model reads: prompt + completion, or the "
-                                         "completion alone.")
+        "prompt_completion", description="`model`: what the reward model reads: prompt + completion (as a "
+                                         "conversation, see `chat_template`), or the completion alone as plain "
+                                         "text.")
+    chat_template: bool | None = Field(
+        None, description="`model`: render the conversation (the prompt's messages and the completion as the "
+                          "assistant's turn) with the reward model's own chat template. Default: when the prompt is "
+                          "a list of messages and the reward model's tokenizer has a template, else plain text; "
+                          "`false`: plain text always; `true`: always, a text prompt as one user message (the "
+                          "tokenizer must have a template).")
     batch_size: int = Field(32, gt=0, description="`model`: texts per forward pass.")
-    max_length: int = Field(512, gt=1, description="`model`: longer inputs are truncated (on the left).")
+    max_length: int = Field(512, gt=1, description="`model`: longer inputs are truncated (on the left, keeping "
+                                                   "a leading BOS).")
     use_gpu: bool = Field(False, description="`model`: run the reward model on one GPU.")
 
     @model_validator(mode="after")
@@ -124,6 +132,9 @@ class RewardConfig(_Strict):
             raise ValueError(f"reward type {self.type!r} needs eval.reward.{need}; set it")
         if self.type == "rule" and self.rule == "regex" and self.pattern is None:
             raise ValueError("the regex rule needs eval.reward.pattern; set it")
+        if self.chat_template and self.text == "completion":
+            raise ValueError("eval.reward.chat_template: true renders the conversation, but eval.reward.text: "
+                             "completion reads the completion alone; set one of them")
         if self.type == "rule" and self.rule == "lexicon" and not (self.positive or self.negative):
             raise ValueError("the lexicon rule needs eval.reward.positive and/or eval.reward.negative word lists")
         return self

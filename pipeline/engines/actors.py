@@ -296,8 +296,8 @@ class RewardEngine:
         """None, or the user error that kept the reward model from loading."""
         return self.error
 
-    def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
-        return self.fn(prompts, completions)
+    def score(self, prompts: list[str], completions: list[str], sources: list | None = None) -> np.ndarray:
+        return self.fn(prompts, completions, sources=sources)
 
     def run(self, fn, *args):
         """`fn(reward, *args)` here, beside the model: the samples come from storage, only `fn`'s (small) result

@@ -30,6 +30,12 @@ PROMPTS = pa.schema([
 ])
 
 
+def prompt_sources(values: list[str]) -> list[Any]:
+    """The `prompt_source` column parsed: each prompt as its source row holds it (a string, or a list of
+    {role, content} messages), as `reward(prompts, completions, sources=...)` takes them."""
+    return [json.loads(v) for v in values]
+
+
 def split_uri(uri: str) -> tuple[Store, str]:
     """(the directory's Store, the file name) of a file URI or path."""
     parent, name = uri.rsplit("/", 1)

@@ -1,6 +1,10 @@
 """Pluggable rewards for evaluation by sampling: built-in rules, a user's Python function, or a reward model.
 
-`build_reward(cfg)` returns `reward(prompts, completions) -> float64 array [N]`, one reward per completion.
+`build_reward(cfg)` returns `reward(prompts, completions, sources=None) -> float64 array [N]`, one reward per
+completion. `prompts` are the prompts as the policy read them (rendered text); `sources`, when given, each prompt as
+its source row holds it (a string, or a list of {role, content} messages; the prompt files' `prompt_source`). Only a
+reward model reads `sources`: it renders a conversation with its own chat template (`reward_inputs`). Rules and user
+functions are called as before, without them.
 `reward_identity(cfg)` is a JSON-able dict that changes whenever the rewards could change (part of a content key).
 """
 
@@ -21,11 +25,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import RewardConfig
-from pipeline.data.models import resolve_model, resolve_tokenizer
+from pipeline.data.models import effective_template_sha, resolve_model, resolve_tokenizer
 from pipeline.errors import UserError
 from pipeline.store.fingerprint import sha256_file
 
-Reward = Callable[[list[str], list[str]], np.ndarray]
+Reward = Callable[..., np.ndarray]  # reward(prompts, completions, sources=None)
+
+# How a chat reward model's input is rendered (`reward_inputs`); part of its identity: bump when it changes.
+CHAT_RENDERING = 1
 
 
 # ---- rules: each maps the config to a function of one completion ------------------------------------------------
@@ -61,7 +68,7 @@ class RuleReward:
     def __init__(self, cfg: RewardConfig):
         self.score = RULES[cfg.rule](cfg)
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+    def __call__(self, prompts: list[str], completions: list[str], sources: list | None = None) -> np.ndarray:
         return np.array([self.score(c) for c in completions], dtype=np.float64)
 
 
@@ -104,13 +111,14 @@ def load_function(spec: str) -> Callable:
 
 
 class CallableReward:
-    """The user's `fn(prompts, completions, **kwargs)`; its return value is checked, its exceptions propagate."""
+    """The user's `fn(prompts, completions, **kwargs)`; its return value is checked, its exceptions propagate.
+    `sources` are not passed: the function's signature is the documented one."""
 
     def __init__(self, cfg: RewardConfig):
         self.spec, self.kwargs = cfg.function, dict(cfg.kwargs)
         self.fn = load_function(cfg.function)
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+    def __call__(self, prompts: list[str], completions: list[str], sources: list | None = None) -> np.ndarray:
         out = self.fn(list(prompts), list(completions), **self.kwargs)
         if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):  # numpy arrays, torch tensors
             out = out.tolist()
@@ -165,8 +173,64 @@ def _label_index(cfg: RewardConfig, model_config) -> int:
     return cfg.label
 
 
+def _conversation(cfg: RewardConfig, tok, prompt: str, completion: str, source) -> list[dict] | None:
+    """The messages a reward model's chat template renders for one sample, or None for plain text."""
+    if cfg.text == "completion" or cfg.chat_template is False or not tok.chat_template:
+        return None
+    answer = {"role": "assistant", "content": completion}
+    if isinstance(source, list):
+        return [*source, answer]
+    if cfg.chat_template:  # true: a text prompt is the user's one message
+        return [{"role": "user", "content": source if isinstance(source, str) else prompt}, answer]
+    return None
+
+
+def _keep_end(ids: list[int], bos: int | None, max_length: int) -> list[int]:
+    """The last `max_length` tokens, the first kept when it is BOS (as the plain-text encode keeps its BOS)."""
+    if len(ids) <= max_length:
+        return ids
+    if bos is not None and ids[0] == bos:
+        return ids[:1] + ids[len(ids) - max_length + 1:]
+    return ids[len(ids) - max_length:]
+
+
+def reward_inputs(cfg: RewardConfig, tok, prompts: list[str], completions: list[str],
+                  sources: list | None = None) -> list[list[int]]:
+    """The token ids a reward model scores for each sample. A conversation (`_conversation`: the prompt's messages
+    and the completion as the assistant's turn) is `tok.apply_chat_template(messages, tokenize=False)` encoded
+    without adding special tokens (the template writes its own BOS; the tokenizer adding one too would double
+    it), i.e. exactly `apply_chat_template(messages, tokenize=True)`; otherwise the plain text prompt +
+    completion (or the completion, `text: completion`) as the tokenizer encodes it. Inputs over `max_length`
+    keep their end and a leading BOS (plain text: by the tokenizer, which `RewardModel` sets to truncate on the
+    left)."""
+    sources = [None] * len(prompts) if sources is None else sources
+    if not len(prompts) == len(completions) == len(sources):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(sources)} sources")
+    plain, chat = {}, {}
+    for i, (prompt, completion, source) in enumerate(zip(prompts, completions, sources)):
+        messages = _conversation(cfg, tok, prompt, completion, source)
+        if messages is None:
+            plain[i] = prompt + completion if cfg.text == "prompt_completion" else completion
+            continue
+        try:
+            chat[i] = tok.apply_chat_template(messages, tokenize=False)
+        except Exception as e:  # the policy's template took this conversation, the reward model's does not
+            raise UserError(f"eval.reward.model {cfg.model!r}: its chat template failed on a conversation "
+                            f"({str(e).splitlines()[0][:200]}); set eval.reward.chat_template: false to score "
+                            f"plain text") from None
+    ids: dict[int, list[int]] = {}
+    if plain:
+        encoded = tok(list(plain.values()), truncation=True, max_length=cfg.max_length)["input_ids"]
+        ids.update(zip(plain, encoded))
+    if chat:
+        encoded = tok(list(chat.values()), add_special_tokens=False)["input_ids"]
+        ids.update((i, _keep_end(x, tok.bos_token_id, cfg.max_length)) for i, x in zip(chat, encoded))
+    return [ids[i] for i in range(len(prompts))]
+
+
 class RewardModel:
-    """reward = logits[:, label] of a sequence-classification model reading prompt + completion (or completion)."""
+    """reward = logits[:, label] of a sequence-classification model reading `reward_inputs`: the conversation in
+    its own chat template, or plain text."""
 
     def __init__(self, cfg: RewardConfig, device: str = "cpu"):
         self.cfg, self.device = cfg, device
@@ -178,6 +242,8 @@ class RewardModel:
                             f"{sorted(info['missing_keys'])[:3]}); use a trained reward model")
         self.label = _label_index(cfg, model.config)
         tok = AutoTokenizer.from_pretrained(local)
+        if cfg.chat_template and not tok.chat_template:
+            raise _no_template(cfg)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         # The classifier pools the last token that is not padding: it must know which id that is.
@@ -187,26 +253,34 @@ class RewardModel:
         tok.truncation_side, tok.padding_side = "left", "right"
         self.tok, self.model = tok, model.to(device).eval()
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
-        texts = [p + c for p, c in zip(prompts, completions)] if self.cfg.text == "prompt_completion" \
-            else list(completions)
-        out = np.empty(len(texts), dtype=np.float64)
+    def __call__(self, prompts: list[str], completions: list[str], sources: list | None = None) -> np.ndarray:
+        inputs = reward_inputs(self.cfg, self.tok, prompts, completions, sources)
+        out = np.empty(len(inputs), dtype=np.float64)
         # Batches of similar length waste less compute on padding.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
         with torch.inference_mode():
             for s in range(0, len(order), self.cfg.batch_size):
                 idx = order[s:s + self.cfg.batch_size]
-                enc = self.tok([texts[i] for i in idx], padding=True, truncation=True,
-                               max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
-                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+                width = max(len(inputs[i]) for i in idx)
+                ids = torch.full((len(idx), width), self.tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, :len(inputs[i])] = torch.tensor(inputs[i])
+                    mask[row, :len(inputs[i])] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 out[idx] = logits[:, self.label].double().cpu().numpy()
         return out
+
+
+def _no_template(cfg: RewardConfig) -> UserError:
+    return UserError(f"eval.reward.chat_template is true but the tokenizer of eval.reward.model {cfg.model!r} has "
+                     f"no chat template; unset eval.reward.chat_template to score plain text")
 
 
 # ---- entry points ------------------------------------------------------------------------------------------------
 
 def build_reward(cfg: RewardConfig, device: str = "cpu") -> Reward:
-    """`reward(prompts, completions) -> np.ndarray[float64]`, one reward per completion."""
+    """`reward(prompts, completions, sources=None) -> np.ndarray[float64]`, one reward per completion."""
     if cfg.type == "rule":
         return RuleReward(cfg)
     if cfg.type == "callable":
@@ -226,5 +300,16 @@ def reward_identity(cfg: RewardConfig) -> dict[str, Any]:
                 "source_sha256": _source_sha(cfg.function)}
 
     # Tokenizer files are not in the model identity, but a different tokenization changes the rewards too.
-    return {"type": "model", "model": _resolve(cfg).identity, "tokenizer": resolve_tokenizer(cfg.model).identity,
-            "label": cfg.label, "text": cfg.text, "max_length": cfg.max_length}
+    tokenizer = resolve_tokenizer(cfg.model)
+    identity = {"type": "model", "model": _resolve(cfg).identity, "tokenizer": tokenizer.identity,
+                "label": cfg.label, "text": cfg.text, "max_length": cfg.max_length}
+    # The chat template is not in the tokenizer's identity. A reward model that reads plain text keeps the
+    # identity it had before chat rendering existed (its results stay valid); one that may render conversations
+    # adds the template and how it is used.
+    template = effective_template_sha(tokenizer.local_dir, None) \
+        if cfg.text == "prompt_completion" and cfg.chat_template is not False else None
+    if cfg.chat_template and template is None:
+        raise _no_template(cfg)
+    if template is not None:
+        identity.update(rendering=CHAT_RENDERING, chat_template=cfg.chat_template, template_sha256=template)
+    return identity

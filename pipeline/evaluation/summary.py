@@ -28,6 +28,7 @@ from pipeline.evaluation.chunks import (
     PromptFile,
     SampledChunk,
     chunk_prompts,
+    prompt_sources,
     read_table,
     split_uri,
     write_table,
@@ -107,12 +108,14 @@ def finish_chunk(reward, chunk: SampledChunk, prompt_files: list[PromptFile], re
     texts, reference log-probs (`ref_uri`, the cache entry) and rewards, as `samples_table` rows at `out_uri`.
     Returns the chunk's `ChunkStats`."""
     sampled = chunk.read()
-    texts = {i: row["prompt"] for i, row in chunk_prompts(sampled, prompt_files, ["prompt"]).items()}
+    prompts = chunk_prompts(sampled, prompt_files, ["prompt", "prompt_source"])
+    texts = {i: row["prompt"] for i, row in prompts.items()}
     completions = tok.batch_decode(sampled.column("completion_ids").to_pylist(), skip_special_tokens=True)
     rewards = None
     if reward is not None:
-        rewards = np.asarray(reward([texts[i] for i in sampled.column("prompt_index").to_pylist()], completions),
-                             np.float64)
+        index = sampled.column("prompt_index").to_pylist()
+        sources = prompt_sources([prompts[i]["prompt_source"] for i in index])
+        rewards = np.asarray(reward([texts[i] for i in index], completions, sources=sources), np.float64)
     ref_logps = [np.asarray(v, np.float32) for v in read_table(ref_uri).column("ref_token_logps").to_pylist()]
     samples = samples_table(sampled, texts, completions, ref_logps, rewards)
     write_table(out_uri, samples)
@@ -173,15 +176,17 @@ def chosen_rewards_current(store: Store, key: str) -> bool:
 def write_chosen_rewards(reward, prompt_files: list[PromptFile], tok, out_uri: str, key: str) -> None:
     """In a Ray worker: rewards of the dataset's chosen responses (null where a prompt has none) into
     `chosen_rewards.json` under their key (reused while it matches, see `chosen_rewards_current`)."""
-    rows = pa.concat_tables([PromptChunk(f.uri, 0, f.rows, f.first).read(["prompt", "chosen_input_ids"])
+    rows = pa.concat_tables([PromptChunk(f.uri, 0, f.rows, f.first).read(["prompt", "prompt_source",
+                                                                           "chosen_input_ids"])
                              for f in prompt_files])
     chosen = rows.column("chosen_input_ids").to_pylist()
     have = [i for i, c in enumerate(chosen) if c is not None]
     out = np.full(len(chosen), np.nan)
     if have:
         texts = tok.batch_decode([chosen[i] for i in have], skip_special_tokens=True)
-        prompts = rows.column("prompt").to_pylist()
-        out[have] = np.asarray(reward([prompts[i] for i in have], texts), np.float64)
+        prompts, sources = rows.column("prompt").to_pylist(), rows.column("prompt_source").to_pylist()
+        out[have] = np.asarray(reward([prompts[i] for i in have], texts,
+                                      sources=prompt_sources([sources[i] for i in have])), np.float64)
     store, name = split_uri(out_uri)
     store.write_json(name, {"key": key, "rewards": [None if np.isnan(v) else v for v in out]})
 
