@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.models import load_tokenizer
 from pipeline.data.rows import tokenize_rows
-from pipeline.onpolicy.pairs import all_pairs, best_worst
+from pipeline.engines.actors import SAMPLED
+from pipeline.evaluation.chunks import PROMPTS, PromptFile, SampledChunk, write_table
+from pipeline.onpolicy.pairs import PairSettings, all_pairs, best_worst, pair_chunk
 from pipeline.runtime.faults import InjectedFault
 from pipeline.store.checkpoints import checkpoint_hash
 from stages import pairs
@@ -30,6 +33,43 @@ def test_best_worst_takes_the_extremes_and_drops_ties_and_small_gaps():
 def test_all_pairs_takes_every_two_that_differ_by_more_than_the_margin():
     assert all_pairs([1.0, 3.0, 0.0, 3.0], 0.0) == [(1, 0), (0, 2), (3, 0), (1, 2), (3, 2)]  # (1, 3) tie dropped
     assert all_pairs([1.0, 3.0, 0.0], 1.5) == [(1, 0), (1, 2)]  # (0, 2) differ by 1 only
+
+
+def test_a_chunk_of_text_prompts_gives_standard_rows_and_the_reward_sees_each_prompt_as_its_row_holds_it(
+        tokenizer, tmp_path):
+    """pair_chunk without Ray: text prompts give `standard` rows; cut and unusable completions are dropped and
+    counted; the reward gets the prompts' text and their sources."""
+    prompt_file = str(tmp_path / "prompts.parquet")
+    write_table(prompt_file, pa.table({"id": ["a", "b"], "prompt_input_ids": [[1, 2], [1, 3]],
+                                       "chosen_input_ids": [None, None], "prompt": ["Q1", "Q2"],
+                                       "prompt_source": [json.dumps("Q1"), json.dumps("Q2")]}, schema=PROMPTS))
+    words = {"good": tokenizer.encode(" good film", add_special_tokens=False),
+             "bad": tokenizer.encode(" bad", add_special_tokens=False),
+             "ctrl": tokenizer.encode("\x03oops", add_special_tokens=False)}
+    samples = [(0, 0, "good", "stop"), (0, 1, "bad", "stop"), (0, 2, "good", "length"), (1, 0, "ctrl", "stop"),
+               (1, 1, "bad", "stop")]
+    sampled = pa.table({"prompt_index": [p for p, *_ in samples], "sample_index": [k for _, k, *_ in samples],
+                        "completion_ids": [words[w] for *_, w, _ in samples],
+                        "token_logps": [[0.0] * len(words[w]) for *_, w, _ in samples],
+                        "finish_reason": [f for *_, f in samples]}, schema=SAMPLED)
+    pq.write_table(sampled, tmp_path / "sampled.parquet")
+    seen = []
+
+    def reward(prompts, completions, sources=None):
+        seen.append((prompts, sources))
+        return [len(c.split()) for c in completions]
+
+    settings = PairSettings("best_worst", 0.0, False, "abc", json.dumps({"seed": 0}))
+    counts = pair_chunk(reward, SampledChunk("policy", str(tmp_path / "sampled.parquet"), 0),
+                        [PromptFile(prompt_file, 0, 2)], tokenizer, str(tmp_path / "out.parquet"), settings)
+    assert (counts.samples, counts.truncated, counts.unusable, counts.scored, counts.pairs, counts.no_pair) == \
+        (5, 1, 1, 3, 1, 1)
+    assert seen == [(["Q1", "Q1", "Q2"], ["Q1", "Q1", "Q2"])]
+    (row,) = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {k: row[k] for k in ("id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward")} == \
+        {"id": "a-0-1", "prompt": "Q1", "chosen": " good film", "rejected": " bad", "chosen_reward": 2.0,
+         "rejected_reward": 1.0}
+    assert row["model_sha256"] == "abc" and json.loads(row["sampling"]) == {"seed": 0}
 
 
 def test_pairs_without_a_reward_is_a_one_line_user_error(tiny_model, tmp_path, capsys):

@@ -107,8 +107,9 @@ def pair_chunk(reward, chunk: SampledChunk, prompt_files: list[PromptFile], tok,
     usable = [(i, text) for i, text in zip([i for i, ok in enumerate(finished) if ok], texts)
               if text_problem(text) is None]
     kept, completions = [i for i, _ in usable], [text for _, text in usable]
-    rewards = np.asarray(reward([prompts[index[i]]["prompt"] for i in kept], completions), np.float64) \
-        if kept else np.zeros(0)
+    sources = [json.loads(prompts[index[i]]["prompt_source"]) for i in kept]  # (a chat reward model renders them)
+    rewards = np.asarray(reward([prompts[index[i]]["prompt"] for i in kept], completions, sources=sources),
+                         np.float64) if kept else np.zeros(0)
     by_prompt: dict[int, list[tuple[int, str, float]]] = {}
     samples = sampled.column("sample_index").to_pylist()
     for i, text, r in zip(kept, completions, rewards.tolist()):
