@@ -36,7 +36,7 @@ from typing import Any
 import ray
 
 from pipeline.config import Config, EvalConfig, to_yaml
-from pipeline.config.schema import EngineSettings
+from pipeline.config.schema import EngineSettings, SamplingSettings
 from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
 from pipeline.engines.actors import RewardRunner
 from pipeline.errors import UserError
@@ -97,11 +97,9 @@ def sampling_config(cfg: Config) -> Config:
     """`cfg` with the pairs section's prompts, engines and sampling settings as `eval`: pair generation samples with
     evaluation's machinery (prompt files, the engine scheduler), which reads them there."""
     p = cfg.pairs
-    engines = {name: getattr(p, name) for name in EngineSettings.model_fields}
-    settings = EvalConfig(**engines, checkpoints=[], include_reference_model=False, prompts=p.prompts or cfg.data.train,
-                          num_prompts=p.num_prompts, samples_per_prompt=p.samples_per_prompt,
-                          max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                          batch_prompts=p.batch_prompts, reward=None, preference_accuracy=False)
+    shared = {name: getattr(p, name) for name in SamplingSettings.model_fields}
+    settings = EvalConfig(**shared, checkpoints=[], include_reference_model=False, prompts=p.prompts or cfg.data.train,
+                          samples_per_prompt=p.samples_per_prompt, reward=None, preference_accuracy=False)
     return cfg.model_copy(update={"eval": settings})
 
 

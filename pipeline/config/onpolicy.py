@@ -7,10 +7,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config.schema import DataSource, EngineSettings, RewardConfig, _Strict
+from pipeline.config.schema import DataSource, RewardConfig, SamplingSettings, _Strict
 
 
-class PairsConfig(EngineSettings):
+class PairsConfig(SamplingSettings):
     """`dpo-pipeline pairs`: sample `samples_per_prompt` completions per prompt from `model` (vLLM engines in Ray
     actors, as evaluation samples), score them with `reward`, keep pairs by `rule`."""
 
@@ -20,14 +20,7 @@ class PairsConfig(EngineSettings):
         None, description="Prompts: rows with a `prompt` (text or messages) or preference data (its prompts); "
                           "default: `data.train`. The pairs are written in the prompts' format: text prompts give "
                           "`standard` rows, message prompts `conversational` rows.")
-    num_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts.")
     samples_per_prompt: int = Field(4, ge=2, description="Completions sampled per prompt (K).")
-    max_new_tokens: int = Field(64, gt=0, description="Max tokens per completion (generation stops at EOS).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    seed: int = Field(0, description="Sampling seed (a prompt's samples do not depend on the batching).")
-    batch_prompts: int = Field(256, gt=0, description="Prompts per engine call: the unit of progress and of "
-                                                      "resume after a crash.")
     reward: RewardConfig | None = Field(None, description="How completions are scored; default: `eval.reward`.")
     rule: Literal["best_worst", "all_pairs"] = Field(
         "best_worst", description="`best_worst`: per prompt, the highest-reward completion against the lowest; "

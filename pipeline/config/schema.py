@@ -140,7 +140,19 @@ class RewardConfig(_Strict):
         return self
 
 
-class EvalConfig(EngineSettings):
+class SamplingSettings(EngineSettings):
+    """How vLLM engines in Ray actors sample completions of prompts (evaluation, pair generation)."""
+
+    num_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts.")
+    max_new_tokens: int = Field(64, gt=0, description="Max tokens per completion (generation stops at EOS).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    seed: int = Field(0, description="Sampling seed: the same seed gives the same samples, whatever the batching.")
+    batch_prompts: int = Field(256, gt=0, description="Prompts per engine call: the unit of progress and of resume "
+                                                      "after a crash; larger calls keep a GPU engine's batch fuller.")
+
+
+class EvalConfig(SamplingSettings):
     checkpoints: str | list[str] | dict[str, str] = Field(
         "all", description="Which checkpoints of `run_dir` to evaluate: `all`, `last`, `every:K` (every K-th, "
                            "and the last), a list of checkpoint directories (from anywhere), or a mapping from "
@@ -150,14 +162,7 @@ class EvalConfig(EngineSettings):
     prompts: DataSource | None = Field(
         None, description="Prompts to sample from: preference data (its prompts; `chosen` is the `chosen` "
                           "baseline) or rows with just a `prompt`; default: `data.eval`, else `data.train`.")
-    num_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts.")
     samples_per_prompt: int = Field(1, gt=0, description="Completions sampled per prompt.")
-    max_new_tokens: int = Field(64, gt=0, description="Max tokens per completion (generation stops at EOS).")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    seed: int = Field(0, description="Sampling seed: the same seed gives the same samples, whatever the batching.")
-    batch_prompts: int = Field(256, gt=0, description="Prompts per engine call: the unit of progress; larger calls "
-                                                      "keep a GPU engine's batch fuller.")
     reward: RewardConfig | None = Field(None, description="How completions are scored; none: no reward or win rate.")
     win_rate_baseline: Literal["reference_model", "chosen"] = Field(
         "reference_model", description="Win rate against the reference model's samples (same prompt and sample "
