@@ -7,9 +7,10 @@ turns every problem into a one-line `UserError`.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -94,9 +95,10 @@ class ScoringConfig(EngineSettings):
 
 
 class RewardConfig(_Strict):
-    type: Literal["rule", "callable", "model"] = Field(
+    type: Literal["rule", "callable", "model", "judge"] = Field(
         description="`rule`: a built-in rule (`rule`); `callable`: your Python function (`function`); `model`: a "
-                    "transformers sequence-classification reward model (`model`).")
+                    "transformers sequence-classification reward model (`model`); `judge`: a causal LM (`model`) "
+                    "served by vLLM: the expected value of `judge_choices` under its answer probabilities.")
     rule: Literal["lexicon", "length", "regex"] | None = Field(
         None, description="`lexicon`: count of `positive` words minus count of `negative` words; `length`: words in "
                           "the completion; `regex`: 1 if `pattern` matches the completion, else 0.")
@@ -107,7 +109,8 @@ class RewardConfig(_Strict):
         None, description="`callable`: `module:function`, called as f(prompts, completions, **kwargs) -> one float "
                           "per completion; the module is imported from the working directory or PYTHONPATH.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="`callable`: extra keyword arguments.")
-    model: str | None = Field(None, description="`model`: directory or hub id of a sequence-classification model.")
+    model: str | None = Field(None, description="`model`: directory or hub id of a sequence-classification model; "
+                                                "`judge`: of a causal LM (with its tokenizer).")
     label: int | str | None = Field(
         None, description="`model`: the logit used as reward, by index or label name; default: the only one.")
     text: Literal["prompt_completion", "completion"] = Field(
@@ -119,15 +122,40 @@ class RewardConfig(_Strict):
                           "assistant's turn) with the reward model's own chat template. Default: when the prompt is "
                           "a list of messages and the reward model's tokenizer has a template, else plain text; "
                           "`false`: plain text always; `true`: always, a text prompt as one user message (the "
-                          "tokenizer must have a template).")
-    batch_size: int = Field(32, gt=0, description="`model`: texts per forward pass.")
+                          "tokenizer must have a template). `judge`: the filled `judge_template` as one user message "
+                          "in the judge's chat template and its generation prompt (default: when it has one), else "
+                          "plain text after BOS.")
+    judge_template: str | None = Field(
+        None, description="`judge`: the judge's prompt; `{prompt}` and `{completion}` (both required) are replaced "
+                          "by the texts, other braces stay as written. E.g. \"Question: {prompt}\\nReply: "
+                          "{completion}\\nIs the reply helpful? Answer Yes or No:\".")
+    judge_choices: dict[str, float] = Field(
+        default_factory=dict, description="`judge`: the answers (at least 2) and their values, e.g. `{'Yes': 1, "
+                                          "'No': 0}` (quoted: YAML reads a bare Yes as true) or `{'1': 1, ..., '5': "
+                                          "5}`; each answer is scored as the tokens the judge would write it with.")
+    judge_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="`judge`: its vLLM engine: `dtype` (default `auto`, vLLM's: the "
+                                          "checkpoint's, but float32 runs in bf16/fp16; `float32` scores exactly), "
+                                          "`gpu_memory_utilization` (0.3), `cpu_kv_cache_gb` (1), "
+                                          "`tensor_parallel_size` (1), other `vllm.LLM` arguments.")
+    batch_size: int = Field(32, gt=0, description="`model`: texts per forward pass; `judge`: completions per engine "
+                                                  "call (one sequence per answer each).")
     max_length: int = Field(512, gt=1, description="`model`: longer inputs are truncated (on the left, keeping "
-                                                   "a leading BOS).")
-    use_gpu: bool = Field(False, description="`model`: run the reward model on one GPU.")
+                                                   "a leading BOS); `judge`: judge prompt + answer, longer ones lose "
+                                                   "the start of the prompt, then of the completion.")
+    use_gpu: bool = Field(False, description="`model`, `judge`: run it on one GPU (a judge: `tensor_parallel_size`).")
+
+    @field_validator("judge_choices", mode="before")
+    @classmethod
+    def _answers_are_text(cls, value: Any) -> Any:
+        if isinstance(value, dict) and any(isinstance(k, bool) for k in value):
+            raise ValueError("an answer was read as true/false (YAML reads bare Yes/No/On/Off so); quote the "
+                             "answers, e.g. {'Yes': 1, 'No': 0}")
+        return value
 
     @model_validator(mode="after")
     def _complete(self) -> RewardConfig:
-        need = {"rule": "rule", "callable": "function", "model": "model"}[self.type]
+        need = {"rule": "rule", "callable": "function", "model": "model", "judge": "model"}[self.type]
         if getattr(self, need) is None:
             raise ValueError(f"reward type {self.type!r} needs eval.reward.{need}; set it")
         if self.type == "rule" and self.rule == "regex" and self.pattern is None:
@@ -137,7 +165,32 @@ class RewardConfig(_Strict):
                              "completion reads the completion alone; set one of them")
         if self.type == "rule" and self.rule == "lexicon" and not (self.positive or self.negative):
             raise ValueError("the lexicon rule needs eval.reward.positive and/or eval.reward.negative word lists")
+        if self.type == "judge":
+            _check_judge(self)
         return self
+
+
+def _check_judge(cfg: RewardConfig) -> None:
+    """What is wrong whatever the judge model (what depends on its tokenizer: `pipeline.evaluation.judge`)."""
+    if cfg.judge_template is None:
+        raise ValueError("reward type 'judge' needs eval.reward.judge_template, a prompt with {prompt} and "
+                         "{completion}; set it")
+    missing = [p for p in ("{prompt}", "{completion}") if p not in cfg.judge_template]
+    if missing:
+        raise ValueError(f"eval.reward.judge_template lacks {' and '.join(missing)}; put the placeholder(s) where "
+                         f"the judge should read the text")
+    if len(cfg.judge_choices) < 2:
+        raise ValueError(f"eval.reward.judge_choices needs at least 2 answers with values, e.g. {{'Yes': 1, 'No': "
+                         f"0}}; got {len(cfg.judge_choices)}")
+    if "" in cfg.judge_choices:
+        raise ValueError("eval.reward.judge_choices has an empty answer; every answer must be some text")
+    bad = next((k for k, v in cfg.judge_choices.items() if not math.isfinite(v)), None)
+    if bad is not None:
+        raise ValueError(f"eval.reward.judge_choices[{bad!r}] is {cfg.judge_choices[bad]}; give it a finite value")
+    fixed = sorted({"model", "max_model_len", "skip_tokenizer_init", "tokenizer"} & set(cfg.judge_engine_kwargs))
+    if fixed:
+        raise ValueError(f"eval.reward.judge_engine_kwargs sets {fixed}, which the judge sets itself (from "
+                         f"eval.reward.model and max_length); remove them")
 
 
 class SamplingSettings(EngineSettings):
