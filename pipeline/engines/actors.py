@@ -281,8 +281,13 @@ class ReferenceEngine:
         return len(logps)
 
 
+# Reward types that hold a model, built once in an actor (`RewardEngine`) rather than in each task.
+ACTOR_REWARDS = ("model", "judge")
+
+
 class RewardEngine:
-    """A reward model in a Ray actor (GPU if `eval.reward.use_gpu`); rules and callables run in Ray tasks."""
+    """A reward model or LLM judge in a Ray actor (GPU if `eval.reward.use_gpu`); rules and callables run in Ray
+    tasks."""
 
     def __init__(self, reward_cfg, device: str):
         quiet_worker_logs()
@@ -293,7 +298,7 @@ class RewardEngine:
             self.error = str(e)
 
     def ready(self) -> str | None:
-        """None, or the user error that kept the reward model from loading."""
+        """None, or the user error that kept the reward model or judge from loading."""
         return self.error
 
     def score(self, prompts: list[str], completions: list[str], sources: list | None = None) -> np.ndarray:
@@ -311,17 +316,26 @@ def run_with_reward(reward_cfg, fn, *args):
     return fn(build_reward(reward_cfg) if reward_cfg is not None else None, *args)
 
 
+def reward_actor_options(reward_cfg) -> dict[str, Any]:
+    """Ray resources of the reward actor: one GPU with `use_gpu` (a judge: its `tensor_parallel_size`)."""
+    gpus = int(reward_cfg.judge_engine_kwargs.get("tensor_parallel_size", 1)) if reward_cfg.type == "judge" else 1
+    return dict(num_cpus=1, num_gpus=gpus if reward_cfg.use_gpu else 0,
+                # vLLM (a judge) warns at length about things that do not apply here, as in the scorers' actors.
+                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}})
+
+
 class RewardRunner:
-    """Runs `fn(reward, *args)` where the reward is: a Ray task per call for rules and callables, the reward
-    model's actor (on a GPU with `reward.use_gpu`) for a model, which `close()` kills."""
+    """Runs `fn(reward, *args)` where the reward is: a Ray task per call for rules and callables, the actor of the
+    reward model or judge (on a GPU with `reward.use_gpu`), which `close()` kills."""
 
     def __init__(self, reward_cfg):
         self.reward_cfg, self.actor = reward_cfg, None
         self.task = ray.remote(run_with_reward).options(num_cpus=1)
-        if reward_cfg is not None and reward_cfg.type != "model":
+        in_actor = reward_cfg is not None and reward_cfg.type in ACTOR_REWARDS
+        if reward_cfg is not None and not in_actor:
             build_reward(reward_cfg)  # a bad rule or callable fails here, as a one-line error, before any task
-        if reward_cfg is not None and reward_cfg.type == "model":
-            self.actor = ray.remote(RewardEngine).options(num_cpus=1, num_gpus=1 if reward_cfg.use_gpu else 0).remote(
+        if in_actor:
+            self.actor = ray.remote(RewardEngine).options(**reward_actor_options(reward_cfg)).remote(
                 reward_cfg, "cuda" if reward_cfg.use_gpu else "cpu")
             error = ray.get(self.actor.ready.remote())
             if error:

@@ -1,10 +1,11 @@
-"""Pluggable rewards for evaluation by sampling: built-in rules, a user's Python function, or a reward model.
+"""Pluggable rewards for evaluation by sampling: built-in rules, a user's Python function, a reward model, or an
+LLM judge (`pipeline.evaluation.judge`).
 
 `build_reward(cfg)` returns `reward(prompts, completions, sources=None) -> float64 array [N]`, one reward per
 completion. `prompts` are the prompts as the policy read them (rendered text); `sources`, when given, each prompt as
 its source row holds it (a string, or a list of {role, content} messages; the prompt files' `prompt_source`). Only a
-reward model reads `sources`: it renders a conversation with its own chat template (`reward_inputs`). Rules and user
-functions are called as before, without them.
+reward model reads `sources`: it renders a conversation with its own chat template (`reward_inputs`); and a judge,
+whose `{prompt}` is the source's text. Rules and user functions are called as before, without them.
 `reward_identity(cfg)` is a JSON-able dict that changes whenever the rewards could change (part of a content key).
 """
 
@@ -27,6 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pipeline.config import RewardConfig
 from pipeline.data.models import effective_template_sha, resolve_model, resolve_tokenizer
 from pipeline.errors import UserError
+from pipeline.evaluation.judge import JudgeReward, judge_identity
 from pipeline.store.fingerprint import sha256_file
 
 Reward = Callable[..., np.ndarray]  # reward(prompts, completions, sources=None)
@@ -285,11 +287,14 @@ def build_reward(cfg: RewardConfig, device: str = "cpu") -> Reward:
         return RuleReward(cfg)
     if cfg.type == "callable":
         return CallableReward(cfg)
+    if cfg.type == "judge":  # vLLM picks its own device (a GPU when the actor holds one)
+        return JudgeReward(cfg)
     return RewardModel(cfg, device)
 
 
 def reward_identity(cfg: RewardConfig) -> dict[str, Any]:
-    """Everything the rewards depend on: rule parameters, the callable's source, or the reward model's files."""
+    """Everything the rewards depend on: rule parameters, the callable's source, the reward model's or judge's
+    files and settings."""
     if cfg.type == "rule":
         params = {"lexicon": {"positive": sorted({w.lower() for w in cfg.positive}),
                               "negative": sorted({w.lower() for w in cfg.negative})},
@@ -298,6 +303,8 @@ def reward_identity(cfg: RewardConfig) -> dict[str, Any]:
     if cfg.type == "callable":
         return {"type": "callable", "function": cfg.function, "kwargs": cfg.kwargs,
                 "source_sha256": _source_sha(cfg.function)}
+    if cfg.type == "judge":
+        return judge_identity(cfg)
 
     # Tokenizer files are not in the model identity, but a different tokenization changes the rewards too.
     tokenizer = resolve_tokenizer(cfg.model)
