@@ -17,11 +17,12 @@ from pipeline.data.sources import plan_source, read_shard
 from pipeline.dpo.metrics import MetricsLogger
 from pipeline.errors import UserError
 from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
+from pipeline.evaluation.targets import checkpoint_problem
 from pipeline.runtime import cluster
 from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.fingerprint import model_files_hash
 from pipeline.store.storage import Store, local_copy
-from stages.evaluate import _checkpoint_problem, select_targets
+from stages.evaluate import select_targets
 from tests.conftest import DATA, make_config
 
 
@@ -76,8 +77,8 @@ def test_s3_store_checkpoints_local_copies_and_report(s3, tmp_path, monkeypatch)
     src = _hf_dir(tmp_path / "export")
     run.upload_dir(src, "checkpoints/step_000002", last="config.json")
     ckpt = f"{run.uri}/checkpoints/step_000002"
-    assert list_checkpoints(run) == [ckpt] and _checkpoint_problem(ckpt) is None
-    assert "does not exist" in _checkpoint_problem(f"{run.uri}/checkpoints/step_000009")
+    assert list_checkpoints(run) == [ckpt] and checkpoint_problem(ckpt) is None
+    assert "does not exist" in checkpoint_problem(f"{run.uri}/checkpoints/step_000009")
 
     local = local_copy(ckpt)  # downloaded once, reused while the files are unchanged
     assert local.startswith(str(tmp_path / "staging"))
