@@ -48,3 +48,24 @@ def test_status_of_a_run_in_training_and_of_no_run(tmp_path, capsys):
     assert "checkpoints: 1 (step_000002)" in out
     assert main(["status", str(tmp_path / "nothing")]) == 2
     assert "holds no run (no config.yaml)" in capsys.readouterr().err
+
+
+def test_status_of_an_iterate_run_lists_its_rounds(tmp_path, capsys):
+    """An `iterate` run_dir: round 1 trained, round 2's pairs written and its training at step 1."""
+    run = tmp_path / "run"
+    text = to_yaml(load_config("configs/tiny.yaml", []))
+    r1, r2 = run / "round_1", run / "round_2"
+    for r, pairs in ((r1, 40), (r2, 31)):
+        (r / "pairs").mkdir(parents=True)
+        (r / "pairs" / "manifest.json").write_text(json.dumps({"counts": {"pairs": pairs}}))
+        (r / "config.yaml").write_text(text)
+    (r1 / "checkpoints" / "step_000005").mkdir(parents=True)
+    (r1 / "checkpoints" / "step_000005" / "config.json").write_text("{}")
+    (r1 / "train.json").write_text(json.dumps({"steps": 5}))
+    (r2 / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69}) + "\n")
+    (run / "round_3" / "pairs").mkdir(parents=True)  # sampling started: no manifest, no config yet
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "stage: round 3 started"
+    assert out[2] == f"round 1: 40 pairs, trained, 5 step(s), π_1: {r1}/checkpoints/step_000005"
+    assert out[3:5] == ["round 2: 31 pairs, training, 1 step(s) logged", "round 3: pairs not written yet"]

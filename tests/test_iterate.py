@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import iterate
 from pipeline.runtime.faults import InjectedFault
+from pipeline.store.run_status import run_status, status_lines
 from tests.conftest import DATA, make_config, read_cache, sequence_logps
 from tests.faults.helpers import fault
 
@@ -66,6 +67,11 @@ def test_two_rounds_resume_between_rounds_and_round_two_is_referenced_to_pi_1(ti
     monkeypatch.delenv("DPO_PIPELINE_FAULT")
     done = {p: (run_dir / p).stat().st_mtime_ns for p in ("round_1/pairs/manifest.json", "round_1/train.json",
                                                           "eval/round_1/result.json")}
+    st = run_status(str(run_dir))
+    assert st.stage == "round 1 trained" and [r["round"] for r in st.rounds] == [1]
+    assert st.rounds[0]["pairs"] == json.loads((run_dir / "round_1/pairs/manifest.json").read_text())["counts"]["pairs"]
+    assert [row["name"] for row in st.evaluated] == ["reference", "round_1"]
+    assert any(line.startswith("round 1: ") and "trained, 2 step(s), π_1: " in line for line in status_lines(st))
     plan = {s.stage: s.action for s in iterate.plan(cfg)}
     assert plan["round 1/pairs"] == plan["round 1/train"] == plan["round 1/cache/train"] == "reuse"
     assert plan["round 2/pairs"] == "run"
@@ -75,6 +81,7 @@ def test_two_rounds_resume_between_rounds_and_round_two_is_referenced_to_pi_1(ti
     assert {p: (run_dir / p).stat().st_mtime_ns for p in done} == done
     assert [r["round"] for r in s.rounds] == [1, 2] and all(r["counts"]["pairs"] > 0 for r in s.rounds)
     assert [row["name"] for row in s.rows] == ["reference", "round_1", "round_2"] and not s.failures
+    assert run_status(str(run_dir)).stage == "round 2 trained"
     pi_1 = iterate.final_checkpoint(cfg, 1)
     assert s.rounds[1]["checkpoint"] == iterate.final_checkpoint(cfg, 2) and pi_1 != s.rounds[1]["checkpoint"]
     # Round 2's pairs were sampled from π_1, and its reference is π_1: cached log-probs = a forward of π_1.

@@ -4,6 +4,8 @@ What each stage leaves behind: `config.yaml` (any command), `cache.json` (the ca
 a URI run_dir while training, `metrics-parts/` (logged steps), `ray/checkpoint_*` (training states), `train.json`
 (a finished training run, written last), `checkpoints/step_*` (exports), `eval/summary.json` (evaluated targets) and
 `eval/report.md`; logs: `run.log`, `logs/*.log` (Ray's, Ray Train's, vLLM's), `eval/<target>/engine.log`.
+An `iterate` run_dir holds one such run per round (`round_<r>/`, with the round's pairs in `round_<r>/pairs/`,
+whose `manifest.json` is written last) and the evaluation of every round in `eval/`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class RunStatus:
     failures: list[dict[str, Any]] = field(default_factory=list)
     report: str | None = None
     logs: list[str] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # iterate: {round, pairs, status: RunStatus | None}
 
 
 def _metrics_rows(store: Store) -> list[dict[str, Any]]:
@@ -64,10 +67,12 @@ def _loss_summary(config: dict[str, Any]) -> str | None:
 def run_status(run_dir: str) -> RunStatus:
     """The run's state from its files; a run_dir no command has written to is a UserError."""
     store = Store(run_dir)
-    if not store.exists("config.yaml"):
+    rounds = _rounds(store)
+    if not store.exists("config.yaml") and not rounds:
         raise UserError(f"{run_dir!r} holds no run (no config.yaml); give the run_dir of a config that a "
                         f"`dpo-pipeline` command has run")
-    s = RunStatus(store.uri, "started", _loss_summary(yaml.safe_load(store.read_bytes("config.yaml")) or {}))
+    config = (yaml.safe_load(store.read_bytes("config.yaml")) or {}) if store.exists("config.yaml") else {}
+    s = RunStatus(store.uri, "started", _loss_summary(config) if config else None, rounds=rounds)
     if store.exists("cache.json"):
         s.stage = "cached"
         for split, r in store.read_json("cache.json").items():
@@ -93,7 +98,34 @@ def run_status(run_dir: str) -> RunStatus:
     s.logs += [f"{store.uri}/logs/{n}" for n in sorted(store.listdir("logs")) if n.endswith(".log")]
     s.logs += [f"{store.uri}/eval/{n}/engine.log" for n in store.listdir("eval")
                if store.exists(f"eval/{n}/engine.log")]
+    if rounds:  # iterate: where its last round stands
+        last = rounds[-1]
+        s.stage = f"round {last['round']} " + (last["status"].stage if last["status"] else
+                                                 "pairs written" if last["pairs"] is not None else "started")
     return s
+
+
+def _rounds(store: Store) -> list[dict[str, Any]]:
+    """An `iterate` run's rounds, in order: the pairs each made (None until written) and its run's status."""
+    numbers = sorted(int(n.removeprefix("round_")) for n in store.listdir("")
+                     if n.startswith("round_") and n.removeprefix("round_").isdigit())
+    rounds = []
+    for r in numbers:
+        sub = store.child(f"round_{r}")
+        pairs = sub.read_json("pairs/manifest.json")["counts"]["pairs"] if sub.exists("pairs/manifest.json") else None
+        rounds.append({"round": r, "pairs": pairs,
+                       "status": run_status(sub.uri) if sub.exists("config.yaml") else None})
+    return rounds
+
+
+def _round_line(r: dict[str, Any]) -> str:
+    st: RunStatus | None = r["status"]
+    pairs = "pairs not written yet" if r["pairs"] is None else f"{r['pairs']} pairs"
+    if st is None:
+        return f"round {r['round']}: {pairs}"
+    steps = (f"{st.steps_total} step(s)" if st.steps_total is not None else f"{st.steps_logged} step(s) logged")
+    final = f", π_{r['round']}: {st.checkpoints[-1]}" if st.stage == "trained" and st.checkpoints else ""
+    return f"round {r['round']}: {pairs}, {st.stage}, {steps}{final}"
 
 
 def _fmt(v, se=None) -> str:
@@ -112,6 +144,7 @@ def headline(row: dict[str, Any]) -> str:
 def status_lines(s: RunStatus) -> list[str]:
     """The status as the terminal shows it."""
     lines = [f"run: {s.run_dir}", f"stage: {s.stage}" + (f" (loss {s.loss})" if s.loss else "")]
+    lines += [_round_line(r) for r in s.rounds]
     for split, c in s.caches.items():
         lines.append(f"cache ({split}): {c['uri']} ({c['pairs']} pairs, {c['rejected']} rejected)")
     if s.stage == "training":
