@@ -191,8 +191,10 @@ def _iterate(args) -> int:
     from pipeline import iterate  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     with _logged(cfg.run_dir):
-        for step in iterate.plan(cfg):
-            print(f"plan: {step.stage:<16} {step.action:<7} {step.why}")
+        # Each round prints its own plan as it starts (`plan --iterate` shows them all up front): planning every
+        # round here would resolve round 1's inputs (prompts, weights' hash) twice.
+        it = cfg.iterate
+        print(f"iterate: {it.rounds} round(s) under {cfg.run_dir}, reference {it.reference}, prompts {it.prompts}")
         s = iterate.run(cfg)
         print("\nsummary")
         for r in s.rounds:

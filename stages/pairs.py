@@ -135,6 +135,7 @@ def run(cfg: Config, part: tuple[int, int] | None = None, progress_factory=None)
     plan = prepare(cfg, part)
     if plan.done:
         return PairsResult(plan.dataset, plan.store.read_json("manifest.json")["counts"], reused=True)
+    plan.store.write_bytes("config.yaml", to_yaml(cfg).encode())
     connect(cfg)
     if not plan.job.sampled:
         _sample(plan, progress_factory)
@@ -157,7 +158,6 @@ def prepare(cfg: Config, part: tuple[int, int] | None = None) -> PairsPlan:
     reward_id = reward_identity(reward)  # a bad callable fails here, before Ray starts
     target = _target(cfg)
     store = output_store(cfg)
-    store.write_bytes("config.yaml", to_yaml(cfg).encode())
     scfg = sampling_config(cfg)
     tok_path = cfg.tokenizer.path or cfg.model.path
     resolved_tok = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)

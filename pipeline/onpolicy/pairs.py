@@ -15,7 +15,7 @@ messages, each response one assistant message), with provenance columns:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -73,9 +73,7 @@ class PairCounts:
     rejected_reward_sum: float = 0.0
 
     def merge(self, other: PairCounts) -> PairCounts:
-        return PairCounts(*(getattr(self, f) + getattr(other, f) for f in
-                            ("prompts", "samples", "truncated", "unusable", "scored", "pairs", "no_pair", "reward_sum",
-                             "chosen_reward_sum", "rejected_reward_sum")))
+        return PairCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def summary(self) -> dict[str, Any]:
         def mean(total: float, n: int) -> float | None:
