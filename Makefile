@@ -34,7 +34,7 @@ test-families: install
 	DPO_TEST_FAMILIES=extended $(BIN)/python -m pytest -q tests/test_families.py
 
 # Everything `make test` leaves out (~20 min; CI runs both): the family matrix above, the two-node cluster run,
-# pair generation and iterative DPO end to end, and the demo in miniature (tests marked `extended`).
+# pair generation and iterative DPO end to end, the vLLM judge, and the demo in miniature (tests marked `extended`).
 test-extended: test-families
 	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q -m extended tests
 

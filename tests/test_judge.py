@@ -297,6 +297,7 @@ def judge_runner(ray_local, tiny_model):
 
 @pytest.mark.ray
 @pytest.mark.vllm
+@pytest.mark.extended  # (a vLLM engine start of its own: in the extended tier, to keep `make test` within 30 min)
 def test_vllm_judge_in_its_actor_equals_a_transformers_forward(judge_runner, tiny_model, tokenizer):
     assert judge_runner.actor is not None  # the judge runs in its own actor, not in a task per call
     completions = [c for _, c in PAIRS]
