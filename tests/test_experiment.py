@@ -46,9 +46,11 @@ def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local
     names = sorted(r["name"] for r in first.rows)
     assert names == ["dpo-beta0.5-step2", "dpo-beta0.5-step4", "iterative-round1", "iterative-round2",
                      "preferred-ft-step2", "preferred-ft-step4", "reference"]
-    # The iterative arm: its rounds' steps add up; round 2 sampled its pairs from round 1's policy.
+    # The iterative arm: as many steps as each offline run, half per round; round 2 sampled its pairs from round 1's
+    # policy.
     rounds = {r["name"]: r for r in first.rows if r["variant"] == "iterative"}
-    assert rounds["iterative-round2"]["step"] > rounds["iterative-round1"]["step"] > 0
+    assert (rounds["iterative-round1"]["step"], rounds["iterative-round2"]["step"]) == (2, 4)
+    assert first.checks["offline_steps"] == first.checks["iterative_steps"] == 4
     manifest = json.loads((tmp_path / "runs" / "iterative" / "round_2" / "pairs" / "manifest.json").read_text())
     assert manifest["model"] == rounds["iterative-round1"]["path"]
     assert "| iterative | 0.5 |" in Path(first.report).read_text() and "iterative_reward" in first.checks

@@ -11,7 +11,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.demo import sentiment
-from pipeline.demo.experiment import ExperimentSpec, frontier_checks
+from pipeline.demo.experiment import ExperimentSpec, frontier_at, frontier_checks
 from pipeline.engines.actors import engine_signature
 from pipeline.evaluation.rewards import build_reward
 
@@ -72,13 +72,24 @@ def test_frontier_checks_measure_both_claims():
     assert c["best_dpo"] == "dpo-beta0.1" and c["best_dpo_reward"] == 1.5
     assert c["dpo_gain_in_se"] == pytest.approx(1.5 / (0.05 * 2 ** 0.5))
     assert c["dpo_above_sft"]
-    # Preferred-FT ends at KL 4.0 with 0.6; the best DPO point with KL <= 4.0 is 0.9 (β=0.5, step 20).
-    assert c["dpo_frontier_reward_at_preferred_ft_kl"] == 0.9 and c["dpo_at_least_preferred_ft"]
+    # Preferred-FT ends at KL 4.0 with 0.6; the best DPO point with KL <= 4.0 is 0.9 (β=0.5, step 20), and the
+    # mixture of (2.5, 0.9) and (6.0, 1.5) at KL 4.0 reaches 0.9 + 0.6 · 1.5/3.5.
+    assert c["dpo_frontier_reward_at_preferred_ft_kl"] == pytest.approx(0.9 + 0.6 * 1.5 / 3.5)
+    assert c["dpo_at_least_preferred_ft"]
     rows[-1] = _row("preferred-ft", 20, 1.2, 4.0)
     assert not frontier_checks(rows, spec)["dpo_at_least_preferred_ft"]
     rows[2] = _row("dpo-beta0.1", 20, 0.1, 6.0)
     rows[4] = _row("dpo-beta0.5", 20, 0.1, 2.5)
     assert not frontier_checks(rows, spec)["dpo_above_sft"]
+
+
+def test_the_frontier_counts_mixtures_of_measured_policies():
+    points = [(0.0, -0.2), (0.4, 1.0), (1.0, 1.4), (3.0, 1.2)]
+    assert frontier_at(points, 0.2) == pytest.approx(0.4)  # halfway from π_SFT to (0.4, 1.0)
+    assert frontier_at(points, 0.4) == pytest.approx(1.0)
+    assert frontier_at(points, 0.7) == pytest.approx(1.2)  # (0.4, 1.0)–(1.0, 1.4), above (0, -0.2)–(1.0, 1.4)
+    assert frontier_at(points, 5.0) == pytest.approx(1.4)  # never down: a lower reward at more KL adds nothing
+    assert frontier_at(points[1:], 0.1) is None
 
 
 def test_engine_signature_ignores_bookkeeping_keys_only():

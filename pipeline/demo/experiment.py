@@ -226,7 +226,12 @@ def _iterative_arm(config: str, overrides: list[str], base: Config, spec: Experi
     target. Returns each target's step counted over the rounds."""
     if not spec.iterative_rounds:
         return {}
-    extra = [f"train.loss.beta={spec.iterative_beta}", f"iterate.rounds={spec.iterative_rounds}"]
+    # As many steps as each offline run, split evenly over the rounds (a round may pass over its pairs more than
+    # once: on-policy samples tie more often, so a round's third of the prompts gives fewer pairs).
+    offline_steps = max(int(Path(c).name.removeprefix("step_")) for c in targets.values())
+    per_round = max(1, offline_steps // spec.iterative_rounds)
+    extra = [f"train.loss.beta={spec.iterative_beta}", f"iterate.rounds={spec.iterative_rounds}",
+             f"train.max_steps={per_round}", "train.epochs=3"]
     # Each round caches its own pairs: the transformers scorer (the same log-probs, tested) spares the three vLLM
     # engine starts, ~25 s each on 2 cores.
     cfg = load_config(config, overrides + extra + ["iterate.evaluate=false", "scoring.engine=hf",
@@ -244,10 +249,24 @@ def _final(rows: list[dict[str, Any]], variant: str) -> dict[str, Any]:
     return max((r for r in rows if r["variant"] == variant), key=lambda r: r["step"] or 0)
 
 
+def frontier_at(points: list[tuple[float, float]], kl: float) -> float | None:
+    """The best reward reachable at no more than `kl`, from measured (KL, reward) points and their mixtures: a
+    policy that answers each prompt with π_a with probability λ and π_b otherwise has the mixed reward λ·r_a +
+    (1−λ)·r_b and, KL being convex, no more than the mixed KL. So the frontier is at least the upper concave
+    envelope of the points (None when no point has so little KL)."""
+    best = max((r for k, r in points if k <= kl), default=None)
+    for ka, ra in points:
+        for kb, rb in points:
+            if ka <= kl < kb:  # the segment from a (inside) to b (beyond), at kl
+                mix = ra + (rb - ra) * (kl - ka) / (kb - ka)
+                best = mix if best is None else max(best, mix)
+    return best
+
+
 def frontier_checks(rows: list[dict[str, Any]], spec: ExperimentSpec) -> dict[str, Any]:
     """The demo's two claims, measured: DPO raises the ground-truth reward above π_SFT's by more than 3 standard
-    errors, and at Preferred-FT's KL the DPO frontier (the best reward at no more KL, over every DPO checkpoint and
-    π_SFT) is at least Preferred-FT's final reward."""
+    errors, and at Preferred-FT's KL the DPO frontier (the best reward at no more KL over every DPO checkpoint, π_SFT
+    and their mixtures: `frontier_at`) is at least Preferred-FT's final reward."""
     sft = next(r for r in rows if r["variant"] == "π_SFT")
     dpo = [v for v in spec.variants if v.startswith("dpo-")]
     finals = {v: _final(rows, v) for v in spec.variants}
@@ -262,7 +281,7 @@ def frontier_checks(rows: list[dict[str, Any]], spec: ExperimentSpec) -> dict[st
     if "preferred-ft" in finals:
         p = finals["preferred-ft"]
         pts = [r for r in rows if r["variant"] in dpo or r["variant"] == "π_SFT"]
-        at_kl = max(r["reward_mean"] for r in pts if r["kl_mean"] <= p["kl_mean"])
+        at_kl = frontier_at([(r["kl_mean"], r["reward_mean"]) for r in pts], p["kl_mean"])
         checks.update({"preferred_ft_reward": p["reward_mean"], "preferred_ft_kl": p["kl_mean"],
                        "dpo_frontier_reward_at_preferred_ft_kl": at_kl,
                        "dpo_at_least_preferred_ft": bool(at_kl >= p["reward_mean"])})
@@ -274,13 +293,14 @@ def frontier_checks(rows: list[dict[str, Any]], spec: ExperimentSpec) -> dict[st
 
 def _iterative_checks(rows: list[dict[str, Any]], spec: ExperimentSpec, offline: list[dict[str, Any]]) -> dict:
     """The iterative arm against offline DPO: its final reward and KL, the offline run of its β, and the best reward
-    offline DPO reaches at no more KL than the iterative arm's (its frontier there)."""
+    offline DPO (its checkpoints, π_SFT and their mixtures) reaches at no more KL than the iterative arm's."""
     it = _final(rows, "iterative")
     same = f"dpo-beta{spec.iterative_beta:g}"
     o = _final(rows, same) if same in spec.variants else None
-    at_kl = max((r["reward_mean"] for r in offline if r["kl_mean"] <= it["kl_mean"]), default=None)
+    at_kl = frontier_at([(r["kl_mean"], r["reward_mean"]) for r in offline], it["kl_mean"])
     return {"iterative_reward": it["reward_mean"], "iterative_reward_se": it["reward_se"],
             "iterative_kl": it["kl_mean"], "iterative_steps": it["step"], "offline_same_beta": same if o else None,
+            "offline_steps": max(r["step"] or 0 for r in offline),
             "offline_same_beta_reward": o["reward_mean"] if o else None,
             "offline_same_beta_kl": o["kl_mean"] if o else None,
             "offline_frontier_reward_at_iterative_kl": at_kl,
@@ -333,7 +353,8 @@ def write_experiment_report(run_dir: str, rows: list[dict[str, Any]], checks: di
 
 def _iterative_line(c: dict[str, Any], spec: ExperimentSpec) -> str:
     line = (f"- Iterative DPO ({spec.iterative_rounds} rounds at β {spec.iterative_beta:g}, each on its own third of "
-            f"the prompts, pairs sampled from the last round's policy; {c['iterative_steps']} steps in all) reaches "
+            f"the prompts, pairs sampled from the last round's policy; {c['iterative_steps']} steps in all, "
+            f"each offline run {c['offline_steps']}) reaches "
             f"{c['iterative_reward']:.3f} at KL {c['iterative_kl']:.2f}")
     if c["offline_same_beta"]:
         line += (f"; offline DPO at the same β ({c['offline_same_beta']}): {c['offline_same_beta_reward']:.3f} at KL "
