@@ -104,7 +104,7 @@ class TrainResult:
 
 # Settings that change neither the weights nor which checkpoints are written.
 _UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "init_from": True,
-            "parallel": {"num_cpus_per_worker"},
+            "parallel": {"num_cpus_per_worker", "recompute_head"},  # (the same log-probs and gradients, tested)
             "checkpoint": {"max_failures", "keep", "async_save"}}
 
 
@@ -309,8 +309,8 @@ class DPOWorker:
         if self.cfg.train.lora:
             lm = add_adapters(lm, self.cfg.train.lora)  # the base frozen, adapters trainable
         lm.train()
-        policy = apply_fsdp(PolicyLogps(lm), getattr(torch, parallel.param_dtype), parallel.activation_checkpointing,
-                            parallel.cpu_offload, parallel.compile)
+        policy = apply_fsdp(PolicyLogps(lm, parallel.recompute_head), getattr(torch, parallel.param_dtype),
+                            parallel.activation_checkpointing, parallel.cpu_offload, parallel.compile)
         self._fill(policy, self.plan.policy_dir)
         if self.cfg.train.lora:
             # The same initial adapters on every rank (B = 0: the policy starts as the reference).

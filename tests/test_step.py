@@ -49,11 +49,12 @@ def _reference_grads(pairs) -> tuple[float, dict[str, torch.Tensor]]:
     return float(loss.detach()), {k: p.grad for k, p in lm.named_parameters()}
 
 
-@pytest.mark.parametrize("compile_blocks", [False, True], ids=["eager", "compiled"])
-def test_fsdp_step_gradient_equals_the_formula(process_group, compile_blocks):
+@pytest.mark.parametrize("compile_blocks, recompute_head", [(False, False), (True, False), (False, True)],
+                         ids=["eager", "compiled", "recomputed-head"])
+def test_fsdp_step_gradient_equals_the_formula(process_group, compile_blocks, recompute_head):
     pairs = _pairs(12, seed=3)
     want_loss, want = _reference_grads(pairs)
-    policy = apply_fsdp(PolicyLogps(_lm()), torch.float32, compile_blocks=compile_blocks)
+    policy = apply_fsdp(PolicyLogps(_lm(), recompute_head), torch.float32, compile_blocks=compile_blocks)
     sums = StepSums()
     StepCompute(policy, None, [LOSS], pad_id=0, device="cpu").accumulate(pairs, 5, sums)  # micro-batches 5, 5, 2
     m = sums.reduce("cpu")
@@ -123,3 +124,40 @@ def test_ld_dpo_and_wpo_from_the_cache_equal_in_loop_and_the_formula():
         want = _ld_wpo_formula(pairs, lm, ref_lm, alpha=0.5, beta=0.1)
     torch.testing.assert_close(cached.losses.double(), want, rtol=1e-4, atol=1e-6)
     assert cached.extras["wpo/weight"].shape == (6,)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_recomputed_head_equals_the_kept_one_and_keeps_no_logits(tied):
+    """`recompute=True`: the same log-probs (and WPO's log Σ p², without gradient), the same gradients of every
+    parameter, and autograd keeps no [tokens, vocab] logits, only the chunks' hidden states (Gemma-2's soft-capping
+    goes through the recompute too)."""
+    b = collate(_pairs(6, seed=4))
+    vocab = 256
+
+    def run(recompute: bool):
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                          tie_word_embeddings=tied))
+        lm.config.final_logit_softcapping = 3.0
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size() if t.dim() == 2 and t.shape[-1] == vocab else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps, sq = selective_token_logps(lm, b.input_ids, None, b.score_mask, chunk_tokens=7, log_sum_sq=True,
+                                              recompute=recompute)
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        return logps.detach(), sq, {k: p.grad for k, p in lm.named_parameters()}, sum(saved)
+
+    kept, recomputed = run(False), run(True)
+    torch.testing.assert_close(recomputed[0], kept[0], rtol=0, atol=0)
+    torch.testing.assert_close(recomputed[1], kept[1], rtol=0, atol=0)
+    assert not recomputed[1].requires_grad
+    for k, g in kept[2].items():
+        torch.testing.assert_close(recomputed[2][k], g, rtol=1e-6, atol=1e-7, msg=k)
+    scored = int(b.score_mask.sum())
+    assert kept[3] >= scored * vocab * 4  # every chunk's fp32 logits, kept for backward
+    assert recomputed[3] == 0  # none: recomputed chunk by chunk in backward

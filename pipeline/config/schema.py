@@ -334,6 +334,8 @@ class ParallelConfig(_Strict):
     param_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="FSDP2 mixed precision: dtype of parameters in compute (gradients reduce in fp32).")
     activation_checkpointing: bool = Field(False, description="Recompute decoder-block activations in backward.")
+    recompute_head: bool = Field(True, description="Recompute the LM head's fp32 logits chunk by chunk in backward "
+                                 "instead of keeping every scored token's (docs/OPTIMIZATIONS.md).")
     cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state on CPU (GPU runs).")
     compile: bool = Field(False, description="torch.compile each decoder block (dynamic shapes; compiling takes a "
                           "minute or more at start). Measured on an H200: 1.6x faster steps (docs/GPU.md).")

@@ -53,12 +53,14 @@ class PolicyLogps(nn.Module):
     """forward(input_ids, attention_mask, score_mask) -> [N] log-probs of the scored tokens (row-major); with
     `log_sum_sq`, also log Σ_v p(v)² at each (WPO)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, recompute_head: bool = False):
         super().__init__()
         self.lm = lm
+        self.recompute_head = recompute_head  # pipeline/dpo/logprobs.py
 
     def forward(self, input_ids, attention_mask, score_mask, log_sum_sq: bool = False):
-        return selective_token_logps(self.lm, input_ids, attention_mask, score_mask, log_sum_sq=log_sum_sq)
+        return selective_token_logps(self.lm, input_ids, attention_mask, score_mask, log_sum_sq=log_sum_sq,
+                                     recompute=self.recompute_head)
 
 
 def decoder_blocks(lm: nn.Module) -> list[nn.Module]:
