@@ -259,7 +259,8 @@ class DPOWorker:
                                         optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
-        self.compute = StepCompute(self.policy, reference, self.cfg.train.losses, pad_id, self.device)
+        self.compute = StepCompute(self.policy, reference, self.cfg.train.losses, pad_id, self.device,
+                                   packing=self.cfg.train.packing)
         self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0,
                                     tensorboard="tensorboard" in self.cfg.logging.report_to,
                                     trackers=open_trackers(self.cfg, self.plan.run_dir) if self.rank == 0 else None)
@@ -394,7 +395,7 @@ class DPOWorker:
         """This rank's G/W pairs of the global batch: forward/backward, clip, optimizer step."""
         t0 = now()
         sums = StepSums()
-        self.compute.accumulate(batch, self.cfg.train.micro_batch_pairs, sums)
+        self.compute.accumulate(batch, self.cfg.train.micro_batch_pairs, sums, self.cfg.train.micro_batch_tokens)
         lr = self.scheduler.get_last_lr()[0]
         norm = optimizer_step(self.policy, self.optimizer, self.cfg.train.optim.max_grad_norm)
         self.scheduler.step()

@@ -394,6 +394,10 @@ class TrainConfig(_Strict):
     cache_path: str | None = Field(None, description="Train-split cache directory to use; default: found by key "
                                                      "in cache_dir. Refused if built for other inputs.")
     micro_batch_pairs: int = Field(2, gt=0, description="Pairs per forward pass on each worker.")
+    micro_batch_tokens: int | None = Field(None, gt=0, description="Instead: as many pairs per forward pass as fit "
+                                           "in this many tokens (prompt twice + both responses; at least one).")
+    packing: bool = Field(False, description="Padding-free rows: a micro-batch's sequences packed into rows as long "
+                          "as its longest, attention kept within each (docs/OPTIMIZATIONS.md: where it is faster).")
     global_batch_pairs: int = Field(8, gt=0, description="Pairs per optimizer step over all workers; a multiple of "
                                                          "micro_batch_pairs × parallel.num_workers (gradient "
                                                          "accumulation).")

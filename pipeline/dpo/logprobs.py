@@ -26,7 +26,7 @@ LOGITS_PER_CHUNK = 1 << 26  # fp32: 256 MiB per chunk of logits
 
 def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           score_mask: torch.Tensor, chunk_tokens: int | None = None, log_sum_sq: bool = False,
-                          recompute: bool = False):
+                          recompute: bool = False, position_ids: torch.Tensor | None = None):
     """log p(input_ids[b, t] | input_ids[b, :t]) for every (b, t) with score_mask[b, t], in row-major order.
 
     Args:
@@ -35,14 +35,17 @@ def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.
         chunk_tokens: scored tokens per pass through the head (default: LOGITS_PER_CHUNK / vocab, 64 to 4096).
         log_sum_sq: also return log Σ_v p(v)² at each scored token (WPO's weights), without gradient.
         recompute: with gradients, recompute each chunk's logits in backward instead of keeping them.
+        position_ids: [B, T] for packed rows (restarting at each sequence; attention_mask None): transformers then
+            masks attention to each sequence (pipeline/dpo/batching.py `collate_packed`).
     Returns:
         [N] float32, N = score_mask.sum(); the log-probs of the masked tokens, row by row, left to right (and
         with `log_sum_sq`, a second [N] tensor).
     """
     # use_cache=False: no KV cache is built for a scoring/training forward (it also forced torch.compile to
     # recompile per layer).
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 use_cache=False).last_hidden_state  # [B, T, H]
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 **extra).last_hidden_state  # [B, T, H]
     # The token at t is predicted from the hidden state at t - 1.
     pred_mask = score_mask[:, 1:]
     h = hidden[:, :-1][pred_mask]  # [N, H]

@@ -58,9 +58,9 @@ class PolicyLogps(nn.Module):
         self.lm = lm
         self.recompute_head = recompute_head  # pipeline/dpo/logprobs.py
 
-    def forward(self, input_ids, attention_mask, score_mask, log_sum_sq: bool = False):
+    def forward(self, input_ids, attention_mask, score_mask, log_sum_sq: bool = False, position_ids=None):
         return selective_token_logps(self.lm, input_ids, attention_mask, score_mask, log_sum_sq=log_sum_sq,
-                                     recompute=self.recompute_head)
+                                     recompute=self.recompute_head, position_ids=position_ids)
 
 
 def decoder_blocks(lm: nn.Module) -> list[nn.Module]:

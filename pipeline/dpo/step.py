@@ -14,11 +14,12 @@ import resource
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.dpo.batching import by_length, collate
+from pipeline.dpo.batching import by_length, collate, collate_packed
 from pipeline.dpo.losses import LossState, PairOutputs, SequenceLogps, preference_loss
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import full_tensor, set_gradient_sync
@@ -38,19 +39,22 @@ class StepCompute:
     device: torch.device | str
     attention_mask: bool = False  # True: pass the padding mask anyway (only to measure what leaving it out saves)
     state: LossState = field(default_factory=LossState)
+    packing: bool = False  # `train.packing`: padding-free rows (pipeline/dpo/batching.py `collate_packed`)
 
     def forward(self, table: pa.Table) -> tuple[PairOutputs, torch.Tensor, torch.Tensor, int]:
         """Per-pair outputs, policy log-prob sums (chosen, rejected) and the real token count of one micro-batch;
         one forward scores chosen and rejected together."""
-        cpu = collate(table, self.pad_id)
+        cpu = collate_packed(table, self.pad_id) if self.packing else collate(table, self.pad_id)
         tokens = cpu.tokens  # counted on the host: no device sync
         batch = cpu.to(self.device)
         wpo = any(t.wpo for t in self.terms)
         ld = any(t.ld_alpha is not None for t in self.terms)
         # Right padding: every pad comes after the tokens it could disturb, so plain causal attention (no mask)
         # gives the scored tokens the same log-probs and lets attention use its fastest kernel.
-        mask = batch.attention_mask if self.attention_mask else None
-        out = self.policy(batch.input_ids, mask, batch.score_mask, **({"log_sum_sq": True} if wpo else {}))
+        # Packed rows: no mask either, and position_ids that restart per sequence keep attention within each.
+        mask = batch.attention_mask if self.attention_mask and not self.packing else None
+        pos = {"position_ids": batch.position_ids} if self.packing else {}
+        out = self.policy(batch.input_ids, mask, batch.score_mask, **({"log_sum_sq": True} if wpo else {}), **pos)
         token_logps, sq = (out[0].float(), out[1]) if wpo else (out.float(), None)
         s = SequenceLogps(batch.sequence_sums(token_logps), None, batch.response_lengths)
         if ld:
@@ -59,7 +63,7 @@ class StepCompute:
             s.wpo_logps = batch.sequence_sums(token_logps.detach() - sq) / batch.response_lengths
         if self.reference is not None:
             with torch.no_grad():
-                ref = self.reference(batch.input_ids, mask, batch.score_mask).float()
+                ref = self.reference(batch.input_ids, mask, batch.score_mask, **pos).float()
             s.reference = batch.sequence_sums(ref)
             s.reference_tail = batch.tail_sums(ref) if ld else None
         elif any(t.needs_reference for t in self.terms):
@@ -68,17 +72,19 @@ class StepCompute:
         b = batch.pairs
         return preference_loss(self.terms, s, self.state), s.policy[:b], s.policy[b:], tokens
 
-    def accumulate(self, pairs: pa.Table, micro_batch_pairs: int, sums: StepSums) -> None:
-        """Forward + backward over `pairs` (this rank's share of a global batch) in length-grouped micro-batches;
-        gradients accumulate as d(sum of losses / len(pairs)). FSDP averages over ranks: the global mean."""
+    def accumulate(self, pairs: pa.Table, micro_batch_pairs: int, sums: StepSums,
+                   micro_batch_tokens: int | None = None) -> None:
+        """Forward + backward over `pairs` (this rank's share of a global batch) in length-grouped micro-batches
+        (`micro_batches`); gradients accumulate as d(sum of losses / len(pairs)). FSDP averages over ranks: the
+        global mean."""
         n = pairs.num_rows
         grouped = by_length(pairs)
-        starts = range(0, n, micro_batch_pairs)
-        for i in starts:
+        spans = micro_batches(grouped, micro_batch_pairs, micro_batch_tokens)
+        for k, (i, size) in enumerate(spans):
             # FSDP2: reduce-scatter gradients once per step, after the last micro-batch, not after each one
             # (the earlier ones accumulate unsharded, in fp32).
-            set_gradient_sync(self.policy, i == starts[-1])
-            out, policy_chosen, policy_rejected, tokens = self.forward(grouped.slice(i, micro_batch_pairs))
+            set_gradient_sync(self.policy, k == len(spans) - 1)
+            out, policy_chosen, policy_rejected, tokens = self.forward(grouped.slice(i, size))
             (out.losses.sum() / n).backward()
             sums.add(out, policy_chosen, policy_rejected, tokens)
 
@@ -86,6 +92,28 @@ class StepCompute:
         with torch.no_grad():
             out, policy_chosen, policy_rejected, tokens = self.forward(table)
         sums.add(out, policy_chosen, policy_rejected, tokens)
+
+
+def micro_batches(pairs: pa.Table, micro_batch_pairs: int, micro_batch_tokens: int | None = None) \
+        -> list[tuple[int, int]]:
+    """(start, size) of each micro-batch over consecutive pairs: `micro_batch_pairs` pairs each, or, given
+    `micro_batch_tokens`, as many pairs as fit in that many tokens (prompt twice + chosen + rejected; at least one
+    pair each)."""
+    n = pairs.num_rows
+    if micro_batch_tokens is None:
+        return [(i, min(micro_batch_pairs, n - i)) for i in range(0, n, micro_batch_pairs)]
+    lengths = {c: pc.list_value_length(pairs.column(f"{c}_input_ids")).to_numpy()
+               for c in ("prompt", "chosen", "rejected")}
+    tokens = 2 * lengths["prompt"] + lengths["chosen"] + lengths["rejected"]
+    spans, start, used = [], 0, 0
+    for i, t in enumerate(tokens):
+        if i > start and used + t > micro_batch_tokens:
+            spans.append((start, i - start))
+            start, used = i, 0
+        used += int(t)
+    if n:
+        spans.append((start, n - start))
+    return spans
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0, fused: bool = True) -> torch.optim.Optimizer:
