@@ -15,6 +15,7 @@ from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import PolicyLogps
 from pipeline.dpo.step import StepCompute, micro_batches
+from pipeline.errors import UserError
 from tests.test_batching import _pairs
 
 FAMILIES = {
@@ -104,3 +105,30 @@ def test_token_budget_micro_batches():
         if i + n < 9:
             assert sum(size[i:i + n + 1]) > 100  # filled: the next pair would not fit
     assert micro_batches(t, 4) == [(0, 4), (4, 4), (8, 1)]
+
+
+def test_packing_is_refused_for_a_model_whose_attention_ignores_position_ids():
+    t = _pairs(4, seed=5)
+    sound = StepCompute(PolicyLogps(_model("llama")), None, [LossConfig()], pad_id=0, device="cpu", packing=True)
+    sound.forward(t)
+    assert sound._packing_checked
+    model = _model("llama")
+    leaky = StepCompute(PolicyLogps(_FullAttention(model)), None, [LossConfig()], pad_id=0, device="cpu",
+                        packing=True)
+    with pytest.raises(UserError, match="train.packing: _FullAttention's attention lets packed sequences see"):
+        leaky.forward(t)
+
+
+class _FullAttention(torch.nn.Module):
+    """A causal LM that drops position_ids: its packed sequences see each other."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.config = lm, lm.config
+
+    def get_decoder(self):
+        decoder = self.lm.get_decoder()
+        return lambda position_ids=None, **kw: decoder(**kw)
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()

@@ -23,6 +23,7 @@ from pipeline.dpo.batching import by_length, collate, collate_packed
 from pipeline.dpo.losses import LossState, PairOutputs, SequenceLogps, preference_loss
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import full_tensor, set_gradient_sync
+from pipeline.errors import UserError
 
 
 @dataclass
@@ -40,10 +41,13 @@ class StepCompute:
     attention_mask: bool = False  # True: pass the padding mask anyway (only to measure what leaving it out saves)
     state: LossState = field(default_factory=LossState)
     packing: bool = False  # `train.packing`: padding-free rows (pipeline/dpo/batching.py `collate_packed`)
+    _packing_checked: bool = False
 
     def forward(self, table: pa.Table) -> tuple[PairOutputs, torch.Tensor, torch.Tensor, int]:
         """Per-pair outputs, policy log-prob sums (chosen, rejected) and the real token count of one micro-batch;
         one forward scores chosen and rejected together."""
+        if self.packing and not self._packing_checked:
+            self.check_packing()
         cpu = collate_packed(table, self.pad_id) if self.packing else collate(table, self.pad_id)
         tokens = cpu.tokens  # counted on the host: no device sync
         batch = cpu.to(self.device)
@@ -71,6 +75,24 @@ class StepCompute:
             s.reference_tail = batch.ref_tail.float() if ld else None
         b = batch.pairs
         return preference_loss(self.terms, s, self.state), s.policy[:b], s.policy[b:], tokens
+
+    def check_packing(self) -> None:
+        """Refuse packing for a model whose attention does not keep packed sequences apart: one sequence after two
+        different ones, in packed rows, must get the same log-probs (transformers masks by position_ids only where
+        the model builds its mask with `create_causal_mask`). One tiny forward, on every rank alike (FSDP)."""
+        first, other, probe = [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16, 17]
+        ids = torch.tensor([first + probe, other + probe], device=self.device)
+        positions = torch.tensor([list(range(4)) + list(range(5))] * 2, device=self.device)
+        score = torch.zeros_like(ids, dtype=torch.bool)
+        score[:, 5:] = True  # the probe's tokens after its first (which is predicted from the row's previous one)
+        with torch.no_grad():
+            logps = self.policy(ids, None, score, position_ids=positions).float().view(2, -1)
+        leak = float((logps[0] - logps[1]).abs().max())
+        if leak > 1e-3:
+            name = type(getattr(self.policy, "lm", self.policy)).__name__
+            raise UserError(f"train.packing: {name}'s attention lets packed sequences see each other (log-probs "
+                            f"moved by {leak:.3g}); set train.packing: false for this model")
+        self._packing_checked = True
 
     def accumulate(self, pairs: pa.Table, micro_batch_pairs: int, sums: StepSums,
                    micro_batch_tokens: int | None = None) -> None:
