@@ -33,9 +33,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing the package
 from pipeline.config import LossConfig  # noqa: E402
+from pipeline.dpo.batching import by_length, collate, collate_packed  # noqa: E402
 from pipeline.dpo.metrics import StepSums  # noqa: E402
 from pipeline.dpo.parallel import PolicyLogps, apply_fsdp  # noqa: E402
-from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step  # noqa: E402
+from pipeline.dpo.step import StepCompute, make_optimizer, micro_batches, optimizer_step  # noqa: E402
 
 PRESETS = {
     # Qwen2-0.5B's shape (tied embeddings).
@@ -54,7 +55,8 @@ PRESETS = {
 }
 
 # name -> options: fsdp (FSDP2, default on), mask (pass the padding mask), micro (micro-batch multiplier),
-# compile (torch.compile each decoder block), foreach (AdamW's foreach path instead of the trainer's fused one).
+# compile (torch.compile each decoder block), foreach (AdamW's foreach path instead of the trainer's fused one),
+# keep_head (no recompute of the head's logits in backward), packed (`train.packing`).
 VARIANTS = {
     "fsdp-masked": dict(mask=True),  # before: the padding mask -> masked (non-flash) attention
     "fsdp": dict(),  # the trainer's path: no mask, causal kernel
@@ -65,6 +67,10 @@ VARIANTS = {
     "fsdp-sync-each": dict(sync_each=True),
     "fsdp-compile": dict(compile=True),
     "best": dict(micro=4, compile=True),
+    "fsdp-keep-head": dict(keep_head=True),  # before: the LM head's fp32 logits kept for backward
+    "packed": dict(packed=True),  # padding-free rows (`train.packing: true`), the same micro-batches
+    "packed-micro4x": dict(packed=True, micro=4),
+    "packed-best": dict(packed=True, micro=4, compile=True),
     "plain-autocast": dict(fsdp=False),  # no FSDP: plain module under bf16 autocast, to see FSDP's cost
 }
 
@@ -123,14 +129,15 @@ def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[fl
     v = VARIANTS[name]
     lm, cfg = build_model(args.preset, device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    policy = PolicyLogps(lm)
+    policy = PolicyLogps(lm, recompute_head=not v.get("keep_head"))
     if v.get("fsdp", True):
         policy = apply_fsdp(policy, dtype, compile_blocks=bool(v.get("compile")))  # as `train.parallel.compile: true`
         if v.get("sync_each"):
             policy.set_requires_gradient_sync = lambda *a, **k: None  # keep FSDP's default: sync every backward
     cuda = device.type == "cuda"
     opt = make_optimizer(policy.parameters(), lr=1e-6, fused=not v.get("foreach"))
-    compute = StepCompute(policy, None, [LossConfig()], pad_id=0, device=device, attention_mask=bool(v.get("mask")))
+    compute = StepCompute(policy, None, [LossConfig()], pad_id=0, device=device, attention_mask=bool(v.get("mask")),
+                          packing=bool(v.get("packed")))
     micro = args.micro_batch * v.get("micro", 1)
     autocast = (torch.autocast(device.type, dtype=dtype) if not v.get("fsdp", True) and dtype != torch.float32
                 else torch.autocast(device.type, enabled=False))
@@ -155,11 +162,23 @@ def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[fl
     row = {"variant": name, "micro_batch_pairs": micro, "step_s": step_s,
            "tokens_per_s": tokens / step_s, "pairs_per_s": args.pairs_per_step / step_s,
            "tflops": statistics.median(f / t for f, t in zip(flops[w:], times[w:])) / 1e12,
-           "first_loss": losses[0], "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
+           "first_loss": losses[0], "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+           "padding": padding_fraction(batches[w:], micro, bool(v.get("packed")))}
     del policy, opt, compute, lm
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def padding_fraction(batches: list[pa.Table], micro: int, packed: bool) -> float:
+    """The share of the step's forward positions that are padding, with the step's own micro-batches."""
+    real = total = 0
+    for table in batches:
+        grouped = by_length(table)
+        for i, n in micro_batches(grouped, micro):
+            b = (collate_packed if packed else collate)(grouped.slice(i, n))
+            real, total = real + b.tokens, total + b.input_ids.numel()
+    return 1 - real / total
 
 
 def _tokens(t: pa.Table) -> int:
@@ -220,7 +239,7 @@ def main() -> None:
             print(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     print(f"\n{'variant':<16} {'micro':>5} {'step s':>7} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'mem GB':>7} {'loss@1':>8}")
+          f"{'mem GB':>7} {'loss@1':>8} {'padding':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<16} failed: {r['error'][:80]}")
@@ -228,7 +247,8 @@ def main() -> None:
         r["mfu"] = r["tflops"] / args.peak_tflops
         r["mfu_vs_measured_matmul"] = r["tflops"] / measured_peak if measured_peak else None
         print(f"{r['variant']:<16} {r['micro_batch_pairs']:>5} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.0f} "
-              f"{r['tflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_mem_gb'] or 0:>7.1f} {r['first_loss']:>8.4f}")
+              f"{r['tflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_mem_gb'] or 0:>7.1f} {r['first_loss']:>8.4f} "
+              f"{r['padding']:>8.1%}")
     if args.out:
         Path(args.out).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "preset": args.preset,
                                               "params": params, "block_params": block, "head_params": head,

@@ -8,7 +8,9 @@ Prints one table and writes docs/bench.json and docs/BENCHMARKS.md. Sections:
   reference: pairs/s, tokens/s, peak RSS per worker;
 - sampling: vLLM (the evaluation stage's engine) vs transformers `generate`, tokens/s;
 - scaling: whole cache + training cost against the number of pairs, and 1 vs 2 training workers;
-- lora: full fine-tuning vs LoRA; losses: what the loss variants cost per step beside DPO's.
+- lora: full fine-tuning vs LoRA; losses: what the loss variants cost per step beside DPO's;
+- packing: the trainer padded vs padding-free (`train.packing`): pairs/s, tokens/s, padding fraction;
+- head: the LM head's logits kept vs recomputed in backward at a 128k vocabulary (benchmarks/bench_head.py).
 
 Models are built from configs (no download): the mid-size one (8 x 512 Llama, head_dim 64, ~28M params) for
 every section, the tiny one (`dpo-pipeline tiny-assets`) for scoring and training beside TRL. Data: generated
@@ -25,6 +27,8 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -37,6 +41,7 @@ import pyarrow.parquet as pq
 import torch
 import transformers
 from bench_cache import ROOT, build_data, build_model, matmul_flops, run_engine
+from bench_gpu_step import padding_fraction
 from bench_sample import build_prompts, run_hf, run_vllm
 from bench_train import measure
 from bench_trl import scored_tokens, trl_run
@@ -132,6 +137,29 @@ def losses(work: Path, args) -> list[dict]:
     return rows
 
 
+def packing(work: Path, args) -> list[dict]:
+    """The trainer on the same pairs padded and packed (`train.packing: true`, the same micro-batches): one Ray
+    Train worker, cached reference. Padding: the share of forward positions that are padding, over the cached
+    pairs in global batches as the step groups them (by length, then micro-batches)."""
+    rows = []
+    for name, extra in (("padded", ()), ("packed", ("train.packing=true",))):
+        rows.append({**measure(work, args, ("cached",), extra, tag=f"-{name}")[0], "mode": name})
+    uri = json.loads((work / "cached-padded" / "cache.json").read_text())["train"]["uri"]
+    columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in sorted(Path(uri).rglob("*.parquet")))
+    batches = [table.slice(i, args.global_batch) for i in range(0, table.num_rows, args.global_batch)]
+    for row in rows:
+        row["padding"] = padding_fraction(batches, args.micro_batch, row["mode"] == "packed")
+    return rows
+
+
+def head(args) -> list[dict]:
+    """benchmarks/bench_head.py in its own processes (peak RSS only grows): its JSON line."""
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "bench_head.py")], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def engine_rate(engine: str, model_dir: Path, data_uri: str, batch_pairs: int = 64) -> dict:
     """Our scorer itself, in this process (as TRL's pass runs): the cache's rows in batches of `batch_pairs`,
     exactly as the stage's actor gets them, after one small warm-up batch. Tokens: prompt + response, both sides."""
@@ -207,7 +235,7 @@ def scaling(work: Path, args) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs (figures noisy)")
-    p.add_argument("--sections", default="scoring,training,sampling,scaling,lora,losses")
+    p.add_argument("--sections", default="scoring,training,sampling,scaling,lora,losses,packing,head")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown from a saved JSON file")
@@ -287,6 +315,15 @@ def main() -> None:
             build_data(mid / "data.jsonl", args.pairs)
             out["losses"] = losses(mid, args)
             save("losses", t0)
+        if "packing" in sections:
+            t0 = time.perf_counter()
+            build_data(mid / "data.jsonl", args.pairs)
+            out["packing"] = packing(mid, args)
+            save("packing", t0)
+        if "head" in sections:
+            t0 = time.perf_counter()
+            out["head"] = head(args)
+            save("head", t0)
         if "scaling" in sections:
             t0 = time.perf_counter()
             build_data(mid / "data.jsonl", args.pairs)
@@ -472,6 +509,31 @@ def render(out: dict) -> str:
               "list of losses more terms on the same forward, LD-DPO the per-token reference log-probs read from the "
               "cache (about as many bytes as the token ids). Differences in pairs/s within this machine's "
               "run-to-run noise (±10%) are no difference.", ""]
+    if "packing" in out:
+        s = out["settings"]
+        L += ["## Padding-free packing", "",
+              f"The mid model, one Ray Train worker (2 torch threads), cached reference, global batch "
+              f"{s['global_batch']}, micro-batch {s['micro_batch']}, {s['steps']} steps, fp32: padded rows "
+              "(length-grouped) against `train.packing: true` (each micro-batch's sequences packed into rows as long "
+              "as its longest; attention masked per sequence). Padding: share of forward positions.", "",
+              "| rows | pairs/s | tokens/s | peak RSS MB per worker | padding |", "|---|---:|---:|---:|---:|"]
+        for row in out["packing"]:
+            L.append(f"| {row['mode']} | {row['pairs_per_s']:.2f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['peak_rss_mb']:,.0f} | {row['padding']:.1%} |")
+        L.append("")
+    if "head" in out:
+        r0 = out["head"][0]
+        L += ["## The LM head in training", "",
+              f"One forward + backward of the response log-probs (`selective_token_logps`), {r0['scored_tokens']} "
+              f"scored tokens, vocabulary {r0['vocab']:,} (their fp32 logits: {r0['logits_mb']:,.0f} MB), a 2-layer "
+              "256-wide Llama otherwise; each case in a fresh process. Memory: growth of peak RSS in the first pass "
+              f"(it includes the gradients, {r0['grads_mb']:,.0f} MB); time: best of 3 passes after it.", "",
+              "| LM head | forward MB | forward + backward MB | seconds |", "|---|---:|---:|---:|"]
+        for row in out["head"]:
+            name = "recomputed in backward (`train.parallel.recompute_head`)" if row["recompute"] else \
+                "logits kept for backward"
+            L.append(f"| {name} | {row['forward_mb']:,.0f} | {row['step_mb']:,.0f} | {row['seconds']:.2f} |")
+        L.append("")
     if "scaling" in out:
         sc = out["scaling"]
         L += ["## Scaling", "", "Whole `cache` (hf engine) and `train` (one epoch, cached reference) commands "

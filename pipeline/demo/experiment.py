@@ -49,7 +49,7 @@ class ExperimentSpec:
 
     betas: tuple[float, ...] = (0.1, 0.5, 2.0)
     preferred_ft: bool = True
-    train_prompts: int = 384  # (512 before the iterative arm: cut to keep `make demo` within 15 min on 2 cores)
+    train_prompts: int = 336  # (512 before the iterative arm: cut to keep `make demo` within 15 min on 2 cores)
     heldout_prompts: int = 128
     samples_per_prompt: int = 4  # as in the paper: several completions per prefix, ranked by the reward
     all_pairs: bool = True  # train: every two completions with different rewards make a pair; else best vs worst
