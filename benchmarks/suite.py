@@ -144,7 +144,7 @@ def packing(work: Path, args) -> list[dict]:
     rows = []
     for name, extra in (("padded", ()), ("packed", ("train.packing=true",))):
         rows.append({**measure(work, args, ("cached",), extra, tag=f"-{name}")[0], "mode": name})
-    uri = json.loads((work / "cached-padded" / "cache.json").read_text())["train"]["uri"]
+    uri = json.loads((work / "cache-run" / "cache.json").read_text())["train"]["uri"]  # (bench_train.measure)
     columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
     table = pa.concat_tables(pq.read_table(f, columns=columns) for f in sorted(Path(uri).rglob("*.parquet")))
     batches = [table.slice(i, args.global_batch) for i in range(0, table.num_rows, args.global_batch)]
