@@ -154,10 +154,14 @@ def packing(work: Path, args) -> list[dict]:
 
 
 def head(args) -> list[dict]:
-    """benchmarks/bench_head.py in its own processes (peak RSS only grows): its JSON line."""
-    out = subprocess.run([sys.executable, str(Path(__file__).parent / "bench_head.py")], capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """benchmarks/bench_head.py in its own processes (peak RSS only grows), at 320 and 960 tokens a row (the
+    growth per scored token): its JSON lines."""
+    rows = []
+    for tokens in (320, 960):
+        out = subprocess.run([sys.executable, str(Path(__file__).parent / "bench_head.py"), "--tokens", str(tokens),
+                              "--repeats", "1"], capture_output=True, text=True, check=True)
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    return rows
 
 
 def engine_rate(engine: str, model_dir: Path, data_uri: str, batch_pairs: int = 64) -> dict:
@@ -264,9 +268,15 @@ def main() -> None:
                              "matmul_gflops_start": peak_gflops()},
                  "settings": vars(args), "quick": cli.quick, "started": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                        time.gmtime())}
-    if sections != set(parser().get_default("sections").split(",")) and Path(cli.json).exists():
-        # A partial run (--sections) updates those sections of the last full run's figures.
-        out = {**json.loads(Path(cli.json).read_text()), **{k: v for k, v in out.items() if k != "started"}}
+    partial = sections != set(parser().get_default("sections").split(",")) and Path(cli.json).exists()
+    if partial:
+        # A partial run (--sections) updates those sections of the last full run's figures; the full run's machine
+        # figures (its matmul rate: the efficiencies' denominator) and duration stay, the update is recorded.
+        full = json.loads(Path(cli.json).read_text())
+        update = {"at": out["started"], "sections": sorted(sections),
+                  "matmul_gflops": out["machine"]["matmul_gflops_start"]}
+        update_list = [u for u in full.get("updates", []) if set(u["sections"]) - sections] + [update]
+        out = {**full, "settings": out["settings"], "quick": out["quick"], "updates": update_list}
     out.setdefault("section_seconds", {})
 
     def save(section: str, t0: float) -> None:  # after every section: a crash later loses nothing measured
@@ -316,8 +326,9 @@ def main() -> None:
             t0 = time.perf_counter()
             out["head"] = head(args)
             save("head", t0)
-    out["seconds"] = sum(out["section_seconds"].values())
-    out["machine"]["matmul_gflops_end"] = peak_gflops()
+    if not partial:
+        out["seconds"] = sum(out["section_seconds"].values())
+        out["machine"]["matmul_gflops_end"] = peak_gflops()
     finish(out, cli)
 
 
@@ -395,7 +406,10 @@ def render(out: dict) -> str:
          f"Machine: {m['cpu_count']} CPU cores, fp32 matmul **{m['matmul_gflops']:.0f} GFLOP/s** (measured: 2048² "
          f"matmuls, 2 threads, the best of 5 trials at the start and at the end of the run); torch {m['torch']}, "
          f"transformers {m['transformers']}, vLLM {m['vllm']}, "
-         f"Ray {m['ray']}, TRL {m['trl']} (benchmark-only).", "",
+         f"Ray {m['ray']}, TRL {m['trl']} (benchmark-only)."
+         + "".join(f" Sections {', '.join(u['sections'])} measured again on {u['at']} (`--sections`"
+                   + (f"; fp32 matmul {u['matmul_gflops']:.0f} GFLOP/s then" if u.get("matmul_gflops") else "")
+                   + ")." for u in out.get("updates", [])), "",
          "Absolute times on a shared 2-core machine move by ±10-20% between runs; the ratios, measured side by "
          "side in one run, are what count. Models are built from configs: **mid** = Llama 8 × 512 (head_dim 64, "
          f"{out['models']['mid'] / 1e6:.1f}M params), **tiny** = `dpo-pipeline tiny-assets` "
@@ -511,15 +525,17 @@ def render(out: dict) -> str:
     if "head" in out:
         r0 = out["head"][0]
         L += ["## The LM head in training", "",
-              f"One forward + backward of the response log-probs (`selective_token_logps`), {r0['scored_tokens']} "
-              f"scored tokens, vocabulary {r0['vocab']:,} (their fp32 logits: {r0['logits_mb']:,.0f} MB), a 2-layer "
-              "256-wide Llama otherwise; each case in a fresh process. Memory: growth of peak RSS in the first pass "
-              f"(it includes the gradients, {r0['grads_mb']:,.0f} MB); time: best of 3 passes after it.", "",
-              "| LM head | forward MB | forward + backward MB | seconds |", "|---|---:|---:|---:|"]
+              "One forward + backward of the response log-probs (`selective_token_logps`) of 8 rows, vocabulary "
+              f"{r0['vocab']:,}, a 2-layer 256-wide Llama otherwise (so the head dominates); each case in a fresh "
+              "process. Memory: growth of peak RSS in the first pass (it includes the gradients, "
+              f"{r0['grads_mb']:,.0f} MB); time: the pass after it.", "",
+              "| scored tokens | their fp32 logits MB | LM head | forward MB | forward + backward MB | seconds |",
+              "|---:|---:|---|---:|---:|---:|"]
         for row in out["head"]:
             name = "recomputed in backward (`train.parallel.recompute_head`)" if row["recompute"] else \
                 "logits kept for backward"
-            L.append(f"| {name} | {row['forward_mb']:,.0f} | {row['step_mb']:,.0f} | {row['seconds']:.2f} |")
+            L.append(f"| {row['scored_tokens']:,} | {row['logits_mb']:,.0f} | {name} | {row['forward_mb']:,.0f} | "
+                     f"{row['step_mb']:,.0f} | {row['seconds']:.2f} |")
         L.append("")
     if "scaling" in out:
         sc = out["scaling"]

@@ -1,8 +1,8 @@
 """Per-token log-probs of given tokens under a transformers causal LM, without a [batch, seq, vocab] log-softmax.
 
 Only the positions whose next token is scored go through the LM head, in chunks of `chunk_tokens` (by default
-about 2^26 logits: 512 tokens at a 128k vocabulary), so the forward holds one chunk's `tokens x vocab` fp32 logits
-at a time. Shared by the `hf` scoring engine and training.
+about 2^24 logits: 130 tokens at a 128k vocabulary, 512 at 32k), so the forward holds one chunk's fp32
+`tokens x vocab` logits at a time. Shared by the `hf` scoring engine and training.
 
 Training (`recompute=True`, `train.parallel.recompute_head`): each chunk's head runs under non-reentrant
 activation checkpointing, so autograd keeps only the chunk's hidden states and recomputes its logits in backward;
@@ -13,7 +13,9 @@ gathered from forward to backward.
 
 Batches are right-padded, so callers pass no attention mask: a pad only ever follows the tokens it could disturb,
 plain causal attention gives every scored token the same log-prob (tested), and attention runs its causal kernel
-(flash on GPU) instead of a masked one: measured 20-35% less time per fwd+bwd on a 21M model on CPU.
+(flash on GPU) instead of a masked one: measured 20-35% less time per fwd+bwd on a 21M model on CPU. Packed rows
+(`train.packing`, pipeline/dpo/batching.py) pass `position_ids` that restart per sequence instead, and no mask:
+transformers then builds the block-causal mask that keeps each sequence to itself.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-LOGITS_PER_CHUNK = 1 << 26  # fp32: 256 MiB per chunk of logits
+LOGITS_PER_CHUNK = 1 << 24  # fp32: 64 MiB per chunk of logits
 
 
 def selective_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
