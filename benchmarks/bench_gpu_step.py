@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing the package
 from pipeline.config import LossConfig  # noqa: E402
-from pipeline.dpo.batching import by_length, collate, collate_packed  # noqa: E402
+from pipeline.dpo.batching import by_length, collate, collate_packed, pair_tokens  # noqa: E402
 from pipeline.dpo.metrics import StepSums  # noqa: E402
 from pipeline.dpo.parallel import PolicyLogps, apply_fsdp  # noqa: E402
 from pipeline.dpo.step import StepCompute, make_optimizer, micro_batches, optimizer_step  # noqa: E402
@@ -182,9 +182,7 @@ def padding_fraction(batches: list[pa.Table], micro: int, packed: bool) -> float
 
 
 def _tokens(t: pa.Table) -> int:
-    p = pc.list_value_length(t.column("prompt_input_ids")).to_numpy()
-    return int(sum((p + pc.list_value_length(t.column(f"{s}_input_ids")).to_numpy()).sum()
-                   for s in ("chosen", "rejected")))
+    return int(pair_tokens(t).sum())
 
 
 def main() -> None:

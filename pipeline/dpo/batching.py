@@ -82,6 +82,13 @@ def pad_sequences(seqs: list[np.ndarray], starts: list[int], pad_id: int = 0):
     return ids, attn, score
 
 
+def pair_tokens(table: pa.Table) -> np.ndarray:
+    """Tokens each pair's forward holds: its prompt twice (once per side), chosen and rejected."""
+    length = {c: pc.list_value_length(table.column(f"{c}_input_ids")).to_numpy()
+              for c in ("prompt", "chosen", "rejected")}
+    return 2 * length["prompt"] + length["chosen"] + length["rejected"]
+
+
 def by_length(table: pa.Table) -> pa.Table:
     """Pair rows ordered by their longer sequence (prompt + the longer response), so that consecutive micro-batches
     hold similar lengths and each pads less. The step's gradient is a sum over the same pairs: unchanged."""

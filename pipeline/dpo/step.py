@@ -14,12 +14,11 @@ import resource
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.dpo.batching import by_length, collate, collate_packed
+from pipeline.dpo.batching import by_length, collate, collate_packed, pair_tokens
 from pipeline.dpo.losses import LossState, PairOutputs, SequenceLogps, preference_loss
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import full_tensor, set_gradient_sync
@@ -124,11 +123,8 @@ def micro_batches(pairs: pa.Table, micro_batch_pairs: int, micro_batch_tokens: i
     n = pairs.num_rows
     if micro_batch_tokens is None:
         return [(i, min(micro_batch_pairs, n - i)) for i in range(0, n, micro_batch_pairs)]
-    lengths = {c: pc.list_value_length(pairs.column(f"{c}_input_ids")).to_numpy()
-               for c in ("prompt", "chosen", "rejected")}
-    tokens = 2 * lengths["prompt"] + lengths["chosen"] + lengths["rejected"]
     spans, start, used = [], 0, 0
-    for i, t in enumerate(tokens):
+    for i, t in enumerate(pair_tokens(pairs)):
         if i > start and used + t > micro_batch_tokens:
             spans.append((start, i - start))
             start, used = i, 0
