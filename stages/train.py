@@ -6,8 +6,7 @@ data lanes, and run a `TorchTrainer` whose workers get a `WorkerPlan`; the drive
 Workers (`train_loop`): a `DPOWorker` goes through setup (build the policy on the meta device, shard it with
 `apply_fsdp`, read its shards of the weights, restore the latest checkpoint) -> train (for each optimizer step read
 its rows of the global batch, accumulate micro-batch gradients, step, log, evaluate and checkpoint every
-train.checkpoint.every steps) -> save (the last step) -> cleanup. FSDP and distributed-checkpoint details live in
-pipeline/dpo/parallel.py, the checkpoint layout in pipeline/store/checkpoints.py.
+train.checkpoint.every steps) -> save (the last step) -> cleanup. FSDP details: pipeline/dpo/parallel.py.
 
 Batches are world-size invariant and each worker reads only its share (pipeline/data/lanes.py): the cache's files
 are dealt to K lanes, a global batch of G pairs takes G/K rows from each lane, and worker r of W reads only its K/W
@@ -67,7 +66,7 @@ from pipeline.dpo.parallel import (
     save_sharded_state,
     set_full_values,
 )
-from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, worker_maxima
+from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, packing_mode, worker_maxima
 from pipeline.errors import RunFailed, error_line
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import check_spare_cpu, spread
@@ -102,9 +101,9 @@ class TrainResult:
     run_dir: str
 
 
-# Settings that change neither the weights nor which checkpoints are written.
-_UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "init_from": True,
-            "parallel": {"num_cpus_per_worker", "recompute_head"},  # (the same log-probs and gradients, tested)
+# Settings that change neither the weights (packing, recompute_head: tested) nor which checkpoints are written.
+_UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "init_from": True, "packing": True,
+            "parallel": {"num_cpus_per_worker", "recompute_head"},
             "checkpoint": {"max_failures", "keep", "async_save"}}
 
 
@@ -260,7 +259,9 @@ class DPOWorker:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
         self.compute = StepCompute(self.policy, reference, self.cfg.train.losses, pad_id, self.device,
-                                   packing=self.cfg.train.packing)
+                                   packing=packing_mode(self.cfg.train.packing, self.device))
+        if (padded := self.compute.check_packing()) and self.rank == 0:  # (every rank: one forward)
+            say(f"train.packing auto: padded rows, {padded}")
         self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0,
                                     tensorboard="tensorboard" in self.cfg.logging.report_to,
                                     trackers=open_trackers(self.cfg, self.plan.run_dir) if self.rank == 0 else None)

@@ -14,7 +14,7 @@ from pipeline.dpo.batching import collate, collate_packed, pack_rows
 from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import PolicyLogps
-from pipeline.dpo.step import StepCompute, micro_batches
+from pipeline.dpo.step import StepCompute, micro_batches, packing_mode
 from pipeline.errors import UserError
 from tests.test_batching import _pairs
 
@@ -117,6 +117,21 @@ def test_packing_is_refused_for_a_model_whose_attention_ignores_position_ids():
                         packing=True)
     with pytest.raises(UserError, match="train.packing: _FullAttention's attention lets packed sequences see"):
         leaky.forward(t)
+    # `auto` trains such a model padded instead, and says why; a sound model stays packed.
+    auto = StepCompute(PolicyLogps(_FullAttention(model)), None, [LossConfig()], pad_id=0, device="cpu",
+                       packing="auto")
+    assert "_FullAttention's attention lets packed sequences see each other" in auto.check_packing()
+    assert auto.packing is False
+    padded = StepCompute(PolicyLogps(model), None, [LossConfig()], pad_id=0, device="cpu")
+    assert torch.equal(auto.forward(t)[0].losses, padded.forward(t)[0].losses)
+    sound = StepCompute(PolicyLogps(_model("llama")), None, [LossConfig()], pad_id=0, device="cpu", packing="auto")
+    assert sound.check_packing() is None and sound.packing == "auto"
+
+
+def test_packing_auto_packs_on_cpu_and_pads_on_gpu_until_measured_there():
+    assert packing_mode("auto", "cpu") == "auto"
+    assert packing_mode("auto", torch.device("cuda", 0)) is False
+    assert packing_mode(True, "cuda") is True and packing_mode(False, "cpu") is False
 
 
 class _FullAttention(torch.nn.Module):

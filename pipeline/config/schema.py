@@ -396,8 +396,11 @@ class TrainConfig(_Strict):
     micro_batch_pairs: int = Field(2, gt=0, description="Pairs per forward pass on each worker.")
     micro_batch_tokens: int | None = Field(None, gt=0, description="Instead: as many pairs per forward pass as fit "
                                            "in this many tokens (prompt twice + both responses; at least one).")
-    packing: bool = Field(False, description="Padding-free rows: a micro-batch's sequences packed into rows as long "
-                          "as its longest, attention kept within each (docs/OPTIMIZATIONS.md: where it is faster).")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Padding-free rows: a micro-batch's sequences packed into rows as long as its longest, "
+                            "attention kept within each. `auto`: packed on CPU workers (measured faster there, "
+                            "docs/OPTIMIZATIONS.md) when the model's attention keeps packed sequences apart, else "
+                            "padded; padded on GPUs until measured there.")
     global_batch_pairs: int = Field(8, gt=0, description="Pairs per optimizer step over all workers; a multiple of "
                                                          "micro_batch_pairs × parallel.num_workers (gradient "
                                                          "accumulation).")

@@ -39,7 +39,9 @@ class StepCompute:
     device: torch.device | str
     attention_mask: bool = False  # True: pass the padding mask anyway (only to measure what leaving it out saves)
     state: LossState = field(default_factory=LossState)
-    packing: bool = False  # `train.packing`: padding-free rows (pipeline/dpo/batching.py `collate_packed`)
+    # `train.packing` (`packing_mode`): padding-free rows (pipeline/dpo/batching.py `collate_packed`); "auto":
+    # packed if the model's attention keeps packed sequences apart, else padded (`check_packing`).
+    packing: bool | str = False
     _packing_checked: bool = False
 
     def forward(self, table: pa.Table) -> tuple[PairOutputs, torch.Tensor, torch.Tensor, int]:
@@ -75,10 +77,13 @@ class StepCompute:
         b = batch.pairs
         return preference_loss(self.terms, s, self.state), s.policy[:b], s.policy[b:], tokens
 
-    def check_packing(self) -> None:
+    def check_packing(self) -> str | None:
         """Refuse packing for a model whose attention does not keep packed sequences apart: one sequence after two
         different ones, in packed rows, must get the same log-probs (transformers masks by position_ids only where
-        the model builds its mask with `create_causal_mask`). One tiny forward, on every rank alike (FSDP)."""
+        the model builds its mask with `create_causal_mask`). One tiny forward, on every rank alike (FSDP). With
+        `packing="auto"`, such a model trains padded instead: returns why (None: packing stays as it was)."""
+        if not self.packing:
+            return None
         first, other, probe = [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16, 17]
         ids = torch.tensor([first + probe, other + probe], device=self.device)
         positions = torch.tensor([list(range(4)) + list(range(5))] * 2, device=self.device)
@@ -87,11 +92,15 @@ class StepCompute:
         with torch.no_grad():
             logps = self.policy(ids, None, score, position_ids=positions).float().view(2, -1)
         leak = float((logps[0] - logps[1]).abs().max())
+        self._packing_checked = True
         if leak > 1e-3:
             name = type(getattr(self.policy, "lm", self.policy)).__name__
+            if self.packing == "auto":
+                self.packing = False
+                return f"{name}'s attention lets packed sequences see each other (log-probs moved by {leak:.3g})"
             raise UserError(f"train.packing: {name}'s attention lets packed sequences see each other (log-probs "
                             f"moved by {leak:.3g}); set train.packing: false for this model")
-        self._packing_checked = True
+        return None
 
     def accumulate(self, pairs: pa.Table, micro_batch_pairs: int, sums: StepSums,
                    micro_batch_tokens: int | None = None) -> None:
@@ -113,6 +122,14 @@ class StepCompute:
         with torch.no_grad():
             out, policy_chosen, policy_rejected, tokens = self.forward(table)
         sums.add(out, policy_chosen, policy_rejected, tokens)
+
+
+def packing_mode(setting: bool | str, device: torch.device | str) -> bool | str:
+    """What `train.packing` means on `device`: `auto` packs on a CPU (measured faster there: padding-free rows
+    beside length-grouped padded ones, docs/OPTIMIZATIONS.md) and pads on a GPU until measured there."""
+    if setting != "auto":
+        return bool(setting)
+    return "auto" if torch.device(device).type == "cpu" else False
 
 
 def micro_batches(pairs: pa.Table, micro_batch_pairs: int, micro_batch_tokens: int | None = None) \
