@@ -10,7 +10,8 @@ Prints one table and writes docs/bench.json and docs/BENCHMARKS.md. Sections:
 - scaling: whole cache + training cost against the number of pairs, and 1 vs 2 training workers;
 - lora: full fine-tuning vs LoRA; losses: what the loss variants cost per step beside DPO's;
 - packing: the trainer padded vs padding-free (`train.packing`): pairs/s, tokens/s, padding fraction;
-- head: the LM head's logits kept vs recomputed in backward at a 128k vocabulary (benchmarks/bench_head.py).
+- head: the LM head's logits kept vs recomputed in backward at a 128k vocabulary (benchmarks/bench_head.py);
+- memory: peak RSS per worker, cached vs in-loop reference, on a 164M model (where the model's state dominates).
 
 Models are built from configs (no download): the mid-size one (8 x 512 Llama, head_dim 64, ~28M params) for
 every section, the tiny one (`dpo-pipeline tiny-assets`) for scoring and training beside TRL. Data: generated
@@ -62,6 +63,7 @@ TARGETS = [  # (key in `ratios`, wanted, what)
     ("train_cached_over_trl_precomputed", 1.5, "training pairs/s, cached / TRL precomputed reference"),
     ("train_cached_over_in_loop", 1.3, "training pairs/s, cached / our in-loop reference"),
     ("rss_cached_over_in_loop", 0.6, "peak RSS per worker, cached / in-loop (at most)"),
+    ("rss_cached_over_in_loop_large", 0.6, "the same on a 164M model (section Memory)"),
     ("scoring_over_trl_precompute", 1.5, "reference scoring tokens/s, our best engine / TRL precompute pass"),
     ("scoring_efficiency", 0.6, "reference scoring efficiency, our best engine"),
     ("sampling_vllm_over_generate", 5.0, "sampling tokens/s, vLLM / transformers generate"),
@@ -90,7 +92,9 @@ def training(work: Path, args, params: int, with_in_loop: bool) -> dict:
     pairs = args.pairs
     t_pre, t_in = trl(work, args, True), trl(work, args, False) if with_in_loop else None
     ours = measure(work, args, ("cached", "in_loop") if with_in_loop else ("cached",))
-    rows = [*ours, t_pre] + ([t_in] if t_in else [])
+    # The default rows are packed on a CPU (`train.packing: auto`); padded ones too, for the before/after.
+    padded = {**measure(work, args, ("cached",), ("train.packing=false",), tag="-padded")[0], "mode": "cached_padded"}
+    rows = [ours[0], padded, *ours[1:], t_pre] + ([t_in] if t_in else [])
     for r in rows:
         if r["mode"].startswith("trl"):  # the same pairs: real tokens per pair as ours count them
             r["tokens_per_s"] = r["pairs_per_s"] * tokens / pairs
@@ -142,7 +146,7 @@ def packing(work: Path, args) -> list[dict]:
     Train worker, cached reference. Padding: the share of forward positions that are padding, over the cached
     pairs in global batches as the step groups them (by length, then micro-batches)."""
     rows = []
-    for name, extra in (("padded", ()), ("packed", ("train.packing=true",))):
+    for name, extra in (("padded", ("train.packing=false",)), ("packed", ("train.packing=true",))):
         rows.append({**measure(work, args, ("cached",), extra, tag=f"-{name}")[0], "mode": name})
     uri = json.loads((work / "cache-run" / "cache.json").read_text())["train"]["uri"]  # (bench_train.measure)
     columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
@@ -151,6 +155,20 @@ def packing(work: Path, args) -> list[dict]:
     for row in rows:
         row["padding"] = padding_fraction(batches, args.micro_batch, row["mode"] == "packed")
     return rows
+
+
+MEMORY_MODEL = dict(hidden=1024, layers=12, pairs=48, steps=4)  # Llama 12 x 1024: 164M params
+
+
+def memory(work: Path, args) -> dict:
+    """Peak RSS per worker, cached vs in-loop reference, on a model large enough that its state, not the worker's
+    runtime (Ray, torch, the data path), dominates: `MEMORY_MODEL`, one Ray Train worker, fp32, AdamW."""
+    d = work / "large"
+    d.mkdir()
+    params = build_model(d / "model", MEMORY_MODEL["hidden"], MEMORY_MODEL["layers"])
+    build_data(d / "data.jsonl", MEMORY_MODEL["pairs"])
+    a = SimpleNamespace(**{**vars(args), "pairs": MEMORY_MODEL["pairs"], "steps": MEMORY_MODEL["steps"]})
+    return {"params": params, **MEMORY_MODEL, "rows": measure(d, a, ("cached", "in_loop"))}
 
 
 def head(args) -> list[dict]:
@@ -239,7 +257,7 @@ def scaling(work: Path, args) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs (figures noisy)")
-    p.add_argument("--sections", default="scoring,training,sampling,scaling,lora,losses,packing,head")
+    p.add_argument("--sections", default="scoring,training,sampling,scaling,lora,losses,packing,head,memory")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown from a saved JSON file")
@@ -326,6 +344,10 @@ def main() -> None:
             t0 = time.perf_counter()
             out["head"] = head(args)
             save("head", t0)
+        if "memory" in sections:
+            t0 = time.perf_counter()
+            out["memory"] = memory(work, args)
+            save("memory", t0)
     if not partial:
         out["seconds"] = sum(out["section_seconds"].values())
         out["machine"]["matmul_gflops_end"] = peak_gflops()
@@ -372,6 +394,9 @@ def ratios(out: dict) -> dict:
         r["train_cached_over_trl_in_loop"] = by["cached"]["pairs_per_s"] / by["trl_in_loop"]["pairs_per_s"]
         r["train_cached_over_in_loop"] = by["cached"]["pairs_per_s"] / by["in_loop"]["pairs_per_s"]
         r["rss_cached_over_in_loop"] = by["cached"]["peak_rss_mb"] / by["in_loop"]["peak_rss_mb"]
+        if "cached_padded" in by:
+            r["train_padded_over_trl_precomputed"] = (by["cached_padded"]["pairs_per_s"]
+                                                      / by["trl_precomputed"]["pairs_per_s"])
         tiny = {row["mode"]: row for row in out["training"]["tiny"]["rows"]}
         r["tiny_train_cached_over_trl_precomputed"] = (tiny["cached"]["pairs_per_s"]
                                                        / tiny["trl_precomputed"]["pairs_per_s"])
@@ -387,6 +412,9 @@ def ratios(out: dict) -> dict:
     if "sampling" in out:
         s = {row["engine"]: row for row in out["sampling"]}
         r["sampling_vllm_over_generate"] = s["vllm"]["tokens_per_s"] / s["hf"]["tokens_per_s"]
+    if "memory" in out:
+        by = {row["mode"]: row for row in out["memory"]["rows"]}
+        r["rss_cached_over_in_loop_large"] = by["cached"]["peak_rss_mb"] / by["in_loop"]["peak_rss_mb"]
     if "scaling" in out:
         w = {row["workers"]: row for row in out["scaling"]["workers"]}
         r["two_workers_over_one"] = w[2]["pairs_per_s"] / w[1]["pairs_per_s"]
@@ -459,10 +487,13 @@ def render(out: dict) -> str:
               f"AdamW, fp32 on both sides (TRL's `bf16` default is turned off), 2 torch threads, {s['steps']} steps; "
               "medians over the steps after the first two. Ours: one Ray Train worker (FSDP2 over gloo); TRL: one "
               "plain process. Tokens/s counts real (unpadded) tokens. Peak RSS: the worker process (ours, includes "
-              "Ray's worker runtime), the whole TRL process (TRL's).", "",
+              "Ray's worker runtime), the whole TRL process (TRL's). Ours run with the defaults: padding-free rows "
+              "on a CPU (`train.packing: auto`), except the row marked padded (TRL pads: its padding-free mode is "
+              "disabled since its DPO refactor).", "",
               "| model | trainer | pairs/s | tokens/s | peak RSS MB | ours cached ÷ it |",
               "|---|---|---:|---:|---:|---:|"]
-        names = {"cached": "ours, cached reference", "in_loop": "ours, in-loop reference",
+        names = {"cached": "ours, cached reference", "cached_padded": "ours, cached reference, padded rows",
+                 "in_loop": "ours, in-loop reference",
                  "trl_precomputed": "TRL, precomputed reference", "trl_in_loop": "TRL, in-loop reference"}
         for name in ("mid", "tiny"):
             rows = out["training"][name]["rows"]
@@ -536,6 +567,22 @@ def render(out: dict) -> str:
                 "logits kept for backward"
             L.append(f"| {row['scored_tokens']:,} | {row['logits_mb']:,.0f} | {name} | {row['forward_mb']:,.0f} | "
                      f"{row['step_mb']:,.0f} | {row['seconds']:.2f} |")
+        L.append("")
+    if "memory" in out:
+        mem = out["memory"]
+        L += ["## Memory", "",
+              f"Peak RSS per worker where the model's state dominates: Llama {mem['layers']} × {mem['hidden']} "
+              f"({mem['params'] / 1e6:.0f}M params), one Ray Train worker, fp32, AdamW, {mem['pairs']} pairs, "
+              f"{mem['steps']} steps, global batch {out['settings']['global_batch']}, micro-batch "
+              f"{out['settings']['micro_batch']}. fp32 model-sized copies per worker: cached 4 (weights, gradients, "
+              "AdamW's two moments), in-loop 5 (the reference's weights too): the ratio tends to 0.8 as the model "
+              "grows (worked out; LoRA's in-loop reference is the policy with its adapters off: no copy).", "",
+              "| reference | pairs/s | peak RSS MB per worker | model state MB (worked out: 16 or 20 B/param) |",
+              "|---|---:|---:|---:|"]
+        for row in mem["rows"]:
+            state = mem["params"] * (16 if row["mode"] == "cached" else 20) / 2 ** 20
+            L.append(f"| {row['mode'].replace('_', '-')} | {row['pairs_per_s']:.2f} | {row['peak_rss_mb']:,.0f} | "
+                     f"{state:,.0f} |")
         L.append("")
     if "scaling" in out:
         sc = out["scaling"]

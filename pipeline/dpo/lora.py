@@ -87,9 +87,9 @@ class AdaptersDisabled(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         with adapters_disabled(self.policy.lm):
-            return self.policy(*args)
+            return self.policy(*args, **kwargs)
 
 
 def peft_state(lm: PeftModel, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
