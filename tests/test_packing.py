@@ -147,3 +147,12 @@ class _FullAttention(torch.nn.Module):
 
     def get_output_embeddings(self):
         return self.lm.get_output_embeddings()
+
+
+def test_the_packing_probe_is_not_fooled_by_dropout():
+    """GPT-2 keeps dropout on under `train.dropout: true`: the probe runs without it, and leaves training mode on."""
+    lm = _model("gpt2").train()  # GPT-2's configs ship with dropout 0.1
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.modules())
+    compute = StepCompute(PolicyLogps(lm), None, [LossConfig()], pad_id=0, device="cpu", packing=True)
+    assert compute.check_packing() is None and compute.packing is True
+    assert lm.training

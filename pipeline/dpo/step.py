@@ -89,8 +89,11 @@ class StepCompute:
         positions = torch.tensor([list(range(4)) + list(range(5))] * 2, device=self.device)
         score = torch.zeros_like(ids, dtype=torch.bool)
         score[:, 5:] = True  # the probe's tokens after its first (which is predicted from the row's previous one)
+        training = self.policy.training
+        self.policy.eval()  # dropout (`train.dropout: true`) would move the probe's log-probs too
         with torch.no_grad():
             logps = self.policy(ids, None, score, position_ids=positions).float().view(2, -1)
+        self.policy.train(training)
         leak = float((logps[0] - logps[1]).abs().max())
         self._packing_checked = True
         if leak > 1e-3:
