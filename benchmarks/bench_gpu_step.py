@@ -144,7 +144,12 @@ def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[fl
     times, losses = [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    prof = None
     for i, table in enumerate(batches):
+        if args.profile and i == args.warmup:  # the steps after the warm-up, op by op
+            kinds = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            prof = torch.profiler.profile(activities=kinds)
+            prof.__enter__()
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -156,6 +161,9 @@ def run_variant(name: str, args, device, batches: list[pa.Table], flops: list[fl
         times.append(time.perf_counter() - t0)
         losses.append(m["loss"])
         print(f"  {name} step {i}: {times[-1]:.3f} s, loss {m['loss']:.4f}, {m['tokens']:.0f} tokens", flush=True)
+    if prof:
+        prof.__exit__(None, None, None)
+        print(prof.key_averages().table(sort_by=f"self_{'cuda' if cuda else 'cpu'}_time_total", row_limit=15))
     w = args.warmup
     step_s = statistics.median(times[w:])
     tokens = statistics.median(_tokens(t) for t in batches[w:])
@@ -197,6 +205,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense bf16 peak (H200 measured)")
     p.add_argument("--length-scale", type=float, default=1.0, help="shrink the sequence lengths (CPU runs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU runs)")
+    p.add_argument("--profile", action="store_true",
+                   help="print each variant's top ops over the steps after the warm-up (their times include the "
+                        "profiler's overhead)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:

@@ -11,7 +11,8 @@ Prints one table and writes docs/bench.json and docs/BENCHMARKS.md. Sections:
 - lora: full fine-tuning vs LoRA; losses: what the loss variants cost per step beside DPO's;
 - packing: the trainer padded vs padding-free (`train.packing`): pairs/s, tokens/s, padding fraction;
 - head: the LM head's logits kept vs recomputed in backward at a 128k vocabulary (benchmarks/bench_head.py);
-- memory: peak RSS per worker, cached vs in-loop reference, on a 164M model (where the model's state dominates).
+- memory: peak RSS per worker, cached vs in-loop reference, on a 165M model, with and without activation
+  checkpointing.
 
 Models are built from configs (no download): the mid-size one (8 x 512 Llama, head_dim 64, ~28M params) for
 every section, the tiny one (`dpo-pipeline tiny-assets`) for scoring and training beside TRL. Data: generated
@@ -63,7 +64,7 @@ TARGETS = [  # (key in `ratios`, wanted, what)
     ("train_cached_over_trl_precomputed", 1.5, "training pairs/s, cached / TRL precomputed reference"),
     ("train_cached_over_in_loop", 1.3, "training pairs/s, cached / our in-loop reference"),
     ("rss_cached_over_in_loop", 0.6, "peak RSS per worker, cached / in-loop (at most)"),
-    ("rss_cached_over_in_loop_large", 0.6, "the same on a 164M model, the lower of its two (section Memory)"),
+    ("rss_cached_over_in_loop_large", 0.6, "the same on a 165M model, the lower of its two (section Memory)"),
     ("scoring_over_trl_precompute", 1.5, "reference scoring tokens/s, our best engine / TRL precompute pass"),
     ("scoring_efficiency", 0.6, "reference scoring efficiency, our best engine"),
     ("sampling_vllm_over_generate", 5.0, "sampling tokens/s, vLLM / transformers generate"),
@@ -157,7 +158,7 @@ def packing(work: Path, args) -> list[dict]:
     return rows
 
 
-MEMORY_MODEL = dict(hidden=1024, layers=12, pairs=48, steps=4)  # Llama 12 x 1024: 164M params
+MEMORY_MODEL = dict(hidden=1024, layers=12, pairs=48, steps=4)  # Llama 12 x 1024: 165M params
 
 
 def memory(work: Path, args) -> dict:
@@ -576,12 +577,15 @@ def render(out: dict) -> str:
     if "memory" in out:
         mem = out["memory"]
         L += ["## Memory", "",
-              f"Peak RSS per worker where the model's state dominates: Llama {mem['layers']} × {mem['hidden']} "
+              f"Peak RSS per worker on a model whose state outweighs the worker's runtime: Llama {mem['layers']} × "
+              f"{mem['hidden']} "
               f"({mem['params'] / 1e6:.0f}M params), one Ray Train worker, fp32, AdamW, {mem['pairs']} pairs, "
               f"{mem['steps']} steps, global batch {out['settings']['global_batch']}, micro-batch "
               f"{out['settings']['micro_batch']}. fp32 model-sized copies per worker: cached 4 (weights, gradients, "
-              "AdamW's two moments), in-loop 5 (the reference's weights too): the ratio tends to 0.8 as the model "
-              "grows (worked out; LoRA's in-loop reference is the policy with its adapters off: no copy).", "",
+              "AdamW's two moments), in-loop 5 (the reference's weights too): for the model's state alone the ratio "
+              "tends to 0.8 (worked out; LoRA's in-loop reference is the policy with its adapters off: no copy). "
+              "The policy's saved activations come on top in both modes, unless activation checkpointing "
+              "(`train.parallel.activation_checkpointing`) recomputes them.", "",
               "| reference | activation checkpointing | pairs/s | peak RSS MB per worker | model state MB (worked "
               "out: 16 or 20 B/param) |", "|---|---|---:|---:|---:|"]
         for row in mem["rows"]:
