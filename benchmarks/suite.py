@@ -6,7 +6,8 @@ Prints one table and writes docs/bench.json and docs/BENCHMARKS.md. Sections:
   efficiency = tokens/s x 2 x params / the machine's measured fp32 matmul FLOP/s;
 - training: our cached-reference and in-loop modes beside TRL `DPOTrainer` with and without a precomputed
   reference: pairs/s, tokens/s, peak RSS per worker;
-- sampling: vLLM (the evaluation stage's engine) vs transformers `generate`, tokens/s;
+- sampling: vLLM (the evaluation stage's engine) vs transformers `generate`, tokens/s; sample_curve: vLLM's
+  tokens/s against concurrent sequences and KV-cache size (benchmarks/bench_sample_curve.py);
 - scaling: whole cache + training cost against the number of pairs, and 1 vs 2 training workers;
 - lora: full fine-tuning vs LoRA; losses: what the loss variants cost per step beside DPO's;
 - packing: the trainer padded vs padding-free (`train.packing`): pairs/s, tokens/s, padding fraction;
@@ -176,6 +177,15 @@ def memory(work: Path, args) -> dict:
     return {"params": params, **MEMORY_MODEL, "rows": rows}
 
 
+def sample_curve(work: Path) -> list[dict]:
+    """benchmarks/bench_sample_curve.py (vLLM sampling tokens/s against max_num_seqs and the CPU KV cache, each
+    point in a fresh process): its rows."""
+    out = work / "sample_curve.json"
+    subprocess.run([sys.executable, str(Path(__file__).parent / "bench_sample_curve.py"), "--out", str(out)],
+                   check=True)
+    return json.loads(out.read_text())["rows"]
+
+
 def head(args) -> list[dict]:
     """benchmarks/bench_head.py in its own processes (peak RSS only grows), at 320 and 960 tokens a row (the
     growth per scored token): its JSON lines."""
@@ -262,7 +272,8 @@ def scaling(work: Path, args) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs (figures noisy)")
-    p.add_argument("--sections", default="scoring,training,sampling,scaling,lora,losses,packing,head,memory")
+    p.add_argument("--sections",
+                   default="scoring,training,sampling,sample_curve,scaling,lora,losses,packing,head,memory")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown from a saved JSON file")
@@ -349,6 +360,10 @@ def main() -> None:
             t0 = time.perf_counter()
             out["head"] = head(args)
             save("head", t0)
+        if "sample_curve" in sections:
+            t0 = time.perf_counter()
+            out["sample_curve"] = sample_curve(work)
+            save("sample_curve", t0)
         if "memory" in sections:
             t0 = time.perf_counter()
             out["memory"] = memory(work, args)
@@ -519,6 +534,17 @@ def render(out: dict) -> str:
         for row in out["sampling"]:
             L.append(f"| {row['engine']} | {row['start_s']:.1f} | {row['sampling_s']:.2f} | "
                      f"{row['tokens_per_s']:,.0f} |")
+        L.append("")
+    if "sample_curve" in out:
+        rows = out["sample_curve"]
+        L += ["## Sampling against concurrent sequences", "",
+              f"vLLM alone (`benchmarks/bench_sample_curve.py`: the mid model, {rows[0]['sequences']} sequences of 64 "
+              "new tokens, each point in a fresh process) as `max_num_seqs` (sequences decoded together) and the CPU "
+              "KV cache (`eval.cpu_kv_cache_gb`) vary.", "",
+              "| max_num_seqs | KV cache GiB | tokens/s | sampling s | engine start s |", "|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            L.append(f"| {row['max_num_seqs']} | {row['kv_cache_gb']} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['sampling_s']:.2f} | {row['start_s']:.1f} |")
         L.append("")
     if "lora" in out:
         s = out["settings"]
