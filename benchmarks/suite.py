@@ -308,7 +308,7 @@ def main() -> None:
         # figures (its matmul rate: the efficiencies' denominator) and duration stay, the update is recorded.
         full = json.loads(Path(cli.json).read_text())
         update = {"at": out["started"], "sections": sorted(sections),
-                  "matmul_gflops": out["machine"]["matmul_gflops_start"]}
+                  "matmul_gflops": out["machine"]["matmul_gflops_start"], "trl": out["machine"]["trl"]}
         update_list = [u for u in full.get("updates", []) if set(u["sections"]) - sections] + [update]
         out = {**full, "settings": out["settings"], "quick": out["quick"], "updates": update_list}
     out.setdefault("section_seconds", {})
@@ -455,9 +455,10 @@ def render(out: dict) -> str:
          f"Machine: {m['cpu_count']} CPU cores, fp32 matmul **{m['matmul_gflops']:.0f} GFLOP/s** (measured: 2048² "
          f"matmuls, 2 threads, the best of 5 trials at the start and at the end of the run); torch {m['torch']}, "
          f"transformers {m['transformers']}, vLLM {m['vllm']}, "
-         f"Ray {m['ray']}, TRL {m['trl']} (benchmark-only)."
+         f"Ray {m['ray']}, TRL {m['trl'] or '(version not recorded)'} (benchmark-only)."
          + "".join(f" Sections {', '.join(u['sections'])} measured again on {u['at']} (`--sections`"
                    + (f"; fp32 matmul {u['matmul_gflops']:.0f} GFLOP/s then" if u.get("matmul_gflops") else "")
+                   + (f", TRL {u['trl']}" if u.get("trl") else "")
                    + ")." for u in out.get("updates", [])), "",
          "Absolute times on a shared 2-core machine move by ±10-20% between runs; the ratios, measured side by "
          "side in one run, are what count. Models are built from configs: **mid** = Llama 8 × 512 (head_dim 64, "
