@@ -53,7 +53,6 @@ def test_finished_checkpoints_survive_a_crash_and_a_rerun_does_only_the_rest(tin
     assert all(row["kl_mean"] is not None for row in r.rows)
 
 
-@pytest.mark.extended  # (three evaluation runs, ~2 min: in the extended tier, to keep `make test` within 30 min)
 def test_a_crash_mid_target_keeps_its_written_chunks_and_the_samples_are_those_of_one_run(tiny_model, tmp_path,
                                                                                          ray_local, monkeypatch):
     """Chunks of 2 prompts: the driver dies after the first chunk, then after the second; each rerun samples only
