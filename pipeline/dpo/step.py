@@ -98,11 +98,11 @@ class StepCompute:
         self._packing_checked = True
         if leak > 1e-3:
             name = type(getattr(self.policy, "lm", self.policy)).__name__
+            why = f"{name}'s attention lets packed sequences see each other (log-probs moved by {leak:.3g})"
             if self.packing == "auto":
                 self.packing = False
-                return f"{name}'s attention lets packed sequences see each other (log-probs moved by {leak:.3g})"
-            raise UserError(f"train.packing: {name}'s attention lets packed sequences see each other (log-probs "
-                            f"moved by {leak:.3g}); set train.packing: false for this model")
+                return why
+            raise UserError(f"train.packing: {why}; set train.packing: false for this model")
         return None
 
     def accumulate(self, pairs: pa.Table, micro_batch_pairs: int, sums: StepSums,
