@@ -23,6 +23,8 @@ import os
 from collections import Counter
 
 VAR = "DPO_PIPELINE_FAULT"
+# Times each injection (its whole setting: point, token, nth) was reached in this process. Keyed per injection, not
+# per point: a process that runs many injections one after another (a test session) counts each from zero.
 _reached: Counter[str] = Counter()
 
 
@@ -47,8 +49,8 @@ def reach(point: str) -> None:
     fields = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
     if fields.get("point") != point:
         return
-    _reached[point] += 1
-    if _reached[point] != int(fields.get("nth", 1)):
+    _reached[spec] += 1
+    if _reached[spec] != int(fields.get("nth", 1)):
         return
     try:
         os.remove(fields["token"])  # only one process wins: the fault fires once
