@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 TINY_MODEL := build/tiny-model
 
-.PHONY: install lint test test-families test-extended demo tiny bench scale clean
+.PHONY: install lint test test-unit test-families test-extended demo tiny bench scale clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml Makefile
 
 lint: install
 	$(BIN)/ruff check .
+
+# The loop to run after every edit: no Ray, no vLLM, no subprocess (tests/conftest.py guards it).
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not ray and not vllm and not subprocess and not extended" tests
 
 test: install lint
 	$(BIN)/python -m pytest -q --durations=15 tests

@@ -1,15 +1,20 @@
 """Shared fixtures. Nothing downloads: the tiny model and tokenizer are built from code, data lives in tests/data.
 
-Tiers: unit tests use no Ray and no vLLM; tests marked `ray` start a local Ray instance (once per session);
-tests marked `vllm` start a vLLM engine (slow: one per module at most); tests marked `extended` (the two-node
-cluster run, the demo in miniature) run only with DPO_TEST_EXTENDED=1 (`make test-extended`, which CI runs), to keep
-`make test` under 30 minutes on 2 cores.
+Tiers (README, Development):
+- unit (`make test-unit`): no Ray, no vLLM, no subprocess. A guard below fails a unit test that starts one, with a
+  message naming the marker it needs.
+- integration (`make test` = unit + integration): tests marked `ray` (a local Ray instance, once per session),
+  `vllm` (a vLLM engine) or `subprocess` (the CLI or another program in a child process).
+- extended (`make test-extended`, which CI runs): tests marked `extended`, the long whole-pipeline scenarios and the
+  family matrix; skipped unless DPO_TEST_EXTENDED=1.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,7 @@ import torch
 from pipeline.config import RayConfig, load_config
 from pipeline.data.models import load_tokenizer
 from pipeline.demo.tiny import build_tiny_assets
+from pipeline.engines.scorers import VllmScorer
 from pipeline.runtime.session import init_ray
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -31,6 +37,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DATA = Path(__file__).parent / "data"
 
 
+INTEGRATION_MARKERS = ("ray", "vllm", "subprocess", "extended")
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("DPO_TEST_EXTENDED") == "1":
         return
@@ -38,6 +47,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("extended"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_guard(request, monkeypatch):
+    """A test with none of the integration markers is a unit test: starting Ray, a vLLM engine or any child process
+    fails it, naming the marker that moves it to the integration tier (where `make test-unit` does not run it)."""
+    if any(request.node.get_closest_marker(m) for m in INTEGRATION_MARKERS):
+        yield
+        return
+
+    def refuse(what: str, marker: str):
+        def guard(*args, **kwargs):
+            pytest.fail(f"unit-tier test {request.node.nodeid} {what}: mark it `@pytest.mark.{marker}` "
+                        f"(integration tier), or keep it in the unit tier without it", pytrace=False)
+        return guard
+
+    if "ray_local" in request.fixturenames:
+        refuse("uses the session's Ray instance (`ray_local`)", "ray")()
+    monkeypatch.setattr(ray, "init", refuse("starts Ray", "ray"))
+    monkeypatch.setattr(VllmScorer, "__init__", refuse("starts a vLLM engine", "vllm"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a subprocess", "subprocess"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
+                        refuse("starts a child process (a vLLM engine core, a worker pool)", "vllm"))
+    yield
 
 
 @pytest.fixture(scope="session")

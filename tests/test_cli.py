@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from pipeline.cli import main
@@ -11,6 +12,7 @@ from pipeline.config import load_config, to_yaml
 from tests.faults.helpers import cli
 
 
+@pytest.mark.subprocess
 def test_plan_command_says_what_run_would_do(tiny_model, tmp_path):
     proc = cli("plan", "configs/tiny.yaml", f"model.path={tiny_model}", f"run_dir={tmp_path / 'run'}",
                f"cache_dir={tmp_path / 'cache'}")
@@ -21,6 +23,7 @@ def test_plan_command_says_what_run_would_do(tiny_model, tmp_path):
     assert "rows to score with vllm" in lines[0] and not (tmp_path / "cache").exists()  # nothing was run
 
 
+@pytest.mark.subprocess
 def test_config_command_prints_resolved_config(tiny_model):
     proc = cli("config", "configs/tiny.yaml", f"model.path={tiny_model}", "scoring.batch_size=7")
     assert proc.returncode == 0, proc.stderr

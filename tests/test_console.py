@@ -97,6 +97,7 @@ def test_components_and_the_step_line():
         "step 3/6  loss 0.6931  acc 0.25  margin 0.01  eval loss 0.671  grad norm 6.2  lr 0.0001  pairs/s 51.1"
 
 
+@pytest.mark.subprocess
 def test_ray_s_native_records_in_the_driver_leave_the_terminal(tmp_path):
     """In a process of its own (it takes over file descriptor 2): a record in Ray's C++ log format written
     straight to descriptor 2 goes to driver.log; Python's stderr, a bar's partial line and an error at exit

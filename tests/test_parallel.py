@@ -50,6 +50,7 @@ def _tiny_llama(out: Path, dtype: torch.dtype, tied: bool, safetensors: bool = T
 
 
 @pytest.mark.parametrize("dtype, tied", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.subprocess
 def test_meta_device_load_equals_a_full_load(tmp_path, dtype, tied):
     model_dir = _tiny_llama(tmp_path / "model", dtype, tied)
     got = _sharded_weights(model_dir, tmp_path)
@@ -67,6 +68,7 @@ def test_meta_device_load_equals_a_full_load(tmp_path, dtype, tied):
         assert torch.equal(got[f"buffer:{name}"], buf), name
 
 
+@pytest.mark.subprocess
 def test_a_model_without_safetensors_is_broadcast_from_rank0(tmp_path):
     model_dir = _tiny_llama(tmp_path / "model", torch.float32, tied=False, safetensors=False)
     assert not list(model_dir.glob("*.safetensors"))

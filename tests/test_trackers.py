@@ -51,6 +51,7 @@ def config(run_dir: Path):
                                              "logging.wandb_mode=offline", "train.loss.beta=0.25"])
 
 
+@pytest.mark.subprocess
 def test_training_then_evaluation_log_to_one_run_of_each_tracker(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -67,6 +67,7 @@ def test_unknown_key_in_the_yaml_file(capsys, tmp_path):
     (["model.path=/no/such/model"], "model.path '/no/such/model' does not exist"),
     (["data.train.path=/no/such.jsonl"], "data file '/no/such.jsonl' not found"),
 ])
+@pytest.mark.subprocess
 def test_user_errors_exit_2_with_one_line(overrides, needle, tiny_model):
     # Later overrides win, so each case's override replaces the valid tiny model path where it names one.
     assert_user_error(cli("cache", "configs/tiny.yaml", f"model.path={tiny_model}", *overrides), needle)
@@ -78,11 +79,13 @@ def test_user_errors_exit_2_with_one_line(overrides, needle, tiny_model):
     (["eval.preference_accuracy=false"], "no checkpoints in"),
     ([], "no complete reference cache for the eval split"),  # preference accuracy needs the eval cache
 ])
+@pytest.mark.subprocess
 def test_eval_user_errors_exit_2_with_one_line(overrides, needle, tiny_model, tmp_path):
     proc = cli("eval", "configs/tiny.yaml", f"model.path={tiny_model}", f"run_dir={tmp_path / 'run'}",
                f"cache_dir={tmp_path / 'cache'}", *overrides)
     assert_user_error(proc, needle)
 
 
+@pytest.mark.subprocess
 def test_missing_config_file_exits_2():
     assert_user_error(cli("cache", "no/such/config.yaml"), "config file 'no/such/config.yaml' not found")

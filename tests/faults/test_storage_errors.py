@@ -82,6 +82,7 @@ def test_a_full_disk_stops_the_cache_cleanly_and_a_rerun_resumes(tiny_model, tmp
 
 @needs_namespaces
 @pytest.mark.parametrize("where", ["cache_dir", "run_dir"])
+@pytest.mark.subprocess
 def test_a_read_only_directory_is_one_line_and_nothing_starts(where, tiny_model, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
