@@ -72,8 +72,8 @@ def test_a_crash_mid_target_keeps_its_written_chunks_and_the_samples_are_those_o
         evaluate.run(cfg)
     first = written()
     assert len(first) == 1
-    # This process reached the point once already (faults count per process): the 2nd reach is the next chunk.
-    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("eval_chunk_sampled", tmp_path / "t2", action="raise", nth=2))
+    # A new injection counts its own reaches: the rerun's first chunk written (the run's second) is the first.
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("eval_chunk_sampled", tmp_path / "t2", action="raise"))
     with pytest.raises(InjectedFault):
         evaluate.run(cfg)
     second = written()
