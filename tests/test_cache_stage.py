@@ -67,10 +67,13 @@ def assert_matches_transformers(table: pa.Table, model) -> None:
 
 @pytest.fixture(scope="module")
 def vllm_run(tiny_model, tmp_path_factory, ray_local):
-    """One vLLM engine for the module: train = standard, eval = conversational."""
+    """One vLLM engine for the module, as users run it (compiled, its engine core in a process of its own):
+    train = standard, eval = conversational."""
     tmp = tmp_path_factory.mktemp("vllm")
     cfg = make_config(tiny_model, tmp, "scoring.engine=vllm", f"data.eval.path={DATA / 'conversational.jsonl'}")
-    return cfg, {r.split: r for r in cache.run(cfg)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        return cfg, {r.split: r for r in cache.run(cfg)}
 
 
 @pytest.mark.vllm

@@ -67,7 +67,8 @@ def scenario(tiny_model, tmp_path_factory, ray_local):
     for name in ("config.json", "generation_config.json"):  # the others' architecture: it is swapped into an engine
         shutil.copy(tiny_model / name, broken / name)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    with _driver_spy() as received:
+    with _driver_spy() as received, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the engine cores in processes of their own, as users run
         first = evaluate.run(cfg)
     first_report = Path(first.report).read_text()
     ref_cache = Path(cfg.cache_dir) / "eval-reference"

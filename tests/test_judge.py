@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM
 
 from pipeline.config import RewardConfig, load_config
 from pipeline.engines.actors import RewardRunner, reward_actor_options
+from pipeline.engines.scorers import actor_options
 from pipeline.errors import UserError
 from pipeline.evaluation.judge import JudgePrompts, JudgeReward, expected_value, judge_scorer_kwargs, prompt_text
 from pipeline.evaluation.rewards import build_reward, reward_identity
@@ -214,6 +215,21 @@ def test_engine_settings_split_between_scorer_and_vllm():
     assert judge_scorer_kwargs(judge_cfg(), "/local")["dtype"] == "auto"
     c = judge_cfg(use_gpu=True, judge_engine_kwargs={"tensor_parallel_size": 2})
     assert reward_actor_options(c)["num_gpus"] == 2 and reward_actor_options(judge_cfg())["num_gpus"] == 0
+
+
+def test_engine_actors_take_over_the_driver_s_vllm_settings(monkeypatch):
+    """An engine actor (scorer, evaluation, judge) gets the driver's vLLM log level and engine-core mode, and
+    nothing else of its environment; ERROR logging when the driver sets none."""
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.setenv("VLLM_HOST_IP", "10.0.0.1")  # the driver's node's own: never forwarded
+    settings = load_config(None, ["model.path=/m", "data.train.path=/d.jsonl"]).scoring
+    assert actor_options(settings)["runtime_env"]["env_vars"] == {"VLLM_LOGGING_LEVEL": "ERROR"}
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    want = {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert actor_options(settings)["runtime_env"]["env_vars"] == want
+    assert reward_actor_options(judge_cfg())["runtime_env"]["env_vars"] == want
 
 
 def test_judge_identity_tracks_everything_that_changes_rewards(tiny_model, tmp_path):

@@ -21,7 +21,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pipeline.data.adapters import read_adapter
 from pipeline.engines.lora import AdapterRequests, LoraEngine
-from pipeline.engines.scorers import ENGINES, VllmScorer
+from pipeline.engines.scorers import ENGINES, VllmScorer, engine_env
 from pipeline.errors import UserError
 from pipeline.evaluation.chunks import (
     PromptChunk,
@@ -320,8 +320,7 @@ def reward_actor_options(reward_cfg) -> dict[str, Any]:
     """Ray resources of the reward actor: one GPU with `use_gpu` (a judge: its `tensor_parallel_size`)."""
     gpus = int(reward_cfg.judge_engine_kwargs.get("tensor_parallel_size", 1)) if reward_cfg.type == "judge" else 1
     return dict(num_cpus=1, num_gpus=gpus if reward_cfg.use_gpu else 0,
-                # vLLM (a judge) warns at length about things that do not apply here, as in the scorers' actors.
-                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}})
+                runtime_env={"env_vars": engine_env()})  # a judge is a vLLM engine
 
 
 class RewardRunner:

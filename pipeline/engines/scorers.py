@@ -176,6 +176,17 @@ def actor_options(settings, spread: bool = False) -> dict[str, Any]:
                 num_gpus=settings.tensor_parallel_size if settings.use_gpu else 0,
                 **({"scheduling_strategy": "SPREAD"} if spread else {}),
                 **({"resources": dict(settings.resources)} if settings.resources else {}),
-                # vLLM warns at length about things that do not apply here (no tokenizer: by design; CPU allocators).
-                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
-                                          **faults.env()}})
+                runtime_env={"env_vars": {**engine_env(), **faults.env()}})
+
+
+# The driver's vLLM settings an engine actor takes over (actors on other nodes do not inherit the driver's
+# environment): the log level, and whether the engine core runs in a process of its own (vLLM's default) or in the
+# actor's (VLLM_ENABLE_V1_MULTIPROCESSING=0: a start without spawning a second interpreter; the test suite's).
+FORWARDED_VLLM_ENV = ("VLLM_LOGGING_LEVEL", "VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+def engine_env() -> dict[str, str]:
+    """Environment variables of an engine actor: `FORWARDED_VLLM_ENV` where the driver sets them; vLLM's logging
+    at ERROR otherwise (it warns at length about things that do not apply here: no tokenizer, by design; CPU
+    allocators)."""
+    return {"VLLM_LOGGING_LEVEL": "ERROR", **{k: os.environ[k] for k in FORWARDED_VLLM_ENV if k in os.environ}}

@@ -21,14 +21,15 @@ from tests.conftest import DATA, make_config, read_cache
 from tests.faults.helpers import ROOT, fault, reap_session
 
 pytestmark = pytest.mark.ray
-SHARDS = 60
+COPIES = 3  # of standard.jsonl (24 rows): 72 rows, 18 shards of 4; enough to kill mid-run
+SHARDS = 6 * COPIES
 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
     lines = (DATA / "standard.jsonl").read_text().splitlines()
     path = tmp_path_factory.mktemp("data") / "big.jsonl"
-    path.write_text("".join(f"{line}\n" for _ in range(10) for line in lines))  # 240 rows -> 60 shards of 4
+    path.write_text("".join(f"{line}\n" for _ in range(COPIES) for line in lines))
     return path
 
 
@@ -45,7 +46,7 @@ def straight(tiny_model, tmp_path_factory, big, ray_local):
 
 
 def assert_same_cache(a, b) -> None:
-    assert a.num_rows == b.num_rows == 240
+    assert a.num_rows == b.num_rows == 24 * COPIES
     for col in ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
         assert a.column(col) == b.column(col)
     for side in ("chosen", "rejected"):
