@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing.process
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from pipeline.data.models import load_tokenizer
 from pipeline.demo.tiny import build_tiny_assets
 from pipeline.engines.scorers import VllmScorer
 from pipeline.runtime.session import init_ray
+from stages import cache
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -97,6 +99,23 @@ def ray_local():
     init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def standard_cache(tiny_model, tmp_path_factory, ray_local) -> Path:
+    """A cache_dir holding the reference caches (hf engine, `make_config`'s settings) of standard.jsonl (train) and
+    conversational.jsonl (eval), built once for the session. Modules that train or evaluate from these caches copy
+    them (`copy_cache`) instead of scoring the same rows again; the cache stage's own tests build theirs."""
+    root = tmp_path_factory.mktemp("standard-cache")
+    cache.run(make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}"))
+    return root / "cache"
+
+
+def copy_cache(cache_dir: Path, root: Path) -> Path:
+    """`cache_dir` copied to `root/cache`, where `make_config(..., root)` looks; a copy, so that what a module adds
+    (evaluation's reference samples) or damages stays its own."""
+    shutil.copytree(cache_dir, root / "cache")
+    return root / "cache"
 
 
 def read_cache(result):

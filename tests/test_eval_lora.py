@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from pipeline.engines.lora import allowed_rank
 from stages import cache, evaluate
 from tests.adapter_fixtures import make_adapter
-from tests.conftest import DATA, make_config, read_cache, sequence_logps
+from tests.conftest import DATA, copy_cache, make_config, read_cache, sequence_logps
 from tests.test_eval_stage import _prompts, _samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -36,8 +36,9 @@ def _seq_logps(base: Path, adapter: Path | None, sequences: list[list[int]], sta
 
 
 @pytest.fixture(scope="module")
-def scenario(tiny_model, tmp_path_factory, ray_local):
+def scenario(tiny_model, tmp_path_factory, standard_cache):
     root = tmp_path_factory.mktemp("eval-lora")
+    copy_cache(standard_cache, root)
     cfg = make_config(
         tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
         "eval.num_prompts=6", "eval.samples_per_prompt=2", "eval.max_new_tokens=8", "eval.num_actors=1",

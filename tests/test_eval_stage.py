@@ -28,7 +28,7 @@ from pipeline.evaluation.inputs import Prompts, read_prompts
 from pipeline.evaluation.summary import ChunkStats
 from pipeline.store.storage import Store
 from stages import cache, evaluate
-from tests.conftest import DATA, make_config, read_cache, sequence_logps
+from tests.conftest import DATA, copy_cache, make_config, read_cache, sequence_logps
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 pytest.importorskip("vllm")
@@ -51,8 +51,9 @@ def _seq_logps(model_dir: str, sequences: list[list[int]], starts: list[int]) ->
 
 
 @pytest.fixture(scope="module")
-def scenario(tiny_model, tmp_path_factory, ray_local):
+def scenario(tiny_model, tmp_path_factory, standard_cache):
     root = tmp_path_factory.mktemp("eval")
+    copy_cache(standard_cache, root)
     cfg = make_config(
         tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
         "eval.num_prompts=6", "eval.samples_per_prompt=2", "eval.max_new_tokens=8", "eval.num_actors=2",

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from pipeline.store.checkpoints import recorded_hash
 from pipeline.store.fingerprint import model_files_hash
 from stages import cache, train
-from tests.conftest import DATA, make_config
+from tests.conftest import DATA, copy_cache, make_config
 
 pytestmark = pytest.mark.ray
 
@@ -30,9 +30,10 @@ def metrics(run_dir: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory, ray_local):
+def runs(tiny_model, tmp_path_factory, standard_cache):
     """The same 2 LoRA steps on 2 workers with the cached reference (merged exports on) and in the loop."""
     root = tmp_path_factory.mktemp("lora")
+    copy_cache(standard_cache, root)
 
     def config(name: str, *overrides: str):
         return make_config(tiny_model, root, *STEPS, f"run_dir={root / name}", *overrides,

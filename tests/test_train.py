@@ -20,8 +20,8 @@ from pipeline.errors import UserError
 from pipeline.store import cache_layout
 from pipeline.store.checkpoints import recorded_hash
 from pipeline.store.fingerprint import model_files_hash
-from stages import cache, train
-from tests.conftest import DATA, make_config
+from stages import train
+from tests.conftest import DATA, copy_cache, make_config
 
 pytestmark = pytest.mark.ray
 
@@ -48,11 +48,10 @@ def assert_same_params(a: Path, b: Path, atol: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model, tmp_path_factory, ray_local):
-    """A cache (hf engine) for standard.jsonl (+ conversational eval), and a config factory over it."""
+def base(tiny_model, tmp_path_factory, standard_cache):
+    """The session's cache (hf engine) of standard.jsonl (+ conversational eval), and a config factory over it."""
     root = tmp_path_factory.mktemp("train")
-    cfg = make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}")
-    cache.run(cfg)
+    copy_cache(standard_cache, root)
 
     def config(name: str, *overrides: str):
         return make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",

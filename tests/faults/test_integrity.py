@@ -14,15 +14,16 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.store import cache_layout
 from stages import cache
-from tests.conftest import make_config, read_cache
+from tests.conftest import copy_cache, make_config, read_cache
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def built(tiny_model, tmp_path_factory, ray_local):
+def built(tiny_model, tmp_path_factory, standard_cache):
     """A complete cache of 3 shards, kept pristine: each test works on a copy."""
     root = tmp_path_factory.mktemp("integrity")
+    copy_cache(standard_cache, root)
     cfg = make_config(tiny_model, root, "scoring.engine=hf")
     (r,) = cache.run(cfg)
     assert r.shards_total == 3

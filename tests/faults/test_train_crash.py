@@ -12,8 +12,8 @@ import pytest
 from pipeline.errors import RunFailed
 from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.storage import Store
-from stages import cache, evaluate, train
-from tests.conftest import make_config
+from stages import evaluate, train
+from tests.conftest import copy_cache, make_config
 from tests.faults.helpers import fault
 from tests.test_train import STEPS, assert_same_params, metrics
 
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model, tmp_path_factory, ray_local):
+def base(tiny_model, tmp_path_factory, standard_cache):
     root = tmp_path_factory.mktemp("train-faults")
-    cache.run(make_config(tiny_model, root, "scoring.engine=hf"))
+    copy_cache(standard_cache, root)
 
     def config(name: str, *overrides: str):
         return make_config(tiny_model, root, "scoring.engine=hf", *STEPS, f"run_dir={root / name}",
