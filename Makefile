@@ -33,14 +33,14 @@ test-unit: install
 test: install lint
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-# The model-family matrix beyond `make test`'s (OPT, Mistral, Gemma, Gemma-2, Phi-3, Falcon; ~5 min). CI runs both.
+# The model-family matrix beyond `make test`'s (OPT, Mistral, Gemma, Gemma-2, Phi-3, Falcon), alone.
 test-families: install
-	DPO_TEST_FAMILIES=extended $(BIN)/python -m pytest -q tests/test_families.py
+	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q -m extended tests/test_families.py
 
-# Everything `make test` leaves out (~20 min; CI runs both): the family matrix above, the two-node cluster run,
-# pair generation and iterative DPO end to end, the vLLM judge, and the demo in miniature (tests marked `extended`).
-test-extended: test-families
-	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q -m extended tests
+# Everything `make test` leaves out (tests marked `extended`; CI runs both): the family matrix above, the two-node
+# cluster run, pair generation and iterative DPO end to end, the vLLM judge, and the demo in miniature.
+test-extended: install
+	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q --durations=15 -m extended tests
 
 $(TINY_MODEL)/config.json: | install
 	$(BIN)/dpo-pipeline tiny-assets $(TINY_MODEL)
