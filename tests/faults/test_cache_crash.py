@@ -21,7 +21,7 @@ from tests.conftest import DATA, make_config, read_cache
 from tests.faults.helpers import ROOT, fault, reap_session
 
 pytestmark = pytest.mark.ray
-COPIES = 3  # of standard.jsonl (24 rows): 72 rows, 18 shards of 4; enough to kill mid-run
+COPIES = 2  # of standard.jsonl (24 rows): 48 rows, 12 shards of 4; enough to kill mid-run
 SHARDS = 6 * COPIES
 
 

@@ -55,7 +55,7 @@ def write_config(cfg, path: Path) -> Path:
 @pytest.mark.ray
 def test_a_full_disk_stops_the_cache_cleanly_and_a_rerun_resumes(tiny_model, tmp_path):
     big = tmp_path / "big.jsonl"
-    big.write_text((DATA / "standard.jsonl").read_text() * 4)  # 96 rows, 24 shards (96 KiB holds 6 to 9)
+    big.write_text((DATA / "standard.jsonl").read_text() * 3)  # 72 rows, 18 shards (96 KiB holds 6 to 9)
     disk = tmp_path / "disk"
     disk.mkdir()
     cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", "scoring.shard_size=4", f"cache_dir={disk}",
