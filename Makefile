@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 TINY_MODEL := build/tiny-model
 
-.PHONY: install lint test test-unit test-families test-extended demo tiny bench scale clean
+.PHONY: install lint test test-unit test-families test-extended coverage demo tiny bench scale clean
 
 install: $(STAMP)
 
@@ -41,6 +41,14 @@ test-families: install
 # cluster run, pair generation and iterative DPO end to end, the vLLM judge, and the demo in miniature.
 test-extended: install
 	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q --durations=15 -m extended tests
+
+# Line coverage of pipeline/ and stages/ over all three tiers, in every process the tests start (pyproject.toml's
+# [tool.coverage]); slower than the tiers themselves.
+coverage: install
+	rm -rf build/coverage && mkdir -p build/coverage
+	DPO_TEST_EXTENDED=1 $(BIN)/python -m coverage run -m pytest -q tests
+	$(BIN)/python -m coverage combine -q
+	$(BIN)/python -m coverage report
 
 $(TINY_MODEL)/config.json: | install
 	$(BIN)/dpo-pipeline tiny-assets $(TINY_MODEL)

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+
+# peft is imported by the functions that build or export adapters, not here: importing it takes seconds (much of
+# transformers with it), and every training worker imports this module, LoRA or not.
 
 # Parameters peft adds that the base checkpoint does not have.
 _ADAPTER = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
@@ -31,6 +38,8 @@ PEFT_PREFIX = "base_model.model."
 def add_adapters(lm: nn.Module, settings) -> PeftModel:
     """`lm` with LoRA adapters (train.lora: rank, alpha, dropout, target_modules, modules_to_save). Every base
     parameter is frozen; adapters and modules_to_save copies are trainable. Works on a meta-device model."""
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 (lazy: see the imports)
+
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules, modules_to_save=settings.modules_to_save,
                         task_type="CAUSAL_LM")
@@ -73,7 +82,8 @@ def initial_adapter_values(shapes: dict[str, torch.Size], seed: int) -> dict[str
 @contextmanager
 def adapters_disabled(lm: nn.Module) -> Iterator[None]:
     """The base model's forward (peft's `disable_adapter`); nothing to do for a model without adapters."""
-    if isinstance(lm, PeftModel):
+    peft = sys.modules.get("peft")  # not imported: `lm` cannot be a PeftModel
+    if peft is not None and isinstance(lm, peft.PeftModel):
         with lm.disable_adapter():
             yield
     else:
@@ -95,6 +105,8 @@ class AdaptersDisabled(nn.Module):
 def peft_state(lm: PeftModel, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Gathered trainable tensors (names as in `lm`, without the `lm.` of the policy) under the names peft saves
     (`base_model.model.<module>.lora_A.weight`, ...): what `PeftModel.from_pretrained` and vLLM load."""
+    from peft import get_peft_model_state_dict  # noqa: PLC0415 (lazy: see the imports)
+
     return get_peft_model_state_dict(lm, state_dict=trained)
 
 
