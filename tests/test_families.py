@@ -68,7 +68,10 @@ class EngineHost:
             self.engine.engine.__del__()
             self.engine = None
             gc.collect()
-        self.engine = CheckpointEngine({"model_dir": model_dir, "dtype": "float32", "max_length": 128})
+        # Eager: torch.compile's C++ build of each family takes minutes on 2 cores; the compiled path runs in
+        # test_cache_stage.py (the cache as users run it).
+        self.engine = CheckpointEngine({"model_dir": model_dir, "dtype": "float32", "max_length": 128,
+                                        "engine_kwargs": {"enforce_eager": True}})
 
     def score(self, pairs, model_dir: str | None = None):
         return self.engine.score_pairs(pairs, model_dir)

@@ -135,7 +135,8 @@ def test_bf16_checkpoint_loads_in_vllm(in_loop):
     seq = np.array([1, 40, 41, 42, 43, 44, 45, 46, 2])
     # In a Ray actor, as the stages run it: an engine in the test process leaves vLLM threads that can abort
     # the interpreter at exit.
-    scorer = ray.remote(ReferenceEngine).remote("vllm", {"model_dir": ckpt, "dtype": "float32", "max_length": 64})
+    scorer = ray.remote(ReferenceEngine).remote("vllm", {"model_dir": ckpt, "dtype": "float32", "max_length": 64,
+                                                         "engine_kwargs": {"enforce_eager": True}})
     try:
         got = ray.get(scorer.token_logps.remote([seq], [3]))[0]
     finally:
