@@ -30,7 +30,7 @@ from pipeline.data.models import load_tokenizer
 from pipeline.demo.tiny import build_tiny_assets
 from pipeline.engines.scorers import VllmScorer
 from pipeline.runtime.session import init_ray
-from stages import cache
+from stages import cache, train
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -109,6 +109,23 @@ def standard_cache(tiny_model, tmp_path_factory, ray_local) -> Path:
     root = tmp_path_factory.mktemp("standard-cache")
     cache.run(make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}"))
     return root / "cache"
+
+
+# The training settings of the tests that train from `standard_cache` (4 steps of 4 pairs, checkpoints at 2 and 4).
+TRAIN_STEPS = ("train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.optim.lr=1e-3", "train.max_steps=4",
+               "train.checkpoint.every=2", "train.log_every=1", "train.parallel.num_cpus_per_worker=1")
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_model, tmp_path_factory, standard_cache):
+    """The uninterrupted 4-step run on 1 worker from the session's cache (held-out loss every 2 steps), run once:
+    test_train.py checks it, and every resumed, restarted or distributed run there and in faults/test_train_crash.py
+    must end with its weights. (config, TrainResult)"""
+    root = tmp_path_factory.mktemp("straight-run")
+    copy_cache(standard_cache, root)
+    cfg = make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
+                      *TRAIN_STEPS, "train.eval_every=2", f"run_dir={root / 'w1'}")
+    return cfg, train.run(cfg)
 
 
 def copy_cache(cache_dir: Path, root: Path) -> Path:

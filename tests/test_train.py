@@ -21,12 +21,11 @@ from pipeline.store import cache_layout
 from pipeline.store.checkpoints import recorded_hash
 from pipeline.store.fingerprint import model_files_hash
 from stages import train
-from tests.conftest import DATA, copy_cache, make_config
+from tests.conftest import DATA, TRAIN_STEPS, copy_cache, make_config
 
 pytestmark = pytest.mark.ray
 
-STEPS = ("train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.optim.lr=1e-3", "train.max_steps=4",
-         "train.checkpoint.every=2", "train.log_every=1", "train.parallel.num_cpus_per_worker=1")
+STEPS = TRAIN_STEPS
 
 
 def params(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -74,9 +73,9 @@ def test_training_reads_only_the_columns_a_step_uses(base):
 
 
 @pytest.fixture(scope="module")
-def one_worker(base):
-    cfg = base("w1", "train.eval_every=2")
-    return cfg, train.run(cfg)
+def one_worker(straight_run):
+    """The session's straight run (conftest.py): 4 steps, 1 worker, from this module's cache settings."""
+    return straight_run
 
 
 def test_step0_loss_is_ln2_and_metrics_are_logged(one_worker):
@@ -163,18 +162,6 @@ def test_cached_and_in_loop_reference_give_the_same_losses(in_loop, one_worker):
     for a, b in zip(metrics(cfg.run_dir), metrics(one_worker[0].run_dir)[:2]):
         assert abs(a["loss"] - b["loss"]) < 1e-4
         assert abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-4
-
-
-def test_resume_two_plus_two_steps_equals_four_straight(base, one_worker):
-    first = train.run(base("resumed", "train.max_steps=2"))
-    assert [Path(c).name for c in first.checkpoints] == ["step_000002"]
-    second = train.run(base("resumed", "train.checkpoint.keep=1"))  # same run_dir, 4 steps: resumes at step 2
-    assert [Path(c).name for c in second.checkpoints] == ["step_000004"]  # older HF exports pruned
-    ray_ckpts = [p.name for p in Path(second.run_dir, "ray").glob("checkpoint_*") if p.is_dir()]
-    assert ray_ckpts == ["checkpoint_000004"]
-    assert_same_params(Path(second.checkpoints[-1]), Path(one_worker[1].checkpoints[-1]), atol=1e-6)
-    steps = [r["step"] for r in metrics(second.run_dir)]
-    assert steps == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 after resuming: none redone
 
 
 def test_mismatched_cache_is_refused(base):

@@ -1,6 +1,7 @@
 """Case 4: a crash in training. A worker killed mid-run is restarted by Ray Train from the last complete
 checkpoint and ends with the weights of an uninterrupted run; a run killed while writing a checkpoint leaves no
-half-written checkpoint that resume or evaluation would pick."""
+half-written checkpoint that resume or evaluation would pick, and the rerun resumes from the last complete one (the
+resume test of the suite: the same weights as a straight run, older exports pruned)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ def base(tiny_model, tmp_path_factory, standard_cache):
 
 
 @pytest.fixture(scope="module")
-def straight(base):
-    """The uninterrupted 4-step run."""
-    return train.run(base("straight"))
+def straight(straight_run):
+    """The uninterrupted 4-step run (the session's: conftest.py)."""
+    return straight_run[1]
 
 
 def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint(base, straight, tmp_path, monkeypatch):
@@ -68,8 +69,11 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_none_half_written(base, 
     assert ray_ckpts == ["checkpoint_000002"]
 
     monkeypatch.delenv("DPO_PIPELINE_FAULT")
-    result = train.run(cfg)  # resumes from step 2
+    result = train.run(base("torn", "train.checkpoint.keep=1"))  # resumes from step 2; `keep` is no input of it
     assert_same_params(Path(result.checkpoints[-1]), Path(straight.checkpoints[-1]), atol=1e-6)
+    assert [Path(c).name for c in result.checkpoints] == ["step_000004"]  # older HF exports pruned
+    ray_ckpts = [p.name for p in Path(result.run_dir, "ray").glob("checkpoint_*") if p.is_dir()]
+    assert ray_ckpts == ["checkpoint_000004"]
     assert not list(ckpts.glob(".tmp-*"))
     assert [r["step"] for r in metrics(result.run_dir)] == [1, 2, 3, 4]
     assert json.loads(Path(cfg.run_dir, "train.json").read_text())["steps"] == 4
