@@ -34,7 +34,7 @@ from pipeline.store import cache_layout
 from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
 from stages import cache
-from tests.conftest import DATA, make_config, read_cache
+from tests.conftest import DATA, copy_cache, make_config, read_cache
 
 pytestmark = pytest.mark.ray
 TOL = 1e-4
@@ -214,10 +214,12 @@ def test_one_run_reads_the_source_once_and_checks_the_cache_once(tiny_model, tmp
     assert hashed[files[0]] == 2
 
 
-def test_cache_checks_in_ray_tasks(tiny_model, tmp_path, ray_local, monkeypatch):
+def test_cache_checks_in_ray_tasks(tiny_model, tmp_path, standard_cache, monkeypatch):
     """Over `RAY_MIN_BYTES` to check, a joined process hashes cache files in Ray tasks: same verdicts."""
     cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf")
+    copy_cache(standard_cache, tmp_path)
     (r,) = cache.run(cfg)
+    assert r.reused  # the session's cache, copied
     monkeypatch.setattr(cache_layout, "RAY_MIN_BYTES", 0)
     store = Store(r.uri)
     manifest = store.read_json("manifest.json")
