@@ -30,8 +30,12 @@ lint: install
 test-unit: install
 	$(BIN)/python -m pytest -q -m "not ray and not vllm and not subprocess and not extended" tests
 
+# Two test processes (pytest-xdist), each with its own Ray instance, a whole module at a time (module fixtures run
+# once): the integration tests wait on process starts and Ray a third of the time, which the other one fills.
+XDIST := -n 2 --dist loadfile
+
 test: install lint
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15 tests
 
 # The model-family matrix beyond `make test`'s (OPT, Mistral, Gemma, Gemma-2, Phi-3, Falcon), alone.
 test-families: install
@@ -40,7 +44,7 @@ test-families: install
 # Everything `make test` leaves out (tests marked `extended`; CI runs both): the family matrix above, the two-node
 # cluster run, pair generation and iterative DPO end to end, the vLLM judge, and the demo in miniature.
 test-extended: install
-	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q --durations=15 -m extended tests
+	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q $(XDIST) --durations=15 -m extended tests
 
 # Line coverage of pipeline/ and stages/ over all three tiers, in every process the tests start (pyproject.toml's
 # [tool.coverage]); slower than the tiers themselves.

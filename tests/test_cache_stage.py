@@ -67,10 +67,12 @@ def assert_matches_transformers(table: pa.Table, model) -> None:
 
 @pytest.fixture(scope="module")
 def vllm_run(tiny_model, tmp_path_factory, ray_local):
-    """One vLLM engine for the module, as users run it (compiled, its engine core in a process of its own):
-    train = standard, eval = conversational."""
+    """One vLLM engine for the module, its engine core in a process of its own as users run it (eager, as the
+    CPU configs run it: configs/tiny.yaml, sentiment.yaml; torch.compile's C++ build takes ~70 s here): train =
+    standard, eval = conversational."""
     tmp = tmp_path_factory.mktemp("vllm")
-    cfg = make_config(tiny_model, tmp, "scoring.engine=vllm", f"data.eval.path={DATA / 'conversational.jsonl'}")
+    cfg = make_config(tiny_model, tmp, "scoring.engine=vllm", f"data.eval.path={DATA / 'conversational.jsonl'}",
+                      "scoring.engine_kwargs={enforce_eager: true}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
         return cfg, {r.split: r for r in cache.run(cfg)}

@@ -7,8 +7,8 @@ the running engine, or a fresh engine for a tied head: `engine_signature`) with 
 Llama itself is covered by test_train.py. The vLLM engines run one after another inside one Ray actor (in-process
 engine cores: ~6-10 s per model instead of ~25 s for a new engine process).
 
-Tiers (~45 s a family): `make test` runs the DPO paper's families (GPT-2, Pythia) and a tied head (Qwen2); the
-rest are marked `extended` (`make test-extended`, which CI runs; `make test-families` runs them alone).
+The family matrix is the extended tier (`make test-extended`, which CI runs; `make test-families` runs it alone):
+~45 s a family. `make test` trains, scores and serves the tiny Llama everywhere else.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ from stages import cache, train
 from tests.conftest import make_config, read_cache, sequence_logps
 from tests.families import FAMILIES, build_family
 
-pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.extended]
 
 STEPS = ("scoring.engine=hf", "train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.optim.lr=1e-3",
          "train.max_steps=2", "train.log_every=1", "train.checkpoint.every=2")
 TWO_WORKERS = ("train.parallel.num_workers=2", "train.parallel.num_cpus_per_worker=0.5")
 
 
-CORE = ("gpt2", "gpt_neox", "qwen2")
-TESTED = [pytest.param(f, marks=[] if f in CORE else [pytest.mark.extended]) for f in FAMILIES]
+TESTED = list(FAMILIES)
 
 
 def hf_pair_logps(model_dir: Path, table) -> tuple[np.ndarray, np.ndarray]:
