@@ -32,7 +32,7 @@ test-unit: install
 
 # Two test processes (pytest-xdist), each with its own Ray instance, a whole module at a time (module fixtures run
 # once): the integration tests wait on process starts and Ray a third of the time, which the other one fills.
-XDIST := -n 2 --dist loadfile
+XDIST := -n 2
 
 test: install lint
 	$(BIN)/python -m pytest -q $(XDIST) --durations=15 tests

@@ -42,6 +42,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # Ray Train's controller looks at its workers every 2 s by default; each start, report and end waits for a look.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray keeps at most num_cpus (here 2) idle worker processes and kills the rest after 1 s idle; a cluster node keeps
+# as many as it has CPUs. Each new worker imports torch and transformers again (4-9 s on 2 cores), for every Ray Data
+# task and actor of every run. The session's Ray instance keeps up to 8 idle (what the raylet reads at start).
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 
 DATA = Path(__file__).parent / "data"
 
@@ -49,13 +53,49 @@ DATA = Path(__file__).parent / "data"
 INTEGRATION_MARKERS = ("ray", "vllm", "subprocess", "extended")
 
 
+# Seconds each work unit took (a module; a model family of test_families.py), measured with two xdist processes:
+# `make test` hands the units out longest first, so that no long one starts last. Refresh from a run's
+# `--junitxml` with `python -m tests.durations FILE`; a unit not listed counts as short.
+DURATIONS = json.loads((Path(__file__).parent / "durations.json").read_text())
+
+
+def work_unit(nodeid: str) -> str:
+    """What one xdist process runs as a whole (module fixtures run once): the module, or for the family matrix
+    (test_families.py) one family, so that the two processes share the matrix."""
+    path, _, rest = nodeid.partition("::")
+    if path.endswith("test_families.py") and "[" in rest:
+        return f"{path}[{rest.split('[', 1)[1].rstrip(']')}]"
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
+    # Longest work units first (stable: tests keep their order within a unit). DPO_TEST_ORDER=reverse runs the
+    # units in the opposite order: the suite must pass in any order of its modules.
+    units = sorted(dict.fromkeys(work_unit(item.nodeid) for item in items), key=lambda u: -DURATIONS.get(u, 0))
+    if os.environ.get("DPO_TEST_ORDER") == "reverse":
+        units.reverse()
+    rank = {unit: i for i, unit in enumerate(units)}
+    items.sort(key=lambda item: rank[work_unit(item.nodeid)])
     if os.environ.get("DPO_TEST_EXTENDED") == "1":
         return
     skip = pytest.mark.skip(reason="extended tier: `make test-extended` (CI runs it)")
     for item in items:
         if item.get_closest_marker("extended"):
             item.add_marker(skip)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Work units (`work_unit`) to the xdist processes in collection order (longest first, above), not by number of
+    tests (xdist's default, which starts one-test modules of minutes last)."""
+    from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415 (only where xdist runs the session)
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return ByWorkUnit(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -87,14 +87,17 @@ def test_vllm_cache_equals_transformers_fp32(vllm_run, hf_model):
 
 
 @pytest.mark.vllm
-def test_hf_engine_equals_vllm_engine(vllm_run, tiny_model, tmp_path):
+def test_hf_engine_equals_vllm_engine(vllm_run, tmp_path, standard_cache):
+    """The session's cache (the hf engine, the same rows and settings) holds the vLLM engine's values."""
     cfg, vllm_results = vllm_run
-    cfg_hf = cfg.model_copy(update={"cache_dir": str(tmp_path / "hf-cache"), "run_dir": str(tmp_path / "run")})
+    cfg_hf = cfg.model_copy(update={"cache_dir": str(copy_cache(standard_cache, tmp_path)),
+                                    "run_dir": str(tmp_path / "run")})
     cfg_hf.scoring.engine = "hf"
     for r in cache.run(cfg_hf):
         v = read_cache(vllm_results[r.split])
         h = read_cache(r)
-        assert r.key == vllm_results[r.split].key  # the engine is not part of the key
+        assert r.key == vllm_results[r.split].key and r.reused  # the engine is not part of the key
+        assert json.loads(Path(r.uri, "manifest.json").read_text())["engine"] == "hf"
         assert h.column("id").to_pylist() == v.column("id").to_pylist()
         for side in ("chosen", "rejected"):
             np.testing.assert_allclose(h.column(f"ref_{side}_logps").to_numpy(),
@@ -158,10 +161,18 @@ def test_each_format_hf_engine(name, tiny_model, tmp_path, ray_local, hf_model, 
             assert tokenizer.decode(got[f"{side}_input_ids"]).endswith("<|endoftext|>")
 
 
-def test_parquet_source_gives_same_cache_values(tiny_model, tmp_path, ray_local):
+def session_train_cache(tiny_model, root: Path, standard_cache: Path):
+    """The session's cache of standard.jsonl (hf engine, `make_config`'s settings), copied under `root`."""
+    copy_cache(standard_cache, root)
+    (r,) = cache.run(make_config(tiny_model, root, "scoring.engine=hf"))
+    assert r.reused
+    return r
+
+
+def test_parquet_source_gives_same_cache_values(tiny_model, tmp_path, standard_cache):
     rows = [json.loads(line) for line in open(DATA / "standard.jsonl")]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "standard.parquet", row_group_size=5)
-    (from_jsonl,) = cache.run(make_config(tiny_model, tmp_path / "a", "scoring.engine=hf"))
+    from_jsonl = session_train_cache(tiny_model, tmp_path / "a", standard_cache)
     (from_parquet,) = cache.run(make_config(tiny_model, tmp_path / "b", "scoring.engine=hf",
                                             data=tmp_path / "standard.parquet"))
     assert from_jsonl.key != from_parquet.key  # different data bytes
@@ -255,13 +266,13 @@ def s3_ray(ray_local):
         init_ray(RayConfig(num_cpus=2))
 
 
-def test_sources_and_cache_on_s3_give_the_local_values(s3_ray, tiny_model, tmp_path):
+def test_sources_and_cache_on_s3_give_the_local_values(standard_cache, s3_ray, tiny_model, tmp_path):
     """The train split at an s3:// URI, the eval split a `datasets` directory exported into an s3:// cache_dir: both
     cache the values of the local JSONL file."""
     rows = [json.loads(line) for line in open(DATA / "standard.jsonl")]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     Store(s3_ray).write_bytes("data/standard.jsonl", (DATA / "standard.jsonl").read_bytes())
-    (local,) = cache.run(make_config(tiny_model, tmp_path / "local", "scoring.engine=hf"))
+    local = session_train_cache(tiny_model, tmp_path / "local", standard_cache)
     remote = {r.split: r for r in cache.run(make_config(
         tiny_model, tmp_path / "remote", "scoring.engine=hf", f"cache_dir={s3_ray}/cache",
         f"data.eval.path={tmp_path / 'ds'}", data=f"{s3_ray}/data/standard.jsonl"))}

@@ -18,11 +18,23 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 pytest.importorskip("vllm")
 
 
-def test_finished_checkpoints_survive_a_crash_and_a_rerun_does_only_the_rest(tiny_model, tmp_path, ray_local,
+# Both tests evaluate with these settings; the first in one chunk (6 prompts), the second in chunks of 2.
+SETTINGS = ["eval.include_reference_model=false", "eval.preference_accuracy=false", "eval.num_prompts=6",
+            "eval.samples_per_prompt=2", "eval.max_new_tokens=8", "eval.engine_kwargs={enforce_eager: true}",
+            "scoring.engine=hf"]
+
+
+@pytest.fixture(scope="module")
+def one_chunk(tiny_model, tmp_path_factory):
+    """The first test's run directory: its step_000001 (seed 1) was sampled in one chunk, uninterrupted (the second
+    test's reference)."""
+    return tmp_path_factory.mktemp("one-chunk")
+
+
+def test_finished_checkpoints_survive_a_crash_and_a_rerun_does_only_the_rest(tiny_model, one_chunk, ray_local,
                                                                             monkeypatch):
-    cfg = make_config(tiny_model, tmp_path, "eval.include_reference_model=false", "eval.preference_accuracy=false",
-                      "eval.num_prompts=4", "eval.max_new_tokens=8", "eval.batch_prompts=4",
-                      "eval.engine_kwargs={enforce_eager: true}", "scoring.engine=hf")
+    tmp_path = one_chunk
+    cfg = make_config(tiny_model, tmp_path, *SETTINGS, "eval.batch_prompts=6")
     ckpts = Path(cfg.run_dir) / "checkpoints"
     for step in (1, 2):
         _checkpoint(tiny_model, ckpts / f"step_00000{step}", seed=step)
@@ -54,13 +66,12 @@ def test_finished_checkpoints_survive_a_crash_and_a_rerun_does_only_the_rest(tin
 
 
 def test_a_crash_mid_target_keeps_its_written_chunks_and_the_samples_are_those_of_one_run(tiny_model, tmp_path,
-                                                                                         ray_local, monkeypatch):
+                                                                                         ray_local, monkeypatch,
+                                                                                         one_chunk):
     """Chunks of 2 prompts: the driver dies after the first chunk, then after the second; each rerun samples only
-    the chunks not written. The final samples equal those of an uninterrupted run in one chunk."""
-    settings = ["eval.include_reference_model=false", "eval.preference_accuracy=false", "eval.num_prompts=6",
-                "eval.samples_per_prompt=2", "eval.max_new_tokens=8", "eval.engine_kwargs={enforce_eager: true}",
-                "scoring.engine=hf"]
-    cfg = make_config(tiny_model, tmp_path, *settings, "eval.batch_prompts=2")
+    the chunks not written. The final samples equal those of an uninterrupted run in one chunk: the first test's
+    samples of the same checkpoint (its step_000001), or a run of its own when this test runs alone."""
+    cfg = make_config(tiny_model, tmp_path, *SETTINGS, "eval.batch_prompts=2")
     ckpt = _checkpoint(tiny_model, Path(cfg.run_dir) / "checkpoints" / "step_000001", seed=1)
     target = Path(cfg.run_dir) / "eval" / "step_000001"
 
@@ -84,8 +95,10 @@ def test_a_crash_mid_target_keeps_its_written_chunks_and_the_samples_are_those_o
     assert r.evaluated == ["step_000001"] and not (target / "sampled-parts").exists()
     resumed = pq.read_table(target / "samples.parquet")
     assert resumed.column("prompt_index").to_pylist() == [i for i in range(6) for _ in range(2)]
-    whole = make_config(tiny_model, tmp_path / "whole", *settings, "eval.batch_prompts=6",
-                        f"eval.checkpoints=[{ckpt}]")
-    evaluate.run(whole)
-    once = pq.read_table(Path(whole.run_dir) / "eval" / "step_000001" / "samples.parquet")
+    once_file = one_chunk / "run" / "eval" / "step_000001" / "samples.parquet"
+    if not once_file.exists():
+        whole = make_config(tiny_model, one_chunk, *SETTINGS, "eval.batch_prompts=6", f"eval.checkpoints=[{ckpt}]")
+        evaluate.run(whole)
+    once = pq.read_table(once_file)
+    assert once.num_rows == 12
     assert resumed.column("completion_ids").to_pylist() == once.column("completion_ids").to_pylist()
