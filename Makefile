@@ -42,7 +42,8 @@ test-families: install
 	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q -m extended tests/test_families.py
 
 # Everything `make test` leaves out (tests marked `extended`; CI runs both): the family matrix above, the two-node
-# cluster run, pair generation and iterative DPO end to end, the vLLM judge, and the demo in miniature.
+# cluster run, pair generation and iterative DPO end to end, the vLLM judge, the demo in miniature, and the long crash
+# scenarios (a SIGKILLed cache driver, crashes in evaluation, a full disk).
 test-extended: install
 	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q $(XDIST) --durations=15 -m extended tests
 

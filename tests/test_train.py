@@ -25,8 +25,6 @@ from tests.conftest import DATA, TRAIN_STEPS, copy_cache, make_config
 
 pytestmark = pytest.mark.ray
 
-STEPS = TRAIN_STEPS
-
 
 def params(ckpt: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
@@ -54,7 +52,7 @@ def base(tiny_model, tmp_path_factory, standard_cache):
 
     def config(name: str, *overrides: str):
         return make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
-                           *STEPS, f"run_dir={root / name}", *overrides)
+                           *TRAIN_STEPS, f"run_dir={root / name}", *overrides)
     return config
 
 

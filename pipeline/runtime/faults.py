@@ -1,6 +1,7 @@
 """Test-only fault injection: crash a process at a named point, to test that crashes lose no finished work.
 
-Set `DPO_PIPELINE_FAULT="point=NAME,token=PATH[,nth=N][,action=exit|raise]"`. The N-th time (default: first) a
+Set `DPO_PIPELINE_FAULT="point=NAME,token=PATH[,nth=N][,action=exit|raise]"` (several injections: separated by
+`;`, each counted and fired on its own). The N-th time (default: first) a
 process reaches `reach(NAME)`, and if the file PATH still exists, the file is deleted and the process dies: it
 exits at once with code 1 (`exit`, a crash: no cleanup, no exception handlers) or raises `InjectedFault`
 (`raise`). Deleting the token first makes a fault fire once over all processes, so a restarted actor or worker
@@ -43,19 +44,17 @@ def adopt(variables: dict[str, str]) -> None:
 
 
 def reach(point: str) -> None:
-    spec = os.environ.get(VAR)
-    if not spec:
-        return
-    fields = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
-    if fields.get("point") != point:
-        return
-    _reached[spec] += 1
-    if _reached[spec] != int(fields.get("nth", 1)):
-        return
-    try:
-        os.remove(fields["token"])  # only one process wins: the fault fires once
-    except (KeyError, FileNotFoundError):
-        return
-    if fields.get("action", "exit") == "raise":
-        raise InjectedFault(f"injected fault at {point}")
-    os._exit(1)
+    for spec in os.environ.get(VAR, "").split(";"):
+        fields = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+        if fields.get("point") != point:
+            continue
+        _reached[spec] += 1
+        if _reached[spec] != int(fields.get("nth", 1)):
+            continue
+        try:
+            os.remove(fields["token"])  # only one process wins: the fault fires once
+        except (KeyError, FileNotFoundError):
+            continue
+        if fields.get("action", "exit") == "raise":
+            raise InjectedFault(f"injected fault at {point}")
+        os._exit(1)

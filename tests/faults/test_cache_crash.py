@@ -1,6 +1,6 @@
 """Case 3: a crash in the cache stage. A SIGKILLed driver's rerun recomputes only the shards in flight and ends
-with the values of an uninterrupted run; a scorer actor that dies is restarted by Ray Data and its batch retried;
-a writer task that dies between a shard's file and its marker is retried."""
+with the values of an uninterrupted run; in one run, a scorer actor that dies is restarted by Ray Data and its batch
+retried, and a writer task that dies between a shard's file and its marker is retried."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from stages import cache
 from tests.conftest import DATA, make_config, read_cache
 from tests.faults.helpers import ROOT, fault, reap_session
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.extended]  # a long scenario: `make test-extended` (CI runs it)
 COPIES = 2  # of standard.jsonl (24 rows): 48 rows, 12 shards of 4; enough to kill mid-run
 SHARDS = 6 * COPIES
 
@@ -85,22 +85,14 @@ def test_sigkill_at_a_random_moment_then_rerun_resumes_and_matches_uninterrupted
     assert not any(p.name.startswith(".") for p in Path(resumed.uri).rglob("*"))
 
 
-def test_a_scorer_actor_that_dies_is_restarted_and_its_batch_retried(tiny_model, tmp_path, big, straight,
-                                                                    monkeypatch):
-    token = tmp_path / "token"
-    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("scorer_batch", token, nth=5))
+def test_a_scorer_actor_and_a_writer_that_die_are_retried(tiny_model, tmp_path, big, straight, monkeypatch):
+    """One run, two faults: the scorer actor exits on its 5th batch (Ray Data restarts it and retries the batch), and
+    a writer task exits with its second shard's file written but no marker (the task is retried)."""
+    actor, writer = tmp_path / "actor-token", tmp_path / "writer-token"
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", ";".join([fault("scorer_batch", actor, nth=5),
+                                                       fault("shard_written", writer, nth=2)]))
     (r,) = cache.run(config(tiny_model, tmp_path, big))
-    assert not token.exists()  # the fault fired: the actor exited on its 5th batch
-    assert r.shards_computed == SHARDS
-    assert_same_cache(read_cache(r), straight)
-
-
-def test_a_writer_that_dies_between_a_shards_file_and_its_marker_is_retried(tiny_model, tmp_path, big, straight,
-                                                                           monkeypatch):
-    token = tmp_path / "token"
-    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("shard_written", token, nth=2))
-    (r,) = cache.run(config(tiny_model, tmp_path, big))
-    assert not token.exists()  # the fault fired: a writer exited with its second shard's file written, no marker
+    assert not actor.exists() and not writer.exists()  # both faults fired
     assert r.shards_computed == SHARDS
     assert_same_cache(read_cache(r), straight)
     assert not any(p.name.startswith(".") for p in Path(r.uri).rglob("*"))

@@ -14,7 +14,7 @@ from tests.conftest import make_config
 from tests.faults.helpers import fault
 from tests.test_eval_stage import _checkpoint
 
-pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.extended]  # long scenarios: `make test-extended`
 pytest.importorskip("vllm")
 
 

@@ -30,3 +30,20 @@ def test_unset_or_disarmed_reaches_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv(faults.VAR, f"point=scorer_batch,token={tmp_path / 'never-armed'},action=raise")
     faults.reach("scorer_batch")  # no token file: disarmed
     assert faults.env() == {faults.VAR: f"point=scorer_batch,token={tmp_path / 'never-armed'},action=raise"}
+
+
+def test_several_injections_in_one_setting_fire_each_on_their_own(tmp_path, monkeypatch):
+    """`;`-separated injections (one run, two faults): each counts its own point's reaches and fires once."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv(faults.VAR, ";".join([fault("scorer_batch", a, nth=2, action="raise"),
+                                             fault("shard_written", b, action="raise")]))
+    faults.reach("scorer_batch")
+    assert a.exists() and b.exists()
+    with pytest.raises(faults.InjectedFault, match="shard_written"):
+        faults.reach("shard_written")
+    assert a.exists() and not b.exists()
+    with pytest.raises(faults.InjectedFault, match="scorer_batch"):
+        faults.reach("scorer_batch")
+    assert not a.exists()
+    faults.reach("scorer_batch")  # both fired: nothing more
+    faults.reach("shard_written")

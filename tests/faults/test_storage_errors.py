@@ -53,6 +53,7 @@ def write_config(cfg, path: Path) -> Path:
 
 @needs_namespaces
 @pytest.mark.ray
+@pytest.mark.extended  # two whole cache runs, each a new driver and Ray instance: `make test-extended`
 def test_a_full_disk_stops_the_cache_cleanly_and_a_rerun_resumes(tiny_model, tmp_path):
     big = tmp_path / "big.jsonl"
     big.write_text((DATA / "standard.jsonl").read_text() * 3)  # 72 rows, 18 shards (96 KiB holds 6 to 9)

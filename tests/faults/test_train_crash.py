@@ -14,9 +14,9 @@ from pipeline.errors import RunFailed
 from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.storage import Store
 from stages import evaluate, train
-from tests.conftest import copy_cache, make_config
+from tests.conftest import TRAIN_STEPS, copy_cache, make_config
 from tests.faults.helpers import fault
-from tests.test_train import STEPS, assert_same_params, metrics
+from tests.test_train import assert_same_params, metrics
 
 pytestmark = pytest.mark.ray
 
@@ -27,7 +27,7 @@ def base(tiny_model, tmp_path_factory, standard_cache):
     copy_cache(standard_cache, root)
 
     def config(name: str, *overrides: str):
-        return make_config(tiny_model, root, "scoring.engine=hf", *STEPS, f"run_dir={root / name}",
+        return make_config(tiny_model, root, "scoring.engine=hf", *TRAIN_STEPS, f"run_dir={root / name}",
                            "eval.include_reference_model=false", *overrides)
     return config
 
