@@ -30,7 +30,7 @@ from pipeline.data import sources
 from pipeline.errors import UserError
 from pipeline.evaluation.inputs import load_prompts
 from pipeline.runtime.session import init_ray
-from pipeline.store import cache_layout
+from pipeline.store import cache_layout, shards
 from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
 from stages import cache
@@ -280,8 +280,14 @@ def test_sources_and_cache_on_s3_give_the_local_values(standard_cache, s3_ray, t
     assert [n for n in Store(f"{s3_ray}/cache/sources").listdir() if n.endswith(".parquet")]  # the export
     want = read_cache(local)
     for r in remote.values():
+        # Written by the workers into the bucket, as a local cache is: one file per shard, checksums that match,
+        # no work files left.
         store = Store(r.uri)
-        got = pa.concat_tables(store.read_parquet(f["path"]) for f in store.read_json("manifest.json")["files"])
+        manifest = store.read_json("manifest.json")
+        assert [f["path"] for f in manifest["files"]] == [shards.data_file(i) for i in range(3)]
+        assert all(store.sha256(f["path"]) == f["sha256"] for f in manifest["files"] + [manifest["rejects"]])
+        assert not store.exists(".work") and manifest["counts"]["pairs"] == 24
+        got = pa.concat_tables(store.read_parquet(f["path"]) for f in manifest["files"])
         assert got.select(["id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]) == \
             want.select(["id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
         for side in ("chosen", "rejected"):

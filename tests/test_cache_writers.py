@@ -4,9 +4,6 @@ each shard's stats (counts, sha256, bytes), never scored rows or rejects."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,8 +16,6 @@ from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
 from stages import cache
 from tests.conftest import DATA, make_config, read_cache
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -91,20 +86,3 @@ def test_the_driver_receives_only_shard_stats_and_never_reads_rejects_whole(tiny
     assert [x["index"] for x in rejects] == [i for i in range(40) if i % 4]
     assert manifest["rejects"]["sha256"] == sha256_file(Path(result.rejects_uri))
     assert read_cache(result).column("id").to_pylist() == [f"r{i}" for i in range(0, 40, 4)]
-
-
-@pytest.mark.ray
-def test_an_s3_cache_dir_is_written_by_the_workers(tiny_model, tmp_path, s3):  # noqa: F811
-    """The CLI in a fresh process, so that its Ray workers inherit the moto server's AWS_* settings."""
-    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", f"cache_dir={s3}/cache")
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", str(cfg_file)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (key,) = [n for n in Store(f"{s3}/cache").listdir() if n != "sources"]  # the cache (sources: plans, exports)
-    store = Store(f"{s3}/cache/{key}")
-    manifest = store.read_json("manifest.json")
-    assert [f["path"] for f in manifest["files"]] == [shards.data_file(i) for i in range(3)]
-    assert all(store.sha256(f["path"]) == f["sha256"] for f in manifest["files"] + [manifest["rejects"]])
-    assert not store.exists(".work") and manifest["counts"]["pairs"] == 24
