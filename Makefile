@@ -37,7 +37,7 @@ XDIST := -n 2
 test: install lint
 	$(BIN)/python -m pytest -q $(XDIST) --durations=15 tests
 
-# The model-family matrix beyond `make test`'s (OPT, Mistral, Gemma, Gemma-2, Phi-3, Falcon), alone.
+# The model-family matrix (all nine families, part of the extended tier), alone.
 test-families: install
 	DPO_TEST_EXTENDED=1 $(BIN)/python -m pytest -q -m extended tests/test_families.py
 
