@@ -30,8 +30,9 @@ lint: install
 test-unit: install
 	$(BIN)/python -m pytest -q -m "not ray and not vllm and not subprocess and not extended" tests
 
-# Two test processes (pytest-xdist), each with its own Ray instance, a whole module at a time (module fixtures run
-# once): the integration tests wait on process starts and Ray a third of the time, which the other one fills.
+# Two test processes (pytest-xdist), each with its own Ray instance, a whole work unit at a time (a module, or one
+# family of the matrix, longest first: tests/conftest.py), so module fixtures run once: the integration tests wait on
+# process starts and Ray a third of the time, which the other one fills.
 XDIST := -n 2
 
 test: install lint

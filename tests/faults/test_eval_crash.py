@@ -25,7 +25,7 @@ SETTINGS = ["eval.include_reference_model=false", "eval.preference_accuracy=fals
 
 
 @pytest.fixture(scope="module")
-def one_chunk(tiny_model, tmp_path_factory):
+def one_chunk(tmp_path_factory):
     """The first test's run directory: its step_000001 (seed 1) was sampled in one chunk, uninterrupted (the second
     test's reference)."""
     return tmp_path_factory.mktemp("one-chunk")
