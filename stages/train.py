@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -179,8 +180,9 @@ def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str
 def _run_failed(error: ray.train.TrainingFailedError, run_store: Store) -> RunFailed:
     failures = getattr(error, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
     cause = next(iter(failures.values())) if failures else error
-    done = list_checkpoints(run_store)
-    kept = f"the last complete checkpoint is {done[-1].rsplit('/', 1)[-1]}" if done else "no checkpoint yet"
+    # What a rerun resumes from: the last training state Ray Train holds (each is reported after its step's export).
+    done = sorted(n for n in run_store.listdir("ray") if re.fullmatch(r"checkpoint_\d{6}", n))
+    kept = f"the last complete checkpoint is step_{done[-1][-6:]}" if done else "no checkpoint yet"
     return RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
                      f"set train.checkpoint.max_failures to restart automatically")
 
@@ -279,11 +281,14 @@ class DPOWorker:
 
     def save(self) -> None:
         """Checkpoint the current step unless a checkpoint holds it already: the Hugging Face export (rank 0), then
-        the sharded training state, reported to Ray Train with the step's metrics."""
+        the sharded training state, reported to Ray Train with the step's metrics. The previous checkpoint's
+        background save is reported first: a run that dies during this export resumes from the previous step, the
+        last export it shows as complete."""
         if self.saved_step == self.step:
             return
         name = f"step_{self.step:06d}"
         t0 = now()
+        self._report_saved(wait=True)
         self._export_hf(name)
         self._save_state(name)
         self.saved_step = self.step

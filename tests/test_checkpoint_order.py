@@ -1,0 +1,68 @@
+"""The order a training worker checkpoints in: the previous step's training state (saved in the background) is
+reported to Ray Train before the next Hugging Face export starts, so a run that dies during an export resumes from
+the last export it shows as complete. (The end-to-end crash is tests/faults/test_train_crash.py; there the
+background save usually finishes first, which hid this ordering.)"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import RunFailed
+from pipeline.store.storage import Store
+from stages.train import DPOWorker, _run_failed
+
+
+class ExportCrash(RuntimeError):
+    pass
+
+
+def worker_with_a_save_in_flight(step: int, previous: int, seconds: float) -> tuple[DPOWorker, list[int]]:
+    """A worker at `step` whose checkpoint of `previous` is still being written in the background for `seconds`;
+    its exports crash, and what it reports to Ray Train is recorded."""
+    worker = DPOWorker.__new__(DPOWorker)
+    worker.step, worker.saved_step, worker.blocked_s = step, previous, []
+    future: Future = Future()
+    threading.Timer(seconds, future.set_result, args=(None,)).start()
+    worker.pending = (future, Path("unused"), {"step": previous})
+    reported: list[int] = []
+    worker._report = lambda local, meta: reported.append(meta["step"])
+
+    def export(name: str) -> None:
+        raise ExportCrash(name)
+    worker._export_hf = export
+    return worker, reported
+
+
+def test_the_previous_checkpoint_is_reported_before_the_next_export_starts():
+    worker, reported = worker_with_a_save_in_flight(step=4, previous=2, seconds=0.3)
+    with pytest.raises(ExportCrash):
+        worker.save()
+    assert reported == [2]
+    assert worker.pending is None
+
+
+class Failed(RuntimeError):
+    worker_failures = {0: RuntimeError("worker died")}
+
+
+@pytest.mark.parametrize("ray_dirs, expected", [
+    ([], "no checkpoint yet"),
+    (["checkpoint_000002"], "the last complete checkpoint is step_000002"),
+    (["checkpoint_000002", "checkpoint_000004"], "the last complete checkpoint is step_000004"),
+])
+def test_a_failed_run_names_the_checkpoint_a_rerun_resumes_from(tmp_path, ray_dirs, expected):
+    # The Hugging Face exports run one ahead: step 6 is exported, its training state never reported.
+    for name in ("step_000002", "step_000004", "step_000006"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "config.json").write_text("{}")
+    for name in ray_dirs:
+        (tmp_path / "ray" / name).mkdir(parents=True)
+    (tmp_path / "ray").mkdir(exist_ok=True)
+    (tmp_path / "ray" / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own files: not checkpoints
+    error = _run_failed(Failed(), Store(str(tmp_path)))
+    assert isinstance(error, RunFailed)
+    assert f"(RuntimeError: worker died); {expected}: rerun the same command" in str(error)
