@@ -27,11 +27,11 @@ import json
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from time import perf_counter as now
 from typing import Any
 
 import pyarrow as pa
@@ -180,9 +180,8 @@ def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str
 def _run_failed(error: ray.train.TrainingFailedError, run_store: Store) -> RunFailed:
     failures = getattr(error, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
     cause = next(iter(failures.values())) if failures else error
-    # What a rerun resumes from: the last training state Ray Train holds (each is reported after its step's export).
     done = sorted(n for n in run_store.listdir("ray") if re.fullmatch(r"checkpoint_\d{6}", n))
-    kept = f"the last complete checkpoint is step_{done[-1][-6:]}" if done else "no checkpoint yet"
+    kept = f"the last complete checkpoint is step_{done[-1][-6:]}" if done else "no checkpoint yet"  # Ray Train's
     return RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
                      f"set train.checkpoint.max_failures to restart automatically")
 
@@ -280,10 +279,9 @@ class DPOWorker:
             self._train_epoch()
 
     def save(self) -> None:
-        """Checkpoint the current step unless a checkpoint holds it already: the Hugging Face export (rank 0), then
-        the sharded training state, reported to Ray Train with the step's metrics. The previous checkpoint's
-        background save is reported first: a run that dies during this export resumes from the previous step, the
-        last export it shows as complete."""
+        """Checkpoint the current step unless a checkpoint holds it already: the previous one's background save
+        reported first (a run that dies in this export resumes from the last complete export), then the Hugging Face
+        export (rank 0) and the sharded training state, reported to Ray Train with the step's metrics."""
         if self.saved_step == self.step:
             return
         name = f"step_{self.step:06d}"
@@ -461,7 +459,7 @@ class DPOWorker:
     def _save_state(self, name: str) -> None:
         """The sharded training state (every rank) and trainer_state.json (rank 0), reported to Ray Train as one
         checkpoint once every rank has written its part: in the background under train.checkpoint.async_save (one
-        save in flight at a time), else before returning."""
+        save in flight at a time: `save` has reported the last one), else before returning."""
         local = Path(tempfile.mkdtemp(prefix="dpo-state-"))
         if self.rank == 0:
             (local / "trainer_state.json").write_text(json.dumps(
@@ -472,7 +470,6 @@ class DPOWorker:
             save_sharded_state(local / "state", self.policy, self.optimizer)
             self._report(local, meta)
             return
-        self._report_saved(wait=True)
         self.pending = (async_save_sharded_state(local / "state", self.policy, self.optimizer, self.save_group),
                         local, meta)
 
@@ -500,6 +497,3 @@ class DPOWorker:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
-
-def now() -> float:
-    return time.perf_counter()

@@ -1,17 +1,28 @@
 """`dpo-pipeline demo` end to end, shrunk: π_SFT built and fine-tuned, pairs sampled with vLLM and ranked, one DPO
-variant and Preferred-FT trained, everything evaluated on one engine, the frontier report; then a second run that
-computes nothing. (The full-size experiment and its figures: `make demo`, README.)"""
+variant and Preferred-FT trained, the iterative arm's two rounds (`iterate`, `reference: previous`: killed between
+the rounds, the rerun continues at round 2, whose reference and starting policy are π_1), everything evaluated on one
+engine, the frontier report; then a run that computes nothing. (The full-size experiment and its figures: `make
+demo`, README.)"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
+from pipeline import iterate
 from pipeline.demo import experiment, sentiment
 from pipeline.demo.experiment import ExperimentSpec
 from pipeline.demo.sentiment import SftSpec
+from pipeline.iterate import round_config
+from pipeline.runtime.faults import InjectedFault
+from pipeline.store.cache_layout import find_cache
+from pipeline.store.run_status import run_status, status_lines
+from tests.conftest import read_cache, sequence_logps
+from tests.faults.helpers import fault
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.extended]
 pytest.importorskip("vllm")
@@ -23,17 +34,39 @@ SFT = SftSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, 
               epochs=2)
 
 
-def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local):
+def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local, monkeypatch):
     build = tmp_path / "build"
     overrides = [f"model.path={build / 'sft'}", f"data.train.path={build / 'pairs.jsonl'}",
                  f"data.eval.path={build / 'heldout.jsonl'}", f"pairs.prompts.path={build / 'prompts.jsonl'}",
                  f"cache_dir={tmp_path / 'cache'}",
                  f"run_dir={tmp_path / 'runs'}", "scoring.engine=hf", "train.parallel.num_workers=1",
                  "train.parallel.num_cpus_per_worker=1", "train.global_batch_pairs=8", "train.micro_batch_pairs=8",
-                 "train.max_steps=4", "train.checkpoint.every=2", "train.eval_every=null", "eval.num_prompts=6",
+                 "train.max_steps=4", "train.checkpoint.every=2", "train.eval_every=null", "train.log_every=1",
+                 "eval.num_prompts=6",
                  "eval.num_actors=1"]
     lines: list[str] = []
+    iterative = experiment.iterative_config(CONFIG, overrides, SPEC, offline_steps=4)
+    arm = Path(iterative.run_dir)
+
+    # Killed once the iterative arm's round 1 is done (the offline variants are trained by then).
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("iterate_round_done", tmp_path / "token", action="raise"))
+    with pytest.raises(InjectedFault):
+        experiment.run(CONFIG, overrides, SPEC, SFT, echo=lines.append)
+    monkeypatch.delenv("DPO_PIPELINE_FAULT")
+    assert (arm / "round_1/train.json").is_file() and not (arm / "round_2").exists()
+    done = {p: (arm / p).stat().st_mtime_ns for p in ("round_1/pairs/manifest.json", "round_1/train.json")}
+    st = run_status(str(arm))
+    assert st.stage == "round 1 trained" and [r["round"] for r in st.rounds] == [1]
+    assert st.rounds[0]["pairs"] == json.loads((arm / "round_1/pairs/manifest.json").read_text())["counts"]["pairs"]
+    assert any(line.startswith("round 1: ") and "trained, 2 step(s), π_1: " in line for line in status_lines(st))
+    plan = {s.stage: s.action for s in iterate.plan(iterative)}
+    assert plan["round 1/pairs"] == plan["round 1/train"] == plan["round 1/cache/train"] == "reuse"
+    assert plan["round 2/pairs"] == "run"
+
+    # The rerun keeps what is done (round 1 among it) and runs round 2 and the rest.
     first = experiment.run(CONFIG, overrides, SPEC, SFT, echo=lines.append)
+    assert {p: (arm / p).stat().st_mtime_ns for p in done} == done
+    assert run_status(str(arm)).stage == "round 2 trained"
 
     # Pairs the paper's way: chosen scores higher than rejected under the ground truth, same prompt.
     rows = [json.loads(ln) for ln in (build / "pairs.jsonl").read_text().splitlines()]
@@ -51,8 +84,20 @@ def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local
     rounds = {r["name"]: r for r in first.rows if r["variant"] == "iterative"}
     assert (rounds["iterative-round1"]["step"], rounds["iterative-round2"]["step"]) == (2, 4)
     assert first.checks["offline_steps"] == first.checks["iterative_steps"] == 4
-    manifest = json.loads((tmp_path / "runs" / "iterative" / "round_2" / "pairs" / "manifest.json").read_text())
-    assert manifest["model"] == rounds["iterative-round1"]["path"]
+    manifest = json.loads((arm / "round_2" / "pairs" / "manifest.json").read_text())
+    pi_1 = iterate.final_checkpoint(iterative, 1)
+    assert manifest["model"] == rounds["iterative-round1"]["path"] == pi_1 != iterate.final_checkpoint(iterative, 2)
+    assert all(json.loads((arm / f"round_{r}/pairs/manifest.json").read_text())["counts"]["pairs"] > 0
+               for r in (1, 2))
+    # `reference: previous`: round 2's cached log-probs are π_1's (a transformers forward of round 1's checkpoint),
+    # and its policy starts at π_1 (step 1's loss is ln 2).
+    cached = read_cache(find_cache(round_config(iterative, 2, pi_1), "train")).slice(0, 4).to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(pi_1, dtype="float32")
+    expected = sequence_logps(model, [row["prompt_input_ids"] + row["chosen_input_ids"] for row in cached],
+                              [len(row["prompt_input_ids"]) for row in cached])
+    assert [row["ref_chosen_logps"] for row in cached] == pytest.approx(expected, abs=1e-3)
+    step_1 = json.loads((arm / "round_2/metrics.jsonl").read_text().splitlines()[0])
+    assert step_1["step"] == 1 and step_1["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert "| iterative | 0.5 |" in Path(first.report).read_text() and "iterative_reward" in first.checks
     by_name = {r["name"]: r for r in first.rows}
     assert by_name["reference"]["variant"] == "π_SFT" and by_name["preferred-ft-step4"]["step"] == 4

@@ -1,22 +1,18 @@
-"""Iterative DPO (pipeline/iterate.py): each round's config (fast), and two rounds on the tiny model end to end
-(extended tier): killed between the rounds, a rerun continues at round 2's first stage; with `reference: previous`
-round 2's cached log-probs are those of π_1 (a transformers forward of round 1's checkpoint) and its training
-starts at π_1 (step 1's loss is ln 2)."""
+"""Iterative DPO (pipeline/iterate.py): each round's config, and what `run` does round by round (the stages
+stand-ins). Two real rounds end to end are the demo's iterative arm (tests/test_experiment.py, extended tier):
+killed between the rounds, a rerun continues at round 2's first stage; with `reference: previous` round 2's cached
+log-probs are those of π_1 (a transformers forward of round 1's checkpoint) and its training starts at π_1 (step
+1's loss is ln 2)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-
-import pytest
-from transformers import AutoModelForCausalLM
+from types import SimpleNamespace
+from typing import Any
 
 from pipeline import iterate
-from pipeline.runtime.faults import InjectedFault
-from pipeline.store.run_status import run_status, status_lines
-from tests.conftest import DATA, make_config, read_cache, sequence_logps
-from tests.faults.helpers import fault
+from tests.conftest import make_config
 
 ROUNDS = ["iterate.rounds=2", "pairs.samples_per_prompt=4", "pairs.rule=all_pairs", "pairs.max_new_tokens=8",
           "pairs.keep_truncated=true", "pairs.engine_kwargs={enforce_eager: true}",
@@ -45,53 +41,45 @@ def test_each_round_samples_the_last_policy_and_trains_from_it(tmp_path):
     assert iterate.eval_config(prev, 1).model.path == "/models/base"
 
 
-@pytest.mark.ray
-@pytest.mark.vllm
-@pytest.mark.extended
-def test_two_rounds_resume_between_rounds_and_round_two_is_referenced_to_pi_1(tiny_model, tmp_path, ray_local,
-                                                                             monkeypatch):
-    pytest.importorskip("vllm")
-    cfg = make_config(tiny_model, tmp_path, *ROUNDS, "iterate.reference=previous", "pairs.num_prompts=12",
-                      "scoring.engine=hf", "train.max_steps=2", "train.global_batch_pairs=2",
-                      "train.micro_batch_pairs=2", "train.optim.lr=1e-3", "eval.num_prompts=2",
-                      "eval.max_new_tokens=4", "eval.engine_kwargs={enforce_eager: true}",
-                      "eval.reward={type: rule, rule: length}", "eval.preference_accuracy=false",
-                      data=DATA / "conversational.jsonl")
-    run_dir = Path(cfg.run_dir)
+def test_with_evaluate_each_round_evaluates_every_round_so_far(tmp_path, monkeypatch):
+    """`iterate.evaluate: true` (the default): after round r, one evaluation of π_1..π_r against model.path in the
+    top run_dir, reusing what earlier rounds evaluated (the evaluation stage's own reuse); the summary carries the
+    last one's rows. The stages are stand-ins: the two rounds end to end run in tests/test_experiment.py (the demo's
+    iterative arm: killed between rounds, resumed, round 2 referenced to π_1)."""
+    cfg = make_config(Path("/models/base"), tmp_path, *ROUNDS)
+    calls: list[tuple[str, Any]] = []
 
-    # 1. Killed once round 1 is done (evaluated too).
-    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("iterate_round_done", tmp_path / "t1", action="raise"))
-    with pytest.raises(InjectedFault):
-        iterate.run(cfg, echo=lambda line: None)
-    assert (run_dir / "round_1/train.json").is_file() and not (run_dir / "round_2").exists()
-    monkeypatch.delenv("DPO_PIPELINE_FAULT")
-    done = {p: (run_dir / p).stat().st_mtime_ns for p in ("round_1/pairs/manifest.json", "round_1/train.json",
-                                                          "eval/round_1/result.json")}
-    st = run_status(str(run_dir))
-    assert st.stage == "round 1 trained" and [r["round"] for r in st.rounds] == [1]
-    assert st.rounds[0]["pairs"] == json.loads((run_dir / "round_1/pairs/manifest.json").read_text())["counts"]["pairs"]
-    assert [row["name"] for row in st.evaluated] == ["reference", "round_1"]
-    assert any(line.startswith("round 1: ") and "trained, 2 step(s), π_1: " in line for line in status_lines(st))
-    plan = {s.stage: s.action for s in iterate.plan(cfg)}
-    assert plan["round 1/pairs"] == plan["round 1/train"] == plan["round 1/cache/train"] == "reuse"
-    assert plan["round 2/pairs"] == "run"
+    def pairs_run(rcfg, part):
+        calls.append(("pairs", rcfg.run_dir))
+        return SimpleNamespace(counts={"pairs": 3, "prompts": 2, "reward_mean": 1.0, "chosen_reward_mean": 2.0,
+                                       "rejected_reward_mean": 0.0}, reused=False, dataset=rcfg.data.train.path)
 
-    # 2. The rerun keeps round 1 and runs round 2.
-    s = iterate.run(cfg, echo=lambda line: None)
-    assert {p: (run_dir / p).stat().st_mtime_ns for p in done} == done
-    assert [r["round"] for r in s.rounds] == [1, 2] and all(r["counts"]["pairs"] > 0 for r in s.rounds)
-    assert [row["name"] for row in s.rows] == ["reference", "round_1", "round_2"] and not s.failures
-    assert run_status(str(run_dir)).stage == "round 2 trained"
-    pi_1 = iterate.final_checkpoint(cfg, 1)
-    assert s.rounds[1]["checkpoint"] == iterate.final_checkpoint(cfg, 2) and pi_1 != s.rounds[1]["checkpoint"]
-    # Round 2's pairs were sampled from π_1, and its reference is π_1: cached log-probs = a forward of π_1.
-    manifest = json.loads((run_dir / "round_2/pairs/manifest.json").read_text())
-    assert manifest["model"] == pi_1
-    cached = read_cache(type("C", (), {"uri": s.rounds[1]["caches"]["train"]})).slice(0, 4).to_pylist()
-    model = AutoModelForCausalLM.from_pretrained(pi_1, dtype="float32")
-    seqs = [row["prompt_input_ids"] + row["chosen_input_ids"] for row in cached]
-    expected = sequence_logps(model, seqs, [len(row["prompt_input_ids"]) for row in cached])
-    assert [row["ref_chosen_logps"] for row in cached] == pytest.approx(expected, abs=1e-3)
-    # Round 2 starts its policy at π_1, its reference: the first step's loss is ln 2.
-    first = json.loads((run_dir / "round_2/metrics.jsonl").read_text().splitlines()[0])
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    def train_run(rcfg, echo, evaluate):
+        assert evaluate is False  # a round's run never evaluates on its own
+        calls.append(("train", rcfg.run_dir))
+        ckpt = Path(rcfg.run_dir) / "checkpoints" / "step_000002"
+        Path(rcfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(rcfg.run_dir) / "train.json").write_text(json.dumps({"checkpoints": [str(ckpt)]}))
+        return SimpleNamespace(caches={"train": "cache-key"}, checkpoints=[str(ckpt)])
+
+    def eval_run(ecfg):
+        calls.append(("eval", (ecfg.run_dir, ecfg.model.path, dict(ecfg.eval.checkpoints))))
+        rows = [{"name": "reference"}] + [{"name": n} for n in ecfg.eval.checkpoints]
+        return SimpleNamespace(rows=rows, report=f"{ecfg.run_dir}/eval/report.md", failures=[])
+
+    monkeypatch.setattr(iterate.pairs_stage, "run", pairs_run)
+    monkeypatch.setattr(iterate.orchestrate, "run", train_run)
+    monkeypatch.setattr(iterate.eval_stage, "run", eval_run)
+    summary = iterate.run(cfg, echo=lambda line: None)
+    run_dir = str(tmp_path / "run")
+    pi = [f"{run_dir}/round_{r}/checkpoints/step_000002" for r in (1, 2)]
+    assert calls == [("pairs", f"{run_dir}/round_1"), ("train", f"{run_dir}/round_1"),
+                     ("eval", (run_dir, "/models/base", {"round_1": pi[0]})),
+                     ("pairs", f"{run_dir}/round_2"), ("train", f"{run_dir}/round_2"),
+                     ("eval", (run_dir, "/models/base", {"round_1": pi[0], "round_2": pi[1]}))]
+    assert [r["name"] for r in summary.rows] == ["reference", "round_1", "round_2"]
+    assert [r["checkpoint"] for r in summary.rounds] == pi and summary.report == f"{run_dir}/eval/report.md"
+    calls.clear()
+    monkeypatch.setattr(cfg.iterate, "evaluate", False)  # the demo's arm: evaluated with the other runs
+    iterate.run(cfg, echo=lambda line: None)
+    assert [kind for kind, _ in calls] == ["pairs", "train", "pairs", "train"]

@@ -226,23 +226,31 @@ def _iterative_arm(config: str, overrides: list[str], base: Config, spec: Experi
     target. Returns each target's step counted over the rounds."""
     if not spec.iterative_rounds:
         return {}
-    # As many steps as each offline run, split evenly over the rounds (a round may pass over its pairs more than
-    # once: on-policy samples tie more often, so a round's third of the prompts gives fewer pairs).
     offline_steps = max(int(Path(c).name.removeprefix("step_")) for c in targets.values())
-    per_round = max(1, offline_steps // spec.iterative_rounds)
-    extra = [f"train.loss.beta={spec.iterative_beta}", f"iterate.rounds={spec.iterative_rounds}",
-             f"train.max_steps={per_round}", "train.epochs=3"]
-    # Each round caches its own pairs: the transformers scorer (the same log-probs, tested) spares the three vLLM
-    # engine starts, ~25 s each on 2 cores.
-    cfg = load_config(config, overrides + extra + ["iterate.evaluate=false", "scoring.engine=hf",
-                                                   f"run_dir={Path(base.run_dir) / 'iterative'}"])
-    echo(f"\n[iterative] {' '.join(extra)}, iterate.reference={cfg.iterate.reference}")
+    cfg = iterative_config(config, overrides, spec, offline_steps)
+    echo(f"\n[iterative] train.loss.beta={spec.iterative_beta} iterate.rounds={spec.iterative_rounds} "
+         f"train.max_steps={cfg.train.max_steps} train.epochs={cfg.train.epochs}, "
+         f"iterate.reference={cfg.iterate.reference}")
     steps, steps_of = 0, {}
     for rnd in iterate.run(cfg, echo=echo).rounds:
         steps += int(Path(rnd["checkpoint"]).name.removeprefix("step_"))
         name = f"iterative-round{rnd['round']}"
         targets[name], variant_of[name], steps_of[name] = rnd["checkpoint"], "iterative", steps
     return steps_of
+
+
+def iterative_config(config: str, overrides: list[str], spec: ExperimentSpec, offline_steps: int) -> Config:
+    """The iterative arm's `iterate` config, under <run_dir>/iterative: as many steps as each offline run, split
+    evenly over the rounds (a round may pass over its pairs more than once: on-policy samples tie more often, so a
+    round's third of the prompts gives fewer pairs)."""
+    base = load_config(config, overrides)
+    per_round = max(1, offline_steps // spec.iterative_rounds)
+    extra = [f"train.loss.beta={spec.iterative_beta}", f"iterate.rounds={spec.iterative_rounds}",
+             f"train.max_steps={per_round}", "train.epochs=3"]
+    # Each round caches its own pairs: the transformers scorer (the same log-probs, tested) spares the three vLLM
+    # engine starts, ~25 s each on 2 cores.
+    return load_config(config, overrides + extra + ["iterate.evaluate=false", "scoring.engine=hf",
+                                                    f"run_dir={Path(base.run_dir) / 'iterative'}"])
 
 
 def _final(rows: list[dict[str, Any]], variant: str) -> dict[str, Any]:

@@ -10,12 +10,13 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from tests.conftest import make_config
-from tests.faults.helpers import cli
+from tests.conftest import copy_cache, make_config
 
 HF_TOKEN = "hf_" + "Q" * 34
 AWS_KEY_ID = "AKIA" + "Z" * 16
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "SECRETSECRET"
+SECRET_ENV = {"HF_TOKEN": HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": HF_TOKEN, "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
+              "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
 
 
 @pytest.mark.parametrize("override, key, what", [
@@ -36,23 +37,23 @@ def test_a_credential_in_the_config_is_refused_without_showing_it(override, key,
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.ray
-def test_credentials_from_the_environment_are_written_nowhere(tiny_model, tmp_path, capsys, monkeypatch):
-    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf")
+@pytest.mark.ray  # the session's tiny cache, which `plan` finds and describes
+def test_credentials_from_the_environment_are_shown_nowhere(tiny_model, tmp_path, standard_cache, capsys,
+                                                            monkeypatch):
+    """`config` and `plan` with credentials in the environment print none of them. Whole runs with them (the cache
+    driver and the Ray workers it starts, which inherit the environment) write none to any file or output: the
+    full-disk scenario runs so (tests/faults/test_storage_errors.py, extended tier)."""
+    copy_cache(standard_cache, tmp_path)
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {"HF_TOKEN": HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": HF_TOKEN, "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
-           "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
-    proc = cli("cache", str(cfg_file), env=env)  # a process of its own: its Ray workers inherit the environment
-    assert proc.returncode == 0, proc.stderr
-    written = [proc.stdout + proc.stderr]
-    for name, value in env.items():
+    cfg_file.write_text(yaml.safe_dump(make_config(tiny_model, tmp_path, "scoring.engine=hf").model_dump(mode="json")))
+    for name, value in SECRET_ENV.items():
         monkeypatch.setenv(name, value)
     assert main(["config", str(cfg_file)]) == 0 and main(["plan", str(cfg_file)]) == 0
-    written.append("".join(capsys.readouterr()))
-    written += [f.read_text(errors="replace") for f in Path(tmp_path).rglob("*") if f.is_file()
-                and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt", "")]
+    out = "".join(capsys.readouterr())
+    assert "cache/train" in out and "reuse" in out  # the plan found the cache
+    written = [out] + [f.read_text(errors="replace") for f in Path(tmp_path).rglob("*") if f.is_file()
+                       and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt", "")]
     assert any("manifest" in f.name for f in Path(tmp_path).rglob("*.json"))  # the manifest is among them
     for text in written:
-        for secret in (HF_TOKEN, AWS_KEY_ID, AWS_SECRET):
+        for secret in SECRET_ENV.values():
             assert secret not in text

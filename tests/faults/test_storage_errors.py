@@ -7,6 +7,7 @@ The full and read-only disks are real: a small or read-only tmpfs mounted in a p
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from pipeline.cli import main
 from tests.conftest import DATA, make_config
 from tests.faults.helpers import ROOT
+from tests.faults.test_secrets import SECRET_ENV
 
 
 @functools.cache
@@ -30,10 +32,10 @@ def namespaces() -> bool:
 needs_namespaces = pytest.mark.skipif("not namespaces()", reason="unshare -rm (user + mount namespaces) unavailable")
 
 
-def in_namespace(script: str, *args: str) -> None:
-    """Run `script` (sh) as root of a private user + mount namespace; $1.. are `args`."""
+def in_namespace(script: str, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run `script` (sh) as root of a private user + mount namespace; $1.. are `args`; `env`: added variables."""
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr
 
 
@@ -55,6 +57,8 @@ def write_config(cfg, path: Path) -> Path:
 @pytest.mark.ray
 @pytest.mark.extended  # two whole cache runs, each a new driver and Ray instance: `make test-extended`
 def test_a_full_disk_stops_the_cache_cleanly_and_a_rerun_resumes(tiny_model, tmp_path):
+    """Both runs also have credentials in their environment (and so do the Ray workers they start): none of them
+    reaches a file the runs write (cache, manifest, logs, resolved config) or their output (test_secrets.py)."""
     big = tmp_path / "big.jsonl"
     big.write_text((DATA / "standard.jsonl").read_text() * 3)  # 72 rows, 18 shards (96 KiB holds 6 to 9)
     disk = tmp_path / "disk"
@@ -67,7 +71,10 @@ def test_a_full_disk_stops_the_cache_cleanly_and_a_rerun_resumes(tiny_model, tmp
     # 96 KiB holds some shards, not all; then the disk grows ("space freed") and the same command runs again.
     in_namespace(f'mount -t tmpfs -o size=96k tmpfs "$1" && {{ {py} >"$2/out1" 2>"$2/err1"; echo $? >"$2/rc1"; '
                  f'find "$1" >"$2/files1"; mount -o remount,size=64m "$1"; {py} >"$2/out2" 2>"$2/err2"; '
-                 f'echo $? >"$2/rc2"; find "$1" >"$2/files2"; }}', str(disk), str(out))
+                 f'echo $? >"$2/rc2"; find "$1" >"$2/files2"; '
+                 # every file under tmp_path (the tmpfs cache_dir, run_dir's logs, the outputs), read in here
+                 f'grep -rlF -e "$HF_TOKEN" -e "$AWS_ACCESS_KEY_ID" -e "$AWS_SECRET_ACCESS_KEY" "$3" >"$2/leaks"; '
+                 f'find "$3" -type f | wc -l >"$2/scanned"; }}', str(disk), str(out), str(tmp_path), env=SECRET_ENV)
     read = lambda name: (out / name).read_text()  # noqa: E731
     assert read("rc1").strip() == "2", read("err1")
     one_line_error(read("err1"), f"error: cannot write {disk}/", "No space left on device; free space there",
@@ -79,6 +86,8 @@ def test_a_full_disk_stops_the_cache_cleanly_and_a_rerun_resumes(tiny_model, tmp
     assert read("rc2").strip() == "0", read("err2")
     assert f"resumed: {done} shard(s) were already done" in read("out2") and done > 0
     assert any(f.endswith("manifest.json") for f in read("files2").split())
+    assert read("leaks") == "" and int(read("scanned")) > 20, read("leaks")
+    assert any("manifest" in f for f in read("files2").split()) and (tmp_path / "run" / "logs").is_dir()
 
 
 @needs_namespaces
