@@ -1,7 +1,7 @@
-"""Case 4: a crash in training. A worker killed mid-run is restarted by Ray Train from the last complete
-checkpoint and ends with the weights of an uninterrupted run; a run killed while writing a checkpoint leaves no
-half-written checkpoint that resume or evaluation would pick, and the rerun resumes from the last complete one (the
-resume test of the suite: the same weights as a straight run, older exports pruned)."""
+"""Case 4: a crash in training, one scenario. A run killed while writing a checkpoint leaves no half-written
+checkpoint that resume or evaluation would pick, and the rerun resumes from the last complete one (the resume test
+of the suite); in that rerun a worker killed mid-run is restarted by Ray Train from the last complete checkpoint,
+and the run ends with the weights of an uninterrupted run, each step logged once, older exports pruned."""
 
 from __future__ import annotations
 
@@ -38,18 +38,8 @@ def straight(straight_run):
     return straight_run[1]
 
 
-def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint(base, straight, tmp_path, monkeypatch):
-    token = tmp_path / "token"
-    # The worker process exits right after step 3 (step 2 is checkpointed, step 3 is logged).
-    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("train_step", token, nth=3))
-    result = train.run(base("killed", "train.checkpoint.max_failures=1"))
-    assert not token.exists()  # it fired
-    assert_same_params(Path(result.checkpoints[-1]), Path(straight.checkpoints[-1]), atol=1e-6)
-    assert [r["step"] for r in metrics(result.run_dir)] == [1, 2, 3, 4]  # step 3 redone, logged once
-    assert [Path(c).name for c in result.checkpoints] == ["step_000002", "step_000004"]
-
-
-def test_a_run_killed_while_writing_a_checkpoint_leaves_none_half_written(base, straight, tmp_path, monkeypatch):
+def test_a_run_killed_while_writing_a_checkpoint_leaves_none_half_written_and_a_killed_worker_restarts(
+        base, straight, tmp_path, monkeypatch):
     token = tmp_path / "token"
     # The worker dies halfway through the second export (step 4): weights written, tokenizer not yet.
     monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("checkpoint_export", token, nth=2))
@@ -68,12 +58,16 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_none_half_written(base, 
     ray_ckpts = sorted(p.name for p in Path(cfg.run_dir, "ray").glob("checkpoint_*") if p.is_dir())
     assert ray_ckpts == ["checkpoint_000002"]
 
-    monkeypatch.delenv("DPO_PIPELINE_FAULT")
-    result = train.run(base("torn", "train.checkpoint.keep=1"))  # resumes from step 2; `keep` is no input of it
+    # The rerun resumes from step 2 (`keep` and `max_failures` are no inputs of the run). Its worker process exits
+    # right after step 3 (logged, not checkpointed): Ray Train restarts it from the last checkpoint, step 2 again.
+    killed = tmp_path / "killed-token"
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", fault("train_step", killed, nth=1))
+    result = train.run(base("torn", "train.checkpoint.keep=1", "train.checkpoint.max_failures=1"))
+    assert not killed.exists()  # it fired
     assert_same_params(Path(result.checkpoints[-1]), Path(straight.checkpoints[-1]), atol=1e-6)
     assert [Path(c).name for c in result.checkpoints] == ["step_000004"]  # older HF exports pruned
     ray_ckpts = [p.name for p in Path(result.run_dir, "ray").glob("checkpoint_*") if p.is_dir()]
     assert ray_ckpts == ["checkpoint_000004"]
     assert not list(ckpts.glob(".tmp-*"))
-    assert [r["step"] for r in metrics(result.run_dir)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(result.run_dir)] == [1, 2, 3, 4]  # step 3 (done three times) logged once
     assert json.loads(Path(cfg.run_dir, "train.json").read_text())["steps"] == 4
