@@ -240,6 +240,14 @@ def _broadcast_from_rank0(policy: PolicyLogps, model_dir: str) -> None:
 # ---------------------------------------------------------------- using a sharded model
 
 
+def sync_every_micro_batch() -> bool:
+    """Whether gradients must be reduce-scattered after every micro-batch: on more than one rank, deferring the
+    sync to a step's last micro-batch holds the whole model's unsharded fp32 gradient on every rank in between
+    (4 bytes a parameter: 32 GB at 8B, 280 GB at 70B). On one rank a shard is the whole gradient, and one sync a
+    step is the faster of the two (docs/OPTIMIZATIONS.md)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Whether the next backward reduce-scatters gradients (FSDP2; False: they accumulate unsharded, in fp32).
     Nothing to do for an unsharded model."""

@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.dpo.batching import by_length, collate, collate_packed, pair_tokens
 from pipeline.dpo.losses import LossState, PairOutputs, SequenceLogps, preference_loss
 from pipeline.dpo.metrics import StepSums
-from pipeline.dpo.parallel import full_tensor, set_gradient_sync
+from pipeline.dpo.parallel import full_tensor, set_gradient_sync, sync_every_micro_batch
 from pipeline.errors import UserError
 
 
@@ -113,10 +113,11 @@ class StepCompute:
         n = pairs.num_rows
         grouped = by_length(pairs)
         spans = micro_batches(grouped, micro_batch_pairs, micro_batch_tokens)
+        every = sync_every_micro_batch()
         for k, (i, size) in enumerate(spans):
-            # FSDP2: reduce-scatter gradients once per step, after the last micro-batch, not after each one
-            # (the earlier ones accumulate unsharded, in fp32).
-            set_gradient_sync(self.policy, k == len(spans) - 1)
+            # FSDP2 on several ranks: each micro-batch's gradient is reduce-scattered into the rank's shard (1/W of
+            # the model); on one rank, once a step, after the last micro-batch (the others accumulate in place).
+            set_gradient_sync(self.policy, every or k == len(spans) - 1)
             out, policy_chosen, policy_rejected, tokens = self.forward(grouped.slice(i, size))
             (out.losses.sum() / n).backward()
             sums.add(out, policy_chosen, policy_rejected, tokens)
