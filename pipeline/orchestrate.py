@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.dpo.parallel import compute_dtype
 from pipeline.store.cache_layout import CacheInputs, resolve_inputs
 from pipeline.store.storage import Store
 from pipeline.store.tokens import token_store
@@ -123,10 +124,17 @@ def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
         lora = cfg.train.lora
         what = f", LoRA rank {lora.rank} adapters" if lora else ""
         what += f", {_reference_free(cfg)}" if not cfg.train.needs_reference else f", loss {cfg.train.loss_summary}"
-        return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s), {pairs} pairs{what}")
+        return Step("train", "run", f"{total} steps on {cfg.train.parallel.num_workers} worker(s) in {_compute(cfg)}, "
+                                    f"{pairs} pairs{what}")
     if not cfg.train.needs_reference:
         return Step("train", "run", f"after tokenizing: no training run for these inputs, {_reference_free(cfg)}")
-    return Step("train", "run", "after the cache: no training run for these inputs")
+    return Step("train", "run", f"after the cache, in {_compute(cfg)}: no training run for these inputs")
+
+
+def _compute(cfg: Config) -> str:
+    """The training's compute dtype and device, as the plan shows them ("bfloat16 on GPUs")."""
+    parallel = cfg.train.parallel
+    return f"{str(compute_dtype(parallel)).removeprefix('torch.')} on {'GPUs' if parallel.use_gpu else 'CPUs'}"
 
 
 def _reference_free(cfg: Config) -> str:

@@ -11,8 +11,7 @@ train.checkpoint.every steps) -> save (the last step) -> cleanup. FSDP details: 
 Batches are world-size invariant and each worker reads only its share (pipeline/data/lanes.py): the cache's files
 are dealt to K lanes, a global batch of G pairs takes G/K rows from each lane, and worker r of W reads only its K/W
 lanes, so W workers compute exactly the steps one worker would (tested) while each reads 1/W of the cache (only
-`TRAIN_COLUMNS`, without the reference's under a reference-free loss). Every worker gets the same number of
-batches; a last partial global batch is dropped.
+`TRAIN_COLUMNS`, none of the reference's under a reference-free loss); a last partial global batch is dropped.
 
 Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory in train.checkpoint.dtype
 (moved into place when complete; at a URI run_dir, uploaded in the background with config.json last); the sharded
@@ -59,12 +58,15 @@ from pipeline.dpo.parallel import (
     PolicyLogps,
     apply_fsdp,
     async_save_sharded_state,
+    compute_dtype,
     full_shapes,
     hf_weight_groups,
     load_hf_weights,
     load_sharded_state,
     materialize,
+    process_group_backend,
     save_sharded_state,
+    set_device_math,
     set_full_values,
 )
 from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, packing_mode, worker_maxima
@@ -159,8 +161,8 @@ def _eval_dataset(cfg: Config, eval_data: CacheRef | None) -> dict[str, Any]:
 def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str, Any]) -> TorchTrainer:
     parallel = cfg.train.parallel
     return TorchTrainer(
-        train_loop,
-        train_loop_config=plan.to_dict(),
+        train_loop, train_loop_config=plan.to_dict(),
+        torch_config=ray.train.torch.TorchConfig(backend=process_group_backend(parallel)),
         scaling_config=ray.train.ScalingConfig(num_workers=parallel.num_workers, use_gpu=parallel.use_gpu,
                                                resources_per_worker={"CPU": parallel.num_cpus_per_worker},
                                                placement_strategy="SPREAD" if spread(cfg) else "PACK"),
@@ -168,8 +170,7 @@ def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str
             # Ray Train writes its training state through the same pyarrow filesystem (local disk, s3, gs).
             name="ray", storage_path=run_store.root, storage_filesystem=None if run_store.local else run_store.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint.keep)),
-        datasets=datasets,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint.keep)), datasets=datasets,
         # The eval split is not split: every worker streams it whole and scores its slice of each chunk.
         # (Ray Train replaces each dataset's execution options with these: preserve_order must be set here.)
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
@@ -246,7 +247,7 @@ class DPOWorker:
     def setup(self) -> None:
         quiet_worker_logs()
         self.device = ray.train.torch.get_device()  # this worker's GPU under train.parallel.use_gpu, else the CPU
-        torch.set_num_threads(max(1, int(self.cfg.train.parallel.num_cpus_per_worker)))
+        set_device_math(self.device, self.cfg.train.parallel.num_cpus_per_worker)  # threads; TF32 on a GPU
         torch.manual_seed(self.cfg.train.seed)
         self.tokenizer = load_tokenizer(self.plan.tokenizer_dir, self.plan.chat_template)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -314,7 +315,7 @@ class DPOWorker:
         if self.cfg.train.lora:
             lm = add_adapters(lm, self.cfg.train.lora)  # the base frozen, adapters trainable
         lm.train()
-        policy = apply_fsdp(PolicyLogps(lm, parallel.recompute_head), getattr(torch, parallel.param_dtype),
+        policy = apply_fsdp(PolicyLogps(lm, parallel.recompute_head), compute_dtype(parallel),
                             parallel.activation_checkpointing, parallel.cpu_offload, parallel.compile)
         self._fill(policy, self.plan.policy_dir)
         if self.cfg.train.lora:

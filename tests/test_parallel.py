@@ -12,8 +12,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pipeline.config.schema import ParallelConfig
 from pipeline.data.models import empty_causal_lm, load_hf_model
-from pipeline.dpo.parallel import PolicyLogps, hf_weight_groups, load_hf_weights, materialize, shard_model
+from pipeline.dpo.parallel import (
+    PolicyLogps,
+    compute_dtype,
+    hf_weight_groups,
+    load_hf_weights,
+    materialize,
+    process_group_backend,
+    set_device_math,
+    shard_model,
+)
 
 
 def _load_sharded(rank: int, world: int, model_dir: str, init: str, out: str) -> None:
@@ -151,3 +161,40 @@ def test_sharded_state_restores_straight_from_s3(s3, tmp_path):
     assert torch.equal(saved_opt.state_dict()["state"][0]["exp_avg"], restored_opt.state_dict()["state"][0]["exp_avg"])
     total = sum(f.size for f in fs.get_file_info(pafs.FileSelector(path)))
     assert 0 < counting.read <= total  # ranged reads through the filesystem, no more than the files hold
+
+
+@pytest.mark.parametrize("setting, use_gpu, want", [
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32),
+    ("float32", True, torch.float32), ("bfloat16", False, torch.bfloat16)])
+def test_compute_dtype_is_bf16_on_gpus_unless_set(setting, use_gpu, want):
+    assert compute_dtype(ParallelConfig(param_dtype=setting, use_gpu=use_gpu)) == want
+
+
+def test_tf32_is_enabled_for_gpu_workers_only(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", asked.append)
+    threads = torch.get_num_threads()
+    try:
+        set_device_math(torch.device("cpu"), 1.0)
+        assert asked == [] and torch.get_num_threads() == 1
+        set_device_math(torch.device("cuda", 0), 2.0)
+        assert asked == ["high"] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_plan_names_the_compute_dtype(tiny_model, tmp_path):
+    from pipeline.orchestrate import plan
+    from tests.conftest import make_config
+
+    for gpu, want in (("true", "bfloat16 on GPUs"), ("false", "float32 on CPUs")):
+        (train_step,) = [s for s in plan(make_config(tiny_model, tmp_path, f"train.parallel.use_gpu={gpu}"),
+                                         evaluate=False) if s.stage == "train"]
+        assert want in train_step.why, train_step.why
+
+
+@pytest.mark.parametrize("use_gpu, offload, want", [
+    (False, False, "gloo"), (True, False, "nccl"), (True, True, "cpu:gloo,cuda:nccl")])
+def test_process_group_backend_per_setting(use_gpu, offload, want):
+    """CPU offload on GPUs keeps gradients and optimizer state on the CPU: its collectives need gloo beside NCCL."""
+    assert process_group_backend(ParallelConfig(use_gpu=use_gpu, cpu_offload=offload)) == want

@@ -331,8 +331,8 @@ class ParallelConfig(_Strict):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one process each; FSDP2 shards across them).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16 mixed precision; else CPU, gloo.")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (its torch threads).")
-    param_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="FSDP2 mixed precision: dtype of parameters in compute (gradients reduce in fp32).")
+    param_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="FSDP2 mixed precision: dtype "
+        "of parameters in compute (gradients reduce in fp32); auto: bfloat16 with `use_gpu`, else float32.")
     activation_checkpointing: bool = Field(False, description="Recompute decoder-block activations in backward.")
     recompute_head: bool = Field(True, description="Recompute the LM head's fp32 logits chunk by chunk in backward "
                                  "instead of keeping every scored token's (docs/OPTIMIZATIONS.md).")

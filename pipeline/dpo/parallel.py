@@ -43,6 +43,7 @@ from transformers.core_model_loading import (
     revert_weight_conversion,
 )
 
+from pipeline.config.schema import ParallelConfig
 from pipeline.data.models import load_hf_model
 from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.dpo.lora import hf_param_name
@@ -93,6 +94,29 @@ def compile_decoder_blocks(layers: list[nn.Module]) -> None:
     hooks."""
     for layer in layers:
         layer.compile(dynamic=True)
+
+
+def compute_dtype(parallel: ParallelConfig) -> torch.dtype:
+    """`train.parallel.param_dtype` resolved: `auto` computes in bfloat16 on GPUs (fp32 master weights, fp32
+    gradient reduction) and in float32 on CPUs, whose bf16 matmuls are no faster here."""
+    name = parallel.param_dtype if parallel.param_dtype != "auto" else "bfloat16" if parallel.use_gpu else "float32"
+    return getattr(torch, name)
+
+
+def process_group_backend(parallel: ParallelConfig) -> str:
+    """The training workers' process group: NCCL on GPUs, gloo on CPUs, and both with CPU offload on GPUs, where
+    gradients and optimizer state live on the CPU (clipping's all-reduce and the broadcasts run there)."""
+    if not parallel.use_gpu:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if parallel.cpu_offload else "nccl"
+
+
+def set_device_math(device: torch.device, cpu_threads: float) -> None:
+    """A training worker's math settings: its CPU threads (its reserved CPUs), and on a GPU TF32 for the matmuls
+    that stay in fp32 (the fp32 LM-head chunks, the in-loop reference of an fp32 model)."""
+    torch.set_num_threads(max(1, int(cpu_threads)))
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
 
 
 def shard_model(model: PolicyLogps, param_dtype: torch.dtype = torch.float32, cpu_offload: bool = False) -> PolicyLogps:
