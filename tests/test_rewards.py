@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 
 from pipeline.config import RewardConfig
 from pipeline.errors import UserError
-from pipeline.evaluation.rewards import build_reward, reward_identity
+from pipeline.evaluation.rewards import build_reward, reward_dtype, reward_identity
 from tests import reward_fixtures
 
 FIX = "tests.reward_fixtures"
@@ -203,6 +203,19 @@ def test_batched_padded_rewards_equal_unpadded_forward(rm_dirs, which):
     want = [direct(rm_dirs[which], p + c) for p, c in TEXTS]
     assert got.dtype == np.float64 and len(set(got.tolist())) == 3
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, device, want", [
+    ("auto", "cuda", torch.bfloat16), ("auto", "cpu", torch.float32), ("float32", "cuda", torch.float32)])
+def test_reward_model_dtype_is_bf16_on_a_gpu_unless_set(setting, device, want):
+    assert reward_dtype(cfg(type="model", model="m", dtype=setting), device) == want
+
+
+def test_a_bf16_reward_model_scores_close_to_fp32(rm_dirs):
+    got = model_rewards(rm_dirs["one"], dtype="bfloat16")
+    want = model_rewards(rm_dirs["one"])
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max() + 1e-3)
 
 
 def test_text_completion_reads_the_completion_alone(rm_dirs):

@@ -144,6 +144,8 @@ class RewardConfig(_Strict):
                                                    "a leading BOS); `judge`: judge prompt + answer, longer ones lose "
                                                    "the start of the prompt, then of the completion.")
     use_gpu: bool = Field(False, description="`model`, `judge`: run it on one GPU (a judge: `tensor_parallel_size`).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="`model`: its weights' "
+        "dtype; auto: bfloat16 on a GPU (half the memory of float32: 16 GB for an 8B model), float32 on a CPU.")
 
     @field_validator("judge_choices", mode="before")
     @classmethod

@@ -230,6 +230,13 @@ def reward_inputs(cfg: RewardConfig, tok, prompts: list[str], completions: list[
     return [ids[i] for i in range(len(prompts))]
 
 
+def reward_dtype(cfg: RewardConfig, device: str) -> torch.dtype:
+    """`eval.reward.dtype` resolved on `device`: auto is bfloat16 on a GPU, float32 on a CPU."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 class RewardModel:
     """reward = logits[:, label] of a sequence-classification model reading `reward_inputs`: the conversation in
     its own chat template, or plain text."""
@@ -237,7 +244,7 @@ class RewardModel:
     def __init__(self, cfg: RewardConfig, device: str = "cpu"):
         self.cfg, self.device = cfg, device
         local = _resolve(cfg).local_dir
-        model, info = AutoModelForSequenceClassification.from_pretrained(local, dtype=torch.float32,
+        model, info = AutoModelForSequenceClassification.from_pretrained(local, dtype=reward_dtype(cfg, device),
                                                                          output_loading_info=True)
         if info["missing_keys"]:  # e.g. a causal LM: its score head would be random, and so would the rewards
             raise UserError(f"eval.reward.model {cfg.model!r} is not a sequence-classification model (no weights for "
