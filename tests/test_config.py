@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,27 @@ def test_readme_contains_config_reference():
     assert table.strip(), "empty reference table"
     assert table in readme.read_text(), "README.md's configuration reference is stale: paste the output of " \
                                         "`dpo-pipeline config-docs`"
+
+
+def test_relative_dirs_are_refused_in_a_ray_job(monkeypatch, capsys, tmp_path):
+    from pipeline.cli import main
+    from pipeline.config.loading import RAY_JOB_ENV
+
+    model = ["model.path=/models/m", "data.train.path=/data/pairs.jsonl"]
+    assert load_config(None, model).cache_dir == "cache"  # outside a job: relative to where it runs
+    monkeypatch.setenv(RAY_JOB_ENV, json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_1"}}))
+    with pytest.raises(UserError, match="cache_dir 'cache' and run_dir 'runs/x': a relative path in a Ray job "
+                                        r"\(raysubmit_1\)"):
+        load_config(None, [*model, "run_dir=runs/x"])
+    with pytest.raises(UserError, match=r"^run_dir 'runs/x': .* set an absolute path every node shares, or a URI"):
+        load_config(None, [*model, "cache_dir=s3://bucket/cache", "run_dir=runs/x"])
+    cfg = load_config(None, [*model, "cache_dir=s3://bucket/cache", "run_dir=/shared/runs/x"])
+    assert (cfg.cache_dir, cfg.run_dir) == ("s3://bucket/cache", "/shared/runs/x")
+    # The command line: one line, exit code 2.
+    config = tmp_path / "job.yaml"
+    config.write_text("model: {path: /models/m}\ndata: {train: {path: /data/pairs.jsonl}}\n")
+    capsys.readouterr()
+    assert main(["config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cache_dir 'cache' and run_dir 'runs/default': a relative path") and \
+        err.count("\n") == 1, err

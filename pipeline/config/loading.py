@@ -7,6 +7,8 @@ key and the fix. `reference_markdown` renders the schema's field docs into the R
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -192,9 +194,31 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                         f"config and logs; remove it and set credentials in the environment instead (HF_TOKEN; "
                         f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; GOOGLE_APPLICATION_CREDENTIALS)")
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         raise UserError(_one_line(e)) from None
+    _refuse_job_relative_dirs(cfg)
+    return cfg
+
+
+# Set by Ray for the driver of a job (`ray job submit`): its config, with the submission id in the metadata.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def _refuse_job_relative_dirs(cfg: Config) -> None:
+    """A Ray job's driver runs in the job's uploaded working directory, a new one whenever the upload changes: a
+    relative cache_dir or run_dir there would hide the cache and checkpoints from the job's next submission."""
+    try:
+        job = json.loads(os.environ.get(RAY_JOB_ENV) or "{}").get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        job = None
+    relative = [k for k in ("cache_dir", "run_dir") if "://" not in getattr(cfg, k) and
+                not os.path.isabs(getattr(cfg, k))]
+    if job and relative:
+        raise UserError(f"{' and '.join(f'{k} {getattr(cfg, k)!r}' for k in relative)}: a relative path in a Ray "
+                        f"job ({job}) resolves inside the job's uploaded working directory, which the next "
+                        f"submission does not see; set an absolute path every node shares, or a URI "
+                        f"(s3://bucket/prefix)")
 
 
 def to_yaml(cfg: Config) -> str:
