@@ -72,7 +72,7 @@ from pipeline.dpo.parallel import (
 from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, packing_mode, worker_maxima
 from pipeline.errors import RunFailed, error_line
 from pipeline.runtime import faults
-from pipeline.runtime.cluster import check_spare_cpu, spread
+from pipeline.runtime.cluster import check_spare_cpu, rank_node_ids, spread
 from pipeline.runtime.console import ROUTER, RemoteBar, say
 from pipeline.runtime.session import connect, quiet_worker_logs
 from pipeline.runtime.trackers import open_trackers
@@ -267,7 +267,7 @@ class DPOWorker:
         self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0,
                                     tensorboard="tensorboard" in self.cfg.logging.report_to,
                                     trackers=open_trackers(self.cfg, self.plan.run_dir) if self.rank == 0 else None)
-        self.nodes = self._worker_nodes()
+        self.nodes = rank_node_ids()  # recorded in train.json: where the training ran
         self.export_dtype = export_dtype(self.cfg.train.checkpoint.dtype, self.plan.model_dir)
         # The background writer coordinates over a group of its own (gloo: host memory, any device).
         self.save_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -309,7 +309,9 @@ class DPOWorker:
         device, sharded, then each rank reads only its own shards' slices of the weights (nothing the size of the
         model is allocated on any rank)."""
         parallel = self.cfg.train.parallel
-        lm = empty_causal_lm(self.plan.policy_dir, "float32", self.cfg.model.trust_remote_code)
+        model = self.cfg.model
+        lm = empty_causal_lm(self.plan.policy_dir, "float32", model.trust_remote_code, model.attn_implementation,
+                             self.device)
         if not self.cfg.train.dropout:
             disable_dropout(lm)
         if self.cfg.train.lora:
@@ -329,7 +331,9 @@ class DPOWorker:
         LoRA the policy itself with its adapters disabled (no second model)."""
         if self.cfg.train.lora:
             return AdaptersDisabled(self.policy)
-        ref = empty_causal_lm(self.plan.model_dir, self.cfg.model.dtype, self.cfg.model.trust_remote_code).eval()
+        model = self.cfg.model
+        ref = empty_causal_lm(self.plan.model_dir, model.dtype, model.trust_remote_code, model.attn_implementation,
+                              self.device).eval()
         ref.requires_grad_(False)
         ref = apply_fsdp(PolicyLogps(ref), getattr(torch, self.cfg.model.dtype))
         self._fill(ref, self.plan.model_dir)
@@ -339,15 +343,6 @@ class DPOWorker:
         # With CPU offload FSDP keeps the shards on the CPU and moves them to the GPU per use.
         materialize(model, "cpu" if self.cfg.train.parallel.cpu_offload else self.device)
         load_hf_weights(model, weights_dir)
-
-    def _worker_nodes(self) -> list[str]:
-        """The Ray node id of every rank (a collective), recorded in train.json: where the training ran."""
-        node = ray.get_runtime_context().get_node_id()
-        if not dist.is_initialized():
-            return [node]
-        nodes: list[Any] = [None] * self.world
-        dist.all_gather_object(nodes, node)
-        return nodes
 
     def _restore(self) -> None:
         """Resume from Ray Train's latest checkpoint, if any: weights, optimizer, scheduler and step."""

@@ -3,6 +3,7 @@ slice, holds exactly the weights a plain transformers load gives (2 gloo ranks, 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config.schema import ParallelConfig
-from pipeline.data.models import empty_causal_lm, load_hf_model
+from pipeline.data.models import attention_implementation, empty_causal_lm, load_hf_model
 from pipeline.dpo.parallel import (
     PolicyLogps,
     compute_dtype,
@@ -24,6 +25,7 @@ from pipeline.dpo.parallel import (
     set_device_math,
     shard_model,
 )
+from pipeline.errors import UserError
 
 
 def _load_sharded(rank: int, world: int, model_dir: str, init: str, out: str) -> None:
@@ -198,3 +200,27 @@ def test_the_plan_names_the_compute_dtype(tiny_model, tmp_path):
 def test_process_group_backend_per_setting(use_gpu, offload, want):
     """CPU offload on GPUs keeps gradients and optimizer state on the CPU: its collectives need gloo beside NCCL."""
     assert process_group_backend(ParallelConfig(use_gpu=use_gpu, cpu_offload=offload)) == want
+
+
+def test_attention_kernel_choice(tmp_path, monkeypatch):
+    """auto: transformers' default (sdpa) on a CPU, and on a GPU without flash-attn; flash-attention 2 on a GPU
+    with it, for a model that supports it. An explicit flash_attention_2 without the package is a user error."""
+    model_dir = _tiny_llama(tmp_path / "model", torch.float32, tied=False)
+    config = LlamaConfig.from_pretrained(model_dir)
+    assert attention_implementation("auto", config, "cpu") is None
+    assert empty_causal_lm(str(model_dir)).config._attn_implementation == "sdpa"
+    assert empty_causal_lm(str(model_dir), attn_implementation="eager").config._attn_implementation == "eager"
+    assert attention_implementation("sdpa", config, "cuda") == "sdpa"
+    installed = {"flash_attn": False}
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return (object() if installed[name] else None) if name in installed else real(name, *args)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert attention_implementation("auto", config, "cuda") is None
+    with pytest.raises(UserError, match="flash-attn package is not installed.*set model.attn_implementation: sdpa"):
+        attention_implementation("flash_attention_2", config, "cuda")
+    installed["flash_attn"] = True
+    assert attention_implementation("auto", config, "cuda") == "flash_attention_2"
+    assert attention_implementation("auto", config, "cpu") is None
+    assert attention_implementation("auto", object(), "cuda") is None  # not a transformers causal LM's config

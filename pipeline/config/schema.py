@@ -25,6 +25,9 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the reference model is scored in (part of the cache key).")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory/hub repo.")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = Field("auto",
+        description="Attention kernel of training (policy, in-loop reference); auto: flash_attention_2 on a GPU with "
+                    "`flash-attn` installed (packed rows use its varlen kernel), else transformers' default (sdpa).")
 
 
 class TokenizerConfig(_Strict):

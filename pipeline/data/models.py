@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -138,10 +139,29 @@ def effective_template_sha(tokenizer_dir: str, override: str | None) -> str | No
     return sha256_bytes(template.encode()) if template else None
 
 
-def load_hf_model(local_dir: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+def attention_implementation(setting: str, config, device: torch.device | str) -> str | None:
+    """`model.attn_implementation` for a model of `config` on `device` (None: transformers' default, sdpa where the
+    model has it). `auto` takes flash-attention 2 on a GPU where the package is installed and the model supports
+    it: packed rows (`position_ids` restarting per sequence) then run its variable-length kernel instead of a dense
+    block mask."""
+    if setting != "auto":
+        if setting == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise UserError("model.attn_implementation is flash_attention_2 but the flash-attn package is not "
+                            "installed on this node; pip install flash-attn, or set model.attn_implementation: sdpa")
+        return setting
+    if torch.device(device).type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return None
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return "flash_attention_2" if getattr(model_class, "_supports_flash_attn", False) else None
+
+
+def load_hf_model(local_dir: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+                  attn_implementation: str = "auto"):
     """A transformers causal LM in eval mode on `device`."""
-    model = AutoModelForCausalLM.from_pretrained(local_dir, dtype=getattr(torch, DTYPES[dtype]),
-                                                 trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        local_dir, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code,
+        attn_implementation=attention_implementation(attn_implementation, config, device))
     return model.to(device).eval()
 
 
@@ -188,13 +208,16 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def empty_causal_lm(local_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+def empty_causal_lm(local_dir: str, dtype: str = "float32", trust_remote_code: bool = False,
+                    attn_implementation: str = "auto", device: torch.device | str = "cpu") -> nn.Module:
     """The causal LM of `local_dir` with its parameters on the meta device (no memory, no weights read): the
-    skeleton FSDP shards before each rank fills only its shards (`pipeline.dpo.parallel.load_hf_weights`)."""
+    skeleton FSDP shards before each rank fills only its shards (`pipeline.dpo.parallel.load_hf_weights`), with
+    the attention kernel `attention_implementation` picks for `device`."""
     config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
     with _parameters_on_meta():
-        lm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, DTYPES[dtype]),
-                                              trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code,
+            attn_implementation=attention_implementation(attn_implementation, config, device))
     if (Path(local_dir) / "generation_config.json").is_file():  # what from_pretrained would give the model
         lm.generation_config = GenerationConfig.from_pretrained(local_dir)
     return lm

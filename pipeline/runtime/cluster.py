@@ -111,3 +111,16 @@ def check_shared_storage(cfg: Config, nodes: list[dict] | None = None,
                 raise UserError(f"{key} {shown!r} is not visible on Ray node {node.get('NodeManagerAddress', '?')} "
                                 f"({node['NodeID'][:12]}): on a multi-node cluster it must be shared storage; {fix}")
     _checked.add(done_key)
+
+
+def rank_node_ids() -> list[str]:
+    """The Ray node id of every rank of the default process group, in rank order (a collective; this process's
+    alone without one)."""
+    import torch.distributed as dist  # noqa: PLC0415 (lazy: the driver-side checks here need no torch)
+
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized():
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
