@@ -9,9 +9,10 @@ its rows of the global batch, accumulate micro-batch gradients, step, log, evalu
 train.checkpoint.every steps) -> save (the last step) -> cleanup. FSDP details: pipeline/dpo/parallel.py.
 
 Batches are world-size invariant and each worker reads only its share (pipeline/data/lanes.py): the cache's files
-are dealt to K lanes, a global batch of G pairs takes G/K rows from each lane, and worker r of W reads only its K/W
-lanes, so W workers compute exactly the steps one worker would (tested) while each reads 1/W of the cache (only
-`TRAIN_COLUMNS`, none of the reference's under a reference-free loss); a last partial global batch is dropped.
+are dealt to K lanes, a global batch of G pairs takes G/K rows from each lane, and worker r of W takes positions
+[r·G/W, (r+1)·G/W) of each batch from the lanes they fall in, so W workers compute exactly the steps one worker
+would (tested) while each reads about 1/W of the cache (only `TRAIN_COLUMNS`, none of the reference's under a
+reference-free loss); a last partial global batch is dropped.
 
 Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory in train.checkpoint.dtype
 (moved into place when complete; at a URI run_dir, uploaded in the background with config.json last); the sharded
@@ -42,7 +43,7 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config, to_yaml
-from pipeline.data.lanes import LanePlan, lane_batches, plan_steps, read_train_columns, train_columns
+from pipeline.data.lanes import LanePlan, plan_steps, read_train_columns, train_columns, worker_batches
 from pipeline.data.models import disable_dropout, empty_causal_lm, load_tokenizer, merge_adapter, resolve_model
 from pipeline.dpo.lora import (
     AdaptersDisabled,
@@ -365,12 +366,12 @@ class DPOWorker:
         """The rest of the current epoch: this worker's rows of each global batch, from its own lanes."""
         epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
         lanes = LanePlan(self.plan.lanes, self.plan.rows_per_lane)
-        parts = [lane_batches(lanes.lanes[k], k, lanes.rows_per_lane, self.cfg.train.seed, epoch,
-                              self.cfg.train.shuffle, skip, self._read) for k in lanes.lanes_of(self.rank, self.world)]
-        for i, batch in enumerate(zip(*parts), start=skip):
+        batches = worker_batches(lanes, self.rank, self.world, self.cfg.train.seed, epoch, self.cfg.train.shuffle,
+                                 skip, self._read)
+        for i, batch in enumerate(batches, start=skip):
             if i >= self.plan.steps_per_epoch or self.step >= self.plan.total_steps:
                 break
-            self._step(pa.concat_tables(batch))
+            self._step(batch)
             faults.reach("train_step")
 
     def _read(self, uri: str) -> pa.Table:

@@ -1,12 +1,12 @@
-"""The training data order (pipeline/data/lanes.py): the same global batches for any number of workers, each
-worker reading only its lanes' files, resume skipping whole files unread."""
+"""The training data order (pipeline/data/lanes.py): the same global batches for any number of workers (dividing the
+lanes or not), each worker reading only its lanes' files, resume skipping whole files unread."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 
-from pipeline.data.lanes import lane_batches, lane_count, plan_lanes
+from pipeline.data.lanes import lane_count, plan_lanes, worker_batches
 
 # 7 files of unequal sizes (a last partial one, one emptied by rejects), ids unique across files.
 SIZES = [10, 10, 10, 10, 10, 6, 0]
@@ -23,11 +23,12 @@ class Reader:
         return TABLES[f]
 
 
-def batches(global_batch: int, world: int, rank: int, epoch: int = 0, skip: int = 0, reader=None):
-    plan = plan_lanes(FILES, SIZES, global_batch)
-    parts = [lane_batches(plan.lanes[k], k, plan.rows_per_lane, seed=3, epoch=epoch, shuffle=True, skip=skip,
-                          read=reader or Reader()) for k in plan.lanes_of(rank, world)]
-    return [pa.concat_tables(p).column("id").to_pylist() for p in zip(*parts)][:plan.steps_per_epoch - skip]
+def batches(global_batch: int, world: int, rank: int, epoch: int = 0, skip: int = 0, reader=None, files=None):
+    files = files or (FILES, SIZES)
+    plan = plan_lanes(*files, global_batch)
+    return [b.column("id").to_pylist() for b in worker_batches(plan, rank, world, seed=3, epoch=epoch, shuffle=True,
+                                                                skip=skip, read=reader or Reader())
+            ][:plan.steps_per_epoch - skip]
 
 
 def test_lanes_are_equal_runs_of_the_cache_and_their_count_divides_the_global_batch():
@@ -40,11 +41,18 @@ def test_lanes_are_equal_runs_of_the_cache_and_their_count_divides_the_global_ba
     assert plan.steps_per_epoch == 14 // 2 == sum(SIZES) // 8
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_workers_together_take_exactly_the_global_batches_of_one_worker(world):
-    single = batches(8, 1, 0)
-    assert single and all(len(b) == 8 for b in single)
-    ranks = [batches(8, world, r) for r in range(world)]
+@pytest.mark.parametrize("world, global_batch, files", [
+    (2, 8, None), (4, 8, None),  # W divides the 4 lanes
+    (8, 8, None),  # 8 workers, 4 lanes: each lane cut between two workers
+    (2, 6, ([f"g{i}" for i in range(3)], [10, 10, 10])),  # 3 lanes on 2 workers
+    (4, 8, (["one"], [30]))])  # a one-file cache (a small round): 1 lane, 4 workers
+def test_workers_together_take_exactly_the_global_batches_of_one_worker(world, global_batch, files):
+    if files:
+        TABLES.update({f: pa.table({"id": [f"{f}-{j}" for j in range(n)], "x": list(range(n))})
+                       for f, n in zip(*files)})
+    single = batches(global_batch, 1, 0, files=files)
+    assert single and all(len(b) == global_batch for b in single)
+    ranks = [batches(global_batch, world, r, files=files) for r in range(world)]
     assert all(len(r) == len(single) for r in ranks)  # the same number of steps on every worker
     for step, want in enumerate(single):
         assert sum((r[step] for r in ranks), []) == want  # rank r holds positions [r·G/W, (r+1)·G/W)
@@ -60,7 +68,15 @@ def test_each_worker_reads_only_its_lanes_files():
     read = [set(rd.read) for rd in readers]
     assert len(read[0] & read[1]) <= 1  # only a file cut between the two workers' lanes
     for r in range(2):
-        assert read[r] == {f for k in plan.lanes_of(r, 2) for f, _, _ in plan.lanes[k]}
+        assert read[r] == {f for k, _, _ in plan.worker_slices(r, 2) for f, _, _ in plan.lanes[k]}
+
+
+def test_worker_slices_cover_each_batch_once_in_order():
+    plan = plan_lanes(FILES, SIZES, 8)  # 4 lanes of 2 rows a batch
+    assert plan.worker_slices(0, 2) == [(0, 0, 2), (1, 0, 2)]  # W divides K: whole lanes
+    assert plan.worker_slices(5, 8) == [(2, 1, 2)]  # half a lane
+    three = plan_lanes(["a", "b", "c"], [10, 10, 10], 6)  # 3 lanes of 2 rows, 2 workers of 3 positions
+    assert three.worker_slices(0, 2) == [(0, 0, 2), (1, 0, 1)] and three.worker_slices(1, 2) == [(1, 1, 2), (2, 0, 2)]
 
 
 def test_epochs_reorder_and_resume_skips_files_unread():

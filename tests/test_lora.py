@@ -20,7 +20,8 @@ from tests.conftest import DATA, copy_cache, make_config
 
 pytestmark = pytest.mark.ray
 
-STEPS = ("scoring.engine=hf", "train.global_batch_pairs=4", "train.micro_batch_pairs=2", "train.optim.lr=5e-3",
+# A global batch of 12 over the cache's 3 files: 3 lanes on 2 workers (one cut between them), 3 micro-batches each.
+STEPS = ("scoring.engine=hf", "train.global_batch_pairs=12", "train.micro_batch_pairs=2", "train.optim.lr=5e-3",
          "train.max_steps=2", "train.log_every=1", "train.checkpoint.every=2", "train.lora.rank=8",
          "train.lora.alpha=16", "train.parallel.num_workers=2", "train.parallel.num_cpus_per_worker=0.5")
 

@@ -2,10 +2,12 @@
 
 The cache's N rows, files in the cache's order, are cut into K *lanes* of N // K consecutive rows (K the largest
 divisor of the global batch G not above the number of files, so a lane spans about a file or more). Global batch b
-is lane 0's rows [b·c, (b+1)·c), then lane 1's, ..., lane K-1's, with c = G/K rows per lane per batch. A worker r
-of W (W must divide K) reads only lanes [r·K/W, (r+1)·K/W): exactly its G/W rows of every batch, from its 1/W of
-the cache's files (a file cut between two lanes is read by both), and only the columns it is given. As with the
-whole-batch order, the last N mod G rows are not used.
+is lane 0's rows [b·c, (b+1)·c), then lane 1's, ..., lane K-1's, with c = G/K rows per lane per batch. Worker r of
+W takes positions [r·G/W, (r+1)·G/W) of every batch: the lanes those positions fall in (`worker_slices`; W
+dividing K: lanes [r·K/W, (r+1)·K/W) whole), so it reads about 1/W of the cache's files (a file or a lane cut
+between two workers is read by both) and only the columns it is given. K depends on the files and G, never on W:
+any number of workers that divides G trains any cache, to the same batches. As with the whole-batch order, the
+last N mod G rows are not used.
 
 Each epoch visits a lane's pieces (its part of each file) in an order seeded by (seed, epoch, lane) and each
 piece's rows in an order seeded by (seed, epoch, row id); a lane's rows run on across pieces. Resuming at step s:
@@ -38,9 +40,12 @@ class LanePlan:
     def steps_per_epoch(self) -> int:
         return min(sum(end - start for _, start, end in lane) for lane in self.lanes) // self.rows_per_lane
 
-    def lanes_of(self, rank: int, world: int) -> range:
-        k = len(self.lanes) // world
-        return range(rank * k, (rank + 1) * k)
+    def worker_slices(self, rank: int, world: int) -> list[tuple[int, int, int]]:
+        """(lane, first, end): worker `rank` of `world` takes rows [first, end) of each of these lanes' c rows of
+        every global batch; together, in order, positions [r·G/W, (r+1)·G/W) of the batch (W divides G)."""
+        c = self.rows_per_lane
+        lo, hi = rank * c * len(self.lanes) // world, (rank + 1) * c * len(self.lanes) // world
+        return [(k, max(lo - k * c, 0), min(hi - k * c, c)) for k in range(lo // c, (hi - 1) // c + 1)]
 
 
 def lane_count(files: int, global_batch: int) -> int:
@@ -94,6 +99,17 @@ def lane_batches(lane: list[Piece], lane_id: int, rows_per_lane: int, seed: int,
             pending = pending.slice(rows_per_lane)
 
 
+def worker_batches(plan: LanePlan, rank: int, world: int, seed: int, epoch: int, shuffle: bool, skip: int,
+                   read: Callable[[str], pa.Table]) -> Iterator[pa.Table]:
+    """Worker `rank` of `world`'s G/W rows of each global batch of the epoch from batch `skip` on: its slices of
+    its lanes' batches (`worker_slices`, `lane_batches`), in batch order."""
+    slices = plan.worker_slices(rank, world)
+    parts = [lane_batches(plan.lanes[k], k, plan.rows_per_lane, seed, epoch, shuffle, skip, read)
+             for k, _, _ in slices]
+    for batch in zip(*parts):
+        yield pa.concat_tables([b.slice(lo, hi - lo) for b, (_, lo, hi) in zip(batch, slices)])
+
+
 # The cache columns a training step reads: the per-token reference log-prob lists (as large as the token ids) stay
 # on storage; `id` seeds the shuffle. A reference-free loss reads no reference column (token files have none).
 PAIR_COLUMNS = ("id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -123,12 +139,6 @@ def read_train_columns(uri: str, columns: tuple[str, ...] = TRAIN_COLUMNS) -> pa
 def plan_steps(cfg: Config, files: list[str], rows: list[int]) -> tuple[LanePlan, int, int]:
     """(the data lanes, steps per epoch, total steps) for a cache's files and their row counts."""
     lanes = plan_lanes(files, rows, cfg.train.global_batch_pairs)
-    workers = cfg.train.parallel.num_workers
-    if len(lanes.lanes) % workers:
-        raise UserError(f"train.parallel.num_workers={workers} does not divide the {len(lanes.lanes)} data lanes "
-                        f"of this cache ({len(files)} files, global batch {cfg.train.global_batch_pairs}); use a "
-                        f"number of workers that divides {len(lanes.lanes)}, or rebuild the cache with a smaller "
-                        f"scoring.shard_size (more files)")
     per_epoch = lanes.steps_per_epoch
     if per_epoch == 0:
         raise UserError(f"the cache has {sum(rows)} pairs, fewer than train.global_batch_pairs="
