@@ -11,6 +11,7 @@ Tiers (README, Development):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing.process
 import os
@@ -19,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -173,6 +175,40 @@ def straight_run(tiny_model, tmp_path_factory, standard_cache):
     cfg = make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
                       *TRAIN_STEPS, "train.eval_every=2", f"run_dir={root / 'w1'}")
     return cfg, train.run(cfg)
+
+
+@contextlib.contextmanager
+def engines_at_kill():
+    """Records, at every `ray.kill` of an actor in this process, the vLLM engine-core processes the actor still
+    has (its children): a process left to outlive its actor keeps the GPU memory it holds."""
+    found: list[str] = []
+    real_kill, real_get = ray.kill, ray.get
+
+    def kill(actor, *args, **kwargs):
+        try:
+            pid = real_get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+            found.extend(f"{c.name()} pid {c.pid}" for c in psutil.Process(pid).children(recursive=True)
+                         if "EngineCore" in c.name())
+        except Exception:  # an actor already dead has nothing left to check
+            pass
+        return real_kill(actor, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "kill", kill)
+        yield found
+
+
+def engine_processes() -> list[str]:
+    """The vLLM engine-core processes started under this session's Ray instance (they inherit its raylet's pid in
+    RAY_RAYLET_PID; the other xdist process's engines have their own)."""
+    raylet = str(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    found = []
+    for p in psutil.process_iter(["name"]):
+        try:
+            if "EngineCore" in (p.info["name"] or "") and p.environ().get("RAY_RAYLET_PID") == raylet:
+                found.append(f"{p.info['name']} pid {p.pid}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
 
 
 def copy_cache(cache_dir: Path, root: Path) -> Path:

@@ -28,7 +28,7 @@ from pipeline.evaluation.inputs import Prompts, read_prompts
 from pipeline.evaluation.summary import ChunkStats
 from pipeline.store.storage import Store
 from stages import cache, evaluate
-from tests.conftest import DATA, copy_cache, make_config, read_cache, sequence_logps
+from tests.conftest import DATA, copy_cache, engine_processes, engines_at_kill, make_config, read_cache, sequence_logps
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 pytest.importorskip("vllm")
@@ -68,9 +68,10 @@ def scenario(tiny_model, tmp_path_factory, standard_cache):
     for name in ("config.json", "generation_config.json"):  # the others' architecture: it is swapped into an engine
         shutil.copy(tiny_model / name, broken / name)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    with _driver_spy() as received, pytest.MonkeyPatch.context() as mp:
+    with _driver_spy() as received, engines_at_kill() as engines_left, pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the engine cores in processes of their own, as users run
         first = evaluate.run(cfg)
+        engines_left += engine_processes()  # and none at all once the run is over
     first_report = Path(first.report).read_text()
     ref_cache = Path(cfg.cache_dir) / "eval-reference"
     first_ref_files = sorted(p.name for p in ref_cache.iterdir())
@@ -80,7 +81,7 @@ def scenario(tiny_model, tmp_path_factory, standard_cache):
     shutil.copytree(ckpts / "step_000001", ckpts / "step_000004")
     second = evaluate.run(cfg)
     return dict(cfg=cfg, first=first, first_report=first_report, second=second, first_ref_files=first_ref_files,
-                ref_cache=ref_cache, mtimes=mtimes, received=received)
+                ref_cache=ref_cache, mtimes=mtimes, received=received, engines_left=engines_left)
 
 
 @contextlib.contextmanager
@@ -136,6 +137,13 @@ def test_broken_checkpoint_fails_alone_with_its_reason(scenario):
     assert "\n" not in first.failures[0]["error"]
     assert sorted(first.evaluated) == ["reference", "step_000001", "step_000002"]
     assert "step_000003" in scenario["first_report"].split("## Failed")[1]
+
+
+def test_no_engine_process_outlives_its_actor(scenario):
+    """The first run's engines (engine cores in processes of their own, as users run them: several targets on 2
+    actors, one failing) are shut down before their actors are killed, and none is left when the run returns: a
+    vLLM process left behind keeps its GPU memory."""
+    assert scenario["engines_left"] == []
 
 
 def test_checkpoints_of_one_architecture_share_an_engine(scenario):

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 
 from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
-from pipeline.engines.actors import RewardRunner, sample_seed
+from pipeline.engines.actors import SAMPLED, CheckpointEngine, RewardRunner, sample_seed
 from pipeline.errors import UserError, error_line
+from pipeline.evaluation import sampling
 from pipeline.evaluation.chunks import (
     PROMPTS,
     PromptFile,
@@ -22,9 +26,11 @@ from pipeline.evaluation.chunks import (
     sampled_chunks,
     write_table,
 )
+from pipeline.evaluation.inputs import Prompts
 from pipeline.evaluation.report import standard_error
 from pipeline.evaluation.rewards import build_reward
 from pipeline.evaluation.summary import Moments, preference_metrics
+from pipeline.store.storage import Store
 from stages.evaluate import select_targets
 from tests.conftest import make_config
 from tests.test_rewards import save_reward_model
@@ -217,3 +223,59 @@ def test_chunk_files_on_a_local_disk(tmp_path):
 
 def test_chunk_files_on_s3(s3):  # noqa: F811 (the fixture imported above)
     _chunk_files_round_trip(f"{s3}/run/eval")
+
+
+class _FakeEngine(CheckpointEngine):
+    """The evaluation engine actor without vLLM: sample() gives each prompt completions that depend only on its
+    prompt and its per-prompt seed (as vLLM's seeded sampling does), and the engine's pid says who sampled it."""
+
+    def __init__(self, scorer_kwargs, log_path=None, lora=None):
+        self.model_dir = scorer_kwargs["model_dir"]
+
+    def sample(self, prompts, seeds, params, first, model_dir=None):
+        time.sleep(0.2)  # a call takes a while: the other engines ask for chunks meanwhile
+        cols = {f.name: [] for f in SAMPLED}
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            for k in range(params["n"]):
+                for name, value in (("prompt_index", first + i), ("sample_index", k),
+                                    ("completion_ids", [seed % 97, len(prompt), k, os.getpid()]),
+                                    ("token_logps", [-1.0] * 4), ("finish_reason", "length")):
+                    cols[name].append(value)
+        return {"table": pa.table(cols, schema=SAMPLED), "seconds": 0.2}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("actors", [1, 3])
+def test_idle_engines_share_a_targets_chunks_and_sample_what_one_engine_does(tiny_model, tmp_path, ray_local,
+                                                                            monkeypatch, actors):
+    """One target, 8 prompt chunks: with 3 actors, the idle ones start and take chunks of it; the merged samples
+    are those of one actor (per-prompt seeds), each chunk once."""
+    monkeypatch.setattr(sampling, "CheckpointEngine", _FakeEngine)
+    cfg = make_config(tiny_model, tmp_path, f"eval.num_actors={actors}", "eval.num_cpus_per_actor=0.25",
+                      "eval.samples_per_prompt=2")
+    store = Store(str(tmp_path / "eval"))
+    files = []
+    for i in range(8):
+        ids = [[5 + i, 6 + j] for j in range(3)]
+        store.write_parquet(f"prompts/{i}.parquet", pa.table({"prompt_input_ids": ids}))
+        files.append(PromptFile(store.path(f"prompts/{i}.parquet"), 3 * i, 3))
+    prompts = Prompts(files, 24, "key", 0)
+    target = sampling.Target("step_000001", str(tiny_model), 1)
+    job = sampling.TargetJob(target, store.child("step_000001"), "s" * 16, "k" * 16)
+    scheduler = sampling.SamplingScheduler(cfg, prompts, None, eos=2)
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+    bar = Bar()
+    scheduler.run([job], bar)
+    assert not scheduler.failures and scheduler.engine_starts == actors and bar.n == 48
+    got = pq.read_table(tmp_path / "eval" / "step_000001" / "sampled.parquet")
+    rows = sorted(zip(got.column("prompt_index").to_pylist(), got.column("sample_index").to_pylist(),
+                      [c[:3] for c in got.column("completion_ids").to_pylist()]))
+    want = sorted((p, k, [sample_seed(cfg.eval.seed, p) % 97, 2, k]) for p in range(24) for k in range(2))
+    assert rows == want  # every prompt's samples once, as one engine samples them
+    samplers = {c[3] for c in got.column("completion_ids").to_pylist()}
+    assert len(samplers) == actors  # with 3 actors, all 3 engines sampled some chunks

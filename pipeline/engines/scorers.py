@@ -39,6 +39,9 @@ class _Scorer:
         """For each sequence, the float32 log-probs of tokens sequences[i][starts[i]:]."""
         raise NotImplementedError
 
+    def shutdown(self) -> None:
+        """Free the engine's processes and memory (nothing to do in this process's own model)."""
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         faults.reach("scorer_batch")
         missing = [c for c in REQUIRED if c not in batch.column_names]
@@ -108,8 +111,9 @@ class VllmScorer(_Scorer):
             result.append(np.asarray(flat.logprobs[start - 1:], dtype=np.float32))
         return result
 
-    def __del__(self):
-        # Stop the engine process explicitly: vLLM may abort at interpreter exit otherwise.
+    def shutdown(self) -> None:
+        """Stop the engine core (and its tensor-parallel workers) and wait for their processes to exit: a process
+        left behind holds its GPU memory, and the next engine on that GPU fails to start."""
         llm = getattr(self, "llm", None)
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
@@ -117,6 +121,11 @@ class VllmScorer(_Scorer):
                 core.shutdown()
             except Exception:
                 pass
+        self.llm = None
+
+    def __del__(self):
+        # vLLM may abort at interpreter exit otherwise.
+        self.shutdown()
 
 
 class HfScorer(_Scorer):

@@ -176,6 +176,9 @@ class JudgeReward:
         self.batch_size = cfg.batch_size
         self.scorer = scorer if scorer is not None else VllmScorer(**judge_scorer_kwargs(cfg, local))
 
+    def shutdown(self) -> None:
+        getattr(self.scorer, "shutdown", lambda: None)()
+
     def choice_logps(self, prompts: list[str], completions: list[str], sources: list | None = None) -> np.ndarray:
         """[N, K] log p(answer k | judge prompt of completion n), summed over the answer's tokens."""
         k = len(self.values)

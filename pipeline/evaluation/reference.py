@@ -11,7 +11,7 @@ from ray.util import ActorPool
 
 from pipeline.config import Config
 from pipeline.data.models import resolve_model
-from pipeline.engines.actors import ReferenceEngine
+from pipeline.engines.actors import ReferenceEngine, stop_engines
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.evaluation.chunks import PromptFile, SampledChunk, chunk_prompts, completion_sequences, sequence_key
 from pipeline.evaluation.inputs import Prompts
@@ -71,6 +71,7 @@ def _score(cfg: Config, missing: dict[str, tuple[SampledChunk, int]], prompts: P
                 list(missing.items()))
             for rows in calls:
                 bar.update(rows)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    except BaseException:  # an error or an interrupt: calls may be running; the actors go at once
+        stop_engines(actors, timeout_s=0)
+        raise
+    stop_engines(actors)
