@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +12,7 @@ import ray
 
 from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
-from pipeline.engines.actors import SAMPLED, CheckpointEngine, RewardRunner, sample_seed
+from pipeline.engines.actors import RewardRunner, sample_seed
 from pipeline.errors import UserError, error_line
 from pipeline.evaluation import sampling
 from pipeline.evaluation.chunks import (
@@ -33,6 +31,7 @@ from pipeline.evaluation.summary import Moments, preference_metrics
 from pipeline.store.storage import Store
 from stages.evaluate import select_targets
 from tests.conftest import make_config
+from tests.fake_engines import StandInEngine
 from tests.test_rewards import save_reward_model
 
 
@@ -225,32 +224,13 @@ def test_chunk_files_on_s3(s3):  # noqa: F811 (the fixture imported above)
     _chunk_files_round_trip(f"{s3}/run/eval")
 
 
-class _FakeEngine(CheckpointEngine):
-    """The evaluation engine actor without vLLM: sample() gives each prompt completions that depend only on its
-    prompt and its per-prompt seed (as vLLM's seeded sampling does), and the engine's pid says who sampled it."""
-
-    def __init__(self, scorer_kwargs, log_path=None, lora=None):
-        self.model_dir = scorer_kwargs["model_dir"]
-
-    def sample(self, prompts, seeds, params, first, model_dir=None):
-        time.sleep(0.2)  # a call takes a while: the other engines ask for chunks meanwhile
-        cols = {f.name: [] for f in SAMPLED}
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            for k in range(params["n"]):
-                for name, value in (("prompt_index", first + i), ("sample_index", k),
-                                    ("completion_ids", [seed % 97, len(prompt), k, os.getpid()]),
-                                    ("token_logps", [-1.0] * 4), ("finish_reason", "length")):
-                    cols[name].append(value)
-        return {"table": pa.table(cols, schema=SAMPLED), "seconds": 0.2}
-
-
 @pytest.mark.ray
-@pytest.mark.parametrize("actors", [1, 3])
 def test_idle_engines_share_a_targets_chunks_and_sample_what_one_engine_does(tiny_model, tmp_path, ray_local,
-                                                                            monkeypatch, actors):
-    """One target, 8 prompt chunks: with 3 actors, the idle ones start and take chunks of it; the merged samples
-    are those of one actor (per-prompt seeds), each chunk once."""
-    monkeypatch.setattr(sampling, "CheckpointEngine", _FakeEngine)
+                                                                            monkeypatch):
+    """One target, 8 prompt chunks, 3 actors: the idle ones start and take chunks of it; the merged samples are
+    each prompt's, once, as one engine samples them (per-prompt seeds), and every engine sampled some."""
+    actors = 3
+    monkeypatch.setattr(sampling, "CheckpointEngine", StandInEngine)
     cfg = make_config(tiny_model, tmp_path, f"eval.num_actors={actors}", "eval.num_cpus_per_actor=0.25",
                       "eval.samples_per_prompt=2")
     store = Store(str(tmp_path / "eval"))
