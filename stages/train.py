@@ -8,11 +8,8 @@ Workers (`train_loop`): a `DPOWorker` goes through setup (build the policy on th
 its rows of the global batch, accumulate micro-batch gradients, step, log, evaluate and checkpoint every
 train.checkpoint.every steps) -> save (the last step) -> cleanup. FSDP details: pipeline/dpo/parallel.py.
 
-Batches are world-size invariant and each worker reads only its share (pipeline/data/lanes.py): the cache's files
-are dealt to K lanes, a global batch of G pairs takes G/K rows from each lane, and worker r of W takes positions
-[r·G/W, (r+1)·G/W) of each batch from the lanes they fall in, so W workers compute exactly the steps one worker
-would (tested) while each reads about 1/W of the cache (only `TRAIN_COLUMNS`, none of the reference's under a
-reference-free loss); a last partial global batch is dropped.
+Batches are world-size invariant (W workers compute exactly the steps one worker would, tested) and each worker reads
+about 1/W of the cache, only the columns a step uses: pipeline/data/lanes.py.
 
 Checkpoints: `<run_dir>/checkpoints/step_NNNNNN/` is a Hugging Face model directory in train.checkpoint.dtype
 (moved into place when complete; at a URI run_dir, uploaded in the background with config.json last); the sharded
@@ -44,7 +41,14 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config, to_yaml
 from pipeline.data.lanes import LanePlan, plan_steps, read_train_columns, train_columns, worker_batches
-from pipeline.data.models import disable_dropout, empty_causal_lm, load_tokenizer, merge_adapter, resolve_model
+from pipeline.data.models import (
+    disable_dropout,
+    empty_causal_lm,
+    load_tokenizer,
+    merge_adapter,
+    on_this_node,
+    resolve_model,
+)
 from pipeline.dpo.lora import (
     AdaptersDisabled,
     adapter_export,
@@ -107,8 +111,7 @@ class TrainResult:
 
 # Settings that change neither the weights (packing, recompute_head: tested) nor which checkpoints are written.
 _UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "init_from": True, "packing": True,
-            "parallel": {"num_cpus_per_worker", "recompute_head"},
-            "checkpoint": {"max_failures", "keep", "async_save"}}
+            "parallel": {"num_cpus_per_worker", "recompute_head"}, "checkpoint": {"max_failures", "keep", "async_save"}}
 
 
 def train_key(cfg: Config, cache_key: str) -> str:
@@ -213,7 +216,8 @@ class WorkerPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerPlan:
-        return cls(**{**d, "cfg": Config.model_validate(d["cfg"])})
+        dirs = {k: on_this_node(d[k]) for k in ("model_dir", "tokenizer_dir", "policy_dir")}  # as this node sees them
+        return cls(**{**d, **dirs, "cfg": Config.model_validate(d["cfg"])})
 
 
 def train_loop(config: dict[str, Any]) -> None:

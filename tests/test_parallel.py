@@ -224,3 +224,31 @@ def test_attention_kernel_choice(tmp_path, monkeypatch):
     assert attention_implementation("auto", config, "cuda") == "flash_attention_2"
     assert attention_implementation("auto", config, "cpu") is None
     assert attention_implementation("auto", object(), "cuda") is None  # not a transformers causal LM's config
+
+
+def test_a_hub_snapshot_of_the_drivers_cache_is_fetched_again_on_a_node_without_it(tmp_path, monkeypatch):
+    """The driver resolves a hub id to a snapshot in its own HF cache; a worker on a node where that path does not
+    exist fetches the same commit into its own cache. Local directories and URIs are left as they are."""
+    from pipeline.data import models
+
+    commit = "a" * 40
+    fetched = []
+
+    def snapshot_download(repo, revision=None):
+        fetched.append((repo, revision))
+        return str(tmp_path / "node-cache" / revision)
+    monkeypatch.setattr(models, "snapshot_download", snapshot_download)
+    drivers = f"/driver/hf/hub/models--meta-llama--Llama-3.1-8B/snapshots/{commit}"
+    assert models.on_this_node(drivers) == str(tmp_path / "node-cache" / commit)
+    assert fetched == [("meta-llama/Llama-3.1-8B", commit)]
+    here = tmp_path / "hub" / f"models--org--m/snapshots/{commit}"
+    here.mkdir(parents=True)
+    for path in (str(here), str(tmp_path), "s3://bucket/models--org--m/snapshots/" + commit, "/no/such/dir"):
+        assert models.on_this_node(path) == path  # on this node already, a URI, or not a hub snapshot
+    assert len(fetched) == 1
+
+    def offline(repo, revision=None):
+        raise OSError("no network")
+    monkeypatch.setattr(models, "snapshot_download", offline)
+    with pytest.raises(UserError, match="not on this node .* could not be fetched .*HF_TOKEN.* shared HF_HOME"):
+        models.on_this_node(drivers)

