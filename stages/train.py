@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -75,7 +74,6 @@ from pipeline.dpo.parallel import (
     set_full_values,
 )
 from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, packing_mode, worker_maxima
-from pipeline.errors import RunFailed, error_line
 from pipeline.runtime import faults
 from pipeline.runtime.cluster import check_spare_cpu, rank_node_ids, spread
 from pipeline.runtime.console import ROUTER, RemoteBar, say
@@ -93,6 +91,7 @@ from pipeline.store.checkpoints import (
     list_checkpoints,
     prune_checkpoints,
     remove_interrupted_exports,
+    training_failed,
 )
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
@@ -144,7 +143,7 @@ def run(cfg: Config) -> TrainResult:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise _run_failed(e, run_store) from None
+        raise training_failed(e, run_store) from None
     ROUTER.wait_closed("training", timeout=30.0)  # the workers' last lines (forwarded asynchronously) come first
     ckpts = list_checkpoints(run_store)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
@@ -180,15 +179,6 @@ def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
-
-
-def _run_failed(error: ray.train.TrainingFailedError, run_store: Store) -> RunFailed:
-    failures = getattr(error, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
-    cause = next(iter(failures.values())) if failures else error
-    done = sorted(n for n in run_store.listdir("ray") if re.fullmatch(r"checkpoint_\d{6}", n))
-    kept = f"the last complete checkpoint is step_{done[-1][-6:]}" if done else "no checkpoint yet"  # Ray Train's
-    return RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
-                     f"set train.checkpoint.max_failures to restart automatically")
 
 
 # ---------------------------------------------------------------- workers

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import RunFailed
+from pipeline.store.checkpoints import training_failed
 from pipeline.store.storage import Store
-from stages.train import DPOWorker, _run_failed
+from stages.train import DPOWorker
 
 
 class ExportCrash(RuntimeError):
@@ -63,6 +64,6 @@ def test_a_failed_run_names_the_checkpoint_a_rerun_resumes_from(tmp_path, ray_di
         (tmp_path / "ray" / name).mkdir(parents=True)
     (tmp_path / "ray").mkdir(exist_ok=True)
     (tmp_path / "ray" / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own files: not checkpoints
-    error = _run_failed(Failed(), Store(str(tmp_path)))
+    error = training_failed(Failed(), Store(str(tmp_path)))
     assert isinstance(error, RunFailed)
     assert f"(RuntimeError: worker died); {expected}: rerun the same command" in str(error)

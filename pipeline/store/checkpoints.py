@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipeline.errors import RunFailed, error_line
 from pipeline.runtime import faults
 from pipeline.store.fingerprint import combine_file_hashes, model_files_hash, sha256_file
 from pipeline.store.storage import Store, local_copy
@@ -170,3 +172,14 @@ def prune_checkpoints(run_store: Store, keep: int) -> None:
     names = sorted(n for n in run_store.listdir("checkpoints") if n.startswith("step_"))
     for old in names[:-keep]:
         run_store.delete(f"checkpoints/{old}")
+
+
+def training_failed(error: Exception, run_store: Store) -> RunFailed:
+    """The one-line failure of a training run (Ray Train's `TrainingFailedError`: the first worker's exception),
+    naming the last complete training-state checkpoint under `<run_dir>/ray/`, which a rerun resumes from."""
+    failures = getattr(error, "worker_failures", None)  # WorkerGroupError: {rank: the worker's exception}
+    cause = next(iter(failures.values())) if failures else error
+    done = sorted(n for n in run_store.listdir("ray") if re.fullmatch(r"checkpoint_\d{6}", n))
+    kept = f"the last complete checkpoint is step_{done[-1][-6:]}" if done else "no checkpoint yet"  # Ray Train's
+    return RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
+                     f"set train.checkpoint.max_failures to restart automatically")
