@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.dpo.memory import model_shape, training_memory
 from pipeline.dpo.parallel import compute_dtype
 from pipeline.store.cache_layout import CacheInputs, resolve_inputs
 from pipeline.store.storage import Store
@@ -131,6 +132,12 @@ def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
     return Step("train", "run", f"after the cache, in {_compute(cfg)}: no training run for these inputs")
 
 
+def _memory(cfg: Config, model_dir: str) -> str:
+    """What each training worker will hold (`pipeline.dpo.memory`), worked out from the model's config.json."""
+    shape = model_shape(model_dir, cfg.train.lora, cfg.model.trust_remote_code)
+    return training_memory(shape, cfg.train, cfg.data.max_length, cfg.model.dtype).line()
+
+
 def _compute(cfg: Config) -> str:
     """The training's compute dtype and device, as the plan shows them ("bfloat16 on GPUs")."""
     parallel = cfg.train.parallel
@@ -159,6 +166,8 @@ def plan(cfg: Config, evaluate: bool = True) -> list[Step]:
     """What `run` would do, stage by stage, without running anything (content hashes are computed)."""
     steps, preps = _plan_cache(cfg)
     train_step = _plan_train(cfg, preps["train"].key, _ready_data(cfg, preps["train"]))
+    if train_step.action != "reuse":
+        train_step.why += f"; memory {_memory(cfg, preps['train'].model_dir)}"
     if not evaluate:
         return steps + [train_step]
     upstream = any(s.action != "reuse" for s in steps) or train_step.action != "reuse"
