@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.dpo.memory import model_shape, training_memory
+from pipeline.dpo.memory import model_shape, scorer_memory, training_memory
 from pipeline.dpo.parallel import compute_dtype
 from pipeline.store.cache_layout import CacheInputs, resolve_inputs
 from pipeline.store.storage import Store
@@ -75,8 +75,13 @@ def _cache_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
     if store.exists(".work/plan.json"):
         done = sum(n.startswith("shard-") for n in store.listdir(".work"))
         return Step(f"cache/{split}", "resume", f"{done}/{len(prep.plan.shards)} shards already scored in {store.uri}")
+    engine = ""
+    if cfg.scoring.engine == "vllm" and cfg.scoring.use_gpu:
+        tokens = min(cfg.data.max_length + 1, cfg.scoring.engine_kwargs.get("max_num_batched_tokens", 1 << 30))
+        shape = model_shape(prep.model_dir, None, cfg.model.trust_remote_code)
+        engine = f"; each engine: {scorer_memory(shape, cfg.model.dtype, cfg.scoring.tensor_parallel_size, tokens)}"
     return Step(f"cache/{split}", "run", f"no cache with key {prep.key}: {prep.plan.num_rows} rows to score with "
-                                         f"{cfg.scoring.engine}")
+                                         f"{cfg.scoring.engine}{engine}")
 
 
 def _tokens_step(cfg: Config, split: str, prep: CacheInputs) -> Step:

@@ -78,3 +78,18 @@ def test_the_plan_shows_each_workers_memory(tiny_model, tmp_path):
 
     (train_step,) = [s for s in plan(make_config(tiny_model, tmp_path), evaluate=False) if s.stage == "train"]
     assert "; memory " in train_step.why and " GB per CPU worker (parameters " in train_step.why, train_step.why
+
+
+def test_a_gpu_scorers_weights_and_prompt_logprob_transient(model_dir, tiny_model, tmp_path):
+    from pipeline.dpo.memory import scorer_memory
+    from pipeline.orchestrate import plan
+    from tests.conftest import make_config
+
+    s = model_shape(model_dir)
+    line = scorer_memory(s, "bfloat16", 2, 1000)
+    assert line == (f"weights {2 * s.params / 2 / 1e9:.1f} GB per GPU inside gpu_memory_utilization, prompt "
+                    f"log-probs up to {10 * 1000 * V / 1e9:.1f} GB beyond it")
+    steps = plan(make_config(tiny_model, tmp_path, "scoring.engine=vllm", "scoring.use_gpu=true"), evaluate=False)
+    assert "; each engine: weights " in steps[0].why, steps[0].why  # cache/train, to be scored on GPUs
+    steps = plan(make_config(tiny_model, tmp_path, "scoring.engine=vllm"), evaluate=False)
+    assert "each engine" not in steps[0].why  # CPU engines: vLLM's CPU KV cache is scoring.cpu_kv_cache_gb

@@ -136,3 +136,14 @@ def training_memory(shape: ModelShape, train: TrainConfig, max_length: int, mode
         terms.append(Term("in-loop reference", mb * (shape.params / w + shape.root_params + 3 * shape.block_params),
                           "train.ref_logps: cached"))
     return MemoryPlan("GPU" if par.use_gpu else "CPU", terms, sharded if par.cpu_offload else [])
+
+
+def scorer_memory(shape: ModelShape, dtype: str, tensor_parallel_size: int, tokens: int) -> str:
+    """A vLLM scorer's GPU memory beyond its KV cache, as the plan states it: its weights (in `dtype`, split over
+    the tensor-parallel GPUs) inside `gpu_memory_utilization`, and the prompt log-probs' transient outside it:
+    one request's chunk of `tokens` (at most the sequence) as logits in `dtype` and their fp32 log-softmax, about
+    10 bytes x tokens x vocabulary (worked out from vLLM's code, not measured: README, Engines)."""
+    weights = torch.finfo(getattr(torch, dtype)).bits // 8 * shape.params / tensor_parallel_size
+    transient = (torch.finfo(getattr(torch, dtype)).bits // 8 + 8) * tokens * shape.vocab
+    return (f"weights {weights / GB:.1f} GB per GPU inside gpu_memory_utilization, prompt log-probs up to "
+            f"{transient / GB:.1f} GB beyond it")
