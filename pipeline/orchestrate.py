@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.dpo.memory import model_shape, scorer_memory, training_memory
+from pipeline.dpo.memory import check_fits, model_shape, scorer_memory, training_memory
 from pipeline.dpo.parallel import compute_dtype
 from pipeline.store.cache_layout import CacheInputs, resolve_inputs
 from pipeline.store.storage import Store
@@ -140,7 +140,9 @@ def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
 def _memory(cfg: Config, model_dir: str) -> str:
     """What each training worker will hold (`pipeline.dpo.memory`), worked out from the model's config.json."""
     shape = model_shape(model_dir, cfg.train.lora, cfg.model.trust_remote_code)
-    return training_memory(shape, cfg.train, cfg.data.max_length, cfg.model.dtype).line()
+    memory = training_memory(shape, cfg.train, cfg.data.max_length, cfg.model.dtype)
+    check_fits(memory, cfg.train.parallel.gpu_memory_gb)
+    return memory.line()
 
 
 def _compute(cfg: Config) -> str:

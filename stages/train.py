@@ -57,6 +57,7 @@ from pipeline.dpo.lora import (
     is_trained,
 )
 from pipeline.dpo.losses import LossState
+from pipeline.dpo.memory import check_fits, model_shape, training_memory
 from pipeline.dpo.metrics import MetricsLogger, StepSums
 from pipeline.dpo.parallel import (
     PolicyLogps,
@@ -110,7 +111,8 @@ class TrainResult:
 
 # Settings that change neither the weights (packing, recompute_head: tested) nor which checkpoints are written.
 _UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "init_from": True, "packing": True,
-            "parallel": {"num_cpus_per_worker", "recompute_head"}, "checkpoint": {"max_failures", "keep", "async_save"}}
+            "parallel": {"num_cpus_per_worker", "recompute_head", "gpu_memory_gb"},
+            "checkpoint": {"max_failures", "keep", "async_save"}}
 
 
 def train_key(cfg: Config, cache_key: str) -> str:
@@ -126,6 +128,9 @@ def run(cfg: Config) -> TrainResult:
     train_data = training_pairs(cfg, "train")
     eval_data = training_pairs(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
     lanes, per_epoch, total = plan_steps(cfg, train_data.files, train_data.file_rows)
+    shape = model_shape(train_data.model_dir, cfg.train.lora, cfg.model.trust_remote_code)  # the memory plan fits
+    memory = training_memory(shape, cfg.train, cfg.data.max_length, cfg.model.dtype)
+    check_fits(memory, cfg.train.parallel.gpu_memory_gb)
     run_store = Store(cfg.run_dir)  # a local path (resolved here) or a URI
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     remove_interrupted_exports(run_store)

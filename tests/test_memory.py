@@ -93,3 +93,25 @@ def test_a_gpu_scorers_weights_and_prompt_logprob_transient(model_dir, tiny_mode
     assert "; each engine: weights " in steps[0].why, steps[0].why  # cache/train, to be scored on GPUs
     steps = plan(make_config(tiny_model, tmp_path, "scoring.engine=vllm"), evaluate=False)
     assert "each engine" not in steps[0].why  # CPU engines: vLLM's CPU KV cache is scoring.cpu_kv_cache_gb
+
+
+def test_a_plan_that_cannot_fit_the_gpu_stops_naming_its_largest_part(model_dir, tiny_model, tmp_path):
+    from pipeline.dpo.memory import check_fits
+    from pipeline.errors import UserError
+    from pipeline.orchestrate import plan
+    from tests.conftest import make_config
+
+    gpu = training_memory(model_shape(model_dir), train_cfg("train.parallel.use_gpu=true"), 100)
+    check_fits(gpu, gpu.total / 1e9 * 1.01)  # fits
+    check_fits(training_memory(model_shape(model_dir), train_cfg(), 100), 1e-6)  # CPU workers: not a GPU plan
+    big = gpu.largest()
+    assert big.name == "LM head" and big.shrink.startswith("a smaller micro-batch")  # recompute_head is on already
+    with pytest.raises(UserError, match=r"^training needs about .* GB per GPU, more than its 1e-06 GB; the largest "
+                                        r"part is LM head \(.* GB\): shrink it with a smaller micro-batch"):
+        check_fits(gpu, 1e-6)
+    unchecked = {t.name: t.shrink for t in training_memory(model_shape(model_dir), train_cfg(), 100).terms}
+    assert unchecked["activations"].startswith("train.parallel.activation_checkpointing: true, or a smaller")
+    assert unchecked["gathered blocks"] == "train.parallel.param_dtype: bfloat16"  # fp32 compute
+    with pytest.raises(UserError, match="more than its 0.001 GB"):  # `plan` and `run` stop before anything starts
+        plan(make_config(tiny_model, tmp_path, "train.parallel.use_gpu=true", "train.parallel.gpu_memory_gb=0.001"),
+             evaluate=False)

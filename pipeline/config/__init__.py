@@ -3,7 +3,7 @@
 
 from pipeline.config.loading import load_config, parse_overrides, reference_markdown, to_yaml
 from pipeline.config.onpolicy import IterateConfig, PairsConfig
-from pipeline.config.root import Config
+from pipeline.config.root import Config, RayConfig
 from pipeline.config.schema import (
                                     CheckpointConfig,
                                     DataConfig,
@@ -14,7 +14,6 @@ from pipeline.config.schema import (
                                     ModelConfig,
                                     OptimConfig,
                                     ParallelConfig,
-                                    RayConfig,
                                     RewardConfig,
                                     ScoringConfig,
                                     TokenizerConfig,

@@ -1,6 +1,9 @@
-"""The root of the configuration: one section per component (`schema`, `onpolicy`)."""
+"""The root of the configuration: one section per component (`schema`, `onpolicy`; the run-wide ones, trackers and
+Ray, here)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -8,14 +11,42 @@ from pipeline.config.onpolicy import IterateConfig, PairsConfig
 from pipeline.config.schema import (
     DataConfig,
     EvalConfig,
-    LoggingConfig,
     ModelConfig,
-    RayConfig,
     ScoringConfig,
     TokenizerConfig,
     TrainConfig,
     _Strict,
 )
+
+
+class LoggingConfig(_Strict):
+    """Where metrics go besides `<run_dir>/metrics.jsonl` and the report."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Trackers: `tensorboard` (<run_dir>/tensorboard), `wandb`, `mlflow` (the `trackers` extra). "
+                    "Training metrics every logged step, evaluation figures by checkpoint step, the report's plots, "
+                    "the resolved config as parameters.")
+    project: str = Field("dpo-pipeline", description="W&B project / MLflow experiment name.")
+    run_name: str | None = Field(None, description="Tracker run name; default: the run_dir's last part.")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="W&B mode; default: wandb's own (`WANDB_MODE`, else online). Offline runs are kept in "
+                          "<run_dir>/wandb (`wandb sync` uploads them).")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray cluster to join (`auto`, `ray://...`); default: the "
+                                                  "`RAY_ADDRESS` variable, else a local Ray instance.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray instance; default: all.")
+    placement: Literal["default", "spread"] = Field(
+        "default", description="`default`: Ray's placement (Ray Train packs workers onto few nodes, evaluation "
+                               "actors go where resources are free); `spread`: Ray Train workers and evaluation "
+                               "actors over as many nodes as possible (SPREAD). Stage-1 scorer actors always spread "
+                               "(Ray Data's default).")
+    dashboard: bool | None = Field(
+        None, description="Start Ray's dashboard with a local Ray instance (its URL is printed); default: when "
+                          "its packages are installed (the `dashboard` extra, `ray[default]`). A joined cluster "
+                          "has the dashboard its head started with.")
 
 
 class Config(_Strict):

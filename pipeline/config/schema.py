@@ -342,6 +342,9 @@ class ParallelConfig(_Strict):
     recompute_head: bool = Field(True, description="Recompute the LM head's fp32 logits chunk by chunk in backward "
                                  "instead of keeping every scored token's (docs/OPTIMIZATIONS.md).")
     cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state on CPU (GPU runs).")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Each worker's GPU memory, which the memory plan "
+                                        "must fit (checked before anything starts); default: the driver's GPU's, "
+                                        "unchecked when the driver has none.")
     compile: bool = Field(False, description="torch.compile each decoder block (dynamic shapes; compiling takes a "
                           "minute or more at start). Measured on an H200: 1.6x faster steps (docs/GPU.md).")
 
@@ -468,33 +471,3 @@ class TrainConfig(_Strict):
             raise ValueError(f"global_batch_pairs ({self.global_batch_pairs}) must be a multiple of "
                              f"micro_batch_pairs × num_workers ({per_step}); change train.global_batch_pairs")
         return self
-
-
-class LoggingConfig(_Strict):
-    """Where metrics go besides `<run_dir>/metrics.jsonl` and the report."""
-
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"],
-        description="Trackers: `tensorboard` (<run_dir>/tensorboard), `wandb`, `mlflow` (the `trackers` extra). "
-                    "Training metrics every logged step, evaluation figures by checkpoint step, the report's plots, "
-                    "the resolved config as parameters.")
-    project: str = Field("dpo-pipeline", description="W&B project / MLflow experiment name.")
-    run_name: str | None = Field(None, description="Tracker run name; default: the run_dir's last part.")
-    wandb_mode: Literal["online", "offline"] | None = Field(
-        None, description="W&B mode; default: wandb's own (`WANDB_MODE`, else online). Offline runs are kept in "
-                          "<run_dir>/wandb (`wandb sync` uploads them).")
-
-
-class RayConfig(_Strict):
-    address: str | None = Field(None, description="Ray cluster to join (`auto`, `ray://...`); default: the "
-                                                  "`RAY_ADDRESS` variable, else a local Ray instance.")
-    num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray instance; default: all.")
-    placement: Literal["default", "spread"] = Field(
-        "default", description="`default`: Ray's placement (Ray Train packs workers onto few nodes, evaluation "
-                               "actors go where resources are free); `spread`: Ray Train workers and evaluation "
-                               "actors over as many nodes as possible (SPREAD). Stage-1 scorer actors always spread "
-                               "(Ray Data's default).")
-    dashboard: bool | None = Field(
-        None, description="Start Ray's dashboard with a local Ray instance (its URL is printed); default: when "
-                          "its packages are installed (the `dashboard` extra, `ray[default]`). A joined cluster "
-                          "has the dashboard its head started with.")

@@ -26,6 +26,7 @@ from pipeline.config.schema import LoraSettings, TrainConfig
 from pipeline.data.models import empty_causal_lm
 from pipeline.dpo.logprobs import LOGITS_PER_CHUNK
 from pipeline.dpo.parallel import compute_dtype, decoder_blocks
+from pipeline.errors import UserError
 
 GB = 1e9
 
@@ -99,6 +100,19 @@ class MemoryPlan:
         return f"{self.total / GB:.1f} GB per {self.device} worker ({parts}){host}"
 
 
+def check_fits(plan: MemoryPlan, gpu_memory_gb: float | None) -> None:
+    """Stop, in one line naming the largest term and the settings that shrink it, a GPU plan that cannot fit each
+    worker's GPU (`train.parallel.gpu_memory_gb`, default the driver's GPU; unchecked without either)."""
+    if plan.device != "GPU":
+        return
+    if gpu_memory_gb is None and torch.cuda.is_available():
+        gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / GB
+    if gpu_memory_gb is not None and plan.total > gpu_memory_gb * GB:
+        big = plan.largest()
+        raise UserError(f"training needs about {plan.total / GB:.3g} GB per GPU, more than its {gpu_memory_gb:g} "
+                        f"GB; the largest part is {big.name} ({big.bytes / GB:.3g} GB): shrink it with {big.shrink}")
+
+
 def micro_batch_tokens(train: TrainConfig, max_length: int) -> int:
     """Tokens of one micro-batch on one worker, padded worst case: both sequences of each pair at max_length."""
     return train.micro_batch_tokens or train.micro_batch_pairs * 2 * max_length
@@ -118,19 +132,21 @@ def training_memory(shape: ModelShape, train: TrainConfig, max_length: int, mode
         activations = shape.layers * per_token_layer * tokens * b
     chunk = min(4096, max(64, LOGITS_PER_CHUNK // shape.vocab))
     head = 3 * 4 * shape.vocab * (min(chunk, tokens) if par.recompute_head else tokens)  # fp32 logits, softmax, grad
-    sharded = [Term("parameters", 4 * shape.params / w, "train.parallel.num_workers"),
-               Term("gradients", 4 * shape.trainable / w, "train.lora, train.parallel.num_workers"),
-               Term("optimizer", 8 * shape.trainable / w, "train.lora, train.parallel.num_workers")]
+    more = "more workers (train.parallel.num_workers) or train.parallel.cpu_offload"
+    sharded = [Term("parameters", 4 * shape.params / w, more),
+               Term("gradients", 4 * shape.trainable / w, f"{more}, or train.lora"),
+               Term("optimizer", 8 * shape.trainable / w, f"{more}, or train.lora")]
+    dtype = "train.parallel.param_dtype: bfloat16" if b == 4 else "a smaller model (its blocks' size)"
+    batch = "a smaller micro-batch (train.micro_batch_pairs or train.micro_batch_tokens)"
     terms = [] if par.cpu_offload else sharded
     # Gloo (CPU workers) reduce-scatters through an all-reduce of a whole fp32 copy.
     in_flight = (b + 4) * (shape.root_params + 2 * shape.block_params)
     in_flight += 4 * shape.root_params if w > 1 and not par.use_gpu else 0
-    terms += [Term("gathered blocks", b * (shape.root_params + 3 * shape.block_params),
-                   "train.parallel.param_dtype: bfloat16"),
-              Term("gradients in flight", in_flight, "train.parallel.param_dtype: bfloat16"),
-              Term("activations", activations,
-                   "train.parallel.activation_checkpointing: true, train.micro_batch_pairs"),
-              Term("LM head", head, "train.parallel.recompute_head: true")]
+    terms += [Term("gathered blocks", b * (shape.root_params + 3 * shape.block_params), dtype),
+              Term("gradients in flight", in_flight, dtype),
+              Term("activations", activations, batch if par.activation_checkpointing else
+                   f"train.parallel.activation_checkpointing: true, or {batch}"),
+              Term("LM head", head, batch if par.recompute_head else "train.parallel.recompute_head: true")]
     if train.ref_logps == "in_loop" and train.needs_reference and train.lora is None:
         mb = torch.finfo(getattr(torch, model_dtype)).bits // 8
         terms.append(Term("in-loop reference", mb * (shape.params / w + shape.root_params + 3 * shape.block_params),
