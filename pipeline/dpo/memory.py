@@ -6,7 +6,8 @@ config.json (its exact parameter counts, read off a meta-device skeleton) and th
 - Gathered blocks: in the compute dtype, the root (embeddings, final norm, head), the block being computed, the
   next (prefetched) and the last (kept gathered for backward).
 - Gradients in flight: in backward, a unit's gradients exist whole (compute dtype, then fp32 for the
-  reduce-scatter) until reduce-scattered; the root's from the loss's backward to the end of the pass.
+  reduce-scatter) until reduce-scattered; the root's from the loss's backward to the end of the pass, when they
+  are cast in turn (the larger of the two moments).
 - Activations of one micro-batch of T tokens (`train.micro_batch_tokens`, else `micro_batch_pairs` x 2 sequences x
   `data.max_length`, the padded worst case): per decoder layer the tensors autograd keeps, about 6h + 2kv + 4i
   values a token (h hidden, kv the key/value width, i the MLP width); with activation checkpointing one h-wide
@@ -139,9 +140,13 @@ def training_memory(shape: ModelShape, train: TrainConfig, max_length: int, mode
     dtype = "train.parallel.param_dtype: bfloat16" if b == 4 else "a smaller model (its blocks' size)"
     batch = "a smaller micro-batch (train.micro_batch_pairs or train.micro_batch_tokens)"
     terms = [] if par.cpu_offload else sharded
-    # Gloo (CPU workers) reduce-scatters through an all-reduce of a whole fp32 copy.
-    in_flight = (b + 4) * (shape.root_params + 2 * shape.block_params)
-    in_flight += 4 * shape.root_params if w > 1 and not par.use_gpu else 0
+    # Backward holds the root's gradients (head, then embeddings) in the compute dtype throughout, one block's cast
+    # to fp32 for its reduce-scatter while the next block's are computed; at its end the root's are cast too (and
+    # gloo, on CPU workers, reduce-scatters through an all-reduce of a whole fp32 copy), when the activations and
+    # head chunks are gone: the larger of the two moments counts.
+    during = b * shape.root_params + (4 + 2 * b) * shape.block_params
+    at_end = (b + 4 + (4 if w > 1 and not par.use_gpu else 0)) * shape.root_params - activations - head
+    in_flight = max(during, at_end)
     terms += [Term("gathered blocks", b * (shape.root_params + 3 * shape.block_params), dtype),
               Term("gradients in flight", in_flight, dtype),
               Term("activations", activations, batch if par.activation_checkpointing else
