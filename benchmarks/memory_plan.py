@@ -1,8 +1,9 @@
 """The training memory plan (pipeline/dpo/memory.py) against measurement on this machine: for three Llama-shaped
 models x {1, 2} workers x activation checkpointing off/on, each worker builds the policy as a training worker does
 (meta skeleton, FSDP2, its slices of the weights), then runs 2 optimizer steps of one micro-batch of full-length
-pairs; its peak resident memory above what it held before the model (imports, process group) is compared with the
-plan's total for the same settings (CPU workers: fp32 compute). Pure torch, gloo ranks, no Ray.
+pairs; its peak resident memory during the steps (sampled every 2 ms) above what it held before the model (imports,
+process group) is compared with the plan's total for the same settings (CPU workers: fp32 compute); the loading
+peak (reading the checkpoint) is reported beside it. Pure torch, gloo ranks, no Ray.
 
     python benchmarks/memory_plan.py [--max-length 512] [--json out.json]
 """
@@ -14,6 +15,7 @@ import json
 import os
 import resource
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +60,23 @@ def worker(rank: int, world: int, model_dir: str, ac: bool, max_length: int, ini
         policy = apply_fsdp(PolicyLogps(empty_causal_lm(model_dir)), torch.float32, activation_checkpointing=ac)
         materialize(policy, "cpu")
         load_hf_weights(policy, model_dir)
+        load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB
         cfg = load_config(None, ["model.path=/m", "data.train.path=/d.jsonl"])
         opt = make_optimizer(policy.parameters(), 1e-5)
         compute = StepCompute(policy, None, cfg.train.losses, pad_id=0, device="cpu")
+        peak, stop = [rss_mb()], threading.Event()
+
+        def sample() -> None:  # the training steps' peak (the load's, above, reads the checkpoint's pages)
+            while not stop.wait(0.002):
+                peak[0] = max(peak[0], rss_mb())
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         for step in range(2):
             compute.accumulate(pairs(1, max_length, 10 * step + rank), 1, StepSums())
             optimizer_step(policy, opt, 1.0)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB
-        Path(f"{out}.{rank}").write_text(json.dumps({"base_mb": base, "peak_mb": peak}))
+        stop.set()
+        sampler.join()
+        Path(f"{out}.{rank}").write_text(json.dumps({"base_mb": base, "peak_mb": peak[0], "load_peak_mb": load_peak}))
     finally:
         dist.destroy_process_group()
 
@@ -100,14 +111,16 @@ def main() -> None:
                                            f"file://{tmp}/pg-{size}-{world}-{ac}", str(out)), nprocs=world)
                     got = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
                     measured = max(g["peak_mb"] - g["base_mb"] for g in got)
+                    loading = max(g["load_peak_mb"] - g["base_mb"] for g in got)
                     row = {"model": size, "params_m": round(shape.params / 1e6, 1), "workers": world,
                            "activation_checkpointing": ac, "planned_mb": round(plan.total / 2**20),
                            "measured_mb": round(measured), "ratio": round(measured / (plan.total / 2**20), 2),
+                           "loading_peak_mb": round(loading),
                            "terms_mb": {t.name: round(t.bytes / 2**20) for t in plan.terms}}
                     rows.append(row)
                     print(f"{size:>5} {row['params_m']:>6}M W={world} AC={'on ' if ac else 'off'} "
                           f"planned {row['planned_mb']:>6} MB measured {row['measured_mb']:>6} MB "
-                          f"(measured/planned {row['ratio']})", flush=True)
+                          f"(measured/planned {row['ratio']}; loading peak {row['loading_peak_mb']} MB)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"max_length": args.max_length, "rows": rows}, indent=1))
 

@@ -56,7 +56,7 @@ def test_each_term_is_its_formula(model_dir):
     assert checkpointed["activations"] == (L * H + per_token_layer) * tokens * 4
     gpu = training_memory(s, train_cfg("train.parallel.use_gpu=true"), 100)  # bf16 compute by default
     assert {t.name: t.bytes for t in gpu.terms}["gathered blocks"] == 2 * (s.root_params + 3 * s.block_params)
-    assert gpu.line().startswith(f"{gpu.total / 1e9:.1f} GB per GPU worker (parameters ")
+    assert gpu.line().startswith(f"{gpu.total / 1e9:.3g} GB per GPU worker (parameters {2 * s.params / 1e9:.3g}, ")
 
 
 def test_lora_offload_and_in_loop_reference(model_dir):

@@ -95,10 +95,10 @@ class MemoryPlan:
         return max(self.terms, key=lambda t: t.bytes)
 
     def line(self) -> str:
-        """`31.2 GB per GPU: parameters 4.0, gradients 4.0, ...` (GB, 1e9 bytes)."""
-        parts = ", ".join(f"{t.name} {t.bytes / GB:.1f}" for t in self.terms)
-        host = f"; on the host (offloaded) {sum(t.bytes for t in self.host) / GB:.1f} GB" if self.host else ""
-        return f"{self.total / GB:.1f} GB per {self.device} worker ({parts}){host}"
+        """`15.0 GB per GPU worker (parameters 1.0, gradients 1.0, ...)` (GB: 1e9 bytes, 3 significant digits)."""
+        parts = ", ".join(f"{t.name} {t.bytes / GB:.3g}" for t in self.terms)
+        host = f"; on the host (offloaded) {sum(t.bytes for t in self.host) / GB:.3g} GB" if self.host else ""
+        return f"{self.total / GB:.3g} GB per {self.device} worker ({parts}){host}"
 
 
 def check_fits(plan: MemoryPlan, gpu_memory_gb: float | None) -> None:
