@@ -75,14 +75,15 @@ VARIANTS = {
 }
 
 
-def build_model(preset: str, device):
+def build_model(preset: str, device, attn: str | None = None):
+    """The preset's model in fp32, training mode; `attn`: its attention kernel (default: transformers')."""
     spec = dict(PRESETS[preset])
     arch = spec.pop("arch")
     cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     cfg = cfg_cls(**spec, max_position_embeddings=2048)
     torch.manual_seed(0)
     with torch.device(device):
-        lm = model_cls(cfg)
+        lm = model_cls._from_config(cfg, attn_implementation=attn) if attn else model_cls(cfg)
     return lm.float().train(), cfg
 
 

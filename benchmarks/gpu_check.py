@@ -28,11 +28,10 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu_step import PRESETS, build_pairs, matmul_tflops, run_variant, step_flops  # noqa: E402
+from bench_gpu_step import PRESETS, build_model, build_pairs, matmul_tflops, run_variant, step_flops  # noqa: E402
 
 from pipeline.config import LossConfig, load_config  # noqa: E402
 from pipeline.config.schema import ParallelConfig  # noqa: E402
@@ -50,16 +49,7 @@ from pipeline.dpo.parallel import (  # noqa: E402
 )
 from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step  # noqa: E402
 
-
-def build(preset: str, device, attn: str | None):
-    spec = dict(PRESETS[preset])
-    arch = spec.pop("arch")
-    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
-    cfg = cfg_cls(**spec, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    with torch.device(device):
-        lm = model_cls._from_config(cfg, attn_implementation=attn) if attn else model_cls(cfg)
-    return lm.float().train(), cfg
+build = build_model  # (preset, device, attn) -> (fp32 model in training mode, its config)
 
 
 def shape_of(lm, cfg) -> ModelShape:
