@@ -35,7 +35,7 @@ from bench_gpu_step import PRESETS, build_model, build_pairs, matmul_tflops, run
 
 from pipeline.config import LossConfig, load_config  # noqa: E402
 from pipeline.config.schema import ParallelConfig  # noqa: E402
-from pipeline.data.models import attention_implementation  # noqa: E402
+from pipeline.data.modeling import attention_implementation  # noqa: E402
 from pipeline.dpo.memory import ModelShape, training_memory  # noqa: E402
 from pipeline.dpo.metrics import StepSums  # noqa: E402
 from pipeline.dpo.parallel import (  # noqa: E402

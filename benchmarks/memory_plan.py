@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import load_config
-from pipeline.data.models import empty_causal_lm
+from pipeline.data.modeling import empty_causal_lm
 from pipeline.dpo.memory import model_shape, training_memory
 from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import PolicyLogps, apply_fsdp, load_hf_weights, materialize

@@ -29,7 +29,7 @@ from huggingface_hub import save_torch_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.data.models import empty_causal_lm, load_hf_model
+from pipeline.data.modeling import empty_causal_lm, load_hf_model
 from pipeline.dpo import parallel
 from pipeline.dpo.step import make_optimizer
 from pipeline.store.checkpoints import SHARD_BYTES, export_hf

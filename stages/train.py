@@ -40,14 +40,8 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config, to_yaml
 from pipeline.data.lanes import LanePlan, plan_steps, read_train_columns, train_columns, worker_batches
-from pipeline.data.models import (
-    disable_dropout,
-    empty_causal_lm,
-    load_tokenizer,
-    merge_adapter,
-    on_this_node,
-    resolve_model,
-)
+from pipeline.data.modeling import disable_dropout, empty_causal_lm, merge_adapter
+from pipeline.data.models import load_tokenizer, on_this_node, resolve_model
 from pipeline.dpo.lora import (
     AdaptersDisabled,
     adapter_export,

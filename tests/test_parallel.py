@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config.schema import ParallelConfig
-from pipeline.data.models import attention_implementation, empty_causal_lm, load_hf_model
+from pipeline.data.modeling import attention_implementation, empty_causal_lm, load_hf_model
 from pipeline.dpo.parallel import (
     PolicyLogps,
     compute_dtype,

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.data.models import empty_causal_lm
+from pipeline.data.modeling import empty_causal_lm
 from pipeline.store.checkpoints import ADAPTER_MARKER
 from pipeline.store.fingerprint import model_files_hash
 from pipeline.store.storage import Store

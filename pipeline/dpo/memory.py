@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config.schema import LoraSettings, TrainConfig
-from pipeline.data.models import empty_causal_lm
+from pipeline.data.modeling import empty_causal_lm
 from pipeline.dpo.logprobs import LOGITS_PER_CHUNK
 from pipeline.dpo.parallel import compute_dtype, decoder_blocks
 from pipeline.errors import UserError

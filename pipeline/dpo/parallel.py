@@ -44,7 +44,7 @@ from transformers.core_model_loading import (
 )
 
 from pipeline.config.schema import ParallelConfig
-from pipeline.data.models import load_hf_model
+from pipeline.data.modeling import load_hf_model
 from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.dpo.lora import hf_param_name
 from pipeline.errors import UserError

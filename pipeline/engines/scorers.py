@@ -17,7 +17,8 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.data.models import load_hf_model, on_this_node
+from pipeline.data.modeling import load_hf_model
+from pipeline.data.models import on_this_node
 from pipeline.dpo.batching import list_column, pad_sequences
 from pipeline.dpo.logprobs import selective_token_logps
 from pipeline.runtime import faults
