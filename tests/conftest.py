@@ -44,6 +44,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # Ray Train's controller looks at its workers every 2 s by default; each start, report and end waits for a look.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Train starts a preemption watcher actor per run (a process importing Ray Train: ~2 s of CPU) that reacts to
+# nodes being drained; no test drains a node.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Ray keeps at most num_cpus (here 2) idle worker processes and kills the rest after 1 s idle; a cluster node keeps
 # as many as it has CPUs. Each new worker imports torch and transformers again (4-9 s on 2 cores), for every Ray Data
 # task and actor of every run. The session's Ray instance keeps up to 8 idle (what the raylet reads at start).
