@@ -36,7 +36,7 @@ from bench_gpu_step import PRESETS, build_model, build_pairs, matmul_tflops, run
 from pipeline.config import LossConfig, load_config  # noqa: E402
 from pipeline.config.schema import ParallelConfig  # noqa: E402
 from pipeline.data.modeling import attention_implementation  # noqa: E402
-from pipeline.dpo.memory import ModelShape, training_memory  # noqa: E402
+from pipeline.dpo.memory import shape_of_model, training_memory  # noqa: E402
 from pipeline.dpo.metrics import StepSums  # noqa: E402
 from pipeline.dpo.parallel import (  # noqa: E402
     PolicyLogps,
@@ -50,17 +50,6 @@ from pipeline.dpo.parallel import (  # noqa: E402
 from pipeline.dpo.step import StepCompute, make_optimizer, optimizer_step  # noqa: E402
 
 build = build_model  # (preset, device, attn) -> (fp32 model in training mode, its config)
-
-
-def shape_of(lm, cfg) -> ModelShape:
-    unique = {id(p): p for p in lm.parameters()}
-    blocks = decoder_blocks(lm)
-    inside = {id(p) for b in blocks for p in b.parameters()}
-    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    return ModelShape(sum(p.numel() for p in unique.values()), sum(p.numel() for p in unique.values()),
-                      max(sum(p.numel() for p in b.parameters()) for b in blocks),
-                      sum(p.numel() for i, p in unique.items() if i not in inside), len(blocks), cfg.hidden_size, kv,
-                      cfg.intermediate_size, cfg.vocab_size)
 
 
 def check_dtype(device) -> dict:
@@ -98,7 +87,7 @@ def check_memory(args, device) -> dict:
     max_length = int(1024 * args.scale)
     for ac in (False, True):
         lm, cfg = build(args.preset, device, None)
-        shape = shape_of(lm, cfg)
+        shape = shape_of_model(lm)
         train = load_config(None, ["model.path=/m", "data.train.path=/d.jsonl", f"data.max_length={max_length}",
                                    "data.max_prompt_length=8", f"train.parallel.use_gpu={device.type == 'cuda'}",
                                    "train.micro_batch_pairs=2", "train.global_batch_pairs=2",

@@ -54,6 +54,11 @@ def model_shape(model_dir: str, lora: LoraSettings | None = None, trust_remote_c
         from pipeline.dpo.lora import add_adapters  # noqa: PLC0415 (lazy: peft, only under LoRA)
 
         lm = add_adapters(lm, lora)
+    return shape_of_model(lm)
+
+
+def shape_of_model(lm: torch.nn.Module) -> ModelShape:
+    """The shape of a built causal LM (on any device, the meta device included)."""
     unique = {id(p): p for p in lm.parameters()}
     blocks = decoder_blocks(lm)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
