@@ -7,6 +7,7 @@ import pytest
 from transformers import LlamaConfig
 
 from pipeline.config import load_config
+from pipeline.dpo import memory
 from pipeline.dpo.memory import model_shape, training_memory
 
 H, MLP, L, V, HEADS, KV_HEADS = 64, 96, 3, 500, 4, 2
@@ -34,6 +35,23 @@ def test_the_shape_is_the_models_exact_sizes(model_dir):
     root = 2 * V * H + H  # embeddings, head (untied), final norm
     assert (s.block_params, s.root_params, s.params) == (block, root, L * block + root)
     assert (s.trainable, s.layers, s.hidden, s.kv_width, s.intermediate, s.vocab) == (s.params, L, H, kv, MLP, V)
+
+
+def test_the_skeleton_is_built_once_per_config_and_settings(tmp_path, monkeypatch):
+    """`run` asks for the shape three times (cache plan, training plan, training): one skeleton is built, again
+    only when config.json or the LoRA settings change."""
+    LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=MLP, num_hidden_layers=L, num_attention_heads=HEADS,
+                num_key_value_heads=KV_HEADS).save_pretrained(tmp_path)
+    built = []
+    real = memory.empty_causal_lm
+    monkeypatch.setattr(memory, "empty_causal_lm", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    first = model_shape(str(tmp_path))
+    assert model_shape(str(tmp_path)) == first and len(built) == 1
+    lora = train_cfg("train.lora.rank=4").lora
+    assert model_shape(str(tmp_path), lora).trainable < first.trainable and len(built) == 2
+    LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=MLP, num_hidden_layers=L + 1,
+                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS).save_pretrained(tmp_path)
+    assert model_shape(str(tmp_path)).layers == L + 1 and len(built) == 3
 
 
 def test_each_term_is_its_formula(model_dir):
