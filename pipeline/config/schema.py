@@ -370,8 +370,9 @@ class CheckpointConfig(_Strict):
         "auto", description="dtype of the exported Hugging Face weights. `auto`: the reference model's own (its "
                             "config.json; bfloat16 for most hub models, half the size of the fp32 master weights).")
     async_save: bool = Field(True, description="Write the sharded training state in the background "
-                                               "(torch.distributed.checkpoint async save): steps wait only while it "
-                                               "is copied to host memory.")
+                                               "(torch.distributed.checkpoint async save) and upload it to run_dir's "
+                                               "storage in the background: steps wait only while it is copied to "
+                                               "host memory.")
 
 
 class LoraSettings(_Strict):
