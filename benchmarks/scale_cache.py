@@ -22,15 +22,27 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 ROOT = Path(__file__).resolve().parents[1]
 # Words of the tiny tokenizer's training corpus (pipeline/demo/tiny.py): a few tokens each.
 WORDS = "the a movie film story plot scene music good bad great dull very quite and but I you we love hate".split()
 
 # Runs in the child: the driver of one cache stage. ru_maxrss is in KiB on Linux.
 DRIVER = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
+import psutil
 from pipeline.config import load_config
 from stages import cache
+
+peak_uss = [0]
+def sample():  # the driver's own pages (USS): RSS also counts the shared object-store pages it maps
+    me = psutil.Process()
+    while True:
+        peak_uss[0] = max(peak_uss[0], me.memory_full_info().uss)
+        time.sleep(0.5)
+threading.Thread(target=sample, daemon=True).start()
 
 class Quiet:
     def __init__(self, total, desc): pass
@@ -43,17 +55,17 @@ t0 = time.perf_counter()
 (result,) = cache.run(cfg, progress_factory=Quiet)
 wall = time.perf_counter() - t0
 print(json.dumps({"wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "pairs": result.counts["pairs"], "rejected": result.counts["rejected"],
-                  "shards": result.shards_total}))
+                  "peak_uss_mib": peak_uss[0] / 2**20, "pairs": result.counts["pairs"],
+                  "rejected": result.counts["rejected"], "shards": result.shards_total, "uri": result.uri}))
 """
 
 
-def build_data(path: Path, pairs: int, seed: int = 0) -> None:
-    """Very short pairs (1-3 words a side, from the tiny tokenizer's vocabulary), each with a unique id."""
+def build_data(path: Path, pairs: int, words: tuple[int, int] = (1, 3), seed: int = 0) -> None:
+    """Pairs of `words` (min, max) words a side, from the tiny tokenizer's vocabulary, each with a unique id."""
     rng = random.Random(seed)
 
     def text() -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
 
     with open(path, "w") as f:
         for i in range(pairs):
@@ -62,10 +74,24 @@ def build_data(path: Path, pairs: int, seed: int = 0) -> None:
                     + "\n")
 
 
-def run_size(pairs: int, work: Path, model: Path, root: Path, batch_size: int, shard_size: int) -> dict:
+def cached_tokens(uri: str) -> int:
+    """Tokens of every cached pair (prompt + both responses)."""
+    manifest = json.loads(Path(uri, "manifest.json").read_text())
+    cols = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+    total = 0
+    for f in manifest["files"]:
+        table = pq.read_table(Path(uri, f["path"]), columns=cols)
+        total += sum(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0 for c in cols)
+    return total
+
+
+def run_size(pairs: int, work: Path, model: Path, root: Path, batch_size: int, shard_size: int,
+             words: tuple[int, int] = (1, 3)) -> dict:
     data = work / f"data-{pairs}.jsonl"
-    build_data(data, pairs)
-    overrides = [f"model.path={model}", f"data.train.path={data}", "data.max_length=32", "data.max_prompt_length=16",
+    build_data(data, pairs, words)
+    max_length = 32 if words[1] <= 3 else 256
+    overrides = [f"model.path={model}", f"data.train.path={data}", f"data.max_length={max_length}",
+                 f"data.max_prompt_length={max_length // 2}",
                  f"cache_dir={work / f'cache-{pairs}'}", f"run_dir={work / f'run-{pairs}'}", "scoring.engine=hf",
                  f"scoring.batch_size={batch_size}", f"scoring.shard_size={shard_size}", "ray.num_cpus=2"]
     env = {**os.environ, "PYTHONPATH": str(root), "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -73,11 +99,12 @@ def run_size(pairs: int, work: Path, model: Path, root: Path, batch_size: int, s
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the cache stage failed for {pairs} pairs:\n{proc.stderr[-3000:]}")
-    return {"size": pairs, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"size": pairs, **row, "tokens": cached_tokens(row.pop("uri"))}
 
 
 def measure(sizes=(10_000, 50_000, 200_000), root: str | Path = ROOT, batch_size: int = 1024,
-            shard_size: int = 1000) -> list[dict]:
+            shard_size: int = 1000, words: tuple[int, int] = (1, 3)) -> list[dict]:
     """Driver peak RSS (MiB) and wall time (s) of the cache stage per size, each in a fresh driver process."""
     root = Path(root).resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +112,7 @@ def measure(sizes=(10_000, 50_000, 200_000), root: str | Path = ROOT, batch_size
         model = work / "tiny-model"
         subprocess.run([sys.executable, "-m", "pipeline.cli", "tiny-assets", str(model)], cwd=root, check=True,
                        env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True)
-        return [run_size(n, work, model, root, batch_size, shard_size) for n in sizes]
+        return [run_size(n, work, model, root, batch_size, shard_size, words) for n in sizes]
 
 
 def main() -> None:
@@ -94,14 +121,20 @@ def main() -> None:
     p.add_argument("--root", default=str(ROOT), help="the checkout whose code runs (default: this one)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--words", type=int, nargs=2, default=[1, 3], metavar=("MIN", "MAX"),
+                   help="words a side (prompt, chosen): 1 3 (default) is ~8 tokens a pair; 4 30 is ~50, the length "
+                        "of real short pairs")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args()
-    rows = measure(args.sizes, args.root, args.batch_size, args.shard_size)
-    base = rows[0]["peak_rss_mib"]
-    print(f"{'pairs':>8} {'shards':>7} {'wall s':>8} {'driver peak RSS MiB':>20} {'vs first':>9}")
+    rows = measure(args.sizes, args.root, args.batch_size, args.shard_size, tuple(args.words))
+    first = rows[0]
+    print(f"{'pairs':>8} {'tokens':>11} {'shards':>7} {'wall s':>8} {'peak RSS MiB':>13} {'peak USS MiB':>13} "
+          f"{'RSS B/token over first':>23}")
     for r in rows:
-        print(f"{r['size']:>8} {r['shards']:>7} {r['wall_s']:>8.1f} {r['peak_rss_mib']:>20.0f} "
-              f"{r['peak_rss_mib'] / base - 1:>+9.1%}")
+        extra = r["tokens"] - first["tokens"]
+        slope = (r["peak_rss_mib"] - first["peak_rss_mib"]) * 2**20 / extra if extra else float("nan")
+        print(f"{r['size']:>8} {r['tokens']:>11} {r['shards']:>7} {r['wall_s']:>8.1f} {r['peak_rss_mib']:>13.0f} "
+              f"{r['peak_uss_mib']:>13.0f} {slope:>23.1f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
 
