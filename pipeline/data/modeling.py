@@ -58,8 +58,8 @@ def disable_dropout(model: nn.Module) -> None:
 def merge_adapter(base_dir: str, dtype: torch.dtype, adapter_dir: Path, out_dir: Path) -> None:
     """A full Hugging Face model of base + LoRA adapter (peft's merge_and_unload), in `dtype`, at `out_dir`: loads
     the whole base model into this host's memory."""
-    # Lazy: importing peft takes seconds (it imports much of transformers), and every Ray worker that scores,
-    # tokenizes or writes imports this module; only merging an adapter needs it.
+    # Lazy: importing peft takes seconds (it imports much of transformers), and every Ray worker that scores or
+    # trains imports this module; only merging an adapter needs it.
     from peft import PeftModel  # noqa: PLC0415
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)

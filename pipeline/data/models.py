@@ -29,6 +29,7 @@ from pipeline.store.fingerprint import (
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
+
 @dataclass(frozen=True)
 class ResolvedPath:
     """A model or tokenizer location resolved to a local directory, with its identity for the cache key."""
