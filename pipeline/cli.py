@@ -10,17 +10,30 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import load_config, reference_markdown, to_yaml
+from pipeline.config import Config, load_config, reference_markdown, to_yaml
+from pipeline.data.models import check_model_path
+from pipeline.data.sources import check_local_source
 from pipeline.errors import RunFailed, UserError
 from pipeline.runtime.console import NATIVE_STDERR, VERBOSE_ENV
 from pipeline.store.storage import Store, staging_dir, storage_error
 
 # The stages, the orchestration and the demo are imported inside the command that runs them: they load torch,
-# Ray and transformers (~5 s), which `config`, `config-docs` and a config error should not wait for.
+# Ray and transformers (~8 s), which `config`, `config-docs` and a config error should not wait for.
+
+
+def _load(args, data: bool = True) -> Config:
+    """The config, its model path (and with `data`, its local data files) checked before a stage is imported: a
+    wrong path is reported in a second, not after the imports."""
+    cfg = load_config(args.config, args.overrides)
+    check_model_path(cfg.model.path)
+    for src in (cfg.data.train, cfg.data.eval) if data else ():
+        if src is not None:
+            check_local_source(src)
+    return cfg
 
 
 def _cache(args) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     from stages import cache  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     for r in cache.run(cfg):
@@ -42,7 +55,7 @@ def _cache(args) -> None:
 
 
 def _train(args) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     from stages import train  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     r = train.run(cfg)
@@ -60,7 +73,7 @@ def _headline(row: dict) -> str:
 
 
 def _eval(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args, data=False)
     from stages import evaluate  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     r = evaluate.run(cfg)
@@ -100,7 +113,7 @@ def _mean(value: float | None) -> str:
 
 
 def _plan(args) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args, data=not args.iterate)  # an iterate run's data is made by its rounds
     if args.iterate:
         from pipeline.iterate import plan  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
     else:
@@ -171,7 +184,7 @@ def _rows(rows: list[dict], failures: list[dict]) -> None:
 
 
 def _run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     from pipeline.orchestrate import run  # noqa: PLC0415 (lazy: torch, Ray, transformers; see the top)
 
     with _logged(cfg.run_dir):

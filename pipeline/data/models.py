@@ -38,13 +38,20 @@ class ResolvedPath:
     identity: dict[str, Any]
 
 
-def _resolve(path: str, revision: str | None, what: str, key: str) -> tuple[str, dict[str, Any] | None]:
-    """Local dir -> (dir, None). Hub id -> (snapshot dir, {"hub": id, "commit": sha})."""
+def _is_local(path: str, what: str, key: str) -> bool:
+    """A local directory (True) or a hub id (False); anything else is a user error."""
     if Path(path).is_dir():
-        return str(Path(path).resolve()), None
+        return True
     if not _HUB_ID.match(path) or path.startswith((".", "/")):
         raise UserError(f"{key} {path!r} does not exist; point it at a {what} directory or a hub id like "
                         f"org/name (the tiny one: dpo-pipeline tiny-assets {path})")
+    return False
+
+
+def _resolve(path: str, revision: str | None, what: str, key: str) -> tuple[str, dict[str, Any] | None]:
+    """Local dir -> (dir, None). Hub id -> (snapshot dir, {"hub": id, "commit": sha})."""
+    if _is_local(path, what, key):
+        return str(Path(path).resolve()), None
     try:
         local = snapshot_download(path, revision=revision)
     except Exception as e:  # network, auth, missing repo: all one message for the user
@@ -56,9 +63,20 @@ def _resolve(path: str, revision: str | None, what: str, key: str) -> tuple[str,
 def resolve_model(path: str, revision: str | None = None, key: str = "model.path") -> ResolvedPath:
     """`key` names the config key errors blame (the reference model, or e.g. a reward model)."""
     local, hub = _resolve(path, revision, "model", key)
+    _check_model_dir(local, path, key)
+    return ResolvedPath(local, hub or {"local_sha256": model_files_hash(local)})
+
+
+def check_model_path(path: str, key: str = "model.path") -> None:
+    """`resolve_model`'s user errors for a local path, without hashing the weights or reaching the hub: the command
+    line checks the config's model before it imports a stage (torch, Ray, transformers: seconds)."""
+    if _is_local(path, "model", key):
+        _check_model_dir(path, path, key)
+
+
+def _check_model_dir(local: str, path: str, key: str) -> None:
     if not (Path(local) / "config.json").is_file():
         raise UserError(f"{key} {path!r} has no config.json; point it at a Hugging Face model directory")
-    return ResolvedPath(local, hub or {"local_sha256": model_files_hash(local)})
 
 
 def check_causal_lm(local_dir: str, trust_remote_code: bool = False, key: str = "model.path") -> None:

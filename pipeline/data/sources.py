@@ -185,6 +185,18 @@ def _file_info(file: Store, shown: str) -> pafs.FileInfo:
         raise storage_error("reach", shown, e) from None
 
 
+def check_local_source(src: DataSource) -> None:
+    """`plan_source`'s missing-file error for a local path, without reading it: the command line checks the
+    config's data before it imports a stage (torch, Ray, transformers: seconds)."""
+    file = Store(src.path)
+    if file.local and PurePosixPath(file.root).suffix.lower() in _SUFFIXES and not Path(file.root).is_file():
+        raise _not_found(src)
+
+
+def _not_found(src: DataSource) -> UserError:
+    return UserError(f"data file {src.path!r} not found; check data.*.path")
+
+
 def plan_source(src: DataSource, shard_size: int, sources_dir: Store | str | Path) -> SourcePlan:
     """Resolve a configured source to one file (a local path or a pyarrow URI), hash it and cut it into shards.
 
@@ -199,7 +211,7 @@ def plan_source(src: DataSource, shard_size: int, sources_dir: Store | str | Pat
     if info.type == pafs.FileType.File and suffix not in _SUFFIXES:
         raise UserError(f"data file {src.path!r} has an unsupported extension; use .jsonl, .json or .parquet")
     if info.type != pafs.FileType.File and suffix in _SUFFIXES:
-        raise UserError(f"data file {src.path!r} not found; check data.*.path")
+        raise _not_found(src)
     if info.type != pafs.FileType.File and not file.local:
         raise UserError(f"data path {src.path!r} is not a file; a URI must name a .jsonl or .parquet file "
                         f"(`datasets` directories are read from a local path)")

@@ -3,10 +3,13 @@ the fix, exit code 2, never a traceback, and nothing is started or written."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from pipeline.cli import main
-from tests.faults.helpers import assert_user_error, cli
+from tests.faults.helpers import ROOT, assert_user_error, cli
 
 
 def run_main(capsys, *argv: str):
@@ -71,6 +74,20 @@ def test_unknown_key_in_the_yaml_file(capsys, tmp_path):
 def test_user_errors_exit_2_with_one_line(overrides, needle, tiny_model):
     # Later overrides win, so each case's override replaces the valid tiny model path where it names one.
     assert_user_error(cli("cache", "configs/tiny.yaml", f"model.path={tiny_model}", *overrides), needle)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("command", ["cache", "train", "run"])
+def test_a_wrong_path_is_reported_before_the_stage_is_imported(command, tiny_model):
+    """The command line checks the model path and the local data files before it imports a stage (torch, Ray,
+    transformers: ~8 s here): the error comes back at once."""
+    probe = ("import sys; from pipeline.cli import main; code = main(sys.argv[1:]); "
+             "print(code, *(m in sys.modules for m in ('torch', 'ray', 'stages.cache', 'stages.train')))")
+    for override in ("model.path=/no/such/model", "data.train.path=/no/such.jsonl"):
+        proc = subprocess.run([sys.executable, "-c", probe, command, "configs/tiny.yaml", f"model.path={tiny_model}",
+                               override], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.stdout.split() == ["2", "False", "False", "False", "False"], (override, proc.stdout, proc.stderr)
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
 
 
 @pytest.mark.parametrize("overrides, needle", [
