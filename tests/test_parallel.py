@@ -1,5 +1,6 @@
 """Loading a sharded model without a full copy per rank: the meta-device skeleton, sharded, then filled slice by
-slice, holds exactly the weights a plain transformers load gives (2 gloo ranks, in-process spawn)."""
+slice, holds exactly the weights a plain transformers load gives; FSDP2 keeps gradients sharded between micro-batches
+(2 gloo ranks, in-process spawn: one pair of processes for all of them)."""
 
 from __future__ import annotations
 
@@ -26,27 +27,44 @@ from pipeline.dpo.parallel import (
     shard_model,
 )
 from pipeline.errors import UserError
+from tests.test_batching import _pairs as pairs
+from tests.test_step import accumulate_on_rank, reference_grads
 
 
-def _load_sharded(rank: int, world: int, model_dir: str, init: str, out: str) -> None:
+def _load_sharded(rank: int, world: int, model_dir: str, out: str) -> None:
+    policy = shard_model(PolicyLogps(empty_causal_lm(model_dir)))
+    materialize(policy, "cpu")
+    load_hf_weights(policy, model_dir)
+    full = {}  # gathered on rank 0, a group at a time
+    for group in hf_weight_groups(policy, torch.float32, 40_000)[1]:
+        full.update(group)
+    if rank == 0:
+        torch.save({**full, **{f"buffer:{n}": b for n, b in policy.lm.named_buffers()}}, out)
+
+
+def _jobs_on_ranks(rank: int, world: int, init: str, jobs: list) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        policy = shard_model(PolicyLogps(empty_causal_lm(model_dir)))
-        materialize(policy, "cpu")
-        load_hf_weights(policy, model_dir)
-        full = {}  # gathered on rank 0, a group at a time
-        for group in hf_weight_groups(policy, torch.float32, 40_000)[1]:
-            full.update(group)
-        if rank == 0:
-            torch.save({**full, **{f"buffer:{n}": b for n, b in policy.lm.named_buffers()}}, out)
+        for job, args in jobs:
+            job(rank, world, *args)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _sharded_weights(model_dir: Path, tmp_path: Path, world: int = 2) -> dict[str, torch.Tensor]:
-    out = tmp_path / "gathered.pt"
-    mp.spawn(_load_sharded, args=(world, str(model_dir), f"file://{tmp_path / 'pg'}", str(out)), nprocs=world)
-    return torch.load(out)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, Path]:
+    """Every two-rank check of this module, run in one pair of gloo processes (each start imports torch and
+    transformers: ~8 s of CPU) instead of a pair per check: name -> what rank 0 saved."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    models = {"fp32-untied": _tiny_llama(root / "fp32", torch.float32, tied=False),
+              "bf16-tied": _tiny_llama(root / "bf16", torch.bfloat16, tied=True),
+              "no-safetensors": _tiny_llama(root / "bin", torch.float32, tied=False, safetensors=False)}
+    outs = {name: root / f"{name}.pt" for name in [*models, "accumulate"]}
+    jobs = [(_load_sharded, (str(models[name]), str(outs[name]))) for name in models]
+    jobs.append((accumulate_on_rank, (str(outs["accumulate"]),)))
+    mp.spawn(_jobs_on_ranks, args=(2, f"file://{root / 'pg'}", jobs), nprocs=2)
+    return {"models": models, **outs}
 
 
 def _tiny_llama(out: Path, dtype: torch.dtype, tied: bool, safetensors: bool = True) -> Path:
@@ -61,32 +79,50 @@ def _tiny_llama(out: Path, dtype: torch.dtype, tied: bool, safetensors: bool = T
     return out
 
 
-@pytest.mark.parametrize("dtype, tied", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("name, tied", [("fp32-untied", False), ("bf16-tied", True)])
 @pytest.mark.subprocess
-def test_meta_device_load_equals_a_full_load(tmp_path, dtype, tied):
-    model_dir = _tiny_llama(tmp_path / "model", dtype, tied)
-    got = _sharded_weights(model_dir, tmp_path)
+def test_meta_device_load_equals_a_full_load(two_ranks, name, tied):
+    model_dir = two_ranks["models"][name]
+    got = torch.load(two_ranks[name])
     want = load_hf_model(str(model_dir), "float32")  # the fp32 master copy training starts from
     want_params = dict(want.state_dict())
     assert set(want_params) <= set(k for k in got if not k.startswith("buffer:")) | {"lm_head.weight"}
-    for name, tensor in want_params.items():
-        if name in got:
-            assert got[name].dtype == torch.float32
-            assert torch.equal(got[name], tensor), name
+    for key, tensor in want_params.items():
+        if key in got:
+            assert got[key].dtype == torch.float32
+            assert torch.equal(got[key], tensor), key
     if tied:
         assert torch.equal(got.get("lm_head.weight", got["model.embed_tokens.weight"]),
                            want.model.embed_tokens.weight)
-    for name, buf in want.named_buffers():  # rotary inv_freq: computed at construction, kept through to_empty
-        assert torch.equal(got[f"buffer:{name}"], buf), name
+    for key, buf in want.named_buffers():  # rotary inv_freq: computed at construction, kept through to_empty
+        assert torch.equal(got[f"buffer:{key}"], buf), key
 
 
 @pytest.mark.subprocess
-def test_a_model_without_safetensors_is_broadcast_from_rank0(tmp_path):
-    model_dir = _tiny_llama(tmp_path / "model", torch.float32, tied=False, safetensors=False)
+def test_a_model_without_safetensors_is_broadcast_from_rank0(two_ranks):
+    model_dir = two_ranks["models"]["no-safetensors"]
     assert not list(model_dir.glob("*.safetensors"))
-    got = _sharded_weights(model_dir, tmp_path)
-    for name, tensor in load_hf_model(str(model_dir)).state_dict().items():
-        assert torch.equal(got[name], tensor), name
+    got = torch.load(two_ranks["no-safetensors"])
+    for key, tensor in load_hf_model(str(model_dir)).state_dict().items():
+        assert torch.equal(got[key], tensor), key
+
+
+@pytest.mark.subprocess
+def test_gradients_stay_sharded_between_micro_batches_on_two_ranks(two_ranks):
+    """Gradient accumulation on 2 ranks holds each parameter's gradient as this rank's 1/2 shard between
+    micro-batches (no unsharded copy of the whole model's gradient), and the step's gradient is the formula's
+    over all 12 pairs (1 rank: test_step.py's test_fsdp_step_gradient_equals_the_formula)."""
+    got = torch.load(two_ranks["accumulate"])
+    assert len(got["seen"]) == 3
+    for grads in got["seen"][1:]:  # before micro-batches 2 and 3 (deferred: none of them held as a shard)
+        assert all(g is not None for g in grads.values()), [k for k, g in grads.items() if g is None]
+        assert all(local == shard for local, shard, _ in grads.values())
+        held, whole = sum(g[0] for g in grads.values()), sum(g[2] for g in grads.values())
+        assert held <= whole / 2 + 64 * len(grads), (held, whole)  # 1/W of the model, up to shard rounding
+    _, want = reference_grads(pairs(12, seed=3))
+    assert got["grads"].keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got["grads"][k], want[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_an_incomplete_model_directory_is_a_user_error(tmp_path):

@@ -1,5 +1,6 @@
 """The training step without Ray (pipeline/dpo/step.py): FSDP2 (one reduce-scatter per step on one rank, one per
-micro-batch on two) and torch.compile'd blocks compute the gradient of the plain formula."""
+micro-batch on two: that check runs in test_parallel.py's two-rank processes) and torch.compile'd blocks compute the
+gradient of the plain formula."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +36,7 @@ def _lm():
                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32))
 
 
-def _reference_grads(pairs) -> tuple[float, dict[str, torch.Tensor]]:
+def reference_grads(pairs) -> tuple[float, dict[str, torch.Tensor]]:
     """The mean DPO loss over all pairs in one padded batch, with the attention mask, by the formula."""
     lm = _lm()
     b = collate(pairs)
@@ -56,7 +56,7 @@ def _reference_grads(pairs) -> tuple[float, dict[str, torch.Tensor]]:
     pytest.param(False, True, id="recomputed-head")])
 def test_fsdp_step_gradient_equals_the_formula(process_group, compile_blocks, recompute_head):
     pairs = _pairs(12, seed=3)
-    want_loss, want = _reference_grads(pairs)
+    want_loss, want = reference_grads(pairs)
     policy = apply_fsdp(PolicyLogps(_lm(), recompute_head), torch.float32, compile_blocks=compile_blocks)
     sums = StepSums()
     StepCompute(policy, None, [LOSS], pad_id=0, device="cpu").accumulate(pairs, 5, sums)  # micro-batches 5, 5, 2
@@ -69,48 +69,24 @@ def test_fsdp_step_gradient_equals_the_formula(process_group, compile_blocks, re
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def _accumulate_on_rank(rank: int, world: int, init: str, out: str) -> None:
+def accumulate_on_rank(rank: int, world: int, out: str) -> None:
     """Rank `rank` of `world` (gloo) accumulates its half of 12 pairs in 3 micro-batches; before each micro-batch
     after the first it records where the gradients are: sharded (each parameter's .grad a DTensor holding this
-    rank's shard) or not."""
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        pairs = _pairs(12, seed=3)
-        policy = apply_fsdp(PolicyLogps(_lm()), torch.float32)
-        compute = StepCompute(policy, None, [LOSS], pad_id=0, device="cpu")
-        seen, forward = [], compute.forward
+    rank's shard) or not. Run on two ranks by test_parallel.py (with its other two-rank checks)."""
+    pairs = _pairs(12, seed=3)
+    policy = apply_fsdp(PolicyLogps(_lm()), torch.float32)
+    compute = StepCompute(policy, None, [LOSS], pad_id=0, device="cpu")
+    seen, forward = [], compute.forward
 
-        def recording_forward(table):
-            seen.append({k: (None if p.grad is None else (p.grad.to_local().numel(), p.to_local().numel(),
-                                                          p.numel())) for k, p in policy.named_parameters()})
-            return forward(table)
-        compute.forward = recording_forward
-        compute.accumulate(pairs.slice(rank * 6, 6), 2, StepSums())
-        grads = {k.removeprefix("lm."): p.grad.full_tensor() for k, p in policy.named_parameters()}
-        if rank == 0:
-            torch.save({"seen": seen, "grads": grads}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.subprocess
-def test_gradients_stay_sharded_between_micro_batches_on_two_ranks(tmp_path):
-    """Gradient accumulation on 2 ranks holds each parameter's gradient as this rank's 1/2 shard between
-    micro-batches (no unsharded copy of the whole model's gradient), and the step's gradient is the formula's
-    over all 12 pairs (1 rank: test_fsdp_step_gradient_equals_the_formula)."""
-    out = tmp_path / "rank0.pt"
-    mp.spawn(_accumulate_on_rank, args=(2, f"file://{tmp_path / 'pg'}", str(out)), nprocs=2)
-    got = torch.load(out)
-    assert len(got["seen"]) == 3
-    for grads in got["seen"][1:]:  # before micro-batches 2 and 3 (deferred: none of them held as a shard)
-        assert all(g is not None for g in grads.values()), [k for k, g in grads.items() if g is None]
-        assert all(local == shard for local, shard, _ in grads.values())
-        held, whole = sum(g[0] for g in grads.values()), sum(g[2] for g in grads.values())
-        assert held <= whole / 2 + 64 * len(grads), (held, whole)  # 1/W of the model, up to shard rounding
-    _, want = _reference_grads(_pairs(12, seed=3))
-    assert got["grads"].keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got["grads"][k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+    def recording_forward(table):
+        seen.append({k: (None if p.grad is None else (p.grad.to_local().numel(), p.to_local().numel(),
+                                                      p.numel())) for k, p in policy.named_parameters()})
+        return forward(table)
+    compute.forward = recording_forward
+    compute.accumulate(pairs.slice(rank * 6, 6), 2, StepSums())
+    grads = {k.removeprefix("lm."): p.grad.full_tensor() for k, p in policy.named_parameters()}
+    if rank == 0:
+        torch.save({"seen": seen, "grads": grads}, out)
 
 
 def _with_cached_tokens(pairs, ref_lm):
