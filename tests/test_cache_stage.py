@@ -140,11 +140,24 @@ def test_second_run_computes_nothing(vllm_run):
     assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing rewritten
 
 
+@pytest.fixture(scope="module")
+def format_caches(tiny_model, tmp_path_factory, standard_cache):
+    """Each data format's cache (hf engine): standard is the session's train cache, found again by a cache run;
+    conversational and implicit (whole conversations as prompts: a longer prompt limit) are built here, in one run
+    as its train and eval splits."""
+    root = tmp_path_factory.mktemp("formats")
+    copy_cache(standard_cache, root / "session")
+    (standard,) = cache.run(make_config(tiny_model, root / "session", "scoring.engine=hf"))
+    assert standard.reused
+    built = {r.split: r for r in cache.run(make_config(
+        tiny_model, root / "built", "scoring.engine=hf", "data.max_prompt_length=100",
+        f"data.eval.path={DATA / 'implicit.jsonl'}", data=DATA / "conversational.jsonl"))}
+    return {"standard": standard, "conversational": built["train"], "implicit": built["eval"]}
+
+
 @pytest.mark.parametrize("name", ["standard", "conversational", "implicit"])
-def test_each_format_hf_engine(name, tiny_model, tmp_path, ray_local, hf_model, tokenizer):
-    cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", "data.max_prompt_length=100",
-                      data=DATA / f"{name}.jsonl")
-    (r,) = cache.run(cfg)
+def test_each_format_hf_engine(name, format_caches, hf_model, tokenizer):
+    r = format_caches[name]
     table = read_cache(r)
     assert r.counts["pairs"] == table.num_rows == 24 and r.counts["rejected"] == 0
     assert_matches_transformers(table, hf_model)
