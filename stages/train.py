@@ -63,10 +63,12 @@ from pipeline.dpo.parallel import (
     load_hf_weights,
     load_sharded_state,
     materialize,
+    on_every_rank,
     process_group_backend,
     save_sharded_state,
     set_device_math,
     set_full_values,
+    state_bytes,
 )
 from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, packing_mode, worker_maxima
 from pipeline.runtime import faults
@@ -86,6 +88,7 @@ from pipeline.store.checkpoints import (
     list_checkpoints,
     prune_checkpoints,
     remove_interrupted_exports,
+    state_staging,
     training_failed,
 )
 from pipeline.store.fingerprint import sha256_json
@@ -106,7 +109,7 @@ class TrainResult:
 # Settings that change neither the weights (packing, recompute_head: tested) nor which checkpoints are written.
 _UNKEYED = {"log_every": True, "eval_every": True, "cache_path": True, "init_from": True, "packing": True,
             "parallel": {"num_cpus_per_worker", "recompute_head", "gpu_memory_gb"},
-            "checkpoint": {"max_failures", "keep", "async_save"}}
+            "checkpoint": {"max_failures", "keep", "async_save", "staging_dir"}}
 
 
 def train_key(cfg: Config, cache_key: str) -> str:
@@ -234,6 +237,7 @@ class DPOWorker:
         self.upload: Callable[[], None] | None = None  # waits for the last export's upload (rank 0)
         self.pending: tuple[Future, Path, dict[str, Any]] | None = None  # the training state being written
         self.blocked_s: list[float] = []  # per checkpoint: how long the loop stopped for it
+        self.reporting_s = 0.0  # reporting background saves between checkpoints, and the waits at the end
         self.read_bytes = 0  # cache bytes this worker has read (decoded)
 
     # ------------------------------------------------------------ lifecycle
@@ -252,6 +256,8 @@ class DPOWorker:
         # Under LoRA only the adapters (and modules_to_save copies) train: optimizer state for those alone.
         self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad], optim.lr,
                                         optim.weight_decay)
+        ckpt = self.cfg.train.checkpoint
+        self.staging = state_staging(ckpt.staging_dir, state_bytes(self.policy), ckpt.async_save)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
         self.compute = StepCompute(self.policy, reference, self.cfg.train.losses, pad_id, self.device,
@@ -288,11 +294,13 @@ class DPOWorker:
         self.blocked_s.append(now() - t0)
 
     def cleanup(self) -> None:
+        t0 = now()
         self._report_saved(wait=True)
         self._finish_export()
+        self.reporting_s += now() - t0
         if self.rank == 0 and self.blocked_s:
-            say(f"checkpoints: the loop waited {sum(self.blocked_s):.2f} s for {len(self.blocked_s)} "
-                  f"(longest {max(self.blocked_s):.2f} s)")
+            say(f"checkpoints: the loop waited {sum(self.blocked_s) + self.reporting_s:.2f} s for "
+                f"{len(self.blocked_s)} (longest save {max(self.blocked_s):.2f} s)")
         self.bar.close()
         self.logger.close()
 
@@ -380,6 +388,7 @@ class DPOWorker:
         if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.cfg.data.eval:
             self.metrics.update(self._evaluate())
         self._report_saved(wait=False)
+        self.metrics["checkpoint/waited_s"] = sum(self.blocked_s) + self.reporting_s  # so far: saves' cost to steps
         if self.step % self.cfg.train.log_every == 0 or self.step == self.plan.total_steps:
             self.logger.log(self.step, self.metrics, echo=self.bar.write, total=self.plan.total_steps)
         if self.cfg.train.checkpoint.every and self.step % self.cfg.train.checkpoint.every == 0:
@@ -450,7 +459,7 @@ class DPOWorker:
         """The sharded training state (every rank) and trainer_state.json (rank 0), reported to Ray Train as one
         checkpoint once every rank has written its part: in the background under train.checkpoint.async_save (one
         save in flight at a time: `save` has reported the last one), else before returning."""
-        local = Path(tempfile.mkdtemp(prefix="dpo-state-"))
+        local = Path(tempfile.mkdtemp(prefix="dpo-state-", dir=self.staging))
         if self.rank == 0:
             (local / "trainer_state.json").write_text(json.dumps(
                 {"step": self.step, "scheduler": self.scheduler.state_dict(), "hf_checkpoint": name,
@@ -469,11 +478,13 @@ class DPOWorker:
         if self.pending is None:
             return
         future, local, meta = self.pending
-        if not wait and not self._everywhere(future.done()):
+        if not wait and not on_every_rank(future.done(), self.device):
             return
+        t0 = now()
         future.result()  # a failed write fails the step here
         self.pending = None
         self._report(local, meta)
+        self.reporting_s += 0.0 if wait else now() - t0  # (a wait is timed by save or cleanup)
 
     def _report(self, local: Path, meta: dict[str, Any]) -> None:
         """Under async_save Ray Train uploads the state to run_dir's storage in a background thread and registers
@@ -483,11 +494,3 @@ class DPOWorker:
         ray.train.report(meta, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
                          checkpoint_dir_name=f"checkpoint_{meta['step']:06d}", checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=True)
-
-    def _everywhere(self, flag: bool) -> bool:
-        if not dist.is_initialized():
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-

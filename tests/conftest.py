@@ -12,6 +12,7 @@ Tiers (README, Development):
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import multiprocessing.process
 import os
@@ -31,6 +32,7 @@ from pipeline.config import RayConfig, load_config
 from pipeline.data.models import load_tokenizer
 from pipeline.demo.tiny import build_tiny_assets
 from pipeline.engines.scorers import VllmScorer
+from pipeline.runtime.console import ROUTER
 from pipeline.runtime.session import init_ray
 from stages import cache, train
 
@@ -145,12 +147,31 @@ def tokenizer(tiny_model):
     return load_tokenizer(str(tiny_model))
 
 
+S3_BUCKET = "dpo-ray-test"
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the session (2 CPUs, like the machines CI runs on)."""
+def ray_local(tmp_path_factory):
+    """One local Ray instance for the session (2 CPUs, like the machines CI runs on). Started with the endpoint and
+    credentials of a bucket on a local moto S3 server in its environment, as every node of a real cluster has them,
+    so that its workers read and write there (`s3_ray`) without a restart of Ray."""
+    server = None
+    if importlib.util.find_spec("moto") is not None:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                           "AWS_ENDPOINT_URL": f"http://{host}:{port}"})
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
     init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
+    if server is not None:
+        ROUTER.use(str(tmp_path_factory.mktemp("last-logs")))  # the logs of a run_dir on S3 uploaded while it is up
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -176,7 +197,8 @@ def straight_run(tiny_model, tmp_path_factory, standard_cache):
     root = tmp_path_factory.mktemp("straight-run")
     copy_cache(standard_cache, root)
     cfg = make_config(tiny_model, root, "scoring.engine=hf", f"data.eval.path={DATA / 'conversational.jsonl'}",
-                      *TRAIN_STEPS, "train.eval_every=2", f"run_dir={root / 'w1'}")
+                      *TRAIN_STEPS, "train.eval_every=2", f"run_dir={root / 'w1'}",
+                      f"train.checkpoint.staging_dir={root / 'staging'}")
     return cfg, train.run(cfg)
 
 
@@ -246,6 +268,13 @@ def make_config(tiny_model: Path, tmp_path: Path, *overrides: str, data: str | P
             "data.max_prompt_length=64", f"cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}",
             "scoring.shard_size=8", "scoring.batch_size=16"]
     return load_config(None, base + list(overrides))
+
+
+@pytest.fixture
+def s3_ray(ray_local):
+    """The session's bucket (`ray_local`), which Ray's workers reach as the driver does."""
+    pytest.importorskip("moto")
+    return f"s3://{S3_BUCKET}"
 
 
 @pytest.fixture

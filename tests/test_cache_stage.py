@@ -13,23 +13,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import boto3
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
-from moto.server import ThreadedMotoServer
 from transformers import AutoModelForCausalLM
 
 from pipeline import orchestrate
-from pipeline.config import RayConfig
 from pipeline.data import sources
 from pipeline.errors import UserError
 from pipeline.evaluation.inputs import load_prompts
-from pipeline.runtime.session import init_ray
 from pipeline.store import cache_layout, shards
 from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
@@ -252,31 +247,6 @@ def test_cache_checks_in_ray_tasks(tiny_model, tmp_path, standard_cache, monkeyp
     rels = [f["path"] for f in manifest["files"]]
     assert cache_layout.sha256_files(store, rels + ["data/missing.parquet"], 1) == \
         [f["sha256"] for f in manifest["files"]] + [None]
-
-
-@pytest.fixture(scope="module")
-def s3_ray(ray_local):
-    """A bucket on a local moto S3 server, and Ray restarted with its endpoint and credentials in the environment
-    (the read tasks open the source there), as every node of a real cluster has them. Ray is restarted as before
-    afterwards."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.shutdown()
-    init_ray(RayConfig(num_cpus=2))
-    boto3.client("s3").create_bucket(Bucket="dpo-cache-test")
-    try:
-        yield "s3://dpo-cache-test"
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        server.stop()
-        init_ray(RayConfig(num_cpus=2))
 
 
 def test_sources_and_cache_on_s3_give_the_local_values(standard_cache, s3_ray, tiny_model, tmp_path):

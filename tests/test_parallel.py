@@ -25,7 +25,9 @@ from pipeline.dpo.parallel import (
     process_group_backend,
     set_device_math,
     shard_model,
+    state_bytes,
 )
+from pipeline.dpo.step import make_optimizer
 from pipeline.errors import UserError
 from tests.test_batching import _pairs as pairs
 from tests.test_step import accumulate_on_rank, reference_grads
@@ -288,3 +290,20 @@ def test_a_hub_snapshot_of_the_drivers_cache_is_fetched_again_on_a_node_without_
     monkeypatch.setattr(models, "snapshot_download", offline)
     with pytest.raises(UserError, match="not on this node .* could not be fetched .*HF_TOKEN.* shared HF_HOME"):
         models.on_this_node(drivers)
+
+
+def test_the_state_a_rank_writes_is_its_weights_and_adams_moments():
+    """`state_bytes`, counted before the first step (the staging dir's free-space check), is what the state holds
+    after it: every weight, and AdamW's two moments for the trainable ones only (a frozen part: LoRA's base)."""
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    lm.model.embed_tokens.weight.requires_grad_(False)
+    optimizer = make_optimizer([p for p in lm.parameters() if p.requires_grad], lr=1e-3)
+    predicted = state_bytes(lm)
+    lm(input_ids=torch.randint(0, 96, (2, 8))).logits.sum().backward()
+    optimizer.step()
+    moments = sum(v.numel() * v.element_size() for state in optimizer.state.values() for k, v in state.items()
+                  if k in ("exp_avg", "exp_avg_sq"))
+    assert moments > 0 and len(optimizer.state) == sum(p.requires_grad for p in lm.parameters())
+    assert predicted == sum(p.numel() * p.element_size() for p in lm.parameters()) + moments

@@ -228,3 +228,26 @@ def test_a_recorded_checkpoint_hash_is_read_not_computed(s3, tmp_path, monkeypat
     (src / checkpoints.RECORD).unlink()  # not one of ours: hashed from a local copy, as model_files_hash does
     run.upload_dir(src, "checkpoints/step_000002", last="config.json")
     assert checkpoints.checkpoint_hash(f"{run.uri}/checkpoints/step_000002") == model_files_hash(src)
+
+
+def test_the_training_state_is_staged_where_asked_and_only_with_room(tmp_path, monkeypatch):
+    """`train.checkpoint.staging_dir` (else the pipeline's staging dir) holds a rank's state before its upload; a
+    disk without room for it (two copies under async_save) is one line naming the key, before the first step."""
+    from collections import namedtuple
+
+    from pipeline.store import storage
+    from pipeline.store.checkpoints import state_staging
+
+    monkeypatch.setenv("DPO_PIPELINE_STAGING", str(tmp_path / "staging"))
+    assert state_staging(None, 10, async_save=True) == tmp_path / "staging" / "train-state"
+    assert state_staging(str(tmp_path / "nvme"), 10, async_save=False) == tmp_path / "nvme"
+    assert (tmp_path / "nvme").is_dir()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(100e9, 70e9, 30e9))
+    assert state_staging(str(tmp_path / "nvme"), int(15e9), async_save=True) == tmp_path / "nvme"  # 30 GB: room
+    with pytest.raises(UserError) as e:
+        state_staging(str(tmp_path / "nvme"), int(20e9), async_save=True)
+    assert str(e.value) == (f"train.checkpoint.staging_dir: {tmp_path / 'nvme'} has 30.0 GB free but this rank's "
+                            f"training state (two copies under async_save) needs 40.0 GB; point "
+                            f"train.checkpoint.staging_dir at a node-local disk with room, or free space there")
+    assert state_staging(str(tmp_path / "nvme"), int(20e9), async_save=False) == tmp_path / "nvme"

@@ -20,6 +20,7 @@ from pipeline.errors import UserError
 from pipeline.store import cache_layout
 from pipeline.store.checkpoints import recorded_hash
 from pipeline.store.fingerprint import model_files_hash
+from pipeline.store.storage import Store
 from stages import train
 from tests.conftest import DATA, TRAIN_STEPS, copy_cache, make_config
 
@@ -34,7 +35,8 @@ def params(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def metrics(run_dir: str) -> list[dict]:
-    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    """The run's metrics.jsonl rows (run_dir: a local path or a URI)."""
+    return [json.loads(line) for line in Store(run_dir).read_bytes("metrics.jsonl").decode().splitlines()]
 
 
 def assert_same_params(a: Path, b: Path, atol: float) -> None:
@@ -94,7 +96,7 @@ def test_step0_loss_is_ln2_and_metrics_are_logged(one_worker):
 
 
 def test_checkpoints_load_in_transformers_and_match_training_state(one_worker, tiny_model):
-    _, result = one_worker
+    cfg, result = one_worker
     ckpt = Path(result.checkpoints[-1])
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -103,6 +105,9 @@ def test_checkpoints_load_in_transformers_and_match_training_state(one_worker, t
     moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), start.parameters()))
     assert moved > 1e-4  # the checkpoint holds trained weights, not the initial ones
     assert not list(ckpt.parent.glob(".tmp-*"))  # no half-written export left behind
+    # The training state was staged in train.checkpoint.staging_dir, and each copy deleted once uploaded.
+    staging = Path(cfg.train.checkpoint.staging_dir)
+    assert staging.is_dir() and not list(staging.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +175,17 @@ def test_mismatched_cache_is_refused(base):
         cache_layout.find_cache(base("x", "data.max_length=100"), "train")
 
 
-def test_three_new_losses_train_as_one_weighted_combination(base):
-    """2 steps (then a third, resumed) of BCO (its running mean checkpointed and restored), f-DPO
-    (Jensen–Shannon) on LD-DPO log-probs (the cache's per-token reference log-probs) and ORPO with WPO weights."""
+def test_three_new_losses_train_as_one_weighted_combination(base, s3_ray, tmp_path, monkeypatch):
+    """3 steps (then a fourth, resumed) of BCO (its running mean checkpointed and restored), f-DPO
+    (Jensen–Shannon) on LD-DPO log-probs (the cache's per-token reference log-probs) and ORPO with WPO weights, with
+    run_dir on S3 (a local moto server) and every upload of the training state slowed by 3 s: step 3 runs while
+    step 2's state uploads (the loop waits for the save, not the upload), and the rerun resumes from the uploaded
+    state."""
     loss = ("train.loss=[{type: bco_pair, weight: 0.5}, {type: f_divergence, divergence: js_divergence, "
             "ld_alpha: 0.5}, {type: orpo, weight: 0.2, wpo: true}]")
-    cfg = base("combo", loss, "train.max_steps=2")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", f"point=state_upload,token={uploads},action=sleep:3")
+    cfg = base("combo", loss, "train.max_steps=3", f"run_dir={s3_ray}/combo")
     result = train.run(cfg)
     rows = metrics(cfg.run_dir)
     first = rows[0]
@@ -185,14 +195,19 @@ def test_three_new_losses_train_as_one_weighted_combination(base):
     assert first["loss"] == pytest.approx(0.5 * first["loss/bco_pair"] + first["loss/f_divergence"]
                                           + 0.2 * first["loss/orpo"], abs=1e-5)
     assert abs(first["bco/batch_reward"]) < 1e-4 and 0 < first["wpo/weight"] and math.isfinite(first["orpo/log_odds"])
-    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     # The running mean is the mean of the steps' batch rewards, and is saved with the training state.
     assert rows[1]["bco/reward_mean"] == pytest.approx((rows[0]["bco/batch_reward"] + rows[1]["bco/batch_reward"]) / 2)
-    state = json.loads(next(Path(cfg.run_dir, "ray").glob("checkpoint_*/trainer_state.json")).read_text())
+    state = Store(cfg.run_dir).read_json("ray/checkpoint_000002/trainer_state.json")
     assert state["loss_state"] == {"bco_mean": pytest.approx(rows[1]["bco/reward_mean"]), "bco_steps": 2}
-    assert [Path(c).name for c in result.checkpoints] == ["step_000002"]
-    # One more step, resumed from that checkpoint: δ continues from the restored mean (not from 0).
-    train.run(base("combo", loss, "train.max_steps=3"))
+    assert [c.rsplit("/", 1)[-1] for c in result.checkpoints] == ["step_000002", "step_000003"]
+    # Both states were uploaded, each slowed by 3 s, and no step waited for that: what the loop waited for
+    # checkpoints by step 3 (step 2's save, its report) is less than one upload (with async_save off: 3.5 s).
+    assert [float(b) - float(a) >= 3 for a, b in (line.split() for line in uploads.read_text().splitlines())] == \
+        [True, True]
+    assert rows[2]["checkpoint/waited_s"] < 3
+    # One more step, resumed from the uploaded state: δ continues from the restored mean (not from 0).
+    train.run(base("combo", loss, "train.max_steps=4", f"run_dir={s3_ray}/combo"))
     rows = metrics(cfg.run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert rows[2]["bco/reward_mean"] == pytest.approx(sum(r["bco/batch_reward"] for r in rows) / 3, abs=1e-9)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[3]["bco/reward_mean"] == pytest.approx(sum(r["bco/batch_reward"] for r in rows) / 4, abs=1e-9)

@@ -373,6 +373,12 @@ class CheckpointConfig(_Strict):
                                                "(torch.distributed.checkpoint async save) and upload it to run_dir's "
                                                "storage in the background: steps wait only while it is copied to "
                                                "host memory.")
+    staging_dir: str | None = Field(
+        None, description="Node-local directory where each rank writes its part of the training state before it "
+                          "is uploaded to run_dir's storage (deleted once uploaded). Checked for free space before "
+                          "the first step: two copies of the rank's state under async_save (one uploading while the "
+                          "next is written), else one. null: `train-state/` in the pipeline's node-local staging "
+                          "directory (`$DPO_PIPELINE_STAGING`, default `~/.cache/dpo-pipeline/staging`).")
 
 
 class LoraSettings(_Strict):

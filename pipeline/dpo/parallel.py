@@ -324,6 +324,25 @@ def hf_weight_groups(policy: PolicyLogps, dtype: torch.dtype, max_group_bytes: i
     return len(groups), gather()
 
 
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (a collective; the flag itself without a process group)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the training state this rank writes (`save_sharded_state`): its shards of every parameter, and
+    AdamW's two moments (the parameter's dtype) for each trainable one, counted before the first step creates them."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size() * (3 if p.requires_grad else 1)
+    return total
+
+
 def save_sharded_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the model and optimizer state (torch.distributed.checkpoint; a collective)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)

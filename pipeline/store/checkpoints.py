@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from pipeline.errors import RunFailed, error_line
 from pipeline.runtime import faults
 from pipeline.store.fingerprint import combine_file_hashes, model_files_hash, sha256_file
-from pipeline.store.storage import Store, local_copy
+from pipeline.store.storage import Store, check_free_space, local_copy, staging_dir
 
 # The file written last into a checkpoint: it marks a full model's, or an adapter's, export complete.
 MODEL_MARKER = "config.json"
@@ -183,3 +183,12 @@ def training_failed(error: Exception, run_store: Store) -> RunFailed:
     kept = f"the last complete checkpoint is step_{done[-1][-6:]}" if done else "no checkpoint yet"  # Ray Train's
     return RunFailed(f"training failed ({error_line(cause)}); {kept}: rerun the same command to resume from it, or "
                      f"set train.checkpoint.max_failures to restart automatically")
+
+
+def state_staging(directory: str | None, state_bytes: int, async_save: bool) -> Path:
+    """Where a rank writes its part of the training state before Ray Train uploads it (`train.checkpoint.staging_dir`,
+    else the node-local staging dir), checked for room: two copies under async_save (one uploading while the next is
+    written), else one."""
+    need, what = (2 * state_bytes, "this rank's training state (two copies under async_save)") if async_save \
+        else (state_bytes, "this rank's training state")
+    return check_free_space(directory or staging_dir() / "train-state", need, "train.checkpoint.staging_dir", what)

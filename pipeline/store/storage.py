@@ -250,6 +250,18 @@ def staging_dir() -> Path:
     return Path(os.environ.get("DPO_PIPELINE_STAGING", Path.home() / ".cache" / "dpo-pipeline" / "staging"))
 
 
+def check_free_space(directory: str | Path, need: int, key: str, what: str) -> Path:
+    """`directory` (created if missing), or a user error naming `key` when its disk has less than `need` bytes
+    free for `what`."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise UserError(f"{key}: {path} has {free / 1e9:.1f} GB free but {what} needs {need / 1e9:.1f} GB; point "
+                        f"{key} at a node-local disk with room, or free space there")
+    return path
+
+
 def local_copy(uri: str, top_level: bool = False) -> str:
     """A local directory holding the files of directory `uri`: the directory itself on a local disk; otherwise a
     copy in `staging_dir()`, downloaded again only when the files' sizes or times changed. `top_level`: only the
