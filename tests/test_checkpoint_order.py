@@ -25,7 +25,7 @@ def worker_with_a_save_in_flight(step: int, previous: int, seconds: float) -> tu
     """A worker at `step` whose checkpoint of `previous` is still being written in the background for `seconds`;
     its exports crash, and what it reports to Ray Train is recorded."""
     worker = DPOWorker.__new__(DPOWorker)
-    worker.step, worker.saved_step, worker.blocked_s = step, previous, []
+    worker.step, worker.saved_step, worker.blocked_s, worker.reporting_s = step, previous, [], 0.0
     future: Future = Future()
     threading.Timer(seconds, future.set_result, args=(None,)).start()
     worker.pending = (future, Path("unused"), {"step": previous})
