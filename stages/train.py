@@ -237,7 +237,7 @@ class DPOWorker:
         self.upload: Callable[[], None] | None = None  # waits for the last export's upload (rank 0)
         self.pending: tuple[Future, Path, dict[str, Any]] | None = None  # the training state being written
         self.blocked_s: list[float] = []  # per checkpoint: how long the loop stopped for it
-        self.reporting_s = 0.0  # reporting background saves between checkpoints, and the waits at the end
+        self.reporting_s = 0.0  # checking for and reporting background saves between checkpoints; the waits at the end
         self.read_bytes = 0  # cache bytes this worker has read (decoded)
 
     # ------------------------------------------------------------ lifecycle
@@ -387,7 +387,9 @@ class DPOWorker:
         self.bar.update(1)
         if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.cfg.data.eval:
             self.metrics.update(self._evaluate())
+        t0 = now()
         self._report_saved(wait=False)
+        self.reporting_s += now() - t0
         self.metrics["checkpoint/waited_s"] = sum(self.blocked_s) + self.reporting_s  # so far: saves' cost to steps
         if self.step % self.cfg.train.log_every == 0 or self.step == self.plan.total_steps:
             self.logger.log(self.step, self.metrics, echo=self.bar.write, total=self.plan.total_steps)
@@ -480,11 +482,9 @@ class DPOWorker:
         future, local, meta = self.pending
         if not wait and not on_every_rank(future.done(), self.device):
             return
-        t0 = now()
         future.result()  # a failed write fails the step here
         self.pending = None
         self._report(local, meta)
-        self.reporting_s += 0.0 if wait else now() - t0  # (a wait is timed by save or cleanup)
 
     def _report(self, local: Path, meta: dict[str, Any]) -> None:
         """Under async_save Ray Train uploads the state to run_dir's storage in a background thread and registers

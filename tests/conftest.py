@@ -157,15 +157,7 @@ def ray_local(tmp_path_factory):
     so that its workers read and write there (`s3_ray`) without a restart of Ray."""
     server = None
     if importlib.util.find_spec("moto") is not None:
-        import boto3
-        from moto.server import ThreadedMotoServer
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-                           "AWS_ENDPOINT_URL": f"http://{host}:{port}"})
-        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        server = moto_bucket(S3_BUCKET, os.environ.update)
     init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
@@ -277,19 +269,25 @@ def s3_ray(ray_local):
     return f"s3://{S3_BUCKET}"
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A bucket on a local moto S3 server; pyarrow finds it through the standard AWS_* variables."""
-    pytest.importorskip("moto")
+def moto_bucket(bucket: str, set_env):
+    """A local moto S3 server holding `bucket`; `set_env` puts its endpoint and credentials (the standard AWS_*
+    variables pyarrow reads) in the environment. Returns the server, to stop."""
     import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3").create_bucket(Bucket="dpo-test")
+    set_env({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+             "AWS_ENDPOINT_URL": f"http://{host}:{port}"})
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return server
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A bucket on a local moto S3 server; pyarrow finds it through the standard AWS_* variables."""
+    pytest.importorskip("moto")
+    server = moto_bucket("dpo-test", lambda env: [monkeypatch.setenv(k, v) for k, v in env.items()])
     yield "s3://dpo-test"
     server.stop()
