@@ -1,6 +1,6 @@
 """Case 3: a crash in the cache stage. A SIGKILLed driver's rerun recomputes only the shards in flight and ends
-with the values of an uninterrupted run; in one run, a scorer actor that dies is restarted by Ray Data and its batch
-retried, and a writer task that dies between a shard's file and its marker is retried."""
+with the values of an uninterrupted run; in that rerun, a scorer actor that dies is restarted by Ray Data and its
+batch retried, and a writer task that dies between a shard's file and its marker is retried."""
 
 from __future__ import annotations
 
@@ -54,13 +54,17 @@ def assert_same_cache(a, b) -> None:
                                    atol=1e-5)
 
 
-def test_sigkill_at_a_random_moment_then_rerun_resumes_and_matches_uninterrupted(tiny_model, tmp_path, big,
-                                                                                 straight):
+def test_sigkill_then_a_rerun_with_dying_scorer_and_writer_resumes_and_matches_uninterrupted(
+        tiny_model, tmp_path, big, straight, monkeypatch):
+    """The driver is SIGKILLed at a random moment; its rerun computes only the shards not finished, and survives two
+    faults of its own: the scorer actor exits on its 5th batch (Ray Data restarts it and retries the batch), and a
+    writer task exits with its second shard's file written but no marker (the task is retried). The result equals an
+    uninterrupted run. (One rerun carries both cases, which need a cache run each otherwise.)"""
     cfg = config(tiny_model, tmp_path, big)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     seed = random.randrange(1 << 30)
-    wait_for = random.Random(seed).randint(1, SHARDS // 2)  # finished shards before the kill
+    wait_for = random.Random(seed).randint(1, SHARDS // 2 - 1)  # finished shards before the kill
     # Own session, so the Ray processes the driver starts can be found and reaped after the kill.
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "cache", str(cfg_file)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -76,23 +80,16 @@ def test_sigkill_at_a_random_moment_then_rerun_resumes_and_matches_uninterrupted
     key_dir = markers[0].parents[1]
     done = len(list(key_dir.glob(".work/shard-*.json")))
     assert not (key_dir / "manifest.json").exists()  # an interrupted cache never looks complete
-    assert 0 < done < SHARDS, f"seed {seed}"
+    # A shard or two may finish between the last look and the kill; the rerun still scores >= 5 shards of one
+    # batch each, so the scorer's 5th batch comes.
+    assert 0 < done <= SHARDS - 5, f"seed {seed}"
 
+    actor, writer = tmp_path / "actor-token", tmp_path / "writer-token"
+    monkeypatch.setenv("DPO_PIPELINE_FAULT", ";".join([fault("scorer_batch", actor, nth=5),
+                                                       fault("shard_written", writer, nth=2)]))
     (resumed,) = cache.run(cfg)
+    assert not actor.exists() and not writer.exists()  # both faults fired
     assert not resumed.reused and resumed.shards_total == SHARDS
     assert resumed.shards_computed == SHARDS - done, f"seed {seed}"  # finished shards were not redone
     assert_same_cache(read_cache(resumed), straight)
     assert not any(p.name.startswith(".") for p in Path(resumed.uri).rglob("*"))
-
-
-def test_a_scorer_actor_and_a_writer_that_die_are_retried(tiny_model, tmp_path, big, straight, monkeypatch):
-    """One run, two faults: the scorer actor exits on its 5th batch (Ray Data restarts it and retries the batch), and
-    a writer task exits with its second shard's file written but no marker (the task is retried)."""
-    actor, writer = tmp_path / "actor-token", tmp_path / "writer-token"
-    monkeypatch.setenv("DPO_PIPELINE_FAULT", ";".join([fault("scorer_batch", actor, nth=5),
-                                                       fault("shard_written", writer, nth=2)]))
-    (r,) = cache.run(config(tiny_model, tmp_path, big))
-    assert not actor.exists() and not writer.exists()  # both faults fired
-    assert r.shards_computed == SHARDS
-    assert_same_cache(read_cache(r), straight)
-    assert not any(p.name.startswith(".") for p in Path(r.uri).rglob("*"))
