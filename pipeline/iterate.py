@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import orchestrate
+from pipeline import faults, orchestrate
 from pipeline.config import Config, DataSource
 from pipeline.errors import UserError
 from pipeline.orchestrate import Step
-from pipeline.runtime import faults
 from pipeline.store.storage import Store
 from stages import evaluate as eval_stage
 from stages import pairs as pairs_stage

@@ -37,12 +37,12 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from pipeline import faults
 from pipeline.config import Config, to_yaml
 from pipeline.data.models import load_tokenizer
 from pipeline.data.sources import Shard, SourcePlan
 from pipeline.engines.scorers import ENGINES, SCORE_FIELDS, actor_options, scorer_kwargs
 from pipeline.errors import UserError
-from pipeline.runtime import faults
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
 from pipeline.store import shards

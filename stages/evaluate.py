@@ -47,6 +47,7 @@ from typing import Any
 
 import ray
 
+from pipeline import faults
 from pipeline.config import Config, to_yaml
 from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
 from pipeline.engines.actors import RewardRunner
@@ -59,7 +60,6 @@ from pipeline.evaluation.report import write_report
 from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
 from pipeline.evaluation.targets import check_adapters, checkpoint_target, target_job
-from pipeline.runtime import faults
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
 from pipeline.runtime.trackers import log_evaluation

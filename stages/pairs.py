@@ -35,6 +35,7 @@ from typing import Any
 
 import ray
 
+from pipeline import faults
 from pipeline.config import Config, EvalConfig, to_yaml
 from pipeline.config.schema import EngineSettings, SamplingSettings
 from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
@@ -46,7 +47,6 @@ from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
 from pipeline.evaluation.targets import check_adapters, checkpoint_target, target_job, weights_hash
 from pipeline.onpolicy.pairs import PairCounts, PairSettings, pair_chunk, write_jsonl
-from pipeline.runtime import faults
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import sha256_json

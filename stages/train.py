@@ -38,6 +38,7 @@ import torch.distributed as dist
 from ray.train import CheckpointUploadMode
 from ray.train.torch import TorchTrainer
 
+from pipeline import faults
 from pipeline.config import Config, to_yaml
 from pipeline.data.lanes import LanePlan, plan_steps, read_train_columns, train_columns, worker_batches
 from pipeline.data.modeling import disable_dropout, empty_causal_lm, merge_adapter
@@ -71,7 +72,6 @@ from pipeline.dpo.parallel import (
     state_bytes,
 )
 from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, packing_mode, worker_maxima
-from pipeline.runtime import faults
 from pipeline.runtime.cluster import check_spare_cpu, rank_node_ids, spread
 from pipeline.runtime.console import ROUTER, RemoteBar, say
 from pipeline.runtime.session import connect, quiet_worker_logs

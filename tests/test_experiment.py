@@ -17,8 +17,8 @@ from pipeline import iterate
 from pipeline.demo import experiment, sentiment
 from pipeline.demo.experiment import ExperimentSpec
 from pipeline.demo.sentiment import SftSpec
+from pipeline.faults import InjectedFault
 from pipeline.iterate import round_config
-from pipeline.runtime.faults import InjectedFault
 from pipeline.store.cache_layout import find_cache
 from pipeline.store.run_status import run_status, status_lines
 from tests.conftest import read_cache, sequence_logps

@@ -15,8 +15,8 @@ from pipeline.data.models import load_tokenizer
 from pipeline.data.rows import tokenize_rows
 from pipeline.engines.actors import SAMPLED
 from pipeline.evaluation.chunks import PROMPTS, PromptFile, SampledChunk, write_table
+from pipeline.faults import InjectedFault
 from pipeline.onpolicy.pairs import PairSettings, all_pairs, best_worst, pair_chunk
-from pipeline.runtime.faults import InjectedFault
 from pipeline.store.checkpoints import checkpoint_hash
 from stages import pairs
 from tests.conftest import DATA, make_config

@@ -17,11 +17,11 @@ import pyarrow as pa
 import ray
 import torch
 
+from pipeline import faults
 from pipeline.data.modeling import load_hf_model
 from pipeline.data.models import on_this_node
 from pipeline.dpo.batching import list_column, pad_sequences
 from pipeline.dpo.logprobs import selective_token_logps
-from pipeline.runtime import faults
 from pipeline.runtime.session import quiet_worker_logs
 
 REQUIRED = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "reject")

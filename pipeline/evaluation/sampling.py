@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from pipeline import faults
 from pipeline.config import Config
 from pipeline.data.adapters import AdapterInfo
 from pipeline.data.models import resolve_model
@@ -24,7 +25,6 @@ from pipeline.errors import error_line
 from pipeline.evaluation.chunks import PromptChunk, concat_files, read_metadata
 from pipeline.evaluation.inputs import HeldOutPairs, Prompts
 from pipeline.evaluation.reference import engine_max_length
-from pipeline.runtime import faults
 from pipeline.runtime.cluster import spread
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipeline import faults
 from pipeline.errors import RunFailed, error_line
-from pipeline.runtime import faults
 from pipeline.store.fingerprint import combine_file_hashes, model_files_hash, sha256_file
 from pipeline.store.storage import Store, check_free_space, local_copy, staging_dir
 

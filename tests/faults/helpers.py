@@ -37,6 +37,6 @@ def reap_session(sid: int) -> None:
 
 
 def fault(point: str, token: Path, **fields) -> str:
-    """A `DPO_PIPELINE_FAULT` value (pipeline/runtime/faults.py); creates the token file that arms it."""
+    """A `DPO_PIPELINE_FAULT` value (pipeline/faults.py); creates the token file that arms it."""
     token.write_text("armed")
     return ",".join([f"point={point}", f"token={token}", *(f"{k}={v}" for k, v in fields.items())])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.runtime.faults import InjectedFault
+from pipeline.faults import InjectedFault
 from stages import evaluate
 from tests.conftest import make_config
 from tests.faults.helpers import fault

@@ -1,10 +1,10 @@
-"""The fault injector itself (pipeline/runtime/faults.py): unit tier, `action=raise` in this process."""
+"""The fault injector itself (pipeline/faults.py): unit tier, `action=raise` in this process."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.runtime import faults
+from pipeline import faults
 from tests.faults.helpers import fault
 
 
