@@ -67,8 +67,8 @@ def _setup(work: Path, gb: float) -> dict:
     so that the measured run starts as a first run would."""
     import pyarrow as pa  # noqa: PLC0415
 
+    from pipeline.caches.layout import resolve_inputs  # noqa: PLC0415
     from pipeline.demo.tiny import build_tiny_assets  # noqa: PLC0415
-    from pipeline.store.cache_layout import resolve_inputs  # noqa: PLC0415
     from pipeline.store.storage import Store  # noqa: PLC0415
     from stages.cache import CACHE_SCHEMA  # noqa: PLC0415
 
@@ -93,10 +93,10 @@ def _setup(work: Path, gb: float) -> dict:
 def _driver_run(work: Path) -> dict:
     """The driver work of one `run` that reads the source or the cache, phase by phase, in this (fresh) process."""
     from pipeline import orchestrate  # noqa: PLC0415
+    from pipeline.caches.layout import find_cache  # noqa: PLC0415
     from pipeline.data.models import load_tokenizer  # noqa: PLC0415
     from pipeline.evaluation.inputs import load_prompts  # noqa: PLC0415
     from pipeline.store import storage  # noqa: PLC0415
-    from pipeline.store.cache_layout import find_cache  # noqa: PLC0415
     from stages import cache  # noqa: PLC0415
 
     hashed: Counter[str] = Counter()

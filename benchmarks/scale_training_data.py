@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.caches.layout import find_cache
 from pipeline.config import load_config
 from pipeline.demo import tiny
-from pipeline.store.cache_layout import find_cache
 from stages import cache, train
 from stages.train import read_train_columns
 

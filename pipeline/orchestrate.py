@@ -3,7 +3,7 @@
     cache (train and eval splits) -> train -> eval
 
 With a reference-free loss (`train.needs_reference` false: `sft`, `simpo`, `orpo` terms only) the train split is not
-cached: training tokenizes it into token files (`pipeline/store/tokens.py`), or reads a complete cache of the same
+cached: training tokenizes it into token files (`pipeline/caches/tokens.py`), or reads a complete cache of the same
 inputs if one exists. The eval split is still cached when `eval.preference_accuracy` is on (the default), since that
 measure compares the checkpoints' implicit rewards with the reference's log-probs from the cache; with it off, no
 reference is scored at all (training's eval split, under `train.eval_every`, is tokenized like the train split).
@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.caches.layout import CacheInputs, resolve_inputs
+from pipeline.caches.tokens import token_store
 from pipeline.config import Config
 from pipeline.dpo.memory import check_fits, model_shape, scorer_memory, training_memory
 from pipeline.dpo.parallel import compute_dtype
-from pipeline.store.cache_layout import CacheInputs, resolve_inputs
 from pipeline.store.storage import Store
-from pipeline.store.tokens import token_store
 from stages import cache, train
 from stages import evaluate as eval_stage  # `evaluate` is run()'s flag
 

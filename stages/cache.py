@@ -4,10 +4,10 @@
     marker (Ray task) -> the driver counts the shards' stats
 
 A shard travels through the pipeline as one row, so it stays whole and the workers write its files
-(`pipeline/store/shards.py`): the driver never holds scored rows or rejects, only per-shard counts and file stats.
+(`pipeline/caches/shards.py`): the driver never holds scored rows or rejects, only per-shard counts and file stats.
 
 Layout under `cache_dir/<key>/` (the key hashes every input that determines the values, see
-`pipeline/store/fingerprint.py`; finding and checking a cache: `pipeline/store/cache_layout.py`):
+`pipeline/store/fingerprint.py`; finding and checking a cache: `pipeline/caches/layout.py`):
 
     manifest.json            written last: its presence means the cache is complete
     data/part-00000.parquet  one file per source shard, usable pairs only (schema: README "Cache schema")
@@ -38,6 +38,13 @@ import pyarrow as pa
 import ray
 
 from pipeline import faults
+from pipeline.caches import shards
+from pipeline.caches.layout import (
+    CacheInputs,
+    damaged_files,
+    pending_shards,
+    resolve_inputs,
+)
 from pipeline.config import Config, to_yaml
 from pipeline.data.models import load_tokenizer
 from pipeline.data.sources import Shard, SourcePlan
@@ -45,18 +52,11 @@ from pipeline.engines.scorers import ENGINES, SCORE_FIELDS, actor_options, score
 from pipeline.errors import UserError
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
-from pipeline.store import shards
-from pipeline.store.cache_layout import (
-    CacheInputs,
-    damaged_files,
-    pending_shards,
-    resolve_inputs,
-)
 from pipeline.store.fingerprint import SCHEMA_VERSION
 from pipeline.store.storage import Store
 
 # What the tokenize tasks hand the scorers, and the scorers the writers: one row per shard (see
-# pipeline/store/shards.py), its counts, and its pairs (unscored, then scored) nested in `pairs`.
+# pipeline/caches/shards.py), its counts, and its pairs (unscored, then scored) nested in `pairs`.
 SHARD_FIELDS = [pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()), pa.field("rows", pa.int64()),
                 pa.field("rejected", pa.int64()), pa.field("reasons", pa.string()),  # reasons: JSON {reason: count}
                 # A storage failure (full disk, unreachable URI): the UserError's line, handed on to the driver
@@ -133,7 +133,7 @@ class _ShardScorer:
 
 
 def _write_shards(batch: pa.Table, uris: list[str]) -> pa.Table:
-    """Ray Data task: per scored shard, its data file, then its marker (pipeline/store/shards.py); what comes out
+    """Ray Data task: per scored shard, its data file, then its marker (pipeline/caches/shards.py); what comes out
     is the shard's stats only."""
     stats = []
     for head, value in zip(batch.drop_columns(["pairs"]).to_pylist(), batch.column("pairs")):

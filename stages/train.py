@@ -1,7 +1,7 @@
 """Stage 2: DPO training on Ray Train with FSDP2, reading reference log-probs from the stage-1 cache.
 
 Driver (`run`): find the cache of the configured inputs (refusing one built for other inputs; a reference-free loss
-needs none: token files instead, written by Ray tasks when missing, pipeline/store/tokens.py), deal its files to
+needs none: token files instead, written by Ray tasks when missing, pipeline/caches/tokens.py), deal its files to
 data lanes, and run a `TorchTrainer` whose workers get a `WorkerPlan`; the driver never reads the training data.
 Workers (`train_loop`): a `DPOWorker` goes through setup (build the policy on the meta device, shard it with
 `apply_fsdp`, read its shards of the weights, restore the latest checkpoint) -> train (for each optimizer step read
@@ -39,6 +39,8 @@ from ray.train import CheckpointUploadMode
 from ray.train.torch import TorchTrainer
 
 from pipeline import faults
+from pipeline.caches.layout import CacheRef
+from pipeline.caches.tokens import training_pairs
 from pipeline.config import Config, to_yaml
 from pipeline.data.lanes import LanePlan, plan_steps, read_train_columns, train_columns, worker_batches
 from pipeline.data.modeling import disable_dropout, empty_causal_lm, merge_adapter
@@ -76,7 +78,6 @@ from pipeline.runtime.cluster import check_spare_cpu, rank_node_ids, spread
 from pipeline.runtime.console import ROUTER, RemoteBar, say
 from pipeline.runtime.session import connect, quiet_worker_logs
 from pipeline.runtime.trackers import open_trackers
-from pipeline.store.cache_layout import CacheRef
 from pipeline.store.checkpoints import (
     ADAPTER_CONFIG,
     SHARD_BYTES,
@@ -93,7 +94,6 @@ from pipeline.store.checkpoints import (
 )
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
-from pipeline.store.tokens import training_pairs
 
 # ---------------------------------------------------------------- driver
 
@@ -121,7 +121,7 @@ def train_key(cfg: Config, cache_key: str) -> str:
 
 def run(cfg: Config) -> TrainResult:
     """Train from the split's reference cache, or, with a reference-free loss, from token files (written here by
-    Ray tasks when missing, `pipeline/store/tokens.py`): no reference cache is needed then."""
+    Ray tasks when missing, `pipeline/caches/tokens.py`): no reference cache is needed then."""
     train_data = training_pairs(cfg, "train")
     eval_data = training_pairs(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
     lanes, per_epoch, total = plan_steps(cfg, train_data.files, train_data.file_rows)

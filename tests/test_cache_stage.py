@@ -22,10 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import orchestrate
+from pipeline.caches import layout as cache_layout
+from pipeline.caches import shards
 from pipeline.data import sources
 from pipeline.errors import UserError
 from pipeline.evaluation.inputs import load_prompts
-from pipeline.store import cache_layout, shards
 from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
 from stages import cache

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import ray.data
 
-from pipeline.store import shards
-from pipeline.store.cache_layout import resolve_inputs
+from pipeline.caches import shards
+from pipeline.caches.layout import resolve_inputs
 from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
 from stages import cache

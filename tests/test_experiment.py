@@ -14,12 +14,12 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from pipeline import iterate
+from pipeline.caches.layout import find_cache
 from pipeline.demo import experiment, sentiment
 from pipeline.demo.experiment import ExperimentSpec
 from pipeline.demo.sentiment import SftSpec
 from pipeline.faults import InjectedFault
 from pipeline.iterate import round_config
-from pipeline.store.cache_layout import find_cache
 from pipeline.store.run_status import run_status, status_lines
 from tests.conftest import read_cache, sequence_logps
 from tests.faults.helpers import fault

@@ -16,8 +16,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from pipeline.caches import layout as cache_layout
 from pipeline.data.models import load_tokenizer
-from pipeline.store import cache_layout
 from pipeline.store.fingerprint import cache_key, model_files_hash, tokenizer_files_hash
 from tests.conftest import DATA, make_config
 

@@ -63,7 +63,7 @@ def layer_violations(module: str, imports: set[str]) -> list[str]:
 
 def test_the_checker_catches_upward_and_sideways_imports():
     assert layer_violations("pipeline.dpo.step", imported_modules("from stages import train\n"))
-    assert layer_violations("pipeline.store.cache_layout", imported_modules("def f():\n    import stages.cache\n"))
+    assert layer_violations("pipeline.caches.layout", imported_modules("def f():\n    import stages.cache\n"))
     assert layer_violations("stages.evaluate", imported_modules("from stages.train import find_cache\n"))
     assert layer_violations("stages.train", imported_modules("from pipeline.orchestrate import plan\n"))
     assert layer_violations("pipeline.data.rows", imported_modules("from pipeline.demo import tiny\n"))

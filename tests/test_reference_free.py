@@ -1,5 +1,5 @@
 """Reference-free losses (`sft`, `simpo`, `orpo`): training needs no reference cache. The driver has Ray tasks
-tokenize the splits into token files (pipeline/store/tokens.py), content-addressed under `cache_dir/tokens-<key>/`
+tokenize the splits into token files (pipeline/caches/tokens.py), content-addressed under `cache_dir/tokens-<key>/`
 and reused by the next run; `plan` caches no train split."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import orchestrate
+from pipeline.caches import shards, tokens
+from pipeline.caches.layout import resolve_inputs
 from pipeline.data.lanes import PAIR_COLUMNS
-from pipeline.store import shards, tokens
-from pipeline.store.cache_layout import resolve_inputs
 from stages import train
 from tests.conftest import DATA, make_config
 

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.caches import layout as cache_layout
 from pipeline.data import lanes
 from pipeline.engines.actors import ReferenceEngine
 from pipeline.errors import UserError
-from pipeline.store import cache_layout
 from pipeline.store.checkpoints import recorded_hash
 from pipeline.store.fingerprint import model_files_hash
 from pipeline.store.storage import Store

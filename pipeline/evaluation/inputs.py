@@ -11,13 +11,13 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from pipeline.caches.layout import find_cache, sources_dir
 from pipeline.config import Config
 from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Shard, SourcePlan, plan_source, read_shard
 from pipeline.errors import UserError
 from pipeline.evaluation.chunks import PROMPTS, PromptChunk, PromptFile, prompt_rows, read_table, split_uri, write_table
 from pipeline.runtime.session import connect
-from pipeline.store.cache_layout import find_cache, sources_dir
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.caches import layout as cache_layout
 from pipeline.errors import UserError
-from pipeline.store import cache_layout
 from stages import cache
 from tests.conftest import copy_cache, make_config, read_cache
 

@@ -27,10 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from pipeline.caches.layout import file_stats, remember_verified
 from pipeline.data.rows import tokenize_rows
 from pipeline.data.sources import Reject, Shard, SourcePlan, read_shard
 from pipeline.errors import UserError
-from pipeline.store.cache_layout import file_stats, remember_verified
 from pipeline.store.storage import Store
 
 IDS = pa.list_(pa.int32())

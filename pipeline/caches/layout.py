@@ -148,7 +148,7 @@ def damaged_files(store: Store, manifest: dict[str, Any]) -> list[str]:
 
 def pending_shards(store: Store, prep: CacheInputs) -> tuple[SourcePlan, list[Shard]]:
     """The shard plan of an unfinished directory of shards (the first run's, if resuming; `.work/plan.json`) and
-    its unfinished shards (`pipeline/store/shards.py`: a shard is finished when its marker exists and its file is
+    its unfinished shards (`pipeline/caches/shards.py`: a shard is finished when its marker exists and its file is
     as the marker records it)."""
     if store.exists(".work/plan.json"):
         plan = SourcePlan.from_dict(store.read_json(".work/plan.json"))

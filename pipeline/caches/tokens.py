@@ -28,14 +28,8 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipeline.config import Config
-from pipeline.data.models import load_tokenizer
-from pipeline.data.sources import SourcePlan
-from pipeline.errors import UserError
-from pipeline.runtime.console import progress_bar
-from pipeline.runtime.session import connect
-from pipeline.store import shards
-from pipeline.store.cache_layout import (
+from pipeline.caches import shards
+from pipeline.caches.layout import (
     CacheInputs,
     CacheRef,
     damaged_files,
@@ -44,6 +38,12 @@ from pipeline.store.cache_layout import (
     pending_shards,
     resolve_inputs,
 )
+from pipeline.config import Config
+from pipeline.data.models import load_tokenizer
+from pipeline.data.sources import SourcePlan
+from pipeline.errors import UserError
+from pipeline.runtime.console import progress_bar
+from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import SCHEMA_VERSION, cache_key
 from pipeline.store.storage import Store
 
