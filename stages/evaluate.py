@@ -51,13 +51,13 @@ from pipeline import faults
 from pipeline.config import Config, to_yaml
 from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
 from pipeline.engines.actors import RewardRunner
+from pipeline.engines.chunks import concat_files, sampled_chunks
+from pipeline.engines.rewards import reward_identity
 from pipeline.errors import UserError
 from pipeline.evaluation import summary
-from pipeline.evaluation.chunks import concat_files, sampled_chunks
 from pipeline.evaluation.inputs import HeldOutPairs, Prompts, load_held_out_pairs, load_prompts
 from pipeline.evaluation.reference import reference_logps
 from pipeline.evaluation.report import write_report
-from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
 from pipeline.evaluation.targets import check_adapters, checkpoint_target, target_job
 from pipeline.runtime.console import progress_bar

@@ -40,10 +40,10 @@ from pipeline.config import Config, EvalConfig, to_yaml
 from pipeline.config.schema import EngineSettings, SamplingSettings
 from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
 from pipeline.engines.actors import RewardRunner
+from pipeline.engines.chunks import concat_files, sampled_chunks
+from pipeline.engines.rewards import reward_identity
 from pipeline.errors import UserError
-from pipeline.evaluation.chunks import concat_files, sampled_chunks
 from pipeline.evaluation.inputs import Prompts, load_prompts
-from pipeline.evaluation.rewards import reward_identity
 from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
 from pipeline.evaluation.targets import check_adapters, checkpoint_target, target_job, weights_hash
 from pipeline.onpolicy.pairs import PairCounts, PairSettings, pair_chunk, write_jsonl

@@ -13,9 +13,7 @@ import ray
 from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Reject
 from pipeline.engines.actors import RewardRunner, sample_seed
-from pipeline.errors import UserError, error_line
-from pipeline.evaluation import sampling
-from pipeline.evaluation.chunks import (
+from pipeline.engines.chunks import (
     PROMPTS,
     PromptFile,
     concat_files,
@@ -24,9 +22,11 @@ from pipeline.evaluation.chunks import (
     sampled_chunks,
     write_table,
 )
+from pipeline.engines.rewards import build_reward
+from pipeline.errors import UserError, error_line
+from pipeline.evaluation import sampling
 from pipeline.evaluation.inputs import Prompts
 from pipeline.evaluation.report import standard_error
-from pipeline.evaluation.rewards import build_reward
 from pipeline.evaluation.summary import Moments, preference_metrics
 from pipeline.store.storage import Store
 from stages.evaluate import select_targets

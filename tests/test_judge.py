@@ -16,10 +16,10 @@ from transformers import LlamaForCausalLM
 
 from pipeline.config import RewardConfig, load_config
 from pipeline.engines.actors import RewardRunner, reward_actor_options
+from pipeline.engines.judge import JudgePrompts, JudgeReward, expected_value, judge_scorer_kwargs, prompt_text
+from pipeline.engines.rewards import build_reward, reward_identity
 from pipeline.engines.scorers import actor_options
 from pipeline.errors import UserError
-from pipeline.evaluation.judge import JudgePrompts, JudgeReward, expected_value, judge_scorer_kwargs, prompt_text
-from pipeline.evaluation.rewards import build_reward, reward_identity
 from tests.conftest import sequence_logps
 from tests.test_rewards import save_reward_model
 

@@ -14,7 +14,7 @@ import pytest
 from pipeline.data.models import load_tokenizer
 from pipeline.data.rows import tokenize_rows
 from pipeline.engines.actors import SAMPLED
-from pipeline.evaluation.chunks import PROMPTS, PromptFile, SampledChunk, write_table
+from pipeline.engines.chunks import PROMPTS, PromptFile, SampledChunk, write_table
 from pipeline.faults import InjectedFault
 from pipeline.onpolicy.pairs import PairSettings, all_pairs, best_worst, pair_chunk
 from pipeline.store.checkpoints import checkpoint_hash

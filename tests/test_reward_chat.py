@@ -17,9 +17,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 
 from pipeline.config import RewardConfig
 from pipeline.engines.actors import SAMPLED
+from pipeline.engines.chunks import PROMPTS, PromptFile, SampledChunk, read_table, write_table
+from pipeline.engines.rewards import build_reward, reward_identity, reward_inputs
 from pipeline.errors import UserError
-from pipeline.evaluation.chunks import PROMPTS, PromptFile, SampledChunk, read_table, write_table
-from pipeline.evaluation.rewards import build_reward, reward_identity, reward_inputs
 from pipeline.evaluation.summary import finish_chunk, write_chosen_rewards
 from pipeline.store.storage import Store
 from tests import reward_fixtures

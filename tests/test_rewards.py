@@ -12,8 +12,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from pipeline.config import RewardConfig
+from pipeline.engines.rewards import build_reward, reward_dtype, reward_identity
 from pipeline.errors import UserError
-from pipeline.evaluation.rewards import build_reward, reward_dtype, reward_identity
 from tests import reward_fixtures
 
 FIX = "tests.reward_fixtures"

@@ -13,7 +13,7 @@ from pipeline.config import load_config
 from pipeline.demo import sentiment
 from pipeline.demo.experiment import ExperimentSpec, frontier_at, frontier_checks
 from pipeline.engines.actors import engine_signature
-from pipeline.evaluation.rewards import build_reward
+from pipeline.engines.rewards import build_reward
 
 CONFIG = Path(__file__).parent.parent / "configs" / "sentiment.yaml"
 

@@ -176,7 +176,7 @@ class RewardConfig(_Strict):
 
 
 def _check_judge(cfg: RewardConfig) -> None:
-    """What is wrong whatever the judge model (what depends on its tokenizer: `pipeline.evaluation.judge`)."""
+    """What is wrong whatever the judge model (what depends on its tokenizer: `pipeline.engines.judge`)."""
     if cfg.judge_template is None:
         raise ValueError("reward type 'judge' needs eval.reward.judge_template, a prompt with {prompt} and "
                          "{completion}; set it")

@@ -26,7 +26,7 @@ import torch
 
 from pipeline.config import RewardConfig
 from pipeline.demo.tiny import TinyModelSpec, build_model, build_tokenizer
-from pipeline.evaluation.rewards import RULES
+from pipeline.engines.rewards import RULES
 from pipeline.runtime.console import progress_bar
 
 # The lexicon: the ground truth of the demo. Adjectives and verbs, so both kinds of slots carry sentiment.

@@ -21,19 +21,19 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pipeline.data.adapters import read_adapter
 from pipeline.data.models import on_this_node
-from pipeline.engines.lora import AdapterRequests, LoraEngine
-from pipeline.engines.scorers import ENGINES, VllmScorer, engine_env
-from pipeline.errors import UserError
-from pipeline.evaluation.chunks import (
+from pipeline.engines.chunks import (
     PromptChunk,
     PromptFile,
     SampledChunk,
     chunk_prompts,
     completion_sequences,
+    read_pairs,
     write_table,
 )
-from pipeline.evaluation.inputs import read_pairs
-from pipeline.evaluation.rewards import build_reward
+from pipeline.engines.lora import AdapterRequests, LoraEngine
+from pipeline.engines.rewards import build_reward
+from pipeline.engines.scorers import ENGINES, VllmScorer, engine_env
+from pipeline.errors import UserError
 from pipeline.runtime.session import quiet_worker_logs
 from pipeline.store.checkpoints import is_adapter
 from pipeline.store.fingerprint import sha256_json

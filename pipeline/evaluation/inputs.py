@@ -15,8 +15,8 @@ from pipeline.caches.layout import find_cache, sources_dir
 from pipeline.config import Config
 from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Shard, SourcePlan, plan_source, read_shard
+from pipeline.engines.chunks import PROMPTS, PromptChunk, PromptFile, prompt_rows, read_table, split_uri, write_table
 from pipeline.errors import UserError
-from pipeline.evaluation.chunks import PROMPTS, PromptChunk, PromptFile, prompt_rows, read_table, split_uri, write_table
 from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
@@ -189,8 +189,3 @@ def load_held_out_pairs(cfg: Config) -> HeldOutPairs | None:
         return None
     cache = find_cache(cfg, "eval")
     return HeldOutPairs(list(cache.files), Store(cache.uri).read_json("manifest.json")["key"])
-
-
-def read_pairs(files: list[str], columns: list[str]) -> pa.Table:
-    """Columns of the held-out pairs, in cache order."""
-    return pa.concat_tables([read_table(uri, columns) for uri in files])

@@ -12,8 +12,8 @@ from ray.util import ActorPool
 from pipeline.config import Config
 from pipeline.data.models import resolve_model
 from pipeline.engines.actors import ReferenceEngine, stop_engines
+from pipeline.engines.chunks import PromptFile, SampledChunk, chunk_prompts, completion_sequences, sequence_key
 from pipeline.engines.scorers import actor_options, scorer_kwargs
-from pipeline.evaluation.chunks import PromptFile, SampledChunk, chunk_prompts, completion_sequences, sequence_key
 from pipeline.evaluation.inputs import Prompts
 from pipeline.runtime.cluster import spread
 from pipeline.store.storage import Store

@@ -19,10 +19,10 @@ from pipeline.config import Config
 from pipeline.data.adapters import AdapterInfo
 from pipeline.data.models import resolve_model
 from pipeline.engines.actors import CheckpointEngine, read_engine_signature, stop_engines
+from pipeline.engines.chunks import PromptChunk, concat_files, read_metadata
 from pipeline.engines.lora import LoraEngine
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.errors import error_line
-from pipeline.evaluation.chunks import PromptChunk, concat_files, read_metadata
 from pipeline.evaluation.inputs import HeldOutPairs, Prompts
 from pipeline.evaluation.reference import engine_max_length
 from pipeline.runtime.cluster import spread

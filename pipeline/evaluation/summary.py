@@ -23,17 +23,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.evaluation.chunks import (
+from pipeline.engines.chunks import (
     PromptChunk,
     PromptFile,
     SampledChunk,
     chunk_prompts,
     prompt_sources,
+    read_pairs,
     read_table,
     split_uri,
     write_table,
 )
-from pipeline.evaluation.inputs import Prompts, read_pairs
+from pipeline.evaluation.inputs import Prompts
 from pipeline.evaluation.report import SUMMARY_COLUMNS, win_rate
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.rows import text_problem
-from pipeline.evaluation.chunks import PromptFile, SampledChunk, chunk_prompts, read_table, split_uri, write_table
+from pipeline.engines.chunks import PromptFile, SampledChunk, chunk_prompts, read_table, split_uri, write_table
 
 
 def best_worst(rewards: list[float], margin: float) -> list[tuple[int, int]]:

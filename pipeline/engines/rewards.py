@@ -1,5 +1,5 @@
 """Pluggable rewards for evaluation by sampling: built-in rules, a user's Python function, a reward model, or an
-LLM judge (`pipeline.evaluation.judge`).
+LLM judge (`pipeline.engines.judge`).
 
 `build_reward(cfg)` returns `reward(prompts, completions, sources=None) -> float64 array [N]`, one reward per
 completion. `prompts` are the prompts as the policy read them (rendered text); `sources`, when given, each prompt as
@@ -27,8 +27,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import RewardConfig
 from pipeline.data.models import effective_template_sha, resolve_model, resolve_tokenizer
+from pipeline.engines.judge import JudgeReward, judge_identity
 from pipeline.errors import UserError
-from pipeline.evaluation.judge import JudgeReward, judge_identity
 from pipeline.store.fingerprint import sha256_file
 
 Reward = Callable[..., np.ndarray]  # reward(prompts, completions, sources=None)

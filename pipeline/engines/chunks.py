@@ -174,3 +174,8 @@ def concat_files(uris: list[str], out_uri: str) -> int:
     if writer is not None and store.local:
         store.fs.move(target, store.path(name))
     return rows
+
+
+def read_pairs(files: list[str], columns: list[str]) -> pa.Table:
+    """Columns of the held-out pairs, in cache order."""
+    return pa.concat_tables([read_table(uri, columns) for uri in files])
