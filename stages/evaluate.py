@@ -58,13 +58,14 @@ from pipeline.evaluation import summary
 from pipeline.evaluation.inputs import HeldOutPairs, Prompts, load_held_out_pairs, load_prompts
 from pipeline.evaluation.reference import reference_logps
 from pipeline.evaluation.report import write_report
-from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
-from pipeline.evaluation.targets import check_adapters, checkpoint_target, target_job
+from pipeline.evaluation.sampling import SamplingScheduler
+from pipeline.evaluation.targets import Target, TargetJob, check_adapters, checkpoint_target, target_job
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
 from pipeline.runtime.trackers import log_evaluation
 from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.fingerprint import sha256_json
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 SAMPLES_LAYOUT = 2  # sampled.parquet in row groups (one per chunk), held-out log-probs in held_out.parquet
@@ -128,9 +129,9 @@ def select_targets(cfg: Config) -> list[Target]:
 
 def _run_checkpoints(cfg: Config, selection: str) -> list[str]:
     """The run's checkpoints (local paths or URIs, like run_dir) that `all`, `last` or `every:K` selects."""
-    found = list_checkpoints(Store(cfg.run_dir))
+    found = list_checkpoints(RunLayout.of(cfg).run)
     if not found:
-        raise UserError(f"no checkpoints in {Store(cfg.run_dir).uri}/checkpoints for eval.checkpoints={selection}; "
+        raise UserError(f"no checkpoints in {RunLayout.of(cfg).run.uri}/checkpoints for eval.checkpoints={selection}; "
                         f"train first (`dpo-pipeline train CONFIG`) or list checkpoint directories in "
                         f"eval.checkpoints")
     if selection == "last":
@@ -176,7 +177,7 @@ def prepare(cfg: Config) -> EvalPlan:
     tokenized in Ray tasks)."""
     held_out = load_held_out_pairs(cfg)
     targets = select_targets(cfg)
-    eval_store = Store(cfg.run_dir).child("eval")
+    eval_store = RunLayout.of(cfg).eval
     eval_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     tok_path = cfg.tokenizer.path or cfg.model.path
     resolved_tok = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)

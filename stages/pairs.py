@@ -44,12 +44,13 @@ from pipeline.engines.chunks import concat_files, sampled_chunks
 from pipeline.engines.rewards import reward_identity
 from pipeline.errors import UserError
 from pipeline.evaluation.inputs import Prompts, load_prompts
-from pipeline.evaluation.sampling import SamplingScheduler, Target, TargetJob
-from pipeline.evaluation.targets import check_adapters, checkpoint_target, target_job, weights_hash
+from pipeline.evaluation.sampling import SamplingScheduler
+from pipeline.evaluation.targets import Target, TargetJob, check_adapters, checkpoint_target, target_job, weights_hash
 from pipeline.onpolicy.pairs import PairCounts, PairSettings, pair_chunk, write_jsonl
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import sha256_json
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 PAIRS_LAYOUT = 1  # bump when the dataset's rows change form
@@ -90,7 +91,7 @@ class PairsResult:
 
 
 def output_store(cfg: Config) -> Store:
-    return Store(cfg.pairs.output_dir) if cfg.pairs.output_dir else Store(cfg.run_dir).child("pairs")
+    return Store(cfg.pairs.output_dir) if cfg.pairs.output_dir else RunLayout.of(cfg).pairs
 
 
 def sampling_config(cfg: Config) -> Config:

@@ -24,7 +24,7 @@ from pipeline.engines.chunks import (
 )
 from pipeline.engines.rewards import build_reward
 from pipeline.errors import UserError, error_line
-from pipeline.evaluation import sampling
+from pipeline.evaluation import sampling, targets
 from pipeline.evaluation.inputs import Prompts
 from pipeline.evaluation.report import standard_error
 from pipeline.evaluation.summary import Moments, preference_metrics
@@ -240,8 +240,8 @@ def test_idle_engines_share_a_targets_chunks_and_sample_what_one_engine_does(tin
         store.write_parquet(f"prompts/{i}.parquet", pa.table({"prompt_input_ids": ids}))
         files.append(PromptFile(store.path(f"prompts/{i}.parquet"), 3 * i, 3))
     prompts = Prompts(files, 24, "key", 0)
-    target = sampling.Target("step_000001", str(tiny_model), 1)
-    job = sampling.TargetJob(target, store.child("step_000001"), "s" * 16, "k" * 16)
+    target = targets.Target("step_000001", str(tiny_model), 1)
+    job = targets.TargetJob(target, store.child("step_000001"), "s" * 16, "k" * 16)
     scheduler = sampling.SamplingScheduler(cfg, prompts, None, eos=2)
 
     class Bar:

@@ -1,4 +1,5 @@
-"""Stage 3's sampling: targets, their jobs, and the scheduler that keeps `eval.num_actors` vLLM engines busy.
+"""Stage 3's sampling: the scheduler that keeps `eval.num_actors` vLLM engines busy over the targets' jobs
+(`targets.py`).
 
 The engines read their chunk of the prompt files and write its samples (`<target>/sampled-parts/<key>/`); the
 driver hands out chunks and adds up counts. A target whose chunks are all written is merged into
@@ -16,56 +17,17 @@ import ray
 
 from pipeline import faults
 from pipeline.config import Config
-from pipeline.data.adapters import AdapterInfo
 from pipeline.data.models import resolve_model
 from pipeline.engines.actors import CheckpointEngine, read_engine_signature, stop_engines
-from pipeline.engines.chunks import PromptChunk, concat_files, read_metadata
+from pipeline.engines.chunks import PromptChunk, concat_files
 from pipeline.engines.lora import LoraEngine
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.errors import error_line
 from pipeline.evaluation.inputs import HeldOutPairs, Prompts
 from pipeline.evaluation.reference import engine_max_length
+from pipeline.evaluation.targets import Target, TargetJob
 from pipeline.runtime.cluster import spread
 from pipeline.store.fingerprint import sha256_json
-from pipeline.store.storage import Store
-
-
-@dataclass
-class Target:
-    """One model to evaluate: the reference or a checkpoint."""
-
-    name: str
-    path: str
-    step: int | None
-    is_reference: bool = False
-    error: str | None = None  # found unusable before any engine started
-    adapter: AdapterInfo | None = None  # a LoRA adapter of the reference model (else a full model)
-
-
-@dataclass
-class TargetJob:
-    """A target left to evaluate: where its results go, its keys, and what is sampled already."""
-
-    target: Target
-    store: Store  # <eval_dir>/<name>
-    sample_key: str  # weights + sampling settings: the key of sampled.json
-    key: str  # sample_key + scoring settings: the key of result.json
-    sampled: bool = False  # sampled.parquet and sampled.json are there, with this sample_key
-    sampled_meta: dict[str, Any] = field(default_factory=dict)  # sampled.json
-    parts: dict[int, dict[str, Any]] = field(default_factory=dict)  # chunks sampled before a crash: first -> counts
-
-    @property
-    def parts_dir(self) -> Store:
-        return self.store.child(f"sampled-parts/{self.sample_key[:16]}")
-
-    def find_parts(self) -> None:
-        """The chunks an interrupted run wrote for this sample key (other keys' parts are dropped)."""
-        for stale in self.store.listdir("sampled-parts"):
-            if stale != self.sample_key[:16]:
-                self.store.delete(f"sampled-parts/{stale}")
-        for name in self.parts_dir.listdir():
-            if name.endswith(".parquet") and name[:-len(".parquet")].isdigit():
-                self.parts[int(name[:-len(".parquet")])] = read_metadata(f"{self.parts_dir.uri}/{name}")
 
 
 @dataclass

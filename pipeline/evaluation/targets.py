@@ -4,18 +4,57 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.data.adapters import base_mismatch, read_adapter
+from pipeline.data.adapters import AdapterInfo, base_mismatch, read_adapter
 from pipeline.data.models import resolve_model
+from pipeline.engines.chunks import read_metadata
 from pipeline.engines.lora import serving_problem
 from pipeline.errors import UserError
-from pipeline.evaluation.sampling import Target, TargetJob
 from pipeline.store.checkpoints import checkpoint_hash, is_adapter
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.storage import Store
+
+
+@dataclass
+class Target:
+    """One model to evaluate: the reference or a checkpoint."""
+
+    name: str
+    path: str
+    step: int | None
+    is_reference: bool = False
+    error: str | None = None  # found unusable before any engine started
+    adapter: AdapterInfo | None = None  # a LoRA adapter of the reference model (else a full model)
+
+
+@dataclass
+class TargetJob:
+    """A target left to evaluate: where its results go, its keys, and what is sampled already."""
+
+    target: Target
+    store: Store  # <eval_dir>/<name>
+    sample_key: str  # weights + sampling settings: the key of sampled.json
+    key: str  # sample_key + scoring settings: the key of result.json
+    sampled: bool = False  # sampled.parquet and sampled.json are there, with this sample_key
+    sampled_meta: dict[str, Any] = field(default_factory=dict)  # sampled.json
+    parts: dict[int, dict[str, Any]] = field(default_factory=dict)  # chunks sampled before a crash: first -> counts
+
+    @property
+    def parts_dir(self) -> Store:
+        return self.store.child(f"sampled-parts/{self.sample_key[:16]}")
+
+    def find_parts(self) -> None:
+        """The chunks an interrupted run wrote for this sample key (other keys' parts are dropped)."""
+        for stale in self.store.listdir("sampled-parts"):
+            if stale != self.sample_key[:16]:
+                self.store.delete(f"sampled-parts/{stale}")
+        for name in self.parts_dir.listdir():
+            if name.endswith(".parquet") and name[:-len(".parquet")].isdigit():
+                self.parts[int(name[:-len(".parquet")])] = read_metadata(f"{self.parts_dir.uri}/{name}")
 
 
 def checkpoint_target(name: str, path: str) -> Target:
