@@ -23,7 +23,7 @@ from pipeline import faults, orchestrate
 from pipeline.config import Config, DataSource
 from pipeline.errors import UserError
 from pipeline.orchestrate import Step
-from pipeline.store.storage import Store
+from pipeline.store.layout import RunLayout
 from stages import evaluate as eval_stage
 from stages import pairs as pairs_stage
 
@@ -39,12 +39,12 @@ class IterateSummary:
 
 
 def round_dir(cfg: Config, r: int) -> str:
-    return Store(cfg.run_dir).child(f"round_{r}").uri
+    return RunLayout.of(cfg).round(r).uri
 
 
 def final_checkpoint(cfg: Config, r: int) -> str | None:
     """Round r's policy π_r (its last checkpoint), once the round's training has finished; else None."""
-    store = Store(round_dir(cfg, r))
+    store = RunLayout.of(cfg).round(r)
     if not store.exists("train.json"):
         return None
     checkpoints = store.read_json("train.json")["checkpoints"]

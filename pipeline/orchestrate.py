@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.caches.layout import CacheInputs, resolve_inputs
+from pipeline.caches.layout import CacheInputs, resolve_inputs, status
 from pipeline.caches.tokens import token_store
 from pipeline.config import Config
 from pipeline.dpo.memory import check_fits, model_shape, scorer_memory, training_memory
 from pipeline.dpo.parallel import compute_dtype
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 from stages import cache, train
 from stages import evaluate as eval_stage  # `evaluate` is run()'s flag
@@ -68,13 +69,13 @@ def _plan_cache(cfg: Config) -> tuple[list[Step], dict[str, Any]]:
 
 
 def _cache_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
-    store = Store(cfg.cache_dir).child(prep.key)
-    if store.exists("manifest.json"):
-        pairs = store.read_json("manifest.json")["counts"]["pairs"]
-        return Step(f"cache/{split}", "reuse", f"complete cache for these inputs: {store.uri} ({pairs} pairs)")
-    if store.exists(".work/plan.json"):
-        done = sum(n.startswith("shard-") for n in store.listdir(".work"))
-        return Step(f"cache/{split}", "resume", f"{done}/{len(prep.plan.shards)} shards already scored in {store.uri}")
+    store = RunLayout.of(cfg).cache(prep.key)
+    found = status(store)
+    if found.state == "complete":
+        return Step(f"cache/{split}", "reuse", f"complete cache for these inputs: {store.uri} ({found.pairs} pairs)")
+    if found.state == "resume":
+        return Step(f"cache/{split}", "resume",
+                    f"{found.done}/{len(prep.plan.shards)} shards already scored in {store.uri}")
     engine = ""
     if cfg.scoring.engine == "vllm" and cfg.scoring.use_gpu:
         tokens = min(cfg.data.max_length + 1, cfg.scoring.engine_kwargs.get("max_num_batched_tokens", 1 << 30))
@@ -86,32 +87,31 @@ def _cache_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
 
 def _tokens_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
     """The split of a reference-free loss: what training will read, or tokenize first."""
-    cache, tokens = Store(cfg.cache_dir).child(prep.key), token_store(cfg, prep)
-    if cache.exists("manifest.json"):
-        pairs = cache.read_json("manifest.json")["counts"]["pairs"]
+    cache, tokens = RunLayout.of(cfg).cache(prep.key), token_store(cfg, prep)
+    cached, tokenized = status(cache), status(tokens)
+    if cached.state == "complete":
         return Step(f"tokens/{split}", "reuse", f"reference-free loss: the token ids of the complete cache "
-                                                f"{cache.uri} ({pairs} pairs)")
-    if tokens.exists("manifest.json"):
-        pairs = tokens.read_json("manifest.json")["counts"]["pairs"]
-        return Step(f"tokens/{split}", "reuse", f"reference-free loss: token files {tokens.uri} ({pairs} pairs)")
-    if tokens.exists(".work/plan.json"):
-        done = sum(n.startswith("shard-") for n in tokens.listdir(".work"))
-        return Step(f"tokens/{split}", "resume", f"reference-free loss: {done}/{len(prep.plan.shards)} shards "
-                                                 f"already tokenized in {tokens.uri}")
+                                                f"{cache.uri} ({cached.pairs} pairs)")
+    if tokenized.state == "complete":
+        return Step(f"tokens/{split}", "reuse",
+                    f"reference-free loss: token files {tokens.uri} ({tokenized.pairs} pairs)")
+    if tokenized.state == "resume":
+        return Step(f"tokens/{split}", "resume", f"reference-free loss: {tokenized.done}/{len(prep.plan.shards)} "
+                                                 f"shards already tokenized in {tokens.uri}")
     return Step(f"tokens/{split}", "run", f"reference-free loss, no reference cache: training tokenizes "
                                           f"{prep.plan.num_rows} rows into {tokens.uri}")
 
 
 def _ready_data(cfg: Config, prep: CacheInputs) -> Store | None:
     """The complete directory training would read for the train split (a cache, or token files), if any."""
-    stores = [Store(cfg.cache_dir).child(prep.key)]
+    stores = [RunLayout.of(cfg).cache(prep.key)]
     if not cfg.train.needs_reference:
         stores.append(token_store(cfg, prep))
-    return next((s for s in stores if s.exists("manifest.json")), None)
+    return next((s for s in stores if status(s).state == "complete"), None)
 
 
 def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
-    run = Store(cfg.run_dir)  # a local path or a URI
+    run = RunLayout.of(cfg).run  # a local path or a URI
     other = ""
     if run.exists("train.json"):
         rec = run.read_json("train.json")
@@ -194,7 +194,7 @@ def run(cfg: Config, echo=print, evaluate: bool = True) -> RunSummary:
     if next(s for s in steps if s.stage == "train").action != "reuse":
         summary.checkpoints = train.run(cfg).checkpoints
     else:
-        summary.checkpoints = Store(cfg.run_dir).read_json("train.json")["checkpoints"]
+        summary.checkpoints = RunLayout.of(cfg).run.read_json("train.json")["checkpoints"]
     if not evaluate:
         return summary
     result = eval_stage.run(cfg)

@@ -53,6 +53,7 @@ from pipeline.errors import UserError
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import SCHEMA_VERSION
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 # What the tokenize tasks hand the scorers, and the scorers the writers: one row per shard (see
@@ -272,7 +273,7 @@ def run(cfg: Config, progress_factory=None, only: tuple[str, ...] = ("train", "e
     jobs: dict[str, CacheJob] = {}  # by key: two splits with the same inputs share one cache
     repaired: dict[str, list[str]] = {}
     for prep in preps:
-        store = Store(cfg.cache_dir).child(prep.key)
+        store = RunLayout.of(cfg).cache(prep.key)
         if prep.key in jobs:
             continue
         if store.exists("manifest.json"):
@@ -283,7 +284,7 @@ def run(cfg: Config, progress_factory=None, only: tuple[str, ...] = ("train", "e
             _reopen(store, prep, manifest, damaged)
             repaired[prep.key] = damaged
         jobs[prep.key] = CacheJob(prep, store, *pending_shards(store, prep))
-    run_store = Store(cfg.run_dir)
+    run_store = RunLayout.of(cfg).run
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     todo = [job for job in jobs.values() if job.todo]
     if todo and cfg.scoring.engine == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -301,7 +302,7 @@ def run(cfg: Config, progress_factory=None, only: tuple[str, ...] = ("train", "e
         _finalize(job.store, job.prep, job.plan, cfg.scoring.engine)
     results = []
     for prep in preps:
-        store = Store(cfg.cache_dir).child(prep.key)
+        store = RunLayout.of(cfg).cache(prep.key)
         manifest = store.read_json("manifest.json")
         job = jobs.get(prep.key)
         computed = len(job.todo) if job else 0

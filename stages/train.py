@@ -93,6 +93,7 @@ from pipeline.store.checkpoints import (
     training_failed,
 )
 from pipeline.store.fingerprint import sha256_json
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 # ---------------------------------------------------------------- driver
@@ -128,7 +129,7 @@ def run(cfg: Config) -> TrainResult:
     shape = model_shape(train_data.model_dir, cfg.train.lora, cfg.model.trust_remote_code)  # the memory plan fits
     memory = training_memory(shape, cfg.train, cfg.data.max_length, cfg.model.dtype)
     check_fits(memory, cfg.train.parallel.gpu_memory_gb)
-    run_store = Store(cfg.run_dir)  # a local path (resolved here) or a URI
+    run_store = RunLayout.of(cfg).run  # a local path (resolved here) or a URI
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     remove_interrupted_exports(run_store)
     connect(cfg)
@@ -136,10 +137,12 @@ def run(cfg: Config) -> TrainResult:
         check_spare_cpu(cfg)
     # Paths resolved here: Ray Train workers run in another working directory.
     init = resolve_model(cfg.train.init_from, key="train.init_from") if cfg.train.init_from else None
-    plan = WorkerPlan(cfg, run_store.uri, train_data.model_dir, train_data.tokenizer_dir, train_data.chat_template,
-                      lanes.lanes, lanes.rows_per_lane, per_epoch, total, faults.env(),
-                      train_data.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path,
-                      init.local_dir if init else train_data.model_dir)
+    plan = WorkerPlan(
+        cfg=cfg, run_dir=run_store.uri, model_dir=train_data.model_dir, tokenizer_dir=train_data.tokenizer_dir,
+        chat_template=train_data.chat_template, lanes=lanes.lanes, rows_per_lane=lanes.rows_per_lane,
+        steps_per_epoch=per_epoch, total_steps=total, fault_env=faults.env(),
+        adapter_base=train_data.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path,
+        policy_dir=init.local_dir if init else train_data.model_dir)
     trainer = _trainer(cfg, plan, run_store, _eval_dataset(cfg, eval_data))
     ROUTER.expect("training")
     try:

@@ -21,6 +21,7 @@ from pipeline.evaluation.targets import checkpoint_problem
 from pipeline.runtime import cluster
 from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.fingerprint import model_files_hash
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store, local_copy
 from stages.evaluate import select_targets
 from tests.conftest import DATA, make_config
@@ -251,3 +252,14 @@ def test_the_training_state_is_staged_where_asked_and_only_with_room(tmp_path, m
                             f"training state (two copies under async_save) needs 40.0 GB; point "
                             f"train.checkpoint.staging_dir at a node-local disk with room, or free space there")
     assert state_staging(str(tmp_path / "nvme"), int(20e9), async_save=False) == tmp_path / "nvme"
+
+
+def test_run_layout_puts_every_place_under_its_root(tiny_model, tmp_path):
+    cfg = make_config(tiny_model, tmp_path, f"cache_dir={tmp_path / 'c'}", f"run_dir={tmp_path / 'r'}")
+    layout = RunLayout.of(cfg)
+    c, r = tmp_path / "c", tmp_path / "r"
+    assert layout.cache("abc").uri == f"{c}/abc" and layout.cache("tokens-x").uri == f"{c}/tokens-x"
+    assert (layout.sources.uri, layout.eval_reference.uri) == (f"{c}/sources", f"{c}/eval-reference")
+    assert (layout.run.uri, layout.eval.uri, layout.pairs.uri) == (str(r), f"{r}/eval", f"{r}/pairs")
+    assert layout.round(2).uri == f"{r}/round_2"
+    assert layout.run is layout.run  # built once per layout

@@ -28,6 +28,7 @@ from pipeline.data.rows import TOKENIZATION_VERSION
 from pipeline.data.sources import SETTLE_NS, Shard, SourcePlan, plan_source
 from pipeline.errors import UserError
 from pipeline.store.fingerprint import cache_key
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 
@@ -49,7 +50,7 @@ class CacheInputs:
 def sources_dir(cfg: Config) -> Store:
     """Where `datasets` sources are exported to Parquet and source plans remembered: under cache_dir, which every
     node sees (a local path or a URI)."""
-    return Store(cfg.cache_dir).child("sources")
+    return RunLayout.of(cfg).sources
 
 
 def resolve_inputs(cfg: Config, split: str, src: DataSource) -> CacheInputs:
@@ -146,16 +147,38 @@ def damaged_files(store: Store, manifest: dict[str, Any]) -> list[str]:
     return [f["path"] for f in entries if f["path"] not in intact and not verified(f)]
 
 
+MANIFEST = "manifest.json"  # written last: the directory of shards is complete
+PLAN = ".work/plan.json"  # the first run's shard plan: a run began (and may be resumed)
+
+
+@dataclass
+class ShardsStatus:
+    """Where a directory of shards (a cache, or token files) stands."""
+
+    state: str  # complete | resume | absent
+    pairs: int = 0  # complete: the manifest's count of pairs
+    done: int = 0  # resume: the shards finished
+
+
+def status(store: Store) -> ShardsStatus:
+    """Complete (its manifest), begun (its plan, and how many shards have their marker), or absent."""
+    if store.exists(MANIFEST):
+        return ShardsStatus("complete", pairs=store.read_json(MANIFEST)["counts"]["pairs"])
+    if store.exists(PLAN):
+        return ShardsStatus("resume", done=sum(n.startswith("shard-") for n in store.listdir(".work")))
+    return ShardsStatus("absent")
+
+
 def pending_shards(store: Store, prep: CacheInputs) -> tuple[SourcePlan, list[Shard]]:
     """The shard plan of an unfinished directory of shards (the first run's, if resuming; `.work/plan.json`) and
     its unfinished shards (`pipeline/caches/shards.py`: a shard is finished when its marker exists and its file is
     as the marker records it)."""
-    if store.exists(".work/plan.json"):
-        plan = SourcePlan.from_dict(store.read_json(".work/plan.json"))
+    if store.exists(PLAN):
+        plan = SourcePlan.from_dict(store.read_json(PLAN))
         plan.path = prep.plan.path  # same content (same key); the file may have moved
     else:
         plan = prep.plan
-        store.write_json(".work/plan.json", plan.to_dict())
+        store.write_json(PLAN, plan.to_dict())
     stats = file_stats(store)
     markers = [store.read_json(f".work/{name}") for name in store.listdir(".work") if name.startswith("shard-")]
     # Unchanged since written (same size and mtime): finished, nothing read. Otherwise (a marker of an older
@@ -186,7 +209,7 @@ def find_cache(cfg: Config, split: str) -> CacheRef:
     src = cfg.data.train if split == "train" else cfg.data.eval
     prep = resolve_inputs(cfg, split, src)
     explicit = cfg.train.cache_path if split == "train" else None
-    store = Store(explicit) if explicit else Store(cfg.cache_dir).child(prep.key)
+    store = Store(explicit) if explicit else RunLayout.of(cfg).cache(prep.key)
     if not store.exists("manifest.json"):
         where = explicit or f"{cfg.cache_dir}/{prep.key}"
         raise UserError(f"no complete reference cache for the {split} split at {where}; build it with "

@@ -45,6 +45,7 @@ from pipeline.errors import UserError
 from pipeline.runtime.console import progress_bar
 from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import SCHEMA_VERSION, cache_key
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 TOKENS_SCHEMA = pa.schema([shards.PAIR.field(n) for n in ("id", *shards.TOKEN_COLUMNS)])
@@ -64,7 +65,7 @@ def token_key(prep: CacheInputs) -> str:
 
 def token_store(cfg: Config, prep: CacheInputs) -> Store:
     """`cache_dir/tokens-<key>/`."""
-    return Store(cfg.cache_dir).child(token_key(prep))
+    return RunLayout.of(cfg).cache(token_key(prep))
 
 
 def intact_manifest(store: Store) -> dict[str, Any] | None:
@@ -83,7 +84,7 @@ def training_pairs(cfg: Config, split: str, progress_factory=None) -> CacheRef:
     if cfg.train.needs_reference or (split == "train" and cfg.train.cache_path):
         return find_cache(cfg, split)
     prep = resolve_inputs(cfg, split, cfg.data.train if split == "train" else cfg.data.eval)
-    cache = Store(cfg.cache_dir).child(prep.key)
+    cache = RunLayout.of(cfg).cache(prep.key)
     manifest = intact_manifest(cache)
     if manifest is None:
         cache = token_store(cfg, prep)

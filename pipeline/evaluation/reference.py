@@ -16,6 +16,7 @@ from pipeline.engines.chunks import PromptFile, SampledChunk, chunk_prompts, com
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.evaluation.inputs import Prompts
 from pipeline.runtime.cluster import spread
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 
@@ -37,7 +38,7 @@ def reference_logps(cfg: Config, reference: dict[str, Any], chunks: list[Sampled
     """The URI of every chunk's per-token log π_ref (`reference`: the reference's identity): Ray tasks key the
     chunks by content; chunks whose entry is not in the cache are scored and written by the scorer actors. The
     driver handles keys and counts only."""
-    cache = Store(cfg.cache_dir).child("eval-reference")
+    cache = RunLayout.of(cfg).eval_reference
     task = ray.remote(chunk_key).options(num_cpus=1)
     keys = ray.get([task.remote(chunk, prompts.files, reference) for chunk in chunks])
     uris = {chunk: f"{cache.uri}/{key}.parquet" for chunk, (key, _) in zip(chunks, keys, strict=True)}
@@ -58,7 +59,7 @@ def _score(cfg: Config, missing: dict[str, tuple[SampledChunk, int]], prompts: P
     kwargs = scorer_kwargs(ref.engine, ref, resolve_model(cfg.model.path, cfg.model.revision).local_dir,
                            cfg.model.dtype, engine_max_length(cfg), cfg.model.trust_remote_code)
     actors = [ray.remote(ReferenceEngine).options(**actor_options(ref, spread(cfg))).remote(
-        ref.engine, kwargs, f"{Store(cfg.run_dir).uri}/eval/reference-scorer-{i}.log")
+        ref.engine, kwargs, f"{RunLayout.of(cfg).eval.uri}/reference-scorer-{i}.log")
         for i in range(min(ref.num_actors, len(missing)))]
     size = max(1, ref.batch_size * 2)  # sequences per scorer call: a scorer batch holds 2 per pair
     total = sum(rows for _, rows in missing.values())
