@@ -126,7 +126,7 @@ def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
         manifest = ready.read_json("manifest.json")
         pairs = manifest["counts"]["pairs"]
         files = manifest["files"]
-        _, _, total = train.plan_steps(cfg, [f["path"] for f in files], [f["rows"] for f in files])
+        _, _, total = train.plan_steps(cfg.train, [f["path"] for f in files], [f["rows"] for f in files])
         lora = cfg.train.lora
         what = f", LoRA rank {lora.rank} adapters" if lora else ""
         what += f", {_reference_free(cfg)}" if not cfg.train.needs_reference else f", loss {cfg.train.loss_summary}"

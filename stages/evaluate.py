@@ -123,7 +123,7 @@ def select_targets(cfg: Config) -> list[Target]:
             name = f"{name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
         names.add(name)
         targets.append(checkpoint_target(name, path))
-    check_adapters(cfg, [t for t in targets if t.adapter is not None])
+    check_adapters(cfg.model, [t for t in targets if t.adapter is not None])
     return targets
 
 
@@ -310,7 +310,8 @@ def _report(cfg: Config, plan: EvalPlan, evaluated: list[TargetJob], sampling: S
     paths = {t.name: t.path for t in plan.targets}
     failures = {**plan.failures, **sampling.failures}
     failed = [{"name": name, "path": paths[name], "error": message} for name, message in failures.items()]
-    report = write_report(plan.eval_store, rows, failed, summary.report_settings(cfg, plan.prompts.count))
+    settings = summary.report_settings(cfg.eval, cfg.scoring.engine, plan.prompts.count)
+    report = write_report(plan.eval_store, rows, failed, settings)
     log_evaluation(cfg, cfg.run_dir, rows, report.plots)  # W&B / MLflow, if logging.report_to has them
     return EvalResult(plan.eval_store.uri, [j.target.name for j in evaluated], reused=plan.reused, failures=failed,
                       report=str(report.report), rows=rows, prompts=plan.prompts.count,

@@ -191,7 +191,7 @@ def _target(cfg: Config) -> Target:
     target = checkpoint_target("policy", path)
     if target.error:
         raise UserError(f"pairs.model: {target.error}; point it at a model or checkpoint directory")
-    check_adapters(cfg, [target] if target.adapter is not None else [])
+    check_adapters(cfg.model, [target] if target.adapter is not None else [])
     return target
 
 

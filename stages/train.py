@@ -125,7 +125,7 @@ def run(cfg: Config) -> TrainResult:
     Ray tasks when missing, `pipeline/caches/tokens.py`): no reference cache is needed then."""
     train_data = training_pairs(cfg, "train")
     eval_data = training_pairs(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
-    lanes, per_epoch, total = plan_steps(cfg, train_data.files, train_data.file_rows)
+    lanes, per_epoch, total = plan_steps(cfg.train, train_data.files, train_data.file_rows)
     shape = model_shape(train_data.model_dir, cfg.train.lora, cfg.model.trust_remote_code)  # the memory plan fits
     memory = training_memory(shape, cfg.train, cfg.data.max_length, cfg.model.dtype)
     check_fits(memory, cfg.train.parallel.gpu_memory_gb)
@@ -134,7 +134,7 @@ def run(cfg: Config) -> TrainResult:
     remove_interrupted_exports(run_store)
     connect(cfg)
     if eval_data:
-        check_spare_cpu(cfg)
+        check_spare_cpu(cfg.train.parallel)
     # Paths resolved here: Ray Train workers run in another working directory.
     init = resolve_model(cfg.train.init_from, key="train.init_from") if cfg.train.init_from else None
     plan = WorkerPlan(
@@ -173,7 +173,7 @@ def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str
         torch_config=ray.train.torch.TorchConfig(backend=process_group_backend(parallel)),
         scaling_config=ray.train.ScalingConfig(num_workers=parallel.num_workers, use_gpu=parallel.use_gpu,
                                                resources_per_worker={"CPU": parallel.num_cpus_per_worker},
-                                               placement_strategy="SPREAD" if spread(cfg) else "PACK"),
+                                               placement_strategy="SPREAD" if spread(cfg.ray) else "PACK"),
         run_config=ray.train.RunConfig(
             # Ray Train writes its training state through the same pyarrow filesystem (local disk, s3, gs).
             name="ray", storage_path=run_store.root, storage_filesystem=None if run_store.local else run_store.fs,

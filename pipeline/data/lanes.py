@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import Config, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 
 Piece = tuple[str, int, int]  # (file, first row, end row)
@@ -136,12 +136,12 @@ def read_train_columns(uri: str, columns: tuple[str, ...] = TRAIN_COLUMNS) -> pa
     return pq.read_table(path, columns=list(columns), filesystem=fs)
 
 
-def plan_steps(cfg: Config, files: list[str], rows: list[int]) -> tuple[LanePlan, int, int]:
+def plan_steps(train: TrainConfig, files: list[str], rows: list[int]) -> tuple[LanePlan, int, int]:
     """(the data lanes, steps per epoch, total steps) for a cache's files and their row counts."""
-    lanes = plan_lanes(files, rows, cfg.train.global_batch_pairs)
+    lanes = plan_lanes(files, rows, train.global_batch_pairs)
     per_epoch = lanes.steps_per_epoch
     if per_epoch == 0:
         raise UserError(f"the cache has {sum(rows)} pairs, fewer than train.global_batch_pairs="
-                        f"{cfg.train.global_batch_pairs}; lower the global batch")
-    total = per_epoch * cfg.train.epochs
-    return lanes, per_epoch, min(total, cfg.train.max_steps or total)
+                        f"{train.global_batch_pairs}; lower the global batch")
+    total = per_epoch * train.epochs
+    return lanes, per_epoch, min(total, train.max_steps or total)

@@ -9,7 +9,7 @@ from typing import Any
 import ray
 from ray.util import ActorPool
 
-from pipeline.config import Config
+from pipeline.config import Config, DataConfig, EvalConfig
 from pipeline.data.models import resolve_model
 from pipeline.engines.actors import ReferenceEngine, stop_engines
 from pipeline.engines.chunks import PromptFile, SampledChunk, chunk_prompts, completion_sequences, sequence_key
@@ -20,10 +20,10 @@ from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 
-def engine_max_length(cfg: Config) -> int:
+def engine_max_length(data: DataConfig, eval_cfg: EvalConfig) -> int:
     """Tokens an evaluation engine (sampling or reference) must hold: a prompt and its completion, or a held-out
     pair's sequence."""
-    return max(cfg.data.max_length, cfg.data.max_prompt_length + cfg.eval.max_new_tokens)
+    return max(data.max_length, data.max_prompt_length + eval_cfg.max_new_tokens)
 
 
 def chunk_key(chunk: SampledChunk, prompt_files: list[PromptFile], reference: dict[str, Any]) -> tuple[str, int]:
@@ -57,8 +57,8 @@ def _score(cfg: Config, missing: dict[str, tuple[SampledChunk, int]], prompts: P
     The actors are killed at the end, on an error or an interrupt too."""
     ref = cfg.scoring
     kwargs = scorer_kwargs(ref.engine, ref, resolve_model(cfg.model.path, cfg.model.revision).local_dir,
-                           cfg.model.dtype, engine_max_length(cfg), cfg.model.trust_remote_code)
-    actors = [ray.remote(ReferenceEngine).options(**actor_options(ref, spread(cfg))).remote(
+                           cfg.model.dtype, engine_max_length(cfg.data, cfg.eval), cfg.model.trust_remote_code)
+    actors = [ray.remote(ReferenceEngine).options(**actor_options(ref, spread(cfg.ray))).remote(
         ref.engine, kwargs, f"{RunLayout.of(cfg).eval.uri}/reference-scorer-{i}.log")
         for i in range(min(ref.num_actors, len(missing)))]
     size = max(1, ref.batch_size * 2)  # sequences per scorer call: a scorer batch holds 2 per pair

@@ -128,11 +128,12 @@ class SamplingScheduler:
         eval_cfg = self.cfg.eval
         lora = self.lora if self._on_lora_engine(job.target) else None
         model_dir = resolve_model(self.cfg.model.path, self.cfg.model.revision).local_dir if lora else job.target.path
-        kwargs = scorer_kwargs("vllm", eval_cfg, model_dir, self.cfg.model.dtype, engine_max_length(self.cfg))
+        kwargs = scorer_kwargs("vllm", eval_cfg, model_dir, self.cfg.model.dtype,
+                               engine_max_length(self.cfg.data, eval_cfg))
         kwargs["seed"] = eval_cfg.seed
         helpers = sum(s.job is job for s in self.slots)  # engines already on this target: this one helps
         log = f"{job.store.uri}/engine{f'-{helpers + 1}' if helpers else ''}.log"
-        actor = engine_cls.options(**actor_options(eval_cfg, spread(self.cfg))).remote(kwargs, log, lora)
+        actor = engine_cls.options(**actor_options(eval_cfg, spread(self.cfg.ray))).remote(kwargs, log, lora)
         self.engine_starts += 1
         self._serve(EngineSlot(actor, log, job))
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config
+from pipeline.config import EvalConfig
 from pipeline.engines.chunks import (
     PromptChunk,
     PromptFile,
@@ -279,12 +279,12 @@ def _results(eval_store: Store, settings_key: str) -> list[tuple[dict[str, Any],
     return results
 
 
-def report_settings(cfg: Config, num_prompts: int) -> dict[str, Any]:
+def report_settings(e: EvalConfig, reference_engine: str, num_prompts: int) -> dict[str, Any]:
     """The evaluation settings the report shows (and summary.json stores)."""
-    e, r = cfg.eval, cfg.eval.reward
+    r = e.reward
     described = "none" if r is None else (r.rule if r.type == "rule" else r.function if r.type == "callable"
                                           else r.model)
     return {"prompts": num_prompts, "samples_per_prompt": e.samples_per_prompt,
             "max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "top_p": e.top_p, "seed": e.seed,
             "reward": f"{r.type}: {described}" if r else "none", "baseline": e.win_rate_baseline,
-            "reference_engine": cfg.scoring.engine}
+            "reference_engine": reference_engine}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import ModelConfig
 from pipeline.data.adapters import AdapterInfo, base_mismatch, read_adapter
 from pipeline.data.models import resolve_model
 from pipeline.engines.chunks import read_metadata
@@ -69,21 +69,21 @@ def checkpoint_target(name: str, path: str) -> Target:
     return target
 
 
-def check_adapters(cfg: Config, targets: list[Target]) -> None:
+def check_adapters(model: ModelConfig, targets: list[Target]) -> None:
     """Adapters are evaluated on an engine of the reference model (`model.path`): each must be one of its adapters
     and one vLLM gives the exact log-probs of (see `pipeline.engines.lora`)."""
     if not targets:
         return
-    base = resolve_model(cfg.model.path, cfg.model.revision).local_dir
+    base = resolve_model(model.path, model.revision).local_dir
     for target in targets:
         problem = serving_problem(target.adapter)
         if problem is not None:
             raise UserError(f"{target.path} is a LoRA adapter vLLM cannot evaluate exactly ({problem}); evaluate "
                             f"its merged model instead ({target.path}/merged, written with train.lora.merge)")
-        mismatch = base_mismatch(target.adapter, base, cfg.model.path, cfg.model.trust_remote_code)
+        mismatch = base_mismatch(target.adapter, base, model.path, model.trust_remote_code)
         if mismatch is not None:
             recorded = f" ({target.adapter.base})" if target.adapter.base else ""
-            raise UserError(f"{target.path} is not a LoRA adapter of model.path {cfg.model.path}: {mismatch}; set "
+            raise UserError(f"{target.path} is not a LoRA adapter of model.path {model.path}: {mismatch}; set "
                             f"model.path to the adapter's base model{recorded}")
 
 def step_of(name: str) -> int | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.config import Config
+from pipeline.config import Config, ParallelConfig, RayConfig
 from pipeline.errors import UserError
 from pipeline.store.storage import Store
 
@@ -27,15 +27,14 @@ _FIX = {"cache_dir": "mount it on every node (NFS, a shared disk) or use an s3:/
 _checked: set[tuple] = set()
 
 
-def spread(cfg: Config) -> bool:
-    return cfg.ray.placement == "spread"
+def spread(ray_cfg: RayConfig) -> bool:
+    return ray_cfg.placement == "spread"
 
 
-def check_spare_cpu(cfg: Config) -> None:
+def check_spare_cpu(parallel: ParallelConfig) -> None:
     """Ray Data streams the eval split to the training workers only with at least one CPU the workers do not hold;
     without it the run would wait forever (measured with Ray 2.60)."""
     total = ray.cluster_resources().get("CPU", 0)
-    parallel = cfg.train.parallel
     held = parallel.num_workers * parallel.num_cpus_per_worker
     if total - held < 1:
         raise UserError(f"train.parallel.num_workers × train.parallel.num_cpus_per_worker = {held:g} CPUs leaves "
