@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.caches.layout import CacheInputs, resolve_inputs, status
+from pipeline.caches.layout import MANIFEST, CacheInputs, resolve_inputs, status
 from pipeline.caches.tokens import token_store
 from pipeline.config import Config
 from pipeline.dpo.memory import check_fits, model_shape, scorer_memory, training_memory
@@ -88,10 +88,11 @@ def _cache_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
 def _tokens_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
     """The split of a reference-free loss: what training will read, or tokenize first."""
     cache, tokens = RunLayout.of(cfg).cache(prep.key), token_store(cfg, prep)
-    cached, tokenized = status(cache), status(tokens)
+    cached = status(cache)
     if cached.state == "complete":
         return Step(f"tokens/{split}", "reuse", f"reference-free loss: the token ids of the complete cache "
                                                 f"{cache.uri} ({cached.pairs} pairs)")
+    tokenized = status(tokens)  # only when no complete cache serves: one lookup less on the plan's common path
     if tokenized.state == "complete":
         return Step(f"tokens/{split}", "reuse",
                     f"reference-free loss: token files {tokens.uri} ({tokenized.pairs} pairs)")
@@ -107,7 +108,7 @@ def _ready_data(cfg: Config, prep: CacheInputs) -> Store | None:
     stores = [RunLayout.of(cfg).cache(prep.key)]
     if not cfg.train.needs_reference:
         stores.append(token_store(cfg, prep))
-    return next((s for s in stores if status(s).state == "complete"), None)
+    return next((s for s in stores if s.exists(MANIFEST)), None)  # its manifest is read once, by _plan_train
 
 
 def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
@@ -123,7 +124,7 @@ def _plan_train(cfg: Config, cache_key: str, ready: Store | None) -> Step:
     if states:
         return Step("train", "resume", f"from the training state {states[-1]} in {run.uri}/ray{other}")
     if ready:
-        manifest = ready.read_json("manifest.json")
+        manifest = ready.read_json(MANIFEST)
         pairs = manifest["counts"]["pairs"]
         files = manifest["files"]
         _, _, total = train.plan_steps(cfg.train, [f["path"] for f in files], [f["rows"] for f in files])
