@@ -26,7 +26,7 @@ from pathlib import Path
 import boto3
 from moto.server import ThreadedMotoServer
 
-from pipeline.dpo.metrics import MetricsLogger
+from pipeline.training.metrics_log import MetricsLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 

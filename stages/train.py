@@ -19,11 +19,6 @@ written in the background (train.checkpoint.async_save) and listed by Ray only o
 
 from __future__ import annotations
 
-import functools
-import json
-import tempfile
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from time import perf_counter as now
@@ -34,8 +29,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
-from ray.train import CheckpointUploadMode
 from ray.train.torch import TorchTrainer
 
 from pipeline import faults
@@ -43,35 +36,22 @@ from pipeline.caches.layout import CacheRef
 from pipeline.caches.tokens import training_pairs
 from pipeline.config import Config, to_yaml
 from pipeline.data.lanes import LanePlan, plan_steps, read_train_columns, train_columns, worker_batches
-from pipeline.data.modeling import disable_dropout, empty_causal_lm, merge_adapter
+from pipeline.data.modeling import disable_dropout, empty_causal_lm
 from pipeline.data.models import load_tokenizer, on_this_node, resolve_model
-from pipeline.dpo.lora import (
-    AdaptersDisabled,
-    adapter_export,
-    add_adapters,
-    initial_adapter_values,
-    is_adapter_param,
-    is_trained,
-)
+from pipeline.dpo.lora import AdaptersDisabled, add_adapters, initial_adapter_values, is_adapter_param
 from pipeline.dpo.losses import LossState
 from pipeline.dpo.memory import check_fits, model_shape, training_memory
-from pipeline.dpo.metrics import MetricsLogger, StepSums
+from pipeline.dpo.metrics import StepSums
 from pipeline.dpo.parallel import (
     PolicyLogps,
     apply_fsdp,
-    async_save_sharded_state,
     compute_dtype,
     full_shapes,
-    hf_weight_groups,
     load_hf_weights,
-    load_sharded_state,
     materialize,
-    on_every_rank,
     process_group_backend,
-    save_sharded_state,
     set_device_math,
     set_full_values,
-    state_bytes,
 )
 from pipeline.dpo.step import StepCompute, lr_schedule, make_optimizer, optimizer_step, packing_mode, worker_maxima
 from pipeline.runtime.cluster import check_spare_cpu, rank_node_ids, spread
@@ -79,22 +59,17 @@ from pipeline.runtime.console import ROUTER, RemoteBar, say
 from pipeline.runtime.session import connect, quiet_worker_logs
 from pipeline.runtime.trackers import open_trackers
 from pipeline.store.checkpoints import (
-    ADAPTER_CONFIG,
-    SHARD_BYTES,
     checkpoint_hash,
-    export_adapter,
-    export_checkpoint,
     export_dtype,
-    export_hf,
     list_checkpoints,
-    prune_checkpoints,
     remove_interrupted_exports,
-    state_staging,
     training_failed,
 )
 from pipeline.store.fingerprint import sha256_json
 from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
+from pipeline.training.checkpointer import Checkpointer, Export, Trained
+from pipeline.training.metrics_log import MetricsLogger
 
 # ---------------------------------------------------------------- driver
 
@@ -228,19 +203,15 @@ def train_loop(config: dict[str, Any]) -> None:
 
 class DPOWorker:
     """DPO training on one Ray Train worker: setup (models, sharding, optimizer, restored state) -> train (steps,
-    evaluation, logging, periodic checkpoints) -> save (a checkpoint of the current step) -> cleanup."""
+    evaluation, logging, periodic checkpoints) -> save (a checkpoint of the current step) -> cleanup. Checkpoints
+    (exports, the background state save, reporting to Ray Train): pipeline/training/checkpointer.py."""
 
     def __init__(self, plan: WorkerPlan):
-        self.plan, self.cfg, self.run_store = plan, plan.cfg, Store(plan.run_dir)
+        self.plan, self.cfg = plan, plan.cfg
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.step = 0
-        self.saved_step: int | None = None  # the step the newest checkpoint holds
         self.metrics: dict[str, float] = {}  # the last step's
-        self.upload: Callable[[], None] | None = None  # waits for the last export's upload (rank 0)
-        self.pending: tuple[Future, Path, dict[str, Any]] | None = None  # the training state being written
-        self.blocked_s: list[float] = []  # per checkpoint: how long the loop stopped for it
-        self.reporting_s = 0.0  # checking for and reporting background saves between checkpoints; the waits at the end
         self.read_bytes = 0  # cache bytes this worker has read (decoded)
 
     # ------------------------------------------------------------ lifecycle
@@ -250,17 +221,15 @@ class DPOWorker:
         self.device = ray.train.torch.get_device()  # this worker's GPU under train.parallel.use_gpu, else the CPU
         set_device_math(self.device, self.cfg.train.parallel.num_cpus_per_worker)  # threads; TF32 on a GPU
         torch.manual_seed(self.cfg.train.seed)
-        self.tokenizer = load_tokenizer(self.plan.tokenizer_dir, self.plan.chat_template)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.lm, self.policy = self._policy()
+        tokenizer = load_tokenizer(self.plan.tokenizer_dir, self.plan.chat_template)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        lm, self.policy = self._policy()
         in_loop = self.cfg.train.ref_logps == "in_loop" and self.cfg.train.needs_reference
         reference = self._reference() if in_loop else None  # a reference-free loss loads none
         optim = self.cfg.train.optim
         # Under LoRA only the adapters (and modules_to_save copies) train: optimizer state for those alone.
         self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad], optim.lr,
                                         optim.weight_decay)
-        ckpt = self.cfg.train.checkpoint
-        self.staging = state_staging(ckpt.staging_dir, state_bytes(self.policy), ckpt.async_save)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
         self.compute = StepCompute(self.policy, reference, self.cfg.train.losses, pad_id, self.device,
@@ -271,10 +240,15 @@ class DPOWorker:
                                     tensorboard="tensorboard" in self.cfg.logging.report_to,
                                     trackers=open_trackers(self.cfg, self.plan.run_dir) if self.rank == 0 else None)
         self.nodes = rank_node_ids()  # recorded in train.json: where the training ran
-        self.export_dtype = export_dtype(self.cfg.train.checkpoint.dtype, self.plan.model_dir)
-        # The background writer coordinates over a group of its own (gloo: host memory, any device).
-        self.save_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self._restore()
+        export = Export(export_dtype(self.cfg.train.checkpoint.dtype, self.plan.model_dir), self.plan.model_dir,
+                        self.plan.adapter_base, self.cfg.train.lora)
+        self.checkpointer = Checkpointer(self.cfg.train.checkpoint, Store(self.plan.run_dir),
+                                         Trained(lm, self.policy, self.optimizer, tokenizer), export, self.rank,
+                                         self.device, sync_logs=self.logger.sync)
+        if (state := self.checkpointer.restore()) is not None:  # resumed: weights and optimizer restored
+            self.step = state["step"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.compute.state = LossState(**state.get("loss_state", {}))
         self.logger.resume_at(self.step)  # steps logged after the restored checkpoint are done (and logged) again
         self.bar = RemoteBar(self.plan.total_steps, "training", "step", initial=self.step, disable=self.rank != 0)
 
@@ -283,27 +257,13 @@ class DPOWorker:
             self._train_epoch()
 
     def save(self) -> None:
-        """Checkpoint the current step unless a checkpoint holds it already: the previous one's background save
-        reported first (a run that dies in this export resumes from the last complete export), then the Hugging Face
-        export (rank 0) and the sharded training state, reported to Ray Train with the step's metrics."""
-        if self.saved_step == self.step:
-            return
-        name = f"step_{self.step:06d}"
-        t0 = now()
-        self._report_saved(wait=True)
-        self._export_hf(name)
-        self._save_state(name)
-        self.saved_step = self.step
-        self.blocked_s.append(now() - t0)
+        """Checkpoint the current step (unless a checkpoint holds it already)."""
+        self.checkpointer.save(self.step, {"scheduler": self.scheduler.state_dict(),
+                                           "loss_state": asdict(self.compute.state)},
+                               {**self.metrics, "worker_nodes": self.nodes})
 
     def cleanup(self) -> None:
-        t0 = now()
-        self._report_saved(wait=True)
-        self._finish_export()
-        self.reporting_s += now() - t0
-        if self.rank == 0 and self.blocked_s:
-            say(f"checkpoints: the loop waited {sum(self.blocked_s) + self.reporting_s:.2f} s for "
-                f"{len(self.blocked_s)} (longest save {max(self.blocked_s):.2f} s)")
+        self.checkpointer.close()
         self.bar.close()
         self.logger.close()
 
@@ -349,21 +309,6 @@ class DPOWorker:
         materialize(model, "cpu" if self.cfg.train.parallel.cpu_offload else self.device)
         load_hf_weights(model, weights_dir)
 
-    def _restore(self) -> None:
-        """Resume from Ray Train's latest checkpoint, if any: weights, optimizer, scheduler and step."""
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return
-        # Read in place on the run's storage: each rank fetches only its shards (no download of the checkpoint).
-        load_sharded_state(f"{ckpt.path}/state", ckpt.filesystem, self.policy, self.optimizer)
-        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/trainer_state.json") as f:
-            meta = json.loads(f.read())
-        self.step = self.saved_step = meta["step"]
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.compute.state = LossState(**meta.get("loss_state", {}))
-        if self.rank == 0:
-            say(f"resumed from step {self.step} ({ckpt.path})")
-
     # ------------------------------------------------------------ train
 
     def _train_epoch(self) -> None:
@@ -390,10 +335,8 @@ class DPOWorker:
         self.bar.update(1)
         if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.cfg.data.eval:
             self.metrics.update(self._evaluate())
-        t0 = now()
-        self._report_saved(wait=False)
-        self.reporting_s += now() - t0
-        self.metrics["checkpoint/waited_s"] = sum(self.blocked_s) + self.reporting_s  # so far: saves' cost to steps
+        self.checkpointer.poll()  # a background save every rank has finished is reported
+        self.metrics["checkpoint/waited_s"] = self.checkpointer.waited_s  # so far: saves' cost to steps
         if self.step % self.cfg.train.log_every == 0 or self.step == self.plan.total_steps:
             self.logger.log(self.step, self.metrics, echo=self.bar.write, total=self.plan.total_steps)
         if self.cfg.train.checkpoint.every and self.step % self.cfg.train.checkpoint.every == 0:
@@ -425,75 +368,3 @@ class DPOWorker:
         m = sums.reduce(self.device)
         return {"eval/loss": m["loss"], "eval/rewards/accuracies": m["rewards/accuracies"],
                 "eval/rewards/margins": m["rewards/margins"]}
-
-    # ------------------------------------------------------------ save
-
-    def _export_hf(self, name: str) -> None:
-        """`checkpoints/<name>` as a Hugging Face model: the weights gathered one group at a time in the export
-        dtype (a collective), written by rank 0; at a URI run_dir uploaded in the background."""
-        self._finish_export()
-        lora = self.cfg.train.lora
-        groups = hf_weight_groups(self.policy, self.export_dtype, SHARD_BYTES, self.device,
-                                  select=is_trained if lora else None)
-        if self.rank != 0:
-            for _ in groups[1]:  # take part in the gathers
-                pass
-            return
-        if lora:
-            tensors, config = adapter_export(self.lm, groups[1], self.plan.adapter_base)
-            merge = functools.partial(merge_adapter, self.plan.model_dir, self.export_dtype) if lora.merge else None
-            write = functools.partial(export_adapter, tensors, config, self.tokenizer, merge=merge)
-            self.upload = export_checkpoint(self.run_store, name, write, last=ADAPTER_CONFIG)
-        else:
-            write = functools.partial(export_hf, groups, self.lm, self.tokenizer, self.export_dtype)
-            self.upload = export_checkpoint(self.run_store, name, write)
-        self.logger.sync()  # the rows and TensorBoard events up to this checkpoint, on storage
-        if self.run_store.local:
-            self._finish_export()
-
-    def _finish_export(self) -> None:
-        """Wait for the last export's upload, then prune old checkpoints (rank 0)."""
-        if self.upload is None:
-            return
-        self.upload()
-        self.upload = None
-        if self.cfg.train.checkpoint.keep:
-            prune_checkpoints(self.run_store, self.cfg.train.checkpoint.keep)
-
-    def _save_state(self, name: str) -> None:
-        """The sharded training state (every rank) and trainer_state.json (rank 0), reported to Ray Train as one
-        checkpoint once every rank has written its part: in the background under train.checkpoint.async_save (one
-        save in flight at a time: `save` has reported the last one), else before returning."""
-        local = Path(tempfile.mkdtemp(prefix="dpo-state-", dir=self.staging))
-        if self.rank == 0:
-            (local / "trainer_state.json").write_text(json.dumps(
-                {"step": self.step, "scheduler": self.scheduler.state_dict(), "hf_checkpoint": name,
-                 "loss_state": asdict(self.compute.state)}))
-        meta = {**self.metrics, "step": self.step, "hf_checkpoint": name, "worker_nodes": self.nodes}
-        if not self.cfg.train.checkpoint.async_save:
-            save_sharded_state(local / "state", self.policy, self.optimizer)
-            self._report(local, meta)
-            return
-        self.pending = (async_save_sharded_state(local / "state", self.policy, self.optimizer, self.save_group),
-                        local, meta)
-
-    def _report_saved(self, wait: bool) -> None:
-        """Report the background save to Ray Train when every rank has finished writing it (all ranks agree: a
-        collective while one is in flight), or wait for it."""
-        if self.pending is None:
-            return
-        future, local, meta = self.pending
-        if not wait and not on_every_rank(future.done(), self.device):
-            return
-        future.result()  # a failed write fails the step here
-        self.pending = None
-        self._report(local, meta)
-
-    def _report(self, local: Path, meta: dict[str, Any]) -> None:
-        """Under async_save Ray Train uploads the state to run_dir's storage in a background thread and registers
-        it once uploaded (in report order; the worker waits for it before it ends), so steps go on during the
-        upload (the state of a node at 8B: ~96 GB); else here. The local copy is deleted once uploaded."""
-        mode = CheckpointUploadMode.ASYNC if self.cfg.train.checkpoint.async_save else CheckpointUploadMode.SYNC
-        ray.train.report(meta, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=f"checkpoint_{meta['step']:06d}", checkpoint_upload_mode=mode,
-                         delete_local_checkpoint_after_upload=True)

@@ -14,36 +14,36 @@ import pytest
 from pipeline.errors import RunFailed
 from pipeline.store.checkpoints import training_failed
 from pipeline.store.storage import Store
-from stages.train import DPOWorker
+from pipeline.training.checkpointer import Checkpointer
 
 
 class ExportCrash(RuntimeError):
     pass
 
 
-def worker_with_a_save_in_flight(step: int, previous: int, seconds: float) -> tuple[DPOWorker, list[int]]:
-    """A worker at `step` whose checkpoint of `previous` is still being written in the background for `seconds`;
-    its exports crash, and what it reports to Ray Train is recorded."""
-    worker = DPOWorker.__new__(DPOWorker)
-    worker.step, worker.saved_step, worker.blocked_s, worker.reporting_s = step, previous, [], 0.0
+def checkpointer_with_a_save_in_flight(previous: int, seconds: float) -> tuple[Checkpointer, list[int]]:
+    """A worker's checkpointer whose checkpoint of `previous` is still being written in the background for
+    `seconds`; its exports crash, and what it reports to Ray Train is recorded."""
+    checkpointer = Checkpointer.__new__(Checkpointer)
+    checkpointer.saved_step, checkpointer.blocked_s, checkpointer.reporting_s = previous, [], 0.0
     future: Future = Future()
     threading.Timer(seconds, future.set_result, args=(None,)).start()
-    worker.pending = (future, Path("unused"), {"step": previous})
+    checkpointer.pending = (future, Path("unused"), {"step": previous})
     reported: list[int] = []
-    worker._report = lambda local, meta: reported.append(meta["step"])
+    checkpointer._report = lambda local, meta: reported.append(meta["step"])
 
     def export(name: str) -> None:
         raise ExportCrash(name)
-    worker._export_hf = export
-    return worker, reported
+    checkpointer._export_hf = export
+    return checkpointer, reported
 
 
 def test_the_previous_checkpoint_is_reported_before_the_next_export_starts():
-    worker, reported = worker_with_a_save_in_flight(step=4, previous=2, seconds=0.3)
+    checkpointer, reported = checkpointer_with_a_save_in_flight(previous=2, seconds=0.3)
     with pytest.raises(ExportCrash):
-        worker.save()
+        checkpointer.save(4, {}, {})
     assert reported == [2]
-    assert worker.pending is None
+    assert checkpointer.pending is None
 
 
 class Failed(RuntimeError):

@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 
-from pipeline.dpo.metrics import step_line
 from pipeline.runtime import console
 from pipeline.runtime.console import MARK, LogRouter, component
+from pipeline.training.metrics_log import step_line
 
 
 def _batch(actor: str, lines: list[str], pid="123", is_err=True) -> dict:

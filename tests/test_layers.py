@@ -25,7 +25,8 @@ PACKAGE_GRAPH: dict[str, set[str]] = {
     "store": {"config"},                                              # storage, fingerprints, checkpoint layout
     "data": {"config", "store"},                                      # sources, rows, models and tokenizers
     "runtime": {"config", "store"},                                   # Ray session, console, trackers, cluster
-    "dpo": {"config", "data", "store"},                               # losses, log-probs, batching, step, FSDP2
+    "dpo": {"config", "data"},                                        # losses, log-probs, batching, step, FSDP2
+    "training": {"config", "data", "dpo", "runtime", "store"},        # a training worker's checkpoints, metrics log
     "caches": {"config", "data", "runtime", "store"},                 # the cache's layout, shards, token files
     "engines": {"config", "data", "dpo", "runtime", "store"},         # scorers, engine actors, rewards, judge
     "evaluation": {"caches", "config", "data", "engines", "runtime", "store"},

@@ -14,7 +14,6 @@ import yaml
 from pipeline.cli import main
 from pipeline.config import DataSource
 from pipeline.data.sources import plan_source, read_shard
-from pipeline.dpo.metrics import MetricsLogger
 from pipeline.errors import UserError
 from pipeline.evaluation.report import SUMMARY_COLUMNS, write_report
 from pipeline.evaluation.targets import checkpoint_problem
@@ -23,6 +22,7 @@ from pipeline.store.checkpoints import list_checkpoints
 from pipeline.store.fingerprint import model_files_hash
 from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store, local_copy
+from pipeline.training.metrics_log import MetricsLogger
 from stages.evaluate import select_targets
 from tests.conftest import DATA, make_config
 
