@@ -67,7 +67,7 @@ def _setup(work: Path, gb: float) -> dict:
     so that the measured run starts as a first run would."""
     import pyarrow as pa  # noqa: PLC0415
 
-    from pipeline.caches.layout import resolve_inputs  # noqa: PLC0415
+    from pipeline.caches.layout import CacheSpec, resolve_inputs  # noqa: PLC0415
     from pipeline.demo.tiny import build_tiny_assets  # noqa: PLC0415
     from pipeline.store.storage import Store  # noqa: PLC0415
     from stages.cache import CACHE_SCHEMA  # noqa: PLC0415
@@ -76,7 +76,7 @@ def _setup(work: Path, gb: float) -> dict:
     rows = _write_source(source, int(gb * (1 << 30)))
     build_tiny_assets(work / "tiny-model")
     cfg = _config(work, source)
-    prep = resolve_inputs(cfg, "train", cfg.data.train)
+    prep = resolve_inputs(CacheSpec.of(cfg), "train", cfg.data.train)
     store = Store(cfg.cache_dir).child(prep.key)
     digest = store.write_parquet("data/part-00000.parquet", pa.Table.from_pylist([], schema=CACHE_SCHEMA))
     rejects = store.write_bytes("rejects.jsonl", b"")
@@ -93,9 +93,10 @@ def _setup(work: Path, gb: float) -> dict:
 def _driver_run(work: Path) -> dict:
     """The driver work of one `run` that reads the source or the cache, phase by phase, in this (fresh) process."""
     from pipeline import orchestrate  # noqa: PLC0415
-    from pipeline.caches.layout import find_cache  # noqa: PLC0415
+    from pipeline.caches.layout import CacheSpec, find_cache  # noqa: PLC0415
     from pipeline.data.models import load_tokenizer  # noqa: PLC0415
-    from pipeline.evaluation.inputs import load_prompts  # noqa: PLC0415
+    from pipeline.evaluation.inputs import PromptSource, load_prompts  # noqa: PLC0415
+    from pipeline.runtime.session import connect  # noqa: PLC0415
     from pipeline.store import storage  # noqa: PLC0415
     from stages import cache  # noqa: PLC0415
 
@@ -112,9 +113,10 @@ def _driver_run(work: Path) -> dict:
     phases = {
         "plan": lambda: orchestrate.plan(cfg, evaluate=False),
         "cache": lambda: cache.run(cfg),
-        "train find_cache": lambda: find_cache(cfg, "train"),
-        "eval prompts": lambda: load_prompts(cfg, tok, storage.Store(cfg.run_dir).child("eval"),
-                                             {"tokenizer": str(work / "tiny-model"), "chat_template": None}),
+        "train find_cache": lambda: find_cache(CacheSpec.of(cfg), "train"),
+        "eval prompts": lambda: load_prompts(PromptSource.of(cfg), tok, storage.Store(cfg.run_dir).child("eval"),
+                                             {"tokenizer": str(work / "tiny-model"), "chat_template": None},
+                                             lambda: connect(cfg.ray, cfg.run_dir, cfg.shared_paths())),
     }
     out = {}
     for name, phase in phases.items():

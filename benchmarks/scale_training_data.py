@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.caches.layout import find_cache
+from pipeline.caches.layout import CacheSpec, find_cache
 from pipeline.config import load_config
 from pipeline.demo import tiny
 from stages import cache, train
@@ -72,7 +72,8 @@ def run_train(work: Path, pairs: int, *overrides: str) -> dict:
 
 def needed_mb(work: Path, pairs: int) -> float:
     """The bytes of TRAIN_COLUMNS in the whole cache (decoded, as a worker counts them)."""
-    return sum(read_train_columns(f).nbytes for f in find_cache(_config(work, pairs), "train").files) / 2**20
+    files = find_cache(CacheSpec.of(_config(work, pairs)), "train").files
+    return sum(read_train_columns(f).nbytes for f in files) / 2**20
 
 
 def measure(reads_pairs: int = 4096, driver_pairs=(10_000, 50_000, 200_000)) -> dict:

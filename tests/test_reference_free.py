@@ -13,8 +13,10 @@ import pytest
 
 from pipeline import orchestrate
 from pipeline.caches import shards, tokens
-from pipeline.caches.layout import resolve_inputs
+from pipeline.caches.layout import CacheSpec, resolve_inputs
 from pipeline.data.lanes import PAIR_COLUMNS
+from pipeline.runtime.session import connect
+from pipeline.store.layout import RunLayout
 from stages import train
 from tests.conftest import DATA, make_config
 
@@ -56,12 +58,18 @@ def test_plan_of_a_reference_free_loss_caches_no_train_split(tiny_model, tmp_pat
     assert [s.stage for s in steps] == ["tokens/train", "tokens/eval", "train"]
 
 
+def training_pairs(cfg, **kwargs):
+    """The training stage's call: the train split's pairs, joining Ray when token files are to be written."""
+    return tokens.training_pairs(CacheSpec.of(cfg), cfg.train.needs_reference, "train",
+                                 lambda: connect(cfg.ray, cfg.run_dir, cfg.shared_paths()), **kwargs)
+
+
 @pytest.mark.ray
 def test_token_files_count_rejects_and_resume(tiny_model, tmp_path, ray_local, monkeypatch):
     expected = json.loads((DATA / "bad_rows.expected.json").read_text())
     cfg = make_config(tiny_model, tmp_path, *SFT, "scoring.shard_size=4", data=DATA / "bad_rows.jsonl")
-    prep = resolve_inputs(cfg, "train", cfg.data.train)
-    store = tokens.token_store(cfg, prep)
+    prep = resolve_inputs(CacheSpec.of(cfg), "train", cfg.data.train)
+    store = tokens.token_store(RunLayout.of(cfg), prep)
     Rows.totals = []
 
     def crash(*args):
@@ -70,10 +78,10 @@ def test_token_files_count_rejects_and_resume(tiny_model, tmp_path, ray_local, m
     with monkeypatch.context() as m:  # every shard written, then the run dies before its manifest
         m.setattr(shards, "finish", crash)
         with pytest.raises(RuntimeError, match="killed"):
-            tokens.training_pairs(cfg, "train", progress_factory=Rows)
+            training_pairs(cfg, progress_factory=Rows)
     assert Rows.totals == [len(expected)] and not store.exists("manifest.json")
     store.delete(shards.marker_file(1))  # shard 1 (rows 4-7) unfinished: only it is done again
-    ref = tokens.training_pairs(cfg, "train", progress_factory=Rows)
+    ref = training_pairs(cfg, progress_factory=Rows)
     assert Rows.totals[1:] == [4]
 
     manifest = store.read_json("manifest.json")
@@ -85,7 +93,7 @@ def test_token_files_count_rejects_and_resume(tiny_model, tmp_path, ray_local, m
     table = pq.read_table(ref.files[0])
     assert tuple(table.column_names) == PAIR_COLUMNS  # token ids only: no reference log-probs
     assert not (Path(cfg.cache_dir) / prep.key).exists()
-    assert tokens.training_pairs(cfg, "train", progress_factory=no_bar).files == ref.files  # complete: reused
+    assert training_pairs(cfg, progress_factory=no_bar).files == ref.files  # complete: reused
 
 
 @pytest.mark.ray
@@ -94,7 +102,7 @@ def test_simpo_and_orpo_train_with_no_reference_cache(tiny_model, tmp_path, ray_
     cfg = make_config(tiny_model, tmp_path, *SFT, free, "train.ref_logps=in_loop", "train.eval_every=2",
                       f"data.eval.path={DATA / 'conversational.jsonl'}")
     result = train.run(cfg)
-    prep = resolve_inputs(cfg, "train", cfg.data.train)
+    prep = resolve_inputs(CacheSpec.of(cfg), "train", cfg.data.train)
     cache_dir = Path(cfg.cache_dir)
     assert not (cache_dir / prep.key).exists()  # no reference cache, and none was needed
     assert {p.parent.name.split("-")[0] for p in cache_dir.glob("*/manifest.json")} == {"tokens"}
@@ -106,7 +114,7 @@ def test_simpo_and_orpo_train_with_no_reference_cache(tiny_model, tmp_path, ray_
     assert [Path(c).name for c in result.checkpoints] == ["step_000002"]
     assert (Path(result.checkpoints[0]) / "config.json").exists()
     # A second run reuses the token files; `plan` finds both them and the finished training.
-    assert tokens.training_pairs(cfg, "train", progress_factory=no_bar).uri == tokens.token_store(cfg, prep).uri
+    assert training_pairs(cfg, progress_factory=no_bar).uri == tokens.token_store(RunLayout.of(cfg), prep).uri
     steps = orchestrate.plan(cfg, evaluate=False)
     assert [(s.stage, s.action) for s in steps] == [("tokens/train", "reuse"), ("cache/eval", "run"),
                                                     ("train", "reuse")]

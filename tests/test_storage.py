@@ -151,7 +151,7 @@ def test_local_storage_not_seen_by_a_node_is_a_user_error(tiny_model, tmp_path):
         return {n["NodeID"]: [p for p in paths if "/cache/" in p and n["NodeID"] == "b" * 56] for n in nodes}
 
     with pytest.raises(UserError) as e:
-        cluster.check_shared_storage(cfg, NODES, node_b_lacks_the_cache)
+        cluster.check_shared_storage(cfg.shared_paths(), NODES, node_b_lacks_the_cache)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("cache_dir ") and str(tmp_path / "cache") in msg
     assert "10.0.0.2" in msg and "shared storage" in msg and "s3://" in msg
@@ -160,10 +160,10 @@ def test_local_storage_not_seen_by_a_node_is_a_user_error(tiny_model, tmp_path):
     assert str(tiny_model.resolve()) in probed  # the model directory is probed too
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".dpo")]  # markers removed
 
-    cluster.check_shared_storage(cfg, NODES, lambda nodes, paths: {})  # every node sees everything
-    cluster.check_shared_storage(cfg, NODES[:1], lambda *_: pytest.fail("one node: nothing to check"))
+    cluster.check_shared_storage(cfg.shared_paths(), NODES, lambda nodes, paths: {})  # every node sees everything
+    cluster.check_shared_storage(cfg.shared_paths(), NODES[:1], lambda *_: pytest.fail("one node: nothing to check"))
     uris = make_config(tiny_model, tmp_path, "cache_dir=s3://bucket/cache", "run_dir=gs://bucket/run")
-    assert cluster._local_paths(uris)[0] == {}  # URIs are shared by nature
+    assert cluster._local_paths(uris.shared_paths())[0] == {}  # URIs are shared by nature
 
 
 def test_address_option_overrides_ray_address(tiny_model, tmp_path, capsys):

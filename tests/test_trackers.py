@@ -58,7 +58,7 @@ def test_training_then_evaluation_log_to_one_run_of_each_tracker(tmp_path, monke
     run_dir = tmp_path / "run"
     cfg = config(run_dir)
     # Training's rank 0: two logged steps.
-    trackers = open_trackers(cfg, str(run_dir))
+    trackers = open_trackers(cfg.logging, str(run_dir), cfg.model_dump(mode="json"))
     trackers.log({"loss": 0.693, "rewards/accuracies": 0.5, "pairs": 8}, step=1)
     trackers.log({"loss": 0.61, "rewards/accuracies": 0.75, "pairs": 8}, step=2)
     trackers.close()
@@ -69,7 +69,7 @@ def test_training_then_evaluation_log_to_one_run_of_each_tracker(tmp_path, monke
              "pref_accuracy": None, "pref_margin_mean": None},
             {"name": "step_000002", "step": 2, "reward_mean": 0.4, "kl_mean": 1.5, "win_rate": 0.6,
              "pref_accuracy": 0.7, "pref_margin_mean": 0.2}]
-    log_evaluation(cfg, str(run_dir), rows, [plot])
+    log_evaluation(cfg.logging, str(run_dir), cfg.model_dump(mode="json"), rows, [plot])
 
     ids = json.loads((run_dir / IDS).read_text())
     client = mlflow.tracking.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
@@ -99,8 +99,8 @@ def test_training_then_evaluation_log_to_one_run_of_each_tracker(tmp_path, monke
 
 def test_only_tensorboard_opens_no_tracker(tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"run_dir={tmp_path}"])
-    assert cfg.logging.report_to == ["tensorboard"] and open_trackers(cfg, str(tmp_path)) is None
-    log_evaluation(cfg, str(tmp_path), [], [])  # nothing to do, nothing written
+    assert cfg.logging.report_to == ["tensorboard"] and open_trackers(cfg.logging, str(tmp_path), {}) is None
+    log_evaluation(cfg.logging, str(tmp_path), {}, [], [])  # nothing to do, nothing written
     assert not (tmp_path / IDS).exists()
 
 

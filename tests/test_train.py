@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.caches import layout as cache_layout
+from pipeline.caches.layout import CacheSpec
 from pipeline.data import lanes
 from pipeline.engines.actors import ReferenceEngine
 from pipeline.errors import UserError
@@ -59,7 +60,7 @@ def base(tiny_model, tmp_path_factory, standard_cache):
 
 
 def test_training_reads_only_the_columns_a_step_uses(base):
-    ref = cache_layout.find_cache(base("columns"), "train")
+    ref = cache_layout.find_cache(CacheSpec.of(base("columns")), "train")
     full = pq.read_schema(ref.files[0]).names
     assert "ref_chosen_token_logps" in full  # the cache has the per-token lists...
     got = lanes.read_train_columns(ref.files[0], lanes.train_columns(base("columns").train))
@@ -168,11 +169,11 @@ def test_cached_and_in_loop_reference_give_the_same_losses(in_loop, one_worker):
 
 
 def test_mismatched_cache_is_refused(base):
-    eval_cache = cache_layout.find_cache(base("x"), "eval")
+    eval_cache = cache_layout.find_cache(CacheSpec.of(base("x")), "eval")
     with pytest.raises(UserError, match="was built for a different data"):
-        cache_layout.find_cache(base("x", f"train.cache_path={eval_cache.uri}"), "train")
+        cache_layout.find_cache(CacheSpec.of(base("x", f"train.cache_path={eval_cache.uri}")), "train")
     with pytest.raises(UserError, match="no complete reference cache"):
-        cache_layout.find_cache(base("x", "data.max_length=100"), "train")
+        cache_layout.find_cache(CacheSpec.of(base("x", "data.max_length=100")), "train")
 
 
 def test_three_new_losses_train_as_one_weighted_combination(base, s3_ray, tmp_path, monkeypatch):

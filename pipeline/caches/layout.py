@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from pipeline.config import Config, DataSource
+from pipeline.config import Config, DataConfig, DataSource, ModelConfig, TokenizerConfig
 from pipeline.data.models import (
     check_causal_lm,
     effective_template_sha,
@@ -47,30 +47,47 @@ class CacheInputs:
     fmt: str
 
 
-def sources_dir(cfg: Config) -> Store:
-    """Where `datasets` sources are exported to Parquet and source plans remembered: under cache_dir, which every
-    node sees (a local path or a URI)."""
-    return RunLayout.of(cfg).sources
+@dataclass(frozen=True)
+class CacheSpec:
+    """What keys a split's cache and where caches are: the config sections the key hashes (the model, tokenizer,
+    data and its truncation), scoring's shard size (how a source is planned), the run's layout (cache_dir) and an
+    explicit train cache (`train.cache_path`)."""
+
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    shard_size: int
+    layout: RunLayout
+    cache_path: str | None = None
+
+    @classmethod
+    def of(cls, cfg: Config) -> CacheSpec:
+        return cls(cfg.model, cfg.tokenizer, cfg.data, cfg.scoring.shard_size, RunLayout.of(cfg), cfg.train.cache_path)
+
+    def source(self, split: str) -> DataSource:
+        return self.data.train if split == "train" else self.data.eval
 
 
-def resolve_inputs(cfg: Config, split: str, src: DataSource) -> CacheInputs:
-    """Resolve model/tokenizer/data, hash them and derive the cache key."""
-    model = resolve_model(cfg.model.path, cfg.model.revision)
-    check_causal_lm(model.local_dir, cfg.model.trust_remote_code)
-    tok_path = cfg.tokenizer.path or cfg.model.path
-    tokenizer = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
-    template = read_chat_template(cfg.tokenizer.chat_template)
-    plan = plan_source(src, cfg.scoring.shard_size, sources_dir(cfg))
+def resolve_inputs(spec: CacheSpec, split: str, src: DataSource | None = None) -> CacheInputs:
+    """Resolve model/tokenizer/data (`src`, default the split's source), hash them and derive the cache key."""
+    src = src or spec.source(split)
+    model = resolve_model(spec.model.path, spec.model.revision)
+    check_causal_lm(model.local_dir, spec.model.trust_remote_code)
+    tok_path = spec.tokenizer.path or spec.model.path
+    tokenizer = resolve_tokenizer(tok_path, spec.model.revision if spec.tokenizer.path is None else None)
+    template = read_chat_template(spec.tokenizer.chat_template)
+    plan = plan_source(src, spec.shard_size, spec.layout.sources)
     if plan.num_rows == 0:
         raise UserError(f"data.{split}.path {src.path!r} has no rows; point it at a non-empty file")
+    data = spec.data
     inputs = {
-        "model": {"path": cfg.model.path, **model.identity},
+        "model": {"path": spec.model.path, **model.identity},
         "tokenizer": {"path": tok_path, **tokenizer.identity},
         "chat_template_sha256": effective_template_sha(tokenizer.local_dir, template),
         "data": {"path": src.path, "sha256": plan.sha256, "rows": plan.num_rows, "format": src.format,
-                 "implicit_prompt_marker": cfg.data.implicit_prompt_marker},
-        "truncation": {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length},
-        "dtype": cfg.model.dtype,
+                 "implicit_prompt_marker": data.implicit_prompt_marker},
+        "truncation": {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length},
+        "dtype": spec.model.dtype,
         "tokenization": TOKENIZATION_VERSION,
     }
     return CacheInputs(split, cache_key(keyed_inputs(inputs)), inputs, plan, model.local_dir, tokenizer.local_dir,
@@ -203,15 +220,14 @@ class CacheRef:
     file_rows: list[int] = field(default_factory=list)  # pairs per file, as `files`
 
 
-def find_cache(cfg: Config, split: str) -> CacheRef:
+def find_cache(spec: CacheSpec, split: str) -> CacheRef:
     """The complete stage-1 cache of this split's inputs; refuses a cache built for other inputs, or one whose
     files no longer match the manifest's checksums."""
-    src = cfg.data.train if split == "train" else cfg.data.eval
-    prep = resolve_inputs(cfg, split, src)
-    explicit = cfg.train.cache_path if split == "train" else None
-    store = Store(explicit) if explicit else RunLayout.of(cfg).cache(prep.key)
+    prep = resolve_inputs(spec, split)
+    explicit = spec.cache_path if split == "train" else None
+    store = Store(explicit) if explicit else spec.layout.cache(prep.key)
     if not store.exists("manifest.json"):
-        where = explicit or f"{cfg.cache_dir}/{prep.key}"
+        where = explicit or f"{spec.layout.cache_dir}/{prep.key}"
         raise UserError(f"no complete reference cache for the {split} split at {where}; build it with "
                         f"`dpo-pipeline cache CONFIG` (same config) first")
     manifest = store.read_json("manifest.json")

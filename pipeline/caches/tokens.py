@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -32,18 +33,18 @@ from pipeline.caches import shards
 from pipeline.caches.layout import (
     CacheInputs,
     CacheRef,
+    CacheSpec,
     damaged_files,
     find_cache,
     keyed_inputs,
     pending_shards,
     resolve_inputs,
 )
-from pipeline.config import Config
+from pipeline.config import DataConfig
 from pipeline.data.models import load_tokenizer
 from pipeline.data.sources import SourcePlan
 from pipeline.errors import UserError
 from pipeline.runtime.console import progress_bar
-from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import SCHEMA_VERSION, cache_key
 from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
@@ -63,9 +64,9 @@ def token_key(prep: CacheInputs) -> str:
     return "tokens-" + cache_key({"kind": "tokens", **keyed})
 
 
-def token_store(cfg: Config, prep: CacheInputs) -> Store:
+def token_store(layout: RunLayout, prep: CacheInputs) -> Store:
     """`cache_dir/tokens-<key>/`."""
-    return RunLayout.of(cfg).cache(token_key(prep))
+    return layout.cache(token_key(prep))
 
 
 def intact_manifest(store: Store) -> dict[str, Any] | None:
@@ -76,19 +77,21 @@ def intact_manifest(store: Store) -> dict[str, Any] | None:
     return None if damaged_files(store, manifest) else manifest
 
 
-def training_pairs(cfg: Config, split: str, progress_factory=None) -> CacheRef:
+def training_pairs(spec: CacheSpec, needs_reference: bool, split: str, join_ray: Callable[[], None],
+                   progress_factory=None) -> CacheRef:
     """The pairs training reads for `split`: with a loss that reads the reference, the split's reference cache
     (`find_cache`, which refuses a missing or damaged one); with a reference-free loss, an intact reference cache of
     these inputs if there is one (or `train.cache_path`), else the token files, written here when missing. The
-    result's `key` is the inputs' cache key either way (it keys the training run, `stages/train.train_key`)."""
-    if cfg.train.needs_reference or (split == "train" and cfg.train.cache_path):
-        return find_cache(cfg, split)
-    prep = resolve_inputs(cfg, split, cfg.data.train if split == "train" else cfg.data.eval)
-    cache = RunLayout.of(cfg).cache(prep.key)
+    result's `key` is the inputs' cache key either way (it keys the training run, `stages/train.train_key`).
+    `needs_reference`: the loss's (`train.needs_reference`); `join_ray` is called before tokenizing."""
+    if needs_reference or (split == "train" and spec.cache_path):
+        return find_cache(spec, split)
+    prep = resolve_inputs(spec, split)
+    cache = spec.layout.cache(prep.key)
     manifest = intact_manifest(cache)
     if manifest is None:
-        cache = token_store(cfg, prep)
-        manifest = intact_manifest(cache) or write_tokens(cfg, prep, progress_factory)
+        cache = token_store(spec.layout, prep)
+        manifest = intact_manifest(cache) or write_tokens(spec, prep, join_ray, progress_factory)
     return CacheRef(split, prep.key, cache.uri, [f"{cache.uri}/{f['path']}" for f in manifest["files"]],
                     manifest["counts"]["pairs"], prep.model_dir, prep.tokenizer_dir, prep.chat_template,
                     [f["rows"] for f in manifest["files"]])
@@ -119,9 +122,9 @@ def _tokenize_shard(uri: str, plan: dict[str, Any], sid: int, fmt: str, tokenize
 _tokenize_task = ray.remote(num_cpus=1)(_tokenize_shard)
 
 
-def _run_tasks(cfg: Config, prep: CacheInputs, store: Store, plan: SourcePlan, todo: list, progress_factory) -> None:
+def _run_tasks(data: DataConfig, prep: CacheInputs, store: Store, plan: SourcePlan, todo: list,
+               progress_factory) -> None:
     """One Ray task per unfinished shard; the bar counts source rows as the shards finish."""
-    data = cfg.data
     refs = [_tokenize_task.remote(store.uri, plan.to_dict(), s.index, prep.fmt, prep.tokenizer_dir,
                                   prep.chat_template, data.max_length, data.max_prompt_length,
                                   data.implicit_prompt_marker) for s in todo]
@@ -135,16 +138,17 @@ def _run_tasks(cfg: Config, prep: CacheInputs, store: Store, plan: SourcePlan, t
             bar.update(result["rows"])
 
 
-def write_tokens(cfg: Config, prep: CacheInputs, progress_factory=None) -> dict[str, Any]:
-    """Tokenize the split's unfinished shards into its token directory (Ray tasks), finish it (duplicate ids,
-    rejects, counts) and write its manifest last; returns the manifest."""
-    store = token_store(cfg, prep)
+def write_tokens(spec: CacheSpec, prep: CacheInputs, join_ray: Callable[[], None],
+                 progress_factory=None) -> dict[str, Any]:
+    """Tokenize the split's unfinished shards into its token directory (Ray tasks, after `join_ray()`), finish it
+    (duplicate ids, rejects, counts) and write its manifest last; returns the manifest."""
+    store = token_store(spec.layout, prep)
     if store.exists("manifest.json"):  # damaged (else it would have been used): tokenized again
         store.delete("manifest.json")
-    connect(cfg)
+    join_ray()
     plan, todo = pending_shards(store, prep)
     if todo:
-        _run_tasks(cfg, prep, store, plan, todo, progress_factory)
+        _run_tasks(spec.data, prep, store, plan, todo, progress_factory)
     finished = shards.finish(store, plan, TOKENS_SCHEMA)
     manifest = {
         "schema_version": SCHEMA_VERSION, "kind": "tokens", "key": token_key(prep), "split": prep.split,

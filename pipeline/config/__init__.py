@@ -3,7 +3,7 @@
 
 from pipeline.config.loading import load_config, parse_overrides, reference_markdown, to_yaml
 from pipeline.config.onpolicy import IterateConfig, PairsConfig
-from pipeline.config.root import Config, RayConfig
+from pipeline.config.root import Config, LoggingConfig, RayConfig, SharedPaths
 from pipeline.config.schema import (
                                     CheckpointConfig,
                                     DataConfig,
@@ -21,6 +21,6 @@ from pipeline.config.schema import (
 )
 
 __all__ = ["CheckpointConfig", "Config", "DataConfig", "DataSource", "EngineSettings", "EvalConfig",
-           "IterateConfig", "LossConfig", "ModelConfig", "OptimConfig", "PairsConfig", "ParallelConfig", "RayConfig",
-           "RewardConfig", "ScoringConfig", "TokenizerConfig", "TrainConfig", "load_config", "parse_overrides",
-           "reference_markdown", "to_yaml"]
+           "IterateConfig", "LoggingConfig", "LossConfig", "ModelConfig", "OptimConfig", "PairsConfig",
+           "ParallelConfig", "RayConfig", "RewardConfig", "ScoringConfig", "SharedPaths", "TokenizerConfig",
+           "TrainConfig", "load_config", "parse_overrides", "reference_markdown", "to_yaml"]

@@ -3,6 +3,7 @@ Ray, here)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
@@ -68,3 +69,21 @@ class Config(_Strict):
     run_dir: str = Field("runs/default", description="This run's directory (resolved config, logs, checkpoints, "
                                                      "evaluation): a local path or a `file://`, `s3://`, `gs://` URI; "
                                                      "shared storage on several nodes.")
+
+    def shared_paths(self) -> SharedPaths:
+        """The places every node of a multi-node run must see (runtime/cluster.check_shared_storage)."""
+        inputs = {"model.path": self.model.path, "tokenizer.path": self.tokenizer.path,
+                  "data.train.path": self.data.train.path,
+                  "data.eval.path": self.data.eval.path if self.data.eval else None,
+                  "eval.prompts.path": self.eval.prompts.path if self.eval.prompts else None}
+        return SharedPaths({"cache_dir": self.cache_dir, "run_dir": self.run_dir},
+                           {k: v for k, v in inputs.items() if v})
+
+
+@dataclass(frozen=True)
+class SharedPaths:
+    """By config key: the storage roots a run writes (cache_dir, run_dir) and the model, tokenizer and data paths it
+    reads."""
+
+    roots: dict[str, str]
+    inputs: dict[str, str]

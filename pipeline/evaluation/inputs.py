@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 import ray
 
-from pipeline.caches.layout import find_cache, sources_dir
-from pipeline.config import Config
+from pipeline.caches.layout import CacheRef
+from pipeline.config import Config, DataSource
 from pipeline.data.rows import tokenize_prompts
 from pipeline.data.sources import Shard, SourcePlan, plan_source, read_shard
 from pipeline.engines.chunks import PROMPTS, PromptChunk, PromptFile, prompt_rows, read_table, split_uri, write_table
 from pipeline.errors import UserError
-from pipeline.runtime.session import connect
 from pipeline.store.fingerprint import sha256_json
+from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 PROMPTS_LAYOUT = 3  # bump when the prompt files change form: older ones are written again
@@ -60,27 +61,45 @@ class PromptSettings:
     marker: str | None
 
 
-def load_prompts(cfg: Config, tok, eval_dir: Store, tokenizer_identity: dict[str, Any]) -> Prompts:
-    """`eval.prompts` (default: the eval split, else train) tokenized like the cache, by Ray tasks (one per
-    `scoring.shard_size` rows of the source) that write the prompt files (up to `eval.batch_prompts` prompts
-    each); rejects go to `<eval_dir>/prompt_rejects.jsonl`. At most `eval.num_prompts` (all when 0). Files written
-    for the same source and settings are reused (then Ray is not needed)."""
-    src = cfg.eval.prompts or cfg.data.eval or cfg.data.train
-    # Planned with the cache's shard size: a data split's plan is then the one the cache stage made (the source
-    # is read once per run); each shard's prompts are written as files of up to eval.batch_prompts.
-    plan = plan_source(src, cfg.scoring.shard_size, sources_dir(cfg))
-    settings = PromptSettings(src.format, cfg.data.max_length, cfg.data.max_prompt_length,
-                              cfg.data.implicit_prompt_marker)
-    key = sha256_json({"layout": PROMPTS_LAYOUT, "source": plan.sha256, "settings": asdict(settings),
-                       "tokenizer": tokenizer_identity, "num_prompts": cfg.eval.num_prompts,
-                       "batch_prompts": cfg.eval.batch_prompts, "shard_size": cfg.scoring.shard_size})
+@dataclass(frozen=True)
+class PromptSource:
+    """Where evaluation's prompts come from and how they are read: `eval.prompts` (default: the eval split, else
+    train), tokenized like the cache (`settings`), planned in the cache's shards (`shard_size`, the plan kept in
+    `sources`: a data split's plan is then the one the cache stage made), at most `num_prompts` (all when 0),
+    written as files of up to `batch_prompts`."""
+
+    source: DataSource
+    settings: PromptSettings
+    num_prompts: int
+    batch_prompts: int
+    shard_size: int
+    sources: Store
+
+    @classmethod
+    def of(cls, cfg: Config) -> PromptSource:
+        src, data = cfg.eval.prompts or cfg.data.eval or cfg.data.train, cfg.data
+        return cls(src, PromptSettings(src.format, data.max_length, data.max_prompt_length,
+                                       data.implicit_prompt_marker),
+                   cfg.eval.num_prompts, cfg.eval.batch_prompts, cfg.scoring.shard_size, RunLayout.of(cfg).sources)
+
+
+def load_prompts(ps: PromptSource, tok, eval_dir: Store, tokenizer_identity: dict[str, Any],
+                 join_ray: Callable[[], None]) -> Prompts:
+    """The prompts, tokenized by Ray tasks (one per shard of the source) that write the prompt files; rejects go to
+    `<eval_dir>/prompt_rejects.jsonl`. Files written for the same source and settings are reused; else
+    `join_ray()` is called first."""
+    src = ps.source
+    plan = plan_source(src, ps.shard_size, ps.sources)
+    key = sha256_json({"layout": PROMPTS_LAYOUT, "source": plan.sha256, "settings": asdict(ps.settings),
+                       "tokenizer": tokenizer_identity, "num_prompts": ps.num_prompts,
+                       "batch_prompts": ps.batch_prompts, "shard_size": ps.shard_size})
     store = eval_dir.child("prompts")
     if store.exists("manifest.json") and store.read_json("manifest.json")["key"] == key:
         prompts = Prompts.from_dict(store.read_json("manifest.json")["prompts"])
     else:
-        connect(cfg)
+        join_ray()
         store.delete("")
-        prompts = _tokenize(plan, tok, settings, store, eval_dir, cfg.eval.num_prompts, cfg.eval.batch_prompts)
+        prompts = _tokenize(plan, tok, ps.settings, store, eval_dir, ps.num_prompts, ps.batch_prompts)
         store.write_json("manifest.json", {"key": key, "prompts": prompts.to_dict()})
     if not prompts.count:
         raise UserError(f"no usable prompts in {src.path!r} ({prompts.rejected} rejected, reasons in "
@@ -183,9 +202,6 @@ class HeldOutPairs:
     cache_key: str
 
 
-def load_held_out_pairs(cfg: Config) -> HeldOutPairs | None:
-    """The eval split's cached pairs when `eval.preference_accuracy` is on and there is an eval split, else None."""
-    if not cfg.eval.preference_accuracy or cfg.data.eval is None:
-        return None
-    cache = find_cache(cfg, "eval")
+def held_out_pairs(cache: CacheRef) -> HeldOutPairs:
+    """The eval split's cached pairs (for `eval.preference_accuracy`), as its cache holds them."""
     return HeldOutPairs(list(cache.files), Store(cache.uri).read_json("manifest.json")["key"])

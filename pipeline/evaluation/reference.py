@@ -4,19 +4,19 @@ samples scored once are never scored again."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.util import ActorPool
 
-from pipeline.config import Config, DataConfig, EvalConfig
+from pipeline.config import DataConfig, EvalConfig, ModelConfig, RayConfig, ScoringConfig
 from pipeline.data.models import resolve_model
 from pipeline.engines.actors import ReferenceEngine, stop_engines
 from pipeline.engines.chunks import PromptFile, SampledChunk, chunk_prompts, completion_sequences, sequence_key
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.evaluation.inputs import Prompts
 from pipeline.runtime.cluster import spread
-from pipeline.store.layout import RunLayout
 from pipeline.store.storage import Store
 
 
@@ -26,6 +26,25 @@ def engine_max_length(data: DataConfig, eval_cfg: EvalConfig) -> int:
     return max(data.max_length, data.max_prompt_length + eval_cfg.max_new_tokens)
 
 
+@dataclass(frozen=True)
+class EngineBase:
+    """What evaluation's engines (sampling and reference scoring) are built with beside a target's weights: the
+    reference model (LoRA engines and the reference scorer load it), the longest sequence an engine holds, and
+    whether the actors are spread over the nodes."""
+
+    model: ModelConfig
+    max_length: int
+    spread: bool
+
+    @classmethod
+    def of(cls, model: ModelConfig, data: DataConfig, eval_cfg: EvalConfig, ray_cfg: RayConfig) -> EngineBase:
+        return cls(model, engine_max_length(data, eval_cfg), spread(ray_cfg))
+
+    def model_dir(self) -> str:
+        """The reference model's local directory (resolved when an engine needs it)."""
+        return resolve_model(self.model.path, self.model.revision).local_dir
+
+
 def chunk_key(chunk: SampledChunk, prompt_files: list[PromptFile], reference: dict[str, Any]) -> tuple[str, int]:
     """Ray task: the content key of a chunk's reference log-probs (`sequence_key`) and its number of rows."""
     rows = chunk.read(["prompt_index", "completion_ids"])
@@ -33,12 +52,12 @@ def chunk_key(chunk: SampledChunk, prompt_files: list[PromptFile], reference: di
     return sequence_key(reference, sequences, starts), len(rows)
 
 
-def reference_logps(cfg: Config, reference: dict[str, Any], chunks: list[SampledChunk], prompts: Prompts,
-                    progress_factory) -> dict[SampledChunk, str]:
-    """The URI of every chunk's per-token log π_ref (`reference`: the reference's identity): Ray tasks key the
-    chunks by content; chunks whose entry is not in the cache are scored and written by the scorer actors. The
-    driver handles keys and counts only."""
-    cache = RunLayout.of(cfg).eval_reference
+def reference_logps(scoring: ScoringConfig, base: EngineBase, cache: Store, logs: Store, reference: dict[str, Any],
+                    chunks: list[SampledChunk], prompts: Prompts, progress_factory) -> dict[SampledChunk, str]:
+    """The URI of every chunk's per-token log π_ref (`reference`: the reference's identity), cached in `cache`
+    (RunLayout.eval_reference): Ray tasks key the chunks by content; chunks whose entry is not in the cache are
+    scored and written by `scoring`'s scorer actors (their logs in `logs`). The driver handles keys and counts
+    only."""
     task = ray.remote(chunk_key).options(num_cpus=1)
     keys = ray.get([task.remote(chunk, prompts.files, reference) for chunk in chunks])
     uris = {chunk: f"{cache.uri}/{key}.parquet" for chunk, (key, _) in zip(chunks, keys, strict=True)}
@@ -47,19 +66,18 @@ def reference_logps(cfg: Config, reference: dict[str, Any], chunks: list[Sampled
         if key not in missing and not cache.exists(f"{key}.parquet"):
             missing[key] = (chunk, rows)
     if missing:
-        _score(cfg, missing, prompts, cache, progress_factory)
+        _score(scoring, base, logs, missing, prompts, cache, progress_factory)
     return uris
 
 
-def _score(cfg: Config, missing: dict[str, tuple[SampledChunk, int]], prompts: Prompts, cache: Store,
-           progress_factory) -> None:
+def _score(ref: ScoringConfig, base: EngineBase, logs: Store, missing: dict[str, tuple[SampledChunk, int]],
+           prompts: Prompts, cache: Store, progress_factory) -> None:
     """`scoring.num_actors` scorer actors write the missing cache entries, each read its chunk from storage.
     The actors are killed at the end, on an error or an interrupt too."""
-    ref = cfg.scoring
-    kwargs = scorer_kwargs(ref.engine, ref, resolve_model(cfg.model.path, cfg.model.revision).local_dir,
-                           cfg.model.dtype, engine_max_length(cfg.data, cfg.eval), cfg.model.trust_remote_code)
-    actors = [ray.remote(ReferenceEngine).options(**actor_options(ref, spread(cfg.ray))).remote(
-        ref.engine, kwargs, f"{RunLayout.of(cfg).eval.uri}/reference-scorer-{i}.log")
+    kwargs = scorer_kwargs(ref.engine, ref, base.model_dir(), base.model.dtype, base.max_length,
+                           base.model.trust_remote_code)
+    actors = [ray.remote(ReferenceEngine).options(**actor_options(ref, base.spread)).remote(
+        ref.engine, kwargs, f"{logs.uri}/reference-scorer-{i}.log")
         for i in range(min(ref.num_actors, len(missing)))]
     size = max(1, ref.batch_size * 2)  # sequences per scorer call: a scorer batch holds 2 per pair
     total = sum(rows for _, rows in missing.values())

@@ -16,17 +16,15 @@ from typing import Any
 import ray
 
 from pipeline import faults
-from pipeline.config import Config
-from pipeline.data.models import resolve_model
+from pipeline.config import EvalConfig
 from pipeline.engines.actors import CheckpointEngine, read_engine_signature, stop_engines
 from pipeline.engines.chunks import PromptChunk, concat_files
 from pipeline.engines.lora import LoraEngine
 from pipeline.engines.scorers import actor_options, scorer_kwargs
 from pipeline.errors import error_line
 from pipeline.evaluation.inputs import HeldOutPairs, Prompts
-from pipeline.evaluation.reference import engine_max_length
+from pipeline.evaluation.reference import EngineBase
 from pipeline.evaluation.targets import Target, TargetJob
-from pipeline.runtime.cluster import spread
 from pipeline.store.fingerprint import sha256_json
 
 
@@ -77,9 +75,9 @@ class SamplingScheduler:
     model with LoRA on (`LoraEngine`, sized for all of them): an adapter is a `LoRARequest` on the requests, so
     a run's adapters cost one engine start and no weight load."""
 
-    def __init__(self, cfg: Config, prompts: Prompts, held_out: HeldOutPairs | None, eos: int | None):
-        eval_cfg = cfg.eval
-        self.cfg, self.prompts, self.held_out = cfg, prompts, held_out
+    def __init__(self, eval_cfg: EvalConfig, base: EngineBase, prompts: Prompts, held_out: HeldOutPairs | None,
+                 eos: int | None):
+        self.eval_cfg, self.base, self.prompts, self.held_out = eval_cfg, base, prompts, held_out
         self.params = dict(n=eval_cfg.samples_per_prompt, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
                            max_tokens=eval_cfg.max_new_tokens, stop_token_ids=[eos] if eos is not None else None)
         self.failures: dict[str, str] = {}  # target name -> error line
@@ -102,9 +100,9 @@ class SamplingScheduler:
         engine_cls = ray.remote(CheckpointEngine)
         try:
             while self.queue or self.in_flight:
-                while self.queue and len(self.slots) < self.cfg.eval.num_actors:
+                while self.queue and len(self.slots) < self.eval_cfg.num_actors:
                     self._start_engine(engine_cls, self.queue.pop(0))
-                while len(self.slots) < self.cfg.eval.num_actors and (helped := self._unfinished()) is not None:
+                while len(self.slots) < self.eval_cfg.num_actors and (helped := self._unfinished()) is not None:
                     self._start_engine(engine_cls, helped)
                 if self.in_flight:
                     done, _ = ray.wait(list(self.in_flight), num_returns=1)
@@ -122,18 +120,17 @@ class SamplingScheduler:
         """Targets with equal signatures share engines: a LoRA engine's, or their `engine_signature`."""
         if self._on_lora_engine(target):
             return sha256_json({"lora": self.lora.rank, "modules": self.lora.modules})
-        return read_engine_signature(target.path, self.cfg.eval.use_gpu)
+        return read_engine_signature(target.path, self.eval_cfg.use_gpu)
 
     def _start_engine(self, engine_cls, job: TargetJob) -> None:
-        eval_cfg = self.cfg.eval
+        eval_cfg = self.eval_cfg
         lora = self.lora if self._on_lora_engine(job.target) else None
-        model_dir = resolve_model(self.cfg.model.path, self.cfg.model.revision).local_dir if lora else job.target.path
-        kwargs = scorer_kwargs("vllm", eval_cfg, model_dir, self.cfg.model.dtype,
-                               engine_max_length(self.cfg.data, eval_cfg))
+        model_dir = self.base.model_dir() if lora else job.target.path
+        kwargs = scorer_kwargs("vllm", eval_cfg, model_dir, self.base.model.dtype, self.base.max_length)
         kwargs["seed"] = eval_cfg.seed
         helpers = sum(s.job is job for s in self.slots)  # engines already on this target: this one helps
         log = f"{job.store.uri}/engine{f'-{helpers + 1}' if helpers else ''}.log"
-        actor = engine_cls.options(**actor_options(eval_cfg, spread(self.cfg.ray))).remote(kwargs, log, lora)
+        actor = engine_cls.options(**actor_options(eval_cfg, self.base.spread)).remote(kwargs, log, lora)
         self.engine_starts += 1
         self._serve(EngineSlot(actor, log, job))
 
@@ -159,7 +156,7 @@ class SamplingScheduler:
         job, left = slot.job, self.jobs[slot.job.target.name]
         if left.todo and not left.failed:
             chunk = left.todo.pop(0)
-            call = slot.actor.sample_chunk.remote(chunk, self.cfg.eval.seed, self.params,
+            call = slot.actor.sample_chunk.remote(chunk, self.eval_cfg.seed, self.params,
                                                   f"{job.parts_dir.uri}/{chunk.first:09d}.parquet", job.target.path)
             self.in_flight[call] = slot
             return True
@@ -199,7 +196,7 @@ class SamplingScheduler:
         left = self.jobs[slot.job.target.name]
         if not left.failed:  # (its other engines' calls, still running, are not counted)
             self.failures[slot.job.target.name] = f"{error_line(exc)} (engine log: {slot.log})"
-            total = self.cfg.eval.samples_per_prompt * sum(c.stop - c.start for c in self.chunks)
+            total = self.eval_cfg.samples_per_prompt * sum(c.stop - c.start for c in self.chunks)
             self.progress.update(total - sum(p["rows"] for p in slot.job.parts.values()))  # the bar ends at 100%
             left.failed = True
         self.slots.remove(slot)

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.config import Config, ParallelConfig, RayConfig
+from pipeline.config import ParallelConfig, RayConfig, SharedPaths
 from pipeline.errors import UserError
 from pipeline.store.storage import Store
 
@@ -43,17 +43,11 @@ def check_spare_cpu(parallel: ParallelConfig) -> None:
                         f"or add CPUs")
 
 
-def _local_paths(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
+def _local_paths(shared: SharedPaths) -> tuple[dict[str, str], dict[str, str]]:
     """(storage roots on a local disk, {key: path}), (model and data files that exist locally, {key: path})."""
-    roots = {}
-    for key in ("cache_dir", "run_dir"):
-        uri = getattr(cfg, key)
-        if "://" not in uri or uri.startswith("file://"):  # object stores are shared (and not contacted here)
-            roots[key] = Store(uri).root
-    files = {"model.path": cfg.model.path, "tokenizer.path": cfg.tokenizer.path, "data.train.path": cfg.data.train.path,
-             "data.eval.path": cfg.data.eval.path if cfg.data.eval else None,
-             "eval.prompts.path": cfg.eval.prompts.path if cfg.eval.prompts else None}
-    return roots, {k: str(Path(v).resolve()) for k, v in files.items() if v and Path(v).exists()}
+    roots = {key: Store(uri).root for key, uri in shared.roots.items()
+             if "://" not in uri or uri.startswith("file://")}  # object stores are shared (and not contacted here)
+    return roots, {k: str(Path(v).resolve()) for k, v in shared.inputs.items() if Path(v).exists()}
 
 
 def _missing(paths: list[str]) -> list[str]:
@@ -76,7 +70,7 @@ def _ray_missing_on(nodes: list[dict], paths: list[str], timeout_s: float = 120)
                         f"that all nodes are healthy (`ray status`)") from None
 
 
-def check_shared_storage(cfg: Config, nodes: list[dict] | None = None,
+def check_shared_storage(shared: SharedPaths, nodes: list[dict] | None = None,
                          missing_on: Callable[[list[dict], list[str]], dict[str, list[str]]] | None = None) -> None:
     """On a cluster of several alive nodes, raise a `UserError` naming the key, the node and the fix if a node
     does not see a local storage root (`cache_dir`, `run_dir`) or a local model/data path. URIs (`s3://`, `gs://`)
@@ -85,7 +79,7 @@ def check_shared_storage(cfg: Config, nodes: list[dict] | None = None,
     nodes = _ray_nodes() if nodes is None else nodes
     if len(nodes) < 2:
         return
-    roots, files = _local_paths(cfg)
+    roots, files = _local_paths(shared)
     done_key = (tuple(sorted(n["NodeID"] for n in nodes)), tuple(sorted({**roots, **files}.items())))
     if not (roots or files) or done_key in _checked:
         return

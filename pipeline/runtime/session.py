@@ -9,7 +9,7 @@ import ray
 import ray.data
 from transformers.utils import logging as hf_logging
 
-from pipeline.config import Config, RayConfig
+from pipeline.config import RayConfig, SharedPaths
 from pipeline.errors import UserError
 from pipeline.runtime.cluster import check_shared_storage
 from pipeline.runtime.console import ROUTER, say
@@ -49,10 +49,11 @@ def dashboard_installed() -> bool:
     return get_dashboard_dependency_error() is None
 
 
-def connect(cfg: Config) -> None:
-    """`init_ray`, then, on a cluster of several nodes, check that every node sees the run's storage."""
-    init_ray(cfg.ray, cfg.run_dir)
-    check_shared_storage(cfg)
+def connect(ray_cfg: RayConfig, run_dir: str, shared: SharedPaths) -> None:
+    """`init_ray`, then, on a cluster of several nodes, check that every node sees the run's storage and inputs
+    (`Config.shared_paths()`)."""
+    init_ray(ray_cfg, run_dir)
+    check_shared_storage(shared)
 
 
 def quiet_worker_logs() -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import LoggingConfig
 from pipeline.errors import UserError
 from pipeline.store.storage import Store, staging_dir
 
@@ -125,22 +126,23 @@ class Trackers:
         self.wandb = self.mlflow = None
 
 
-def open_trackers(cfg, run_dir: str) -> Trackers | None:
-    """The run's W&B/MLflow trackers (`cfg.logging`), or None when only TensorBoard (or nothing) is asked for."""
-    log = cfg.logging
+def open_trackers(log: LoggingConfig, run_dir: str, params: dict[str, Any]) -> Trackers | None:
+    """The run's W&B/MLflow trackers, recording `params` (the whole config, as JSON) as the run's parameters, or
+    None when only TensorBoard (or nothing) is asked for."""
     if not {"wandb", "mlflow"} & set(log.report_to):
         return None
-    return Trackers(run_dir, log.report_to, cfg.model_dump(mode="json"), log.project, log.run_name, log.wandb_mode)
+    return Trackers(run_dir, log.report_to, params, log.project, log.run_name, log.wandb_mode)
 
 
 # Evaluation's figures per target, logged against the target's training step (the reference at 0).
 EVAL_METRICS = ("reward_mean", "kl_mean", "win_rate", "pref_accuracy", "pref_margin_mean")
 
 
-def log_evaluation(cfg, run_dir: str, rows: list[dict[str, Any]], plots: list[str | Path]) -> None:
+def log_evaluation(log: LoggingConfig, run_dir: str, params: dict[str, Any], rows: list[dict[str, Any]],
+                   plots: list[str | Path]) -> None:
     """Evaluation's figures by checkpoint step (`eval/<figure>`, with `eval/step` the x-axis: W&B steps only
     grow, and training has logged up to its last step) and the report's plots as artifacts under `eval/`."""
-    trackers = open_trackers(cfg, run_dir)
+    trackers = open_trackers(log, run_dir, params)
     if trackers is None:
         return
     try:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.caches import layout as cache_layout
+from pipeline.caches.layout import CacheSpec
 from pipeline.errors import UserError
 from stages import cache
 from tests.conftest import copy_cache, make_config, read_cache
@@ -64,13 +65,13 @@ def test_damaged_files_are_refused_then_only_their_shards_are_recomputed(copy):
     corrupt(key_dir / "data/part-00002.parquet", "delete")
     with pytest.raises(UserError, match=r"is damaged: data/part-00000.parquet, data/part-00002.parquet no longer "
                                         r"match\(es\) the manifest's sha256; run `dpo-pipeline cache CONFIG`") as e:
-        cache_layout.find_cache(cfg, "train")
+        cache_layout.find_cache(CacheSpec.of(cfg), "train")
     assert "\n" not in str(e.value)
     (r,) = cache.run(cfg)
     assert r.repaired == ["data/part-00000.parquet", "data/part-00002.parquet"]
     assert r.shards_computed == 2 and r.shards_total == 3  # part-00001 is kept
     assert_same(read_cache(r), table)
-    assert cache_layout.find_cache(cfg, "train").pairs == table.num_rows  # whole again
+    assert cache_layout.find_cache(CacheSpec.of(cfg), "train").pairs == table.num_rows  # whole again
     assert not (key_dir / ".work").exists()
 
 
@@ -86,7 +87,7 @@ def test_damaged_rejects_file_recomputes_every_shard(copy):
 
 def test_a_damaged_shard_is_recomputed_when_resuming(copy):
     cfg, key_dir, table = copy
-    prep = cache_layout.resolve_inputs(cfg, "train", cfg.data.train)
+    prep = cache_layout.resolve_inputs(CacheSpec.of(cfg), "train", cfg.data.train)
     manifest = json.loads((key_dir / "manifest.json").read_text())
     cache._reopen(cache.Store(str(key_dir)), prep, manifest, damaged=[])  # an interrupted run, all shards done
     corrupt(key_dir / "data/part-00002.parquet", "truncate")  # then a file is damaged before the rerun
@@ -99,15 +100,15 @@ def test_a_cache_built_for_other_inputs_is_never_used(copy, tmp_path):
     cfg, key_dir, _ = copy
     other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": 100})})
     with pytest.raises(UserError, match="no complete reference cache for the train split"):
-        cache_layout.find_cache(other, "train")
+        cache_layout.find_cache(CacheSpec.of(other), "train")
     # Pointed at it explicitly (train.cache_path): refused, naming what differs.
     other.train.cache_path = str(key_dir)
     with pytest.raises(UserError, match="was built for a different truncation"):
-        cache_layout.find_cache(other, "train")
+        cache_layout.find_cache(CacheSpec.of(other), "train")
     # Its manifest edited to claim other inputs: the key no longer matches, refused the same way.
     manifest = json.loads((key_dir / "manifest.json").read_text())
     manifest["inputs"]["data"]["sha256"] = "0" * 64
     (key_dir / "manifest.json").write_text(json.dumps(manifest))
     cfg.train.cache_path = str(key_dir)
     with pytest.raises(UserError, match="was built for a different data"):
-        cache_layout.find_cache(cfg, "train")
+        cache_layout.find_cache(CacheSpec.of(cfg), "train")
