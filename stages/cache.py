@@ -40,10 +40,15 @@ import ray
 from pipeline import faults
 from pipeline.caches import shards
 from pipeline.caches.layout import (
+    MANIFEST,
+    PLAN,
+    WORK,
     CacheInputs,
     CacheSpec,
     damaged_files,
+    marker_file,
     pending_shards,
+    rejects_file,
     resolve_inputs,
 )
 from pipeline.config import Config, to_yaml
@@ -218,12 +223,12 @@ def _reopen(store: Store, prep: CacheInputs, manifest: dict[str, Any], damaged: 
             shard = starts[bisect.bisect_right(starts, (index, float("inf"))) - 1][1]
             if shard in by_shard:
                 by_shard[shard].append(line)
-    store.delete(".work")
-    store.write_json(".work/plan.json", plan.to_dict())
+    store.delete(WORK)
+    store.write_json(PLAN, plan.to_dict())
     for m in kept:
-        store.write_bytes(f".work/rejects-{m['shard']:05d}.jsonl", b"".join(by_shard[m["shard"]]))
-        store.write_json(f".work/shard-{m['shard']:05d}.json", m)
-    store.delete("manifest.json")  # from here on the cache is unfinished: nothing reads it
+        store.write_bytes(rejects_file(m["shard"]), b"".join(by_shard[m["shard"]]))
+        store.write_json(marker_file(m["shard"]), m)
+    store.delete(MANIFEST)  # from here on the cache is unfinished: nothing reads it
 
 
 # ---------------------------------------------------------------- run
@@ -278,8 +283,8 @@ def run(cfg: Config, progress_factory=None, only: tuple[str, ...] = ("train", "e
         store = RunLayout.of(cfg).cache(prep.key)
         if prep.key in jobs:
             continue
-        if store.exists("manifest.json"):
-            manifest = store.read_json("manifest.json")
+        if store.exists(MANIFEST):
+            manifest = store.read_json(MANIFEST)
             damaged = damaged_files(store, manifest)
             if not damaged:
                 continue
@@ -305,7 +310,7 @@ def run(cfg: Config, progress_factory=None, only: tuple[str, ...] = ("train", "e
     results = []
     for prep in preps:
         store = RunLayout.of(cfg).cache(prep.key)
-        manifest = store.read_json("manifest.json")
+        manifest = store.read_json(MANIFEST)
         job = jobs.get(prep.key)
         computed = len(job.todo) if job else 0
         results.append(CacheResult(prep.split, prep.key, store.uri, job is None, computed, len(manifest["files"]),

@@ -131,9 +131,10 @@ def select_targets(cfg: Config) -> list[Target]:
 
 def _run_checkpoints(cfg: Config, selection: str) -> list[str]:
     """The run's checkpoints (local paths or URIs, like run_dir) that `all`, `last` or `every:K` selects."""
-    found = list_checkpoints(RunLayout.of(cfg).run)
+    run_store = RunLayout.of(cfg).run
+    found = list_checkpoints(run_store)
     if not found:
-        raise UserError(f"no checkpoints in {RunLayout.of(cfg).run.uri}/checkpoints for eval.checkpoints={selection}; "
+        raise UserError(f"no checkpoints in {run_store.uri}/checkpoints for eval.checkpoints={selection}; "
                         f"train first (`dpo-pipeline train CONFIG`) or list checkpoint directories in "
                         f"eval.checkpoints")
     if selection == "last":
@@ -156,6 +157,7 @@ def _target_path(path: str) -> str:
 class EvalPlan:
     """What `run` will do, resolved on the driver: targets to evaluate (`jobs`), kept ones, failed ones."""
 
+    layout: RunLayout  # the run's places: eval_store is its `eval`
     eval_store: Store
     tok: Any
     prompts: Prompts
@@ -180,7 +182,8 @@ def prepare(cfg: Config) -> EvalPlan:
     held_out = held_out_pairs(find_cache(CacheSpec.of(cfg), "eval")) \
         if cfg.eval.preference_accuracy and cfg.data.eval is not None else None
     targets = select_targets(cfg)
-    eval_store = RunLayout.of(cfg).eval
+    layout = RunLayout.of(cfg)
+    eval_store = layout.eval
     eval_store.write_bytes("config.yaml", to_yaml(cfg).encode())
     tok_path = cfg.tokenizer.path or cfg.model.path
     resolved_tok = resolve_tokenizer(tok_path, cfg.model.revision if cfg.tokenizer.path is None else None)
@@ -208,7 +211,7 @@ def prepare(cfg: Config) -> EvalPlan:
             reused.append(target.name)
         else:
             jobs.append(job)
-    return EvalPlan(eval_store, tok, prompts, held_out, reference, scoring, settings_key, targets,
+    return EvalPlan(layout, eval_store, tok, prompts, held_out, reference, scoring, settings_key, targets,
                     {t.name: t.error for t in targets if t.error}, jobs, reused)
 
 
@@ -252,9 +255,8 @@ def _score_and_finish(cfg: Config, plan: EvalPlan, jobs: list[TargetJob], progre
         return chosen_key
     connect(cfg.ray, cfg.run_dir, cfg.shared_paths())
     chunks = {job.target.name: sampled_chunks(job.target.name, f"{job.store.uri}/sampled.parquet") for job in jobs}
-    layout = RunLayout.of(cfg)
     ref_uris = reference_logps(cfg.scoring, EngineBase.of(cfg.model, cfg.data, cfg.eval, cfg.ray),
-                               layout.eval_reference, layout.eval, plan.reference,
+                               plan.layout.eval_reference, plan.eval_store, plan.reference,
                                [c for cs in chunks.values() for c in cs], plan.prompts, progress_factory)
     runner = RewardRunner(reward_cfg)  # after the reference scorers are gone: a reward model takes their place
     try:

@@ -164,8 +164,26 @@ def damaged_files(store: Store, manifest: dict[str, Any]) -> list[str]:
     return [f["path"] for f in entries if f["path"] not in intact and not verified(f)]
 
 
+# The files of a directory of shards (a cache or token files; pipeline/caches/shards.py writes them).
 MANIFEST = "manifest.json"  # written last: the directory of shards is complete
-PLAN = ".work/plan.json"  # the first run's shard plan: a run began (and may be resumed)
+WORK = ".work"  # while unfinished: the plan, and per finished shard its marker and rejects (deleted at the commit)
+PLAN = f"{WORK}/plan.json"  # the first run's shard plan: a run began (and may be resumed)
+DUPLICATES = f"{WORK}/duplicates.json"  # the duplicate ids found once every shard is finished
+_MARKER = "shard-"
+
+
+def marker_file(sid: int) -> str:
+    """A finished shard's marker (written after its data file)."""
+    return f"{WORK}/{_MARKER}{sid:05d}.json"
+
+
+def rejects_file(sid: int) -> str:
+    return f"{WORK}/rejects-{sid:05d}.jsonl"
+
+
+def finished_markers(store: Store) -> list[str]:
+    """The markers of the shards finished so far."""
+    return [f"{WORK}/{name}" for name in store.listdir(WORK) if name.startswith(_MARKER)]
 
 
 @dataclass
@@ -182,7 +200,7 @@ def status(store: Store) -> ShardsStatus:
     if store.exists(MANIFEST):
         return ShardsStatus("complete", pairs=store.read_json(MANIFEST)["counts"]["pairs"])
     if store.exists(PLAN):
-        return ShardsStatus("resume", done=sum(n.startswith("shard-") for n in store.listdir(".work")))
+        return ShardsStatus("resume", done=len(finished_markers(store)))
     return ShardsStatus("absent")
 
 
@@ -197,7 +215,7 @@ def pending_shards(store: Store, prep: CacheInputs) -> tuple[SourcePlan, list[Sh
         plan = prep.plan
         store.write_json(PLAN, plan.to_dict())
     stats = file_stats(store)
-    markers = [store.read_json(f".work/{name}") for name in store.listdir(".work") if name.startswith("shard-")]
+    markers = [store.read_json(rel) for rel in finished_markers(store)]
     # Unchanged since written (same size and mtime): finished, nothing read. Otherwise (a marker of an older
     # version, a copied cache) the bytes decide; a damaged file is done again.
     done = {m["shard"] for m in markers if m["file"] in stats and tuple(m.get("stat", ())) == stats[m["file"]]}
@@ -226,11 +244,11 @@ def find_cache(spec: CacheSpec, split: str) -> CacheRef:
     prep = resolve_inputs(spec, split)
     explicit = spec.cache_path if split == "train" else None
     store = Store(explicit) if explicit else spec.layout.cache(prep.key)
-    if not store.exists("manifest.json"):
+    if not store.exists(MANIFEST):
         where = explicit or f"{spec.layout.cache_dir}/{prep.key}"
         raise UserError(f"no complete reference cache for the {split} split at {where}; build it with "
                         f"`dpo-pipeline cache CONFIG` (same config) first")
-    manifest = store.read_json("manifest.json")
+    manifest = store.read_json(MANIFEST)
     got, want = keyed_inputs(manifest.get("inputs", {})), keyed_inputs(prep.inputs)
     for part in ("model", "tokenizer", "chat_template_sha256", "data", "truncation", "dtype"):
         if got.get(part) != want.get(part):

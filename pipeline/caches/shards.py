@@ -27,7 +27,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.caches.layout import file_stats, remember_verified
+from pipeline.caches.layout import (
+    DUPLICATES,
+    MANIFEST,
+    WORK,
+    file_stats,
+    marker_file,
+    rejects_file,
+    remember_verified,
+)
 from pipeline.data.rows import tokenize_rows
 from pipeline.data.sources import Reject, Shard, SourcePlan, read_shard
 from pipeline.errors import UserError
@@ -46,14 +54,6 @@ STATS = pa.schema([pa.field("_job", pa.int32()), pa.field("_shard", pa.int32()),
 
 def data_file(sid: int) -> str:
     return f"data/part-{sid:05d}.parquet"
-
-
-def rejects_file(sid: int) -> str:
-    return f".work/rejects-{sid:05d}.jsonl"
-
-
-def marker_file(sid: int) -> str:
-    return f".work/shard-{sid:05d}.json"
 
 
 def pack(table: pa.Table) -> pa.Array:
@@ -175,8 +175,8 @@ def commit(store: Store, manifest: dict[str, Any], finished: Finished) -> None:
     for name in store.listdir("data"):  # temp files of writes a crash interrupted
         if name.startswith(".tmp-"):
             store.delete(f"data/{name}")
-    store.write_json("manifest.json", manifest)
-    store.delete(".work")
+    store.write_json(MANIFEST, manifest)
+    store.delete(WORK)
     stats = file_stats(store)
     for m in finished.markers:
         if tuple(m.get("stat", ())) == stats.get(m["file"]):
@@ -187,10 +187,10 @@ def commit(store: Store, manifest: dict[str, Any], finished: Finished) -> None:
 def _duplicates_once(store: Store, plan: SourcePlan) -> dict[str, list[dict]]:
     """Usable pairs whose id an earlier usable pair already has (`find_duplicates`). Computed once from the
     shards as written and recorded before any file changes: a crash while dropping them redoes the same."""
-    if store.exists(".work/duplicates.json"):
-        return store.read_json(".work/duplicates.json")
+    if store.exists(DUPLICATES):
+        return store.read_json(DUPLICATES)
     dups = find_duplicates(store, [s.index for s in plan.shards])
-    store.write_json(".work/duplicates.json", dups)
+    store.write_json(DUPLICATES, dups)
     return dups
 
 

@@ -31,6 +31,7 @@ import ray
 
 from pipeline.caches import shards
 from pipeline.caches.layout import (
+    MANIFEST,
     CacheInputs,
     CacheRef,
     CacheSpec,
@@ -71,9 +72,9 @@ def token_store(layout: RunLayout, prep: CacheInputs) -> Store:
 
 def intact_manifest(store: Store) -> dict[str, Any] | None:
     """The manifest of a complete directory of shards (a cache or token files) whose files match it, else None."""
-    if not store.exists("manifest.json"):
+    if not store.exists(MANIFEST):
         return None
-    manifest = store.read_json("manifest.json")
+    manifest = store.read_json(MANIFEST)
     return None if damaged_files(store, manifest) else manifest
 
 
@@ -143,8 +144,8 @@ def write_tokens(spec: CacheSpec, prep: CacheInputs, join_ray: Callable[[], None
     """Tokenize the split's unfinished shards into its token directory (Ray tasks, after `join_ray()`), finish it
     (duplicate ids, rejects, counts) and write its manifest last; returns the manifest."""
     store = token_store(spec.layout, prep)
-    if store.exists("manifest.json"):  # damaged (else it would have been used): tokenized again
-        store.delete("manifest.json")
+    if store.exists(MANIFEST):  # damaged (else it would have been used): tokenized again
+        store.delete(MANIFEST)
     join_ray()
     plan, todo = pending_shards(store, prep)
     if todo:
