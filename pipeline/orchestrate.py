@@ -87,7 +87,8 @@ def _cache_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
 
 def _tokens_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
     """The split of a reference-free loss: what training will read, or tokenize first."""
-    cache, tokens = RunLayout.of(cfg).cache(prep.key), token_store(RunLayout.of(cfg), prep)
+    layout = RunLayout.of(cfg)
+    cache, tokens = layout.cache(prep.key), token_store(layout, prep)
     cached = status(cache)
     if cached.state == "complete":
         return Step(f"tokens/{split}", "reuse", f"reference-free loss: the token ids of the complete cache "
@@ -105,9 +106,10 @@ def _tokens_step(cfg: Config, split: str, prep: CacheInputs) -> Step:
 
 def _ready_data(cfg: Config, prep: CacheInputs) -> Store | None:
     """The complete directory training would read for the train split (a cache, or token files), if any."""
-    stores = [RunLayout.of(cfg).cache(prep.key)]
+    layout = RunLayout.of(cfg)
+    stores = [layout.cache(prep.key)]
     if not cfg.train.needs_reference:
-        stores.append(token_store(RunLayout.of(cfg), prep))
+        stores.append(token_store(layout, prep))
     return next((s for s in stores if s.exists(MANIFEST)), None)  # its manifest is read once, by _plan_train
 
 

@@ -203,5 +203,6 @@ class HeldOutPairs:
 
 
 def held_out_pairs(cache: CacheRef) -> HeldOutPairs:
-    """The eval split's cached pairs (for `eval.preference_accuracy`), as its cache holds them."""
-    return HeldOutPairs(list(cache.files), Store(cache.uri).read_json("manifest.json")["key"])
+    """The eval split's cached pairs (for `eval.preference_accuracy`), as its cache holds them (`find_cache`'s
+    result carries its manifest's key)."""
+    return HeldOutPairs(list(cache.files), cache.key)
